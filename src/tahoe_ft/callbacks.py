@@ -1,0 +1,183 @@
+"""Run logging and checkpoint policy: the local metrics CSV, LR and throughput, best-val.pt / last.ckpt / step-N.pt."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+from tahoe_ft.checkpoint import atomic_torch_save, weights_payload
+from tahoe_ft.runs import update_run_info
+
+log = logging.getLogger(__name__)
+
+
+class MetricsCSVLogger(Logger):
+    """`<experiment>_metrics.csv`: one row per logging event, one column per metric, blank where absent.
+
+    Rows are appended as they come; when a new metric appears the file is rewritten once (atomically) with
+    the wider header. An existing file (a resumed run) is kept and extended, never truncated.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = ["step"]
+        if self.path.exists():
+            with open(self.path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.columns = list(reader.fieldnames or ["step"])
+                self.rows = [dict(r) for r in reader]
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MetricsCSVLogger:
+        return self
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **{k: _num(v) for k, v in metrics.items() if k != "epoch"}}
+        new_cols = [k for k in row if k not in self.columns]
+        self.rows.append(row)
+        if new_cols or not self.path.exists():
+            self.columns += new_cols
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.columns).writerow(row)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v.item()) if hasattr(v, "item") else float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class LRAndThroughput(L.Callback):
+    """Logs the LR of every parameter group (first at step 0) and training throughput in cells/s."""
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._first = True
+
+    def _lrs(self, trainer) -> dict[str, float]:
+        out = {}
+        for opt in trainer.optimizers:
+            for i, g in enumerate(opt.param_groups):
+                name = g.get("name", str(i))
+                key = "lr" if name == "main" else f"lr/{name}"
+                out.setdefault(key, float(g["lr"]))
+        return out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._first:
+            # the first LR of this run, before any step: the schedule's warmup start after init_from
+            for lg in trainer.loggers:
+                lg.log_metrics(self._lrs(trainer), step=trainer.global_step)
+            self._first = False
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            return
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        n_cells = batch["pert_emb"].shape[0] * batch["pert_emb"].shape[1]
+        pl_module.log("cells_per_s", n_cells / dt, on_step=True, on_epoch=False)
+        for k, v in self._lrs(trainer).items():
+            pl_module.log(k, v, on_step=True, on_epoch=False)
+
+
+class CheckpointPolicy(L.Callback):
+    """best-val.pt at the minimum val_loss, last.ckpt (full state) at every validation and at the end,
+    optional step-N.pt every N steps. All writes are atomic; run.json tracks the best so far."""
+
+    def __init__(self, run_dir: Path, experiment: str, manifest: dict, config: dict,
+                 every_n_steps: int | None = None, save_last: bool = True):
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.experiment = experiment
+        self.manifest = manifest
+        self.config = config
+        self.every_n_steps = every_n_steps
+        self.save_last = save_last
+        self.best_val: float = math.inf
+        self.best_step: int = -1
+        self.last_val_step: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val": self.best_val, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_val = float(state.get("best_val", math.inf))
+        self.best_step = int(state.get("best_step", -1))
+
+    def _payload(self, pl_module, step: int, val_loss: float | None) -> dict:
+        return weights_payload(pl_module.model, manifest=self.manifest, step=step, val_loss=val_loss,
+                               experiment=self.experiment, config=self.config)
+
+    def _save_last(self, trainer) -> None:
+        if not self.save_last or trainer.state.fn != "fit":
+            return
+        final = self.ckpt_dir / "last.ckpt"
+        tmp = self.ckpt_dir / f".last.ckpt.tmp-{os.getpid()}"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val_loss")
+        if val is None:
+            return
+        val = float(val)
+        step = trainer.global_step
+        self.last_val_step = step
+        if trainer.is_global_zero and math.isfinite(val) and val < self.best_val:
+            self.best_val, self.best_step = val, step
+            atomic_torch_save(self._payload(pl_module, step, val), self.ckpt_dir / "best-val.pt")
+            update_run_info(self.run_dir, best_val_loss=val, best_step=step)
+            log.info("best-val.pt <- step %d (val_loss %.5f)", step, val)
+        self._save_last(trainer)
+        if trainer.is_global_zero:
+            update_run_info(self.run_dir, steps=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_steps
+        step = trainer.global_step
+        if n and step > 0 and step % n == 0 and trainer.is_global_zero:
+            atomic_torch_save(self._payload(pl_module, step, None), self.ckpt_dir / f"step-{step}.pt")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save_last(trainer)

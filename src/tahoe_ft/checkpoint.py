@@ -1,0 +1,196 @@
+"""Checkpoints: atomic writes, safe loads, and weights-only initialisation with a report (SPEC §4.3).
+
+- `best-val.pt` / `step-N.pt`: plain dicts of tensors and python values (`FORMAT`), loadable with
+  `torch.load(weights_only=True)`; the architecture is rebuilt from their `hparams`, never from defaults.
+- `last.ckpt`: Lightning's full training state, used only by `resume=true`. `init_from` may also read
+  the weights out of one (the `model.` prefix is stripped), never its optimizer or schedule.
+- Every file is written to a temp name in the same folder, flushed and renamed: a kill during a save
+  never leaves a broken file under a final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tahoe_ft.errors import UserError
+from tahoe_ft.model import StateTransitionModel, module_of
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tahoe-ft/st/1"
+# Upstream Llama checkpoints carry a zeroed, frozen token-embedding table that the model never uses.
+DROPPED_ON_IMPORT = ("transformer_backbone.embed_tokens.weight", "transformer_backbone.wte.weight",
+                     "transformer_backbone.wpe.weight")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a temp file + fsync + rename in the destination folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def weights_payload(
+    model: StateTransitionModel,
+    *,
+    manifest: dict[str, Any],
+    step: int,
+    val_loss: float | None,
+    experiment: str,
+    config: dict[str, Any] | None,
+) -> dict[str, Any]:
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "state_dict": state,
+        "hparams": model.hparams,
+        "manifest": manifest,
+        "step": int(step),
+        "val_loss": None if val_loss is None else float(val_loss),
+        "experiment": experiment,
+        "config": config,
+    }
+
+
+def safe_load(path: str | Path) -> dict[str, Any]:
+    """`torch.load(weights_only=True)` with one clear error for anything that is not a safe checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; check the path or run:EXPERIMENT/best-val.pt")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(
+            f"checkpoint {path} needs arbitrary unpickling, which is refused ({first}); "
+            "re-save it as tensors + plain python values"
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """(state_dict with upstream names, model hparams or None, the whole file) of any supported checkpoint."""
+    obj = safe_load(path)
+    if obj.get("format") == FORMAT:
+        state, hparams = obj["state_dict"], obj["hparams"]
+    elif "state_dict" in obj:  # a Lightning checkpoint: ours (last.ckpt) or upstream's
+        state = obj["state_dict"]
+        hp = obj.get("hyper_parameters") or {}
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            hparams = hp.get("model")
+        else:
+            hparams = None  # upstream hparams need translation (tahoe_ft.upstream); weights are usable
+    else:
+        raise UserError(f"checkpoint {path} has no weights (no 'state_dict'); is it a tahoe-ft or ST checkpoint?")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"checkpoint {path} has non-tensor weights (e.g. {bad[0]}); it is not a model checkpoint")
+    return state, hparams, obj
+
+
+def load_checkpoint(path: str | Path) -> StateTransitionModel:
+    """Load a tahoe-ft checkpoint as a model in eval mode, with `.manifest` attached.
+
+    The architecture comes from the file's `hparams`; the weights must match it exactly.
+    """
+    state, hparams, obj = read_weights(path)
+    if hparams is None:
+        raise UserError(f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from")
+    model = StateTransitionModel(hparams)
+    state = {k: v for k, v in state.items() if k not in DROPPED_ON_IMPORT}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not match its own hparams: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.manifest = obj.get("manifest") or (obj.get("hyper_parameters") or {}).get("manifest")
+    model.checkpoint_info = {k: obj.get(k) for k in ("step", "val_loss", "experiment")}
+    return model
+
+
+def init_from_weights(model: StateTransitionModel, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """Load matching tensors into `model` (weights only) and return the init report.
+
+    Tensors whose name and shape match are loaded; shape mismatches are skipped (both shapes reported) and keep
+    their fresh initialisation, as do tensors missing from the checkpoint; unexpected ones are listed. The
+    transformer backbone must load completely: a backbone that does not fit cannot be re-initialised usefully.
+    """
+    own = model.state_dict()
+    loaded, skipped, unexpected, dropped = [], [], [], []
+    to_load = {}
+    for k, v in state.items():
+        if k in DROPPED_ON_IMPORT:
+            dropped.append(k)
+        elif k not in own:
+            unexpected.append(k)
+        elif tuple(v.shape) != tuple(own[k].shape):
+            skipped.append({"name": k, "checkpoint_shape": list(v.shape), "model_shape": list(own[k].shape)})
+        else:
+            to_load[k] = v
+            loaded.append(k)
+    missing = [k for k in own if k not in state]
+    bad_backbone = [s["name"] for s in skipped if module_of(s["name"]) == "transformer_backbone"]
+    bad_backbone += [k for k in missing if module_of(k) == "transformer_backbone"]
+    if bad_backbone:
+        raise UserError(
+            f"init_from {source}: the transformer backbone does not fit ({bad_backbone[0]} "
+            f"{'has another shape' if bad_backbone[0] not in missing else 'is missing'}); "
+            "the parent must have the same backbone architecture (hidden size, layers, heads)"
+        )
+    model.load_state_dict(to_load, strict=False)
+    reinit = sorted({s["name"] for s in skipped} | set(missing))
+    by_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for k in loaded:
+        by_module[module_of(k)]["loaded"] += 1
+    for s in skipped:
+        by_module[module_of(s["name"])]["skipped_shape"] += 1
+    for k in missing:
+        by_module[module_of(k)]["missing"] += 1
+    for k in unexpected:
+        by_module[module_of(k)]["unexpected"] += 1
+    reinit_modules = sorted({module_of(k) for k in reinit})
+    return {
+        "source": source,
+        "loaded": loaded,
+        "skipped_shape": skipped,
+        "missing": missing,
+        "unexpected": unexpected,
+        "dropped": dropped,
+        "reinitialised": reinit,
+        "reinitialised_modules": reinit_modules,
+        "by_module": {m: dict(c) for m, c in sorted(by_module.items())},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human lines for the console."""
+    lines = [f"init_from {report['source']}: {len(report['loaded'])} tensors loaded"]
+    for m, c in report["by_module"].items():
+        lines.append("  " + m + ": " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    for s in report["skipped_shape"]:
+        lines.append(f"  re-initialised {s['name']}: checkpoint {s['checkpoint_shape']} vs model {s['model_shape']}")
+    if report["unexpected"]:
+        lines.append(f"  unexpected (not in this model, ignored): {len(report['unexpected'])} tensors")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The config schema: every key in `configs/` is declared here, so a typo is an error, not a silent no-op.
+
+Hydra composes `configs/<command>.yaml`; `validate(cfg, Schema)` then merges the result into the
+structured schema below. Unknown keys (a typo in an experiment file or on the command line) and
+values of the wrong type raise `UserError` with the key's full path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tahoe_ft.errors import UserError
+
+
+@dataclass
+class DemoConfig:
+    """Size of the generated demo data (`data=demo`); see `tahoe_ft.demo.DemoSpec`."""
+
+    n_genes: int = 2000
+    n_cell_types: int = 3
+    n_batches: int = 2
+    n_perts: int = 40
+    cells_per_pert: int = 60
+    n_ctrl: int = 300
+    n_programs: int = 12
+    state_dim: int = 64
+    pert_feature_dim: int = 32
+    n_drugs: int = 30
+    pretrain_cells_per_drug: int = 60
+    pretrain_ctrl: int = 400
+    n_val_perts: int = 6
+    n_test_perts: int = 8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "custom"
+    # one .h5ad path or a list of them
+    path: Any = None
+    pert_col: str = "target_gene"
+    control_pert: str = "non-targeting"
+    cell_type_col: str = "cell_type"
+    batch_col: Optional[str] = None
+    # what X holds: "log1p" (normalised, log1p) or "counts" (raw integers; normalised + log1p on read)
+    input_transform: str = "log1p"
+    # null = one-hot over sorted perturbation names; else a torch.load-able dict name -> 1-D tensor
+    pert_features: Optional[str] = None
+    allow_missing_pert_features: bool = False
+    # the evaluator's gene list (header-less CSV); null = the file's var_names
+    gene_list: Optional[str] = None
+    val_perts: list = field(default_factory=list)
+    test_perts: list = field(default_factory=list)
+    split_toml: Optional[str] = None
+    # held-out cell types (zero-shot): their perturbed cells go to val/test
+    val_cell_types: list = field(default_factory=list)
+    test_cell_types: list = field(default_factory=list)
+    batch_size: int = 8
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    # "random": basal controls of the same cell type; "batch": same cell type and batch
+    basal_mapping: str = "random"
+    # controls are also training targets (control -> control), as upstream
+    yield_controls: bool = True
+    # refuse to start when the loader's worst-case resident batches exceed this many GiB
+    memory_budget_gb: float = 8.0
+    # validation sets per (cell type, perturbation) group; fixed across evaluations
+    val_sets_per_group: int = 2
+    # generated data (data=demo); ignored for other data sets
+    demo: Optional[DemoConfig] = None
+    # which demo file: "screen" (fine-tuning) or "pretrain" (drug set)
+    demo_file: str = "screen"
+
+
+@dataclass
+class DecoderConfig:
+    hidden_dims: list = field(default_factory=lambda: [256, 256])
+    dropout: float = 0.1
+    residual_decoder: bool = False
+
+
+@dataclass
+class EncoderConfig:
+    # "se600m" (obsm embedding in, gene decoder out) or "raw_expression" (genes in, genes out)
+    name: str = "raw_expression"
+    embed_key: Optional[str] = None
+    output_space: str = "all"
+    decoder: Optional[DecoderConfig] = None
+
+
+@dataclass
+class BackboneConfig:
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 16
+    intermediate_size: int = 256
+    rms_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 64
+    cell_set_len: int = 32
+    n_encoder_layers: int = 4
+    n_decoder_layers: int = 4
+    dropout: float = 0.1
+    activation: str = "gelu"
+    predict_residual: bool = True
+    use_basal_projection: bool = True
+    batch_encoder: bool = False
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+@dataclass
+class LossConfig:
+    # "energy" (geomloss SamplesLoss("energy") equivalent), "sinkhorn" or "mse"
+    name: str = "energy"
+    blur: float = 0.05
+    # weight of the gene-decoder loss (embedding input only): total = main + decoder_weight * decoder
+    decoder_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedConfig:
+    # "cosine" (linear warmup then cosine), "onecycle" or "constant" (warmup then flat)
+    name: str = "cosine"
+    warmup_steps: int = 100
+    # LR at the start of warmup and at the end of the cosine, as fractions of optim.lr
+    warmup_start_factor: float = 0.01
+    min_lr_factor: float = 0.1
+
+
+@dataclass
+class FreezeConfig:
+    # module names (first component of parameter names) kept frozen until `until_step`
+    modules: list = field(default_factory=list)
+    # null = frozen for the whole run; N = unfreeze at global step N (with `warmup_steps` of LR warmup)
+    until_step: Optional[int] = None
+    warmup_steps: int = 100
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    val_check_interval: int = 100
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 1.0
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    # also keep fixed-step weights (step-N.pt) every N steps; null = none (ablations only)
+    every_n_steps: Optional[int] = None
+    # keep last.ckpt (full state for resume=true)
+    save_last: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    # "offline" (default; `wandb sync` later), "online" or "disabled"
+    wandb_mode: str = "offline"
+    wandb_project: str = "tahoe-ft"
+    wandb_entity: Optional[str] = None
+    wandb_tags: list = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    # where generated demo data and prepared embedded data sets live
+    data_cache: str = "data_cache"
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    # what the experiment file says about the case study (shown in compare)
+    description: str = ""
+    seed: int = 0
+    runs_dir: str = "runs"
+    # multiplies every study step count written as ${scaled:N} in configs/ (1.0 = the study's own counts)
+    step_scale: float = 1.0
+    # base checkpoint: a path, `run:EXP/FILE`, or an upstream ST run folder
+    pretrained: Optional[str] = None
+    # weights-only initialisation (fresh optimizer and schedule); may be "${pretrained}" or `run:EXP/FILE`
+    init_from: Optional[str] = None
+    # continue the newest run of this experiment (or `run_dir`) from its last.ckpt
+    resume: bool = False
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
+    """Merge `cfg` into the structured `schema`; unknown keys or bad types become a UserError."""
+    base = OmegaConf.structured(schema)
+    plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    plain = {k: v for k, v in plain.items() if k != "hydra"}
+    try:
+        merged = OmegaConf.merge(base, plain)
+        OmegaConf.to_container(merged, resolve=True)  # resolve interpolations now, not mid-run
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = str(exc).splitlines()[0]
+        raise UserError(
+            f"config error at '{key}': {msg}; check the spelling in configs/ or on the command line"
+        ) from None
+    OmegaConf.set_struct(merged, True)
+    return merged

@@ -1,0 +1,573 @@
+"""The State Transition (ST) perturbation model, reimplemented without `transformers` or Lightning.
+
+Computes the same function as upstream `state.tx.models.state_transition.StateTransitionPerturbationModel`
+with the Llama backbone in bidirectional mode (0.9.x on transformers <= 4.52, or 0.11.x with
+`bidirectional_attention: true`), and uses exactly upstream's parameter names and shapes, so an
+upstream `state_dict` loads with `strict=True` after dropping `DROPPED_UPSTREAM_KEYS`.
+
+One set ("cell sentence") of S cells goes through the model at a time, B sets per batch:
+
+    pert  [B,S,P]    --pert_encoder-->  [B,S,H] --+
+    basal [B,S,D_in] --basal_encoder--> [B,S,H] --+--(+ batch_encoder(idx))--> seq [B,S,H]
+    h = transformer_backbone(seq)                                               h   [B,S,H]
+    out = final_down_then_up(project_out(h) + basal)   if predict_residual and output_space == "all"
+        = project_out(h + basal_encoded)               elif predict_residual
+        = project_out(h)                               otherwise                   [B,S,D_out]
+    out = relu(out)   iff embed_key in (None, "X_hvg") or there is no gene_decoder
+
+The backbone is a Llama decoder stack with no positional encoding (no RoPE, no token or position
+embeddings) and full bidirectional attention, so the model is permutation-equivariant over the cells
+of a set. Upstream also creates `transformer_backbone.embed_tokens.weight` ([32000, H], zeroed and
+frozen, never used because the backbone is fed `inputs_embeds`); we do not create it, and the
+checkpoint importer drops it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tahoe_ft.errors import UserError
+
+# Top-level parameter groups, in upstream state_dict order.
+MODULE_GROUPS = (
+    "gene_decoder",
+    "pert_encoder",
+    "basal_encoder",
+    "transformer_backbone",
+    "project_out",
+    "final_down_then_up",
+    "batch_encoder",
+)
+
+# Upstream keys that we deliberately do not create (zeroed, frozen, unused by the forward pass).
+DROPPED_UPSTREAM_KEYS = ("transformer_backbone.embed_tokens.weight",)
+
+
+def module_of(param_name: str) -> str:
+    """The top-level module a parameter belongs to: `"pert_encoder.0.weight"` -> `"pert_encoder"`."""
+    return param_name.split(".", 1)[0]
+
+
+# -----------------------------------------------------------------------------------------------------
+# hparams
+
+
+class HparamsError(UserError, ValueError):
+    """The model hparams dict is invalid (bad value or type)."""
+
+
+class MissingHparamError(HparamsError, KeyError):
+    """A required model hparam is missing (a `KeyError` and a `ValueError`)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
+# Keys that must be present: they change the architecture or the function computed.
+REQUIRED_HPARAMS = (
+    "input_dim",
+    "output_dim",
+    "pert_dim",
+    "hidden_dim",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "predict_residual",
+    "output_space",
+    "embed_key",
+    "cell_set_len",
+    "transformer_backbone_key",
+    "transformer_backbone_kwargs",
+)
+
+# Keys with upstream's defaults (filled in, so the stored hparams are always complete).
+OPTIONAL_HPARAMS: dict[str, Any] = {
+    "dropout": 0.1,  # upstream PerturbationModel default
+    "activation": "gelu",
+    "use_basal_projection": True,  # upstream default when the key is absent
+    "decoder_cfg": None,
+    "batch_encoder": False,
+    "batch_dim": None,
+    "gene_dim": None,  # informational (decoder width); the decoder itself is built from decoder_cfg
+}
+
+OUTPUT_SPACES = ("all", "gene", "embedding")
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "leakyrelu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+}
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """Deep-copy `value` into plain python types (dict, list, str, int, float, bool, None)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
+        return value.item()
+    raise HparamsError(f"model hparam {where} has unsupported type {type(value).__name__}; use plain values")
+
+
+def resolve_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate `hparams` and return a complete plain-python copy with upstream defaults filled in."""
+    hp = _to_plain(hparams, "hparams")
+    if not isinstance(hp, dict):
+        raise HparamsError("model hparams must be a mapping")
+    for key in REQUIRED_HPARAMS:
+        if key not in hp:
+            raise MissingHparamError(f"model hparams are missing required key {key!r}")
+    unknown = sorted(set(hp) - set(REQUIRED_HPARAMS) - set(OPTIONAL_HPARAMS))
+    if unknown:
+        raise HparamsError(
+            f"unknown model hparams {unknown}; allowed: {sorted(REQUIRED_HPARAMS + tuple(OPTIONAL_HPARAMS))}"
+        )
+    for key, default in OPTIONAL_HPARAMS.items():
+        hp.setdefault(key, copy.deepcopy(default))
+
+    for key in ("input_dim", "output_dim", "pert_dim", "hidden_dim", "n_encoder_layers",
+                "n_decoder_layers", "cell_set_len"):
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
+            raise HparamsError(f"model hparam {key!r} must be a positive int, got {hp[key]!r}")
+    if hp["output_space"] not in OUTPUT_SPACES:
+        raise HparamsError(f"model hparam 'output_space' must be one of {OUTPUT_SPACES}, got {hp['output_space']!r}")
+    if str(hp["activation"]).lower() not in ACTIVATIONS:
+        raise HparamsError(f"model hparam 'activation' must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}")
+    if str(hp["transformer_backbone_key"]).lower() != "llama":
+        raise HparamsError(
+            f"transformer_backbone_key={hp['transformer_backbone_key']!r} is not supported; only 'llama' "
+            "(bidirectional, no positional encoding) is implemented"
+        )
+    if hp["predict_residual"] and hp["output_space"] == "all" and hp["input_dim"] != hp["output_dim"]:
+        raise HparamsError(
+            f"output_space='all' with predict_residual adds the basal input to the output, so input_dim "
+            f"({hp['input_dim']}) must equal output_dim ({hp['output_dim']})"
+        )
+    batch_dim = hp["batch_dim"]
+    if batch_dim is not None and (not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 1):
+        raise HparamsError(f"model hparam 'batch_dim' must be a positive int or None, got {hp['batch_dim']!r}")
+    LlamaConfig.from_kwargs(hp["transformer_backbone_kwargs"], hidden_dim=hp["hidden_dim"])  # validates
+    if hp["decoder_cfg"] is not None:
+        hp["decoder_cfg"] = _resolve_decoder_cfg(hp["decoder_cfg"])
+    return hp
+
+
+def _resolve_decoder_cfg(cfg: Any) -> dict[str, Any]:
+    """Validate a `decoder_cfg` (the kwargs of `LatentToGeneDecoder`) and fill upstream's defaults."""
+    if not isinstance(cfg, dict):
+        raise HparamsError(f"model hparam 'decoder_cfg' must be a mapping or None, got {cfg!r}")
+    for key in ("latent_dim", "gene_dim", "hidden_dims"):
+        if key not in cfg:
+            raise MissingHparamError(f"model hparam 'decoder_cfg' is missing required key {key!r}")
+    allowed = {"latent_dim", "gene_dim", "hidden_dims", "dropout", "residual_decoder"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise HparamsError(f"unknown keys {unknown} in model hparam 'decoder_cfg'; allowed: {sorted(allowed)}")
+    cfg = {"dropout": 0.1, "residual_decoder": False, **cfg}  # upstream LatentToGeneDecoder defaults
+    dims = cfg["hidden_dims"]
+    if cfg["residual_decoder"]:
+        for i in range(1, len(dims), 2):
+            if dims[i] != dims[i - 1]:
+                raise HparamsError(
+                    f"decoder_cfg.residual_decoder adds block {i - 1}'s output to block {i}'s, so "
+                    f"hidden_dims[{i - 1}] ({dims[i - 1]}) must equal hidden_dims[{i}] ({dims[i]})"
+                )
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------------
+# small building blocks
+
+
+def build_mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden_dim: int,
+    n_layers: int,
+    dropout: float = 0.1,
+    activation: type[nn.Module] = nn.GELU,
+) -> nn.Sequential:
+    """Upstream's MLP: Linear layers at indices 0, 3, 6, ... separated by (activation, dropout).
+
+    n_layers == 1: `Sequential(Linear(in, out))`; otherwise
+    `[Linear(in,h), Act, Dropout] + (n-2) * [Linear(h,h), Act, Dropout] + [Linear(h,out)]`.
+    """
+    if n_layers == 1:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), activation(), nn.Dropout(dropout)]
+    for _ in range(n_layers - 2):
+        layers += [nn.Linear(hidden_dim, hidden_dim), activation(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class LatentToGeneDecoder(nn.Module):
+    """Maps latent cells [..., latent_dim] to non-negative gene expression [..., gene_dim] (upstream layout).
+
+    Non-residual: `decoder = Sequential(Linear, LayerNorm, GELU, Dropout, ..., Linear(->gene_dim), ReLU)`.
+    Residual: `blocks[i] = Sequential(Linear, LayerNorm, GELU, Dropout)`, `final_layer = Sequential(Linear, ReLU)`;
+    every odd block i adds the output of block i-1 (which is also its input) to its own output.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        gene_dim: int,
+        hidden_dims: Sequence[int] = (512, 1024),
+        dropout: float = 0.1,
+        residual_decoder: bool = False,
+    ):
+        super().__init__()
+        self.residual_decoder = bool(residual_decoder)
+        if self.residual_decoder:
+            self.blocks = nn.ModuleList()
+            d = latent_dim
+            for h in hidden_dims:
+                self.blocks.append(nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)))
+                d = h
+            self.final_layer = nn.Sequential(nn.Linear(d, gene_dim), nn.ReLU())
+        else:
+            layers: list[nn.Module] = []
+            d = latent_dim
+            for h in hidden_dims:
+                layers += [nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)]
+                d = h
+            layers += [nn.Linear(d, gene_dim), nn.ReLU()]
+            self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., latent_dim] -> [..., gene_dim]."""
+        if not self.residual_decoder:
+            return self.decoder(x)
+        outputs: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            y = block(x)
+            if i % 2 == 1:  # blocks 1, 3, 5, ... get a residual from blocks 0, 2, 4, ...
+                y = y + outputs[i - 1]
+            outputs.append(y)
+            x = y
+        return self.final_layer(x)
+
+
+# -----------------------------------------------------------------------------------------------------
+# bidirectional Llama backbone (HF Llama naming, no RoPE, no embeddings, no mask)
+
+# LlamaConfig fields we implement, and the values of other LlamaConfig fields we can honour.
+_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+@dataclass
+class LlamaConfig:
+    """The Llama fields that matter for a bidirectional, position-free backbone."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], hidden_dim: int | None = None) -> LlamaConfig:
+        """Build from upstream's `transformer_backbone_kwargs`; keys that are not Llama fields are ignored.
+
+        Raises `HparamsError` for missing sizes, `bidirectional_attention: false` (we only implement the
+        bidirectional semantics), Llama options we do not implement, or hidden_size != hidden_dim.
+        """
+        if not isinstance(kwargs, Mapping):
+            raise HparamsError(f"model hparam 'transformer_backbone_kwargs' must be a mapping, got {kwargs!r}")
+        where = "transformer_backbone_kwargs"
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if key not in kwargs:
+                raise MissingHparamError(f"model hparam {where} is missing required key {key!r}")
+        if "bidirectional_attention" in kwargs and not kwargs["bidirectional_attention"]:
+            raise HparamsError(
+                f"{where}.bidirectional_attention is false: upstream then runs a causal Llama with RoPE, "
+                "which tahoe-ft does not implement; set bidirectional_attention: true"
+            )
+        for key, ok in _LLAMA_FIXED.items():
+            if key in kwargs and kwargs[key] != ok:
+                raise HparamsError(f"{where}.{key}={kwargs[key]!r} is not supported (only {ok!r})")
+        heads = int(kwargs["num_attention_heads"])
+        hidden = int(kwargs["hidden_size"])
+        head_dim = kwargs.get("head_dim")
+        kv_heads = kwargs.get("num_key_value_heads")
+        cfg = cls(
+            hidden_size=hidden,
+            num_hidden_layers=int(kwargs["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv_heads is None else int(kv_heads),
+            head_dim=hidden // heads if head_dim is None else int(head_dim),
+            intermediate_size=int(kwargs["intermediate_size"]),
+            rms_norm_eps=float(kwargs.get("rms_norm_eps", 1e-6)),
+            attention_dropout=float(kwargs.get("attention_dropout", 0.0)),
+            initializer_range=float(kwargs.get("initializer_range", 0.02)),
+        )
+        if cfg.num_attention_heads % cfg.num_key_value_heads != 0:
+            raise HparamsError(
+                f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                f"({cfg.num_key_value_heads})"
+            )
+        if hidden_dim is not None and hidden != hidden_dim:
+            raise HparamsError(f"{where}.hidden_size ({hidden}) must equal hidden_dim ({hidden_dim})")
+        return cfg
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional grouped-query attention without positional encoding and without a mask."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.attention_dropout
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B,nh,S,hd]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,nkv,S,hd]
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,nkv,S,hd]
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # query head i uses kv head i // rep (HF repeat_kv)
+            k = k.repeat_interleave(rep, dim=1)  # [B,nh,S,hd]
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,
+            scale=self.head_dim**-0.5,
+        )  # [B,nh,S,hd]
+        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B,S,nh*hd]
+        return self.o_proj(y)  # [B,S,H]
+
+
+class GatedMLP(nn.Module):
+    """Llama MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block, as HF `LlamaDecoderLayer`."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.mlp = GatedMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class LlamaBidirectional(nn.Module):
+    """HF `LlamaModel` fed with `inputs_embeds`, with RoPE removed and no causal mask.
+
+    Parameter names match HF (`layers.{i}.self_attn.q_proj.weight`, ..., `norm.weight`), except that
+    the unused `embed_tokens` table is not created.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        for m in self.modules():  # HF LlamaPreTrainedModel init for Linear layers
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.initializer_range)
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """[B,S,H] -> final normed hidden states [B,S,H]."""
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the model
+
+
+class StateTransitionModel(nn.Module):
+    """Upstream's ST model (Llama, bidirectional) with upstream parameter names; see the module docstring."""
+
+    def __init__(self, hparams: Mapping[str, Any]):
+        """Build from a plain hparams dict (see docs/design.md "Model hparams"); raises `HparamsError`."""
+        super().__init__()
+        hp = resolve_hparams(hparams)
+        self.hparams = hp
+        self.input_dim: int = hp["input_dim"]
+        self.output_dim: int = hp["output_dim"]
+        self.pert_dim: int = hp["pert_dim"]
+        self.hidden_dim: int = hp["hidden_dim"]
+        self.cell_set_len: int = hp["cell_set_len"]
+        self.output_space: str = hp["output_space"]
+        self.predict_residual = bool(hp["predict_residual"])
+        act = ACTIVATIONS[str(hp["activation"]).lower()]
+        H, dropout = self.hidden_dim, float(hp["dropout"])
+
+        # registered first: upstream builds it in the base class, so it leads the state_dict
+        self.gene_decoder = LatentToGeneDecoder(**hp["decoder_cfg"]) if hp["decoder_cfg"] is not None else None
+        self.pert_encoder = build_mlp(self.pert_dim, H, H, hp["n_encoder_layers"], dropout, act)
+        if hp["use_basal_projection"]:
+            self.basal_encoder: nn.Module = build_mlp(self.input_dim, H, H, hp["n_encoder_layers"], dropout, act)
+        else:
+            self.basal_encoder = nn.Linear(self.input_dim, H)
+        self.transformer_backbone = LlamaBidirectional(
+            LlamaConfig.from_kwargs(hp["transformer_backbone_kwargs"], hidden_dim=H)
+        )
+        self.project_out = build_mlp(H, self.output_dim, H, hp["n_decoder_layers"], dropout, act)
+        if self.output_space == "all":
+            D = self.output_dim
+            self.final_down_then_up = nn.Sequential(nn.Linear(D, D // 8), nn.GELU(), nn.Linear(D // 8, D))
+        self.batch_dim: int | None = hp["batch_dim"] if hp["batch_encoder"] else None
+        self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
+
+        embed_key = hp["embed_key"]
+        self.apply_relu = embed_key in (None, "X_hvg") or self.gene_decoder is None
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward_sets(
+        self, pert: torch.Tensor, basal: torch.Tensor, batch_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict perturbed cells for B sets: pert [B,S,P], basal [B,S,D_in], batch_idx [B,S] -> [B,S,D_out]."""
+        if pert.dim() != 3 or basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
+            raise ValueError(
+                f"forward_sets expects pert [B,S,P] and basal [B,S,D_in] with matching B,S; "
+                f"got {tuple(pert.shape)} and {tuple(basal.shape)}"
+            )
+        self._check_width("pert_emb", pert, self.pert_dim)
+        self._check_width("ctrl_cell_emb", basal, self.input_dim)
+        pert_encoded = self.pert_encoder(pert)  # [B,S,H]
+        basal_encoded = self.basal_encoder(basal)  # [B,S,H]
+        seq = pert_encoded + basal_encoded  # [B,S,H]
+        if self.batch_encoder is not None:
+            if batch_idx is None:
+                raise ValueError("this model has a batch_encoder: pass the batch index of every cell")
+            seq = seq + self.batch_encoder(batch_idx.reshape(pert.shape[:2]).long())  # [B,S,H]
+        h = self.transformer_backbone(seq)  # [B,S,H]
+        if self.predict_residual and self.output_space == "all":
+            out = self.final_down_then_up(self.project_out(h) + basal)  # residual in input space
+        elif self.predict_residual:
+            out = self.project_out(h + basal_encoded)  # residual in hidden space
+        else:
+            out = self.project_out(h)
+        if self.apply_relu:
+            out = F.relu(out)
+        return out  # [B,S,D_out]
+
+    def forward(self, batch: Mapping[str, torch.Tensor], padded: bool = True) -> torch.Tensor:
+        """Upstream's forward: flat [B*S,·] (or [B,S,·]) inputs -> flat predictions [B*S, D_out].
+
+        `padded=True` groups cells into sets of `cell_set_len`; `padded=False` treats all cells as one
+        variable-length set. `batch["batch"]` (only with a batch encoder) may be int indices or one-hot.
+        """
+        S = self.cell_set_len
+        pert, basal = batch["pert_emb"], batch["ctrl_cell_emb"]
+        self._check_width("pert_emb", pert, self.pert_dim)
+        self._check_width("ctrl_cell_emb", basal, self.input_dim)
+        if pert.shape[:-1] != basal.shape[:-1]:
+            raise ValueError(
+                f"pert_emb {tuple(pert.shape)} and ctrl_cell_emb {tuple(basal.shape)} have different cell counts"
+            )
+        if pert.dim() == 3 and padded and pert.shape[1] != S:
+            raise ValueError(
+                f"sets of {pert.shape[1]} cells with padded=True, but cell_set_len is {S}; "
+                "use padded=False for one shorter set, or forward_sets"
+            )
+        if pert.dim() == 3 and not padded and pert.shape[0] != 1:
+            raise ValueError(f"padded=False takes one set, got {pert.shape[0]} sets; use forward_sets")
+        n_cells = pert.numel() // self.pert_dim
+        if padded and n_cells % S != 0:
+            raise ValueError(f"{n_cells} cells is not a multiple of cell_set_len={S}; use padded=False")
+        shape = (-1, S) if padded else (1, -1)
+        pert = pert.reshape(*shape, self.pert_dim)  # [B,S,P]
+        basal = basal.reshape(*shape, self.input_dim)  # [B,S,D_in]
+
+        batch_idx = None
+        if self.batch_encoder is not None:
+            if "batch" not in batch:
+                raise ValueError("this model has a batch_encoder but the batch has no 'batch' key")
+            batch_idx = batch["batch"]
+            one_hot = (batch_idx.is_floating_point() or batch_idx.dtype == torch.bool) and batch_idx.dim() > 1
+            if one_hot and batch_idx.shape[-1] == self.batch_dim:
+                batch_idx = batch_idx.argmax(-1)
+            batch_idx = batch_idx.reshape(shape)  # [B,S]
+        out = self.forward_sets(pert, basal, batch_idx)  # [B,S,D_out]
+        return out.reshape(-1, self.output_dim)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Gene decoder: [..., D_out] -> [..., G]. Raises if the model has no gene decoder."""
+        if self.gene_decoder is None:
+            raise ValueError("this model has no gene decoder (hparams decoder_cfg is None)")
+        return self.gene_decoder(latent)
+
+    @staticmethod
+    def _check_width(name: str, x: torch.Tensor, width: int) -> None:
+        if x.dim() < 2 or x.shape[-1] != width:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [..., {width}]")
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Number of parameters (upstream counts 32000*H more for the dropped embed_tokens)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "DROPPED_UPSTREAM_KEYS",
+    "MODULE_GROUPS",
+    "HparamsError",
+    "LatentToGeneDecoder",
+    "LlamaBidirectional",
+    "LlamaConfig",
+    "MissingHparamError",
+    "StateTransitionModel",
+    "build_mlp",
+    "module_of",
+    "resolve_hparams",
+]

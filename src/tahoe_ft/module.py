@@ -1,0 +1,163 @@
+"""`STLightningModule`: the ST model with its losses, optimizer and LR schedule.
+
+Loss (SPEC §4.2): energy distance per set between predicted and observed cells, averaged over sets;
+with embedding input, `total = main + decoder_weight * decoder` where the decoder loss is the same
+distance in gene space. Every term and the weight in effect are logged.
+
+Optimizer: AdamW with weight decay (not on biases and norm weights). Schedule: linear warmup from
+`warmup_start_factor * lr`, then cosine down to `min_lr_factor * lr` (or one-cycle, or constant). Frozen
+modules get their own parameter group whose LR is 0 until they are unfrozen, then warms up again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from tahoe_ft.loss import DistributionLoss
+from tahoe_ft.model import StateTransitionModel, module_of
+
+
+class LRSchedule:
+    """LR factor as a function of the global step (a picklable callable for LambdaLR)."""
+
+    def __init__(
+        self,
+        name: str,
+        max_steps: int,
+        warmup_steps: int,
+        warmup_start_factor: float,
+        min_lr_factor: float,
+        start_step: int = 0,
+    ):
+        self.name = name
+        self.max_steps = max(int(max_steps), 1)
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.start = float(warmup_start_factor)
+        self.floor = float(min_lr_factor)
+        # parameters unfrozen mid-run: 0 before `start_step`, then a fresh warmup from it
+        self.start_step = int(start_step)
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        s = step - self.start_step
+        span = max(self.max_steps - self.start_step, 1)
+        warm = min(self.warmup_steps, span)
+        if self.name == "onecycle":
+            # linear up to 1 over `warm`, then cosine down to `floor` (Smith's one-cycle, LR only)
+            warm = warm or max(span // 10, 1)
+        if warm > 0 and s < warm:
+            return self.start + (1.0 - self.start) * s / warm
+        if self.name == "constant":
+            return 1.0
+        progress = min((s - warm) / max(span - warm, 1), 1.0)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class STLightningModule(L.LightningModule):
+    """Trains a `StateTransitionModel`. `self.model` holds the upstream-named parameters."""
+
+    def __init__(self, hparams: dict[str, Any], train_cfg: dict[str, Any]):
+        super().__init__()
+        # train_cfg: {"loss": {...}, "optim": {...}, "sched": {...}, "freeze": {...}, "max_steps": int}
+        self.save_hyperparameters({"model": hparams, "train": train_cfg})
+        self.model = StateTransitionModel(hparams)
+        self.train_cfg = train_cfg
+        loss_cfg = train_cfg["loss"]
+        self.loss_fn = DistributionLoss(loss_cfg["name"], blur=loss_cfg.get("blur", 0.05))
+        self.decoder_weight = float(loss_cfg["decoder_weight"])
+        self.has_decoder = getattr(self.model, "gene_decoder", None) is not None
+        self.set_len = int(hparams["cell_set_len"])
+
+    # -- forward -------------------------------------------------------------------------------
+    def _predict_sets(self, batch: dict[str, Any]) -> torch.Tensor:
+        pert = batch["pert_emb"]  # [B,S,P]
+        basal = batch["ctrl_cell_emb"]  # [B,S,D_in]
+        batch_idx = batch.get("batch") if self.model.hparams.get("batch_encoder") else None
+        return self.model.forward_sets(pert, basal, batch_idx)  # [B,S,D_out]
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        pred = self._predict_sets(batch)
+        target = batch["pert_cell_emb"].reshape_as(pred)
+        main = torch.nanmean(self.loss_fn(pred, target))
+        out = {"main_loss": main, "loss": main}
+        if self.has_decoder and "pert_cell_counts" in batch:
+            genes = self.model.decode(pred)  # [B,S,G]
+            counts = batch["pert_cell_counts"].reshape_as(genes)
+            dec = torch.nanmean(self.loss_fn(genes, counts))
+            out["decoder_loss"] = dec
+            out["loss"] = main + self.decoder_weight * dec
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        n_sets = batch["pert_emb"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n_sets)
+        self.log("train/main_loss", losses["main_loss"], batch_size=n_sets)
+        if "decoder_loss" in losses:
+            self.log("train/decoder_loss", losses["decoder_loss"], batch_size=n_sets)
+            # the weight the loss really used (upstream silently ignored its config key)
+            self.log("train/decoder_weight", self.decoder_weight, batch_size=n_sets)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self._losses(batch)
+        n_sets = batch["pert_emb"].shape[0]
+        # val_loss = main distributional loss only: the value best-val.pt is chosen by
+        self.log("val_loss", losses["main_loss"], prog_bar=True, batch_size=n_sets, sync_dist=True)
+        if "decoder_loss" in losses:
+            self.log("val/decoder_loss", losses["decoder_loss"], batch_size=n_sets, sync_dist=True)
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optim_cfg, sched_cfg, freeze_cfg = self.train_cfg["optim"], self.train_cfg["sched"], self.train_cfg["freeze"]
+        frozen_modules = set(freeze_cfg.get("modules") or [])
+        unfreeze_at = freeze_cfg.get("until_step")
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            delayed = module_of(name) in frozen_modules and unfreeze_at is not None
+            no_decay = p.ndim < 2  # biases and norm weights
+            groups.setdefault((delayed, no_decay), []).append(p)
+        param_groups, lambdas = [], []
+        max_steps = int(self.train_cfg["max_steps"])
+        for (delayed, no_decay), params in sorted(groups.items()):
+            param_groups.append(
+                {
+                    "params": params,
+                    "weight_decay": 0.0 if no_decay else float(optim_cfg["weight_decay"]),
+                    "name": ("unfrozen_later" if delayed else "main") + ("/no_decay" if no_decay else ""),
+                }
+            )
+            if delayed:
+                lambdas.append(
+                    LRSchedule(
+                        sched_cfg["name"],
+                        max_steps,
+                        int(freeze_cfg.get("warmup_steps", 0)),
+                        0.0,
+                        sched_cfg["min_lr_factor"],
+                        start_step=int(unfreeze_at),
+                    )
+                )
+            else:
+                lambdas.append(
+                    LRSchedule(
+                        sched_cfg["name"],
+                        max_steps,
+                        int(sched_cfg["warmup_steps"]),
+                        float(sched_cfg["warmup_start_factor"]),
+                        float(sched_cfg["min_lr_factor"]),
+                    )
+                )
+        opt = torch.optim.AdamW(
+            param_groups,
+            lr=float(optim_cfg["lr"]),
+            betas=tuple(optim_cfg["betas"]),
+            eps=float(optim_cfg["eps"]),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

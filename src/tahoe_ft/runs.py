@@ -1,0 +1,109 @@
+"""Run directories: `runs/<experiment>/<timestamp>/`, the `latest` pointer, and `run:EXP/FILE` references.
+
+A run directory is never reused: a new run always gets a fresh timestamped folder (created with
+`mkdir(exist_ok=False)`), so a rerun cannot overwrite an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tahoe_ft.errors import UserError
+
+RUN_REF = re.compile(r"^run:(?P<exp>[^/]+)(?:/(?P<file>.+))?$")
+_RUN_ID = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
+
+
+def new_run_dir(runs_dir: str | Path, experiment: str) -> Path:
+    """Create and return a fresh `runs_dir/experiment/<YYYYmmdd-HHMMSS[-n]>` directory."""
+    base = Path(runs_dir) / experiment
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        name = stamp if n == 0 else f"{stamp}-{n}"
+        path = base / name
+        try:
+            path.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    raise UserError(f"could not create a new run directory under {base}")  # pragma: no cover
+
+
+def set_latest(run_dir: Path) -> None:
+    """Point `runs/<experiment>/latest` at `run_dir` (a relative symlink, replaced atomically)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
+def list_runs(runs_dir: str | Path, experiment: str) -> list[Path]:
+    """Run directories of an experiment, oldest first (by their timestamped names)."""
+    base = Path(runs_dir) / experiment
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and _RUN_ID.match(p.name))
+
+
+def newest_run(runs_dir: str | Path, experiment: str, *, need: str | None = None) -> Path:
+    """The newest run of `experiment` (that contains `need`, if given), or a UserError."""
+    runs = list_runs(runs_dir, experiment)
+    if need is not None:
+        runs = [r for r in runs if (r / need).exists()]
+    if not runs:
+        what = f" with {need}" if need else ""
+        raise UserError(
+            f"no run of experiment '{experiment}'{what} under {Path(runs_dir).resolve()}; "
+            f"train it first: tahoe-ft train +experiment={experiment}"
+        )
+    return runs[-1]
+
+
+def resolve_ref(ref: str, runs_dir: str | Path) -> Path:
+    """Resolve `run:EXP/FILE` (newest run of EXP holding checkpoints/FILE) or a plain path.
+
+    `run:EXP` alone means `run:EXP/best-val.pt`. A plain path must exist.
+    """
+    m = RUN_REF.match(ref)
+    if m:
+        exp, file = m.group("exp"), m.group("file") or "best-val.pt"
+        rel = file if "/" in file else f"checkpoints/{file}"
+        return newest_run(runs_dir, exp, need=rel) / rel
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}; give a path or run:EXPERIMENT/best-val.pt")
+    return path
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` through a temp file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    info = read_run_info(run_dir)
+    info.update(fields)
+    write_json_atomic(run_dir / "run.json", info)
+    return info
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

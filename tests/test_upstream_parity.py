@@ -1,0 +1,140 @@
+"""Parity with upstream's real `StateTransitionPerturbationModel` (arc-state 0.11.1, Llama, bidirectional).
+
+Skipped unless the `state` package (arc-state) is importable. It is not a tahoe-ft dependency; to run:
+
+    python3 -m venv /tmp/up && /tmp/up/bin/pip install torch arc-state==0.11.1 pytest
+    PYTHONPATH=src /tmp/up/bin/python -m pytest tests/test_upstream_parity.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+upstream = pytest.importorskip("state.tx.models.state_transition")
+
+from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel  # noqa: E402
+
+D, P, H, G, S = 40, 12, 48, 30, 8
+
+LLAMA = {
+    "hidden_size": H,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 12,
+    "intermediate_size": 96,
+    "bidirectional_attention": True,
+    "rotary_dim": 0,
+    "use_rotary_embeddings": False,
+    "max_position_embeddings": S,
+    "attention_dropout": 0.0,
+    "use_cache": False,
+    "vocab_size": 32,
+}
+
+# hparams keys we share with upstream
+OUR_KEYS = ("input_dim", "output_dim", "pert_dim", "hidden_dim", "gene_dim", "batch_dim", "n_encoder_layers",
+            "n_decoder_layers", "dropout", "activation", "predict_residual", "use_basal_projection", "output_space",
+            "embed_key", "cell_set_len", "transformer_backbone_key", "transformer_backbone_kwargs", "decoder_cfg",
+            "batch_encoder")
+
+
+def build_upstream(**kwargs):
+    args = dict(input_dim=D, hidden_dim=H, output_dim=D, pert_dim=P, batch_dim=None, predict_residual=True,
+                transformer_backbone_key="llama", transformer_backbone_kwargs=dict(LLAMA), output_space="all",
+                gene_dim=G, embed_key=None, cell_set_len=S, n_encoder_layers=4, n_decoder_layers=4,
+                decoder_cfg=None)
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return upstream.StateTransitionPerturbationModel(**args).eval()
+
+
+def ours_from(up) -> StateTransitionModel:
+    hp = {k: up.hparams[k] for k in OUR_KEYS if k in up.hparams}
+    model = StateTransitionModel(hp).eval()
+    sd = {k: v for k, v in up.state_dict().items() if k not in DROPPED_UPSTREAM_KEYS}
+    assert set(up.state_dict()) - set(model.state_dict()) == set(DROPPED_UPSTREAM_KEYS)
+    assert set(model.state_dict()) <= set(up.state_dict())
+    assert list(model.state_dict()) == list(sd)  # same order too
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def batch_for(n_sets: int, seed: int = 0, batch_dim: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = n_sets * S
+    pert = torch.zeros(n, P)
+    pert[torch.arange(n), torch.randint(0, P, (n_sets,), generator=g).repeat_interleave(S)] = 1.0
+    out = {"pert_emb": pert, "ctrl_cell_emb": torch.randn(n, D, generator=g)}
+    if batch_dim:
+        out["batch"] = torch.nn.functional.one_hot(torch.randint(0, batch_dim, (n,), generator=g), batch_dim).float()
+    return out
+
+
+def _randomize(up) -> None:
+    """Upstream inits the backbone with std 0.02, which makes attention nearly uniform; perturb everything."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def _compare(up, ours, batch) -> None:
+    with torch.no_grad():
+        want = up(batch)
+        got = ours(batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        one = {k: v[:5] for k, v in batch.items()}  # one short set, unpadded
+        torch.testing.assert_close(ours(one, padded=False), up(one, padded=False), rtol=1e-5, atol=1e-5)
+        if up.gene_decoder is not None:
+            torch.testing.assert_close(ours.decode(got), up.gene_decoder(want), rtol=1e-5, atol=1e-5)
+
+
+def test_parity_output_space_all_embed_key_none():
+    up = build_upstream()
+    _randomize(up)
+    ours = ours_from(up)
+    assert ours.apply_relu
+    _compare(up, ours, batch_for(3))
+
+
+def test_parity_x_state_with_gene_decoder():
+    up = build_upstream(output_space="gene", embed_key="X_state",
+                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16], "dropout": 0.1,
+                                     "residual_decoder": False})
+    _randomize(up)
+    ours = ours_from(up)
+    assert not ours.apply_relu
+    batch = batch_for(2, seed=3)
+    _compare(up, ours, batch)
+    with torch.no_grad():
+        assert ours(batch).min() < 0  # no ReLU in embedding space with a decoder
+
+
+def test_parity_embedding_output_space_drops_decoder_in_0_11():
+    """0.11.1: output_space 'embedding' discards decoder_cfg (hparams too), so the ReLU applies."""
+    up = build_upstream(output_space="embedding", embed_key="X_state",
+                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32], "dropout": 0.1})
+    assert up.gene_decoder is None and up.hparams["decoder_cfg"] is None
+    _randomize(up)
+    ours = ours_from(up)
+    assert ours.gene_decoder is None and ours.apply_relu
+    _compare(up, ours, batch_for(2, seed=6))
+
+
+def test_parity_all_x_state_batch_encoder_residual_decoder_no_basal_projection():
+    up = build_upstream(embed_key="X_state", batch_dim=5, batch_encoder=True, use_basal_projection=False,
+                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16, 16],
+                                     "dropout": 0.0, "residual_decoder": True})
+    _randomize(up)
+    ours = ours_from(up)
+    assert ours.batch_encoder is not None
+    _compare(up, ours, batch_for(2, seed=4, batch_dim=5))
+
+
+def test_parity_no_residual_gene_space():
+    up = build_upstream(output_space="gene", embed_key="X_hvg", predict_residual=False, n_encoder_layers=1,
+                        n_decoder_layers=2, activation="relu")
+    _randomize(up)
+    _compare(up, ours_from(up), batch_for(2, seed=5))
