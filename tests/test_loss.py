@@ -18,13 +18,16 @@ def _naive_energy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d(x, y).mean((1, 2)) - 0.5 * d(x, x).mean((1, 2)) - 0.5 * d(y, y).mean((1, 2))
 
 
-@pytest.mark.parametrize("shape_x,shape_y", [
-    ((4, 8, 3), (4, 8, 3)),
-    ((3, 16, 5), (3, 9, 5)),  # N != M
-    ((1, 7, 32), (1, 12, 32)),
-    ((2, 64, 20), (2, 64, 20)),
-    ((10, 4), (6, 4)),  # a single set
-])
+@pytest.mark.parametrize(
+    "shape_x,shape_y",
+    [
+        ((4, 8, 3), (4, 8, 3)),
+        ((3, 16, 5), (3, 9, 5)),  # N != M
+        ((1, 7, 32), (1, 12, 32)),
+        ((2, 64, 20), (2, 64, 20)),
+        ((10, 4), (6, 4)),  # a single set
+    ],
+)
 def test_energy_matches_geomloss(shape_x, shape_y):
     g = torch.Generator().manual_seed(sum(shape_x) * 7 + sum(shape_y))
     x = torch.randn(shape_x, generator=g, dtype=torch.float64)

@@ -59,8 +59,13 @@ def tiny_hparams(**overrides) -> dict:
             "use_cache": False,
             "hidden_dropout": 0.0,
         },
-        "decoder_cfg": {"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16], "dropout": 0.1,
-                        "residual_decoder": False},
+        "decoder_cfg": {
+            "latent_dim": D,
+            "gene_dim": G,
+            "hidden_dims": [32, 32, 16],
+            "dropout": 0.1,
+            "residual_decoder": False,
+        },
         "batch_encoder": False,
     }
     hp.update(overrides)
@@ -108,8 +113,12 @@ EXPECTED_KEYS = (
     + llama_layer_keys(1)
     + ["transformer_backbone.norm.weight"]
     + mlp_keys("project_out", 4)
-    + ["final_down_then_up.0.weight", "final_down_then_up.0.bias",
-       "final_down_then_up.2.weight", "final_down_then_up.2.bias"]
+    + [
+        "final_down_then_up.0.weight",
+        "final_down_then_up.0.bias",
+        "final_down_then_up.2.weight",
+        "final_down_then_up.2.bias",
+    ]
 )
 
 
@@ -162,12 +171,28 @@ def test_state_dict_shapes():
 def test_tahoe_best_parameter_count_matches_upstream():
     """Upstream tahoe_best: 146,193,114 trainable parameters (= all but the frozen 32000x1440 embed_tokens)."""
     hp = tiny_hparams(
-        input_dim=2058, output_dim=2058, pert_dim=5120, hidden_dim=1440, gene_dim=2000, cell_set_len=512,
+        input_dim=2058,
+        output_dim=2058,
+        pert_dim=5120,
+        hidden_dim=1440,
+        gene_dim=2000,
+        cell_set_len=512,
         output_space="embedding",
-        transformer_backbone_kwargs={"hidden_size": 1440, "num_hidden_layers": 4, "num_attention_heads": 12,
-                                     "head_dim": 120, "intermediate_size": 4416, "bidirectional_attention": True},
-        decoder_cfg={"latent_dim": 2058, "gene_dim": 2000, "hidden_dims": [1024, 1024, 512], "dropout": 0.1,
-                     "residual_decoder": False},
+        transformer_backbone_kwargs={
+            "hidden_size": 1440,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 12,
+            "head_dim": 120,
+            "intermediate_size": 4416,
+            "bidirectional_attention": True,
+        },
+        decoder_cfg={
+            "latent_dim": 2058,
+            "gene_dim": 2000,
+            "hidden_dims": [1024, 1024, 512],
+            "dropout": 0.1,
+            "residual_decoder": False,
+        },
     )
     with torch.device("meta"):
         model = StateTransitionModel(hp)
@@ -176,8 +201,9 @@ def test_tahoe_best_parameter_count_matches_upstream():
 
 
 def test_optional_modules_and_variants():
-    sd = make_model(use_basal_projection=False, output_space="gene", decoder_cfg=None,
-                    batch_encoder=True, batch_dim=5).state_dict()
+    sd = make_model(
+        use_basal_projection=False, output_space="gene", decoder_cfg=None, batch_encoder=True, batch_dim=5
+    ).state_dict()
     assert "basal_encoder.weight" in sd and tuple(sd["basal_encoder.weight"].shape) == (H, D)
     assert not any(k.startswith(("final_down_then_up", "gene_decoder")) for k in sd)
     assert tuple(sd["batch_encoder.weight"].shape) == (5, H)
@@ -185,17 +211,29 @@ def test_optional_modules_and_variants():
     # batch_encoder without batch_dim: no encoder (as upstream)
     assert "batch_encoder.weight" not in make_model(batch_encoder=True, batch_dim=None).state_dict()
     # residual decoder layout
-    res = make_model(decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16],
-                                  "residual_decoder": True}).state_dict()
+    res = make_model(
+        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16], "residual_decoder": True}
+    ).state_dict()
     dec = [k for k in res if k.startswith("gene_decoder")]
-    assert dec == [f"gene_decoder.blocks.{i}.{j}.{w}" for i in range(3) for j in (0, 1) for w in ("weight", "bias")] + [
-        "gene_decoder.final_layer.0.weight", "gene_decoder.final_layer.0.bias"]
+    assert dec == [
+        f"gene_decoder.blocks.{i}.{j}.{w}" for i in range(3) for j in (0, 1) for w in ("weight", "bias")
+    ] + ["gene_decoder.final_layer.0.weight", "gene_decoder.final_layer.0.bias"]
     # one-layer MLPs: Sequential(Linear)
     one = make_model(n_encoder_layers=1, n_decoder_layers=1).state_dict()
-    assert [k for k in one if k.startswith("pert_encoder")] == ["pert_encoder.0.weight", "pert_encoder.0.bias"]
+    assert [k for k in one if k.startswith("pert_encoder")] == [
+        "pert_encoder.0.weight",
+        "pert_encoder.0.bias",
+    ]
     # grouped-query attention shapes
-    gqa = make_model(transformer_backbone_kwargs={"hidden_size": H, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                                  "num_key_value_heads": 2, "intermediate_size": 64}).state_dict()
+    gqa = make_model(
+        transformer_backbone_kwargs={
+            "hidden_size": H,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+        }
+    ).state_dict()
     assert tuple(gqa["transformer_backbone.layers.0.self_attn.q_proj.weight"].shape) == (48, H)  # head_dim 12
     assert tuple(gqa["transformer_backbone.layers.0.self_attn.k_proj.weight"].shape) == (24, H)
 
@@ -261,8 +299,16 @@ def test_hparams_errors():
     with pytest.raises(HparamsError, match="input_dim"):
         StateTransitionModel(tiny_hparams(output_dim=D + 1))  # 'all' + residual adds basal to the output
     with pytest.raises(HparamsError, match="hidden_dims"):
-        StateTransitionModel(tiny_hparams(decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 16],
-                                                       "residual_decoder": True}))
+        StateTransitionModel(
+            tiny_hparams(
+                decoder_cfg={
+                    "latent_dim": D,
+                    "gene_dim": G,
+                    "hidden_dims": [32, 16],
+                    "residual_decoder": True,
+                }
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,8 +374,13 @@ def test_batch_encoder_accepts_indices_and_one_hot():
     one_hot = torch.nn.functional.one_hot(idx, S).float()
     with torch.no_grad():
         a = model({"pert_emb": pert, "ctrl_cell_emb": basal, "batch": idx})
-        b = model({"pert_emb": pert.reshape(-1, P), "ctrl_cell_emb": basal.reshape(-1, D),
-                   "batch": one_hot.reshape(-1, S)})
+        b = model(
+            {
+                "pert_emb": pert.reshape(-1, P),
+                "ctrl_cell_emb": basal.reshape(-1, D),
+                "batch": one_hot.reshape(-1, S),
+            }
+        )
         c = model({"pert_emb": pert, "ctrl_cell_emb": basal, "batch": idx.reshape(-1)})
         d = model({"pert_emb": pert, "ctrl_cell_emb": basal, "batch": (idx + 1) % S})
     torch.testing.assert_close(a, b)
@@ -400,8 +451,9 @@ def test_residual_decoder_semantics():
     torch.testing.assert_close(dec(x), dec.final_layer(o3))
 
 
-def _naive_backbone(backbone: nn.Module, x: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                    eps: float) -> torch.Tensor:
+def _naive_backbone(
+    backbone: nn.Module, x: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float
+) -> torch.Tensor:
     """Reference Llama stack: explicit softmax(QK^T / sqrt(d)) V, no mask, no RoPE, float64."""
 
     def rms(v, w):  # computed in float32 and cast back, as HF LlamaRMSNorm
@@ -429,8 +481,15 @@ def _naive_backbone(backbone: nn.Module, x: torch.Tensor, heads: int, kv_heads: 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 12), (4, 2, 12), (6, 3, 10)])
 def test_attention_matches_naive_reference(heads, kv_heads, head_dim):
-    kw = {"hidden_size": H, "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-          "head_dim": head_dim, "intermediate_size": 64, "rms_norm_eps": 1e-5}
+    kw = {
+        "hidden_size": H,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": 64,
+        "rms_norm_eps": 1e-5,
+    }
     model = make_model(transformer_backbone_kwargs=kw).double()
     with torch.no_grad():  # non-trivial norm weights
         for name, p in model.transformer_backbone.named_parameters():
@@ -446,8 +505,14 @@ def test_attention_matches_naive_reference(heads, kv_heads, head_dim):
 def test_matches_hf_llama_without_rope():
     """If `transformers` is installed: our backbone == HF LlamaModel with RoPE disabled and no causal mask."""
     transformers = pytest.importorskip("transformers")
-    kw = {"hidden_size": H, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "head_dim": 12, "intermediate_size": 64}
+    kw = {
+        "hidden_size": H,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "intermediate_size": 64,
+    }
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**kw, vocab_size=16)
     cfg._attn_implementation = "eager"

@@ -34,17 +34,47 @@ LLAMA = {
 }
 
 # hparams keys we share with upstream
-OUR_KEYS = ("input_dim", "output_dim", "pert_dim", "hidden_dim", "gene_dim", "batch_dim", "n_encoder_layers",
-            "n_decoder_layers", "dropout", "activation", "predict_residual", "use_basal_projection", "output_space",
-            "embed_key", "cell_set_len", "transformer_backbone_key", "transformer_backbone_kwargs", "decoder_cfg",
-            "batch_encoder")
+OUR_KEYS = (
+    "input_dim",
+    "output_dim",
+    "pert_dim",
+    "hidden_dim",
+    "gene_dim",
+    "batch_dim",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "dropout",
+    "activation",
+    "predict_residual",
+    "use_basal_projection",
+    "output_space",
+    "embed_key",
+    "cell_set_len",
+    "transformer_backbone_key",
+    "transformer_backbone_kwargs",
+    "decoder_cfg",
+    "batch_encoder",
+)
 
 
 def build_upstream(**kwargs):
-    args = dict(input_dim=D, hidden_dim=H, output_dim=D, pert_dim=P, batch_dim=None, predict_residual=True,
-                transformer_backbone_key="llama", transformer_backbone_kwargs=dict(LLAMA), output_space="all",
-                gene_dim=G, embed_key=None, cell_set_len=S, n_encoder_layers=4, n_decoder_layers=4,
-                decoder_cfg=None)
+    args = dict(
+        input_dim=D,
+        hidden_dim=H,
+        output_dim=D,
+        pert_dim=P,
+        batch_dim=None,
+        predict_residual=True,
+        transformer_backbone_key="llama",
+        transformer_backbone_kwargs=dict(LLAMA),
+        output_space="all",
+        gene_dim=G,
+        embed_key=None,
+        cell_set_len=S,
+        n_encoder_layers=4,
+        n_decoder_layers=4,
+        decoder_cfg=None,
+    )
     args.update(kwargs)
     torch.manual_seed(0)
     return upstream.StateTransitionPerturbationModel(**args).eval()
@@ -68,7 +98,9 @@ def batch_for(n_sets: int, seed: int = 0, batch_dim: int | None = None) -> dict:
     pert[torch.arange(n), torch.randint(0, P, (n_sets,), generator=g).repeat_interleave(S)] = 1.0
     out = {"pert_emb": pert, "ctrl_cell_emb": torch.randn(n, D, generator=g)}
     if batch_dim:
-        out["batch"] = torch.nn.functional.one_hot(torch.randint(0, batch_dim, (n,), generator=g), batch_dim).float()
+        out["batch"] = torch.nn.functional.one_hot(
+            torch.randint(0, batch_dim, (n,), generator=g), batch_dim
+        ).float()
     return out
 
 
@@ -100,9 +132,17 @@ def test_parity_output_space_all_embed_key_none():
 
 
 def test_parity_x_state_with_gene_decoder():
-    up = build_upstream(output_space="gene", embed_key="X_state",
-                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16], "dropout": 0.1,
-                                     "residual_decoder": False})
+    up = build_upstream(
+        output_space="gene",
+        embed_key="X_state",
+        decoder_cfg={
+            "latent_dim": D,
+            "gene_dim": G,
+            "hidden_dims": [32, 32, 16],
+            "dropout": 0.1,
+            "residual_decoder": False,
+        },
+    )
     _randomize(up)
     ours = ours_from(up)
     assert not ours.apply_relu
@@ -114,8 +154,11 @@ def test_parity_x_state_with_gene_decoder():
 
 def test_parity_embedding_output_space_drops_decoder_in_0_11():
     """0.11.1: output_space 'embedding' discards decoder_cfg (hparams too), so the ReLU applies."""
-    up = build_upstream(output_space="embedding", embed_key="X_state",
-                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32], "dropout": 0.1})
+    up = build_upstream(
+        output_space="embedding",
+        embed_key="X_state",
+        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32], "dropout": 0.1},
+    )
     assert up.gene_decoder is None and up.hparams["decoder_cfg"] is None
     _randomize(up)
     ours = ours_from(up)
@@ -124,9 +167,19 @@ def test_parity_embedding_output_space_drops_decoder_in_0_11():
 
 
 def test_parity_all_x_state_batch_encoder_residual_decoder_no_basal_projection():
-    up = build_upstream(embed_key="X_state", batch_dim=5, batch_encoder=True, use_basal_projection=False,
-                        decoder_cfg={"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32, 16, 16],
-                                     "dropout": 0.0, "residual_decoder": True})
+    up = build_upstream(
+        embed_key="X_state",
+        batch_dim=5,
+        batch_encoder=True,
+        use_basal_projection=False,
+        decoder_cfg={
+            "latent_dim": D,
+            "gene_dim": G,
+            "hidden_dims": [32, 32, 16, 16],
+            "dropout": 0.0,
+            "residual_decoder": True,
+        },
+    )
     _randomize(up)
     ours = ours_from(up)
     assert ours.batch_encoder is not None
@@ -134,7 +187,13 @@ def test_parity_all_x_state_batch_encoder_residual_decoder_no_basal_projection()
 
 
 def test_parity_no_residual_gene_space():
-    up = build_upstream(output_space="gene", embed_key="X_hvg", predict_residual=False, n_encoder_layers=1,
-                        n_decoder_layers=2, activation="relu")
+    up = build_upstream(
+        output_space="gene",
+        embed_key="X_hvg",
+        predict_residual=False,
+        n_encoder_layers=1,
+        n_decoder_layers=2,
+        activation="relu",
+    )
     _randomize(up)
     _compare(up, ours_from(up), batch_for(2, seed=5))

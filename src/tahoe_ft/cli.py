@@ -107,6 +107,8 @@ def run(command: str, args: list[str]) -> object:
     resolvers.register()
     _check_experiment(args)
     cfg = _compose(command, args)
+    if command == "reproduce":  # forwards data=/paths. overrides to every stage
+        return _target(command)(cfg, args)
     return _target(command)(cfg)
 
 

@@ -237,3 +237,66 @@ def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
         ) from None
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+@dataclass
+class PredictConfig:
+    # a bare file name is looked up in <run_dir>/checkpoints/; a path or run:EXP/FILE is used as is
+    ckpt: str = "best-val.pt"
+    # default: the newest training run (of `experiment`, if set) under runs_dir
+    run_dir: Optional[str] = None
+    experiment: Optional[str] = None
+    runs_dir: str = "runs"
+    # which held-out perturbations to predict: "test" or "val"
+    split: str = "test"
+    # read the cells from here instead of the paths recorded in the checkpoint's manifest
+    data_path: Any = None
+    # real control cells per cell type copied into pred.h5ad / real.h5ad (deterministic subsample)
+    max_controls: int = 2000
+    seed: int = 0
+    device: str = "auto"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class EvalConfig:
+    # default: pred.h5ad / real.h5ad of the newest predicted run (of `experiment`, if set)
+    pred: Optional[str] = None
+    real: Optional[str] = None
+    run_dir: Optional[str] = None
+    experiment: Optional[str] = None
+    runs_dir: str = "runs"
+    # cell-eval profile: "vcc" (mae, discrimination_score_l1, overlap_at_N) or "full"
+    profile: str = "vcc"
+    num_threads: int = 2
+    # score each cell type separately (cell-eval's --celltype-col) and average
+    per_cell_type: bool = True
+    # training cells per (cell type, perturbation) read for the cell-mean baseline
+    max_train_cells_per_group: int = 500
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class CompareConfig:
+    runs_dir: str = "runs"
+    # where compare.csv / compare.png go (default: runs_dir)
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class ReproduceConfig:
+    runs_dir: str = "runs"
+    # multiplies the study's step counts (the demo data is small; 1.0 = the study's own counts)
+    step_scale: float = 0.02
+    # rounds trained in order; each resolves its parent by name (run:EXP/best-val.pt)
+    experiments: list = field(
+        default_factory=lambda: ["pretrain", "0826", "0901", "0905", "0906", "0907", "0908"]
+    )
+    # rounds predicted and scored with cell-eval
+    evaluate: list = field(default_factory=lambda: ["0826", "0901", "0905", "0906", "0907", "0908"])
+    # extra overrides passed to every `train` (e.g. ["logger=csv"])
+    train_overrides: list = field(default_factory=list)
+    profile: str = "vcc"
+    num_threads: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)

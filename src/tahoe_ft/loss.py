@@ -46,8 +46,10 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Also accepts single sets x [N,D], y [M,D] and then returns a scalar (as geomloss does).
     """
     if x.dim() != y.dim() or x.dim() not in (2, 3) or x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"energy_distance expects [B,N,D] and [B,M,D] (or [N,D], [M,D]); got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"energy_distance expects [B,N,D] and [B,M,D] (or [N,D], [M,D]); got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     single = x.dim() == 2
     if single:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -78,7 +80,9 @@ def _samples_loss(name: str, blur: float) -> nn.Module:
     try:
         from geomloss import SamplesLoss
     except ImportError as e:  # pragma: no cover - geomloss is a dependency
-        raise UserError(f"loss '{name}' needs the geomloss package; install it with `pip install geomloss`") from e
+        raise UserError(
+            f"loss '{name}' needs the geomloss package; install it with `pip install geomloss`"
+        ) from e
     return SamplesLoss(loss=name, blur=blur)
 
 

@@ -137,14 +137,25 @@ def resolve_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     for key, default in OPTIONAL_HPARAMS.items():
         hp.setdefault(key, copy.deepcopy(default))
 
-    for key in ("input_dim", "output_dim", "pert_dim", "hidden_dim", "n_encoder_layers",
-                "n_decoder_layers", "cell_set_len"):
+    for key in (
+        "input_dim",
+        "output_dim",
+        "pert_dim",
+        "hidden_dim",
+        "n_encoder_layers",
+        "n_decoder_layers",
+        "cell_set_len",
+    ):
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
             raise HparamsError(f"model hparam {key!r} must be a positive int, got {hp[key]!r}")
     if hp["output_space"] not in OUTPUT_SPACES:
-        raise HparamsError(f"model hparam 'output_space' must be one of {OUTPUT_SPACES}, got {hp['output_space']!r}")
+        raise HparamsError(
+            f"model hparam 'output_space' must be one of {OUTPUT_SPACES}, got {hp['output_space']!r}"
+        )
     if str(hp["activation"]).lower() not in ACTIVATIONS:
-        raise HparamsError(f"model hparam 'activation' must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}")
+        raise HparamsError(
+            f"model hparam 'activation' must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}"
+        )
     if str(hp["transformer_backbone_key"]).lower() != "llama":
         raise HparamsError(
             f"transformer_backbone_key={hp['transformer_backbone_key']!r} is not supported; only 'llama' "
@@ -156,8 +167,12 @@ def resolve_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
             f"({hp['input_dim']}) must equal output_dim ({hp['output_dim']})"
         )
     batch_dim = hp["batch_dim"]
-    if batch_dim is not None and (not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 1):
-        raise HparamsError(f"model hparam 'batch_dim' must be a positive int or None, got {hp['batch_dim']!r}")
+    if batch_dim is not None and (
+        not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 1
+    ):
+        raise HparamsError(
+            f"model hparam 'batch_dim' must be a positive int or None, got {hp['batch_dim']!r}"
+        )
     LlamaConfig.from_kwargs(hp["transformer_backbone_kwargs"], hidden_dim=hp["hidden_dim"])  # validates
     if hp["decoder_cfg"] is not None:
         hp["decoder_cfg"] = _resolve_decoder_cfg(hp["decoder_cfg"])
@@ -174,7 +189,9 @@ def _resolve_decoder_cfg(cfg: Any) -> dict[str, Any]:
     allowed = {"latent_dim", "gene_dim", "hidden_dims", "dropout", "residual_decoder"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise HparamsError(f"unknown keys {unknown} in model hparam 'decoder_cfg'; allowed: {sorted(allowed)}")
+        raise HparamsError(
+            f"unknown keys {unknown} in model hparam 'decoder_cfg'; allowed: {sorted(allowed)}"
+        )
     cfg = {"dropout": 0.1, "residual_decoder": False, **cfg}  # upstream LatentToGeneDecoder defaults
     dims = cfg["hidden_dims"]
     if cfg["residual_decoder"]:
@@ -235,7 +252,9 @@ class LatentToGeneDecoder(nn.Module):
             self.blocks = nn.ModuleList()
             d = latent_dim
             for h in hidden_dims:
-                self.blocks.append(nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)))
+                self.blocks.append(
+                    nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout))
+                )
                 d = h
             self.final_layer = nn.Sequential(nn.Linear(d, gene_dim), nn.ReLU())
         else:
@@ -290,7 +309,9 @@ class LlamaConfig:
         bidirectional semantics), Llama options we do not implement, or hidden_size != hidden_dim.
         """
         if not isinstance(kwargs, Mapping):
-            raise HparamsError(f"model hparam 'transformer_backbone_kwargs' must be a mapping, got {kwargs!r}")
+            raise HparamsError(
+                f"model hparam 'transformer_backbone_kwargs' must be a mapping, got {kwargs!r}"
+            )
         where = "transformer_backbone_kwargs"
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if key not in kwargs:
@@ -367,9 +388,11 @@ class SelfAttention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)  # [B,nh,S,hd]
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
+            is_causal=False,
             scale=self.head_dim**-0.5,
         )  # [B,nh,S,hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B,S,nh*hd]
@@ -452,10 +475,14 @@ class StateTransitionModel(nn.Module):
         H, dropout = self.hidden_dim, float(hp["dropout"])
 
         # registered first: upstream builds it in the base class, so it leads the state_dict
-        self.gene_decoder = LatentToGeneDecoder(**hp["decoder_cfg"]) if hp["decoder_cfg"] is not None else None
+        self.gene_decoder = (
+            LatentToGeneDecoder(**hp["decoder_cfg"]) if hp["decoder_cfg"] is not None else None
+        )
         self.pert_encoder = build_mlp(self.pert_dim, H, H, hp["n_encoder_layers"], dropout, act)
         if hp["use_basal_projection"]:
-            self.basal_encoder: nn.Module = build_mlp(self.input_dim, H, H, hp["n_encoder_layers"], dropout, act)
+            self.basal_encoder: nn.Module = build_mlp(
+                self.input_dim, H, H, hp["n_encoder_layers"], dropout, act
+            )
         else:
             self.basal_encoder = nn.Linear(self.input_dim, H)
         self.transformer_backbone = LlamaBidirectional(
