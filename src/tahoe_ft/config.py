@@ -32,6 +32,7 @@ class DemoConfig:
     n_drugs: int = 30
     pretrain_cells_per_drug: int = 60
     pretrain_ctrl: int = 400
+    n_pretrain_cell_types: int = 3
     n_val_perts: int = 6
     n_test_perts: int = 8
     seed: int = 0

@@ -151,8 +151,8 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train one round as configured; return its run directory."""
+def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
+    """Train one round as configured; return its run directory. `callbacks` are extra Lightning callbacks."""
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
@@ -212,7 +212,8 @@ def train(cfg: DictConfig) -> Path:
     # -- trainer -------------------------------------------------------------------------------------
     policy = CheckpointPolicy(run_dir, cfg.experiment, manifest, resolved,
                               every_n_steps=cfg.checkpoint.every_n_steps, save_last=cfg.checkpoint.save_last)
-    callbacks = [FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step), policy, LRAndThroughput()]
+    callbacks = [FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step), policy, LRAndThroughput(),
+                 *(callbacks or [])]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     t = cfg.trainer
