@@ -32,6 +32,8 @@ class MetricsCSVLogger(Logger):
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = ["step"]
+        # set by LRAndThroughput.on_fit_start: rows are labelled with the optimizer steps done so far
+        self.trainer = None
         if self.path.exists():
             with open(self.path, newline="") as fh:
                 reader = csv.DictReader(fh)
@@ -57,6 +59,8 @@ class MetricsCSVLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.trainer is not None:
+            step = self.trainer.global_step
         row = {"step": step, **{k: _num(v) for k, v in metrics.items() if k != "epoch"}}
         new_cols = [k for k in row if k not in self.columns]
         self.rows.append(row)
@@ -89,6 +93,11 @@ class LRAndThroughput(L.Callback):
     def __init__(self) -> None:
         self._t0: float | None = None
         self._first = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, MetricsCSVLogger):
+                lg.trainer = trainer
 
     def _lrs(self, trainer) -> dict[str, float]:
         out = {}

@@ -229,13 +229,17 @@ def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     try:
         merged = OmegaConf.merge(base, plain)
-        OmegaConf.to_container(merged, resolve=True)  # resolve interpolations now, not mid-run
+        unresolved = OmegaConf.to_yaml(merged)
+        OmegaConf.resolve(merged)  # resolve interpolations (and generate demo data) now, once, not mid-run
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         msg = str(exc).splitlines()[0]
         raise UserError(
             f"config error at '{key}': {msg}; check the spelling in configs/ or on the command line"
         ) from None
+    from tahoe_ft.resolvers import materialize
+
+    materialize(unresolved, merged)
     OmegaConf.set_struct(merged, True)
     return merged
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import math
 import os
 import re
 import tomllib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import h5py
 import lightning as L
@@ -215,7 +215,9 @@ class H5Screen:
             values = obj[()]
             mask = np.zeros(len(values), bool)
         else:
-            raise UserError(f"{self.path}: obs column '{column}' has an unsupported encoding; make it categorical")
+            raise UserError(
+                f"{self.path}: obs column '{column}' has an unsupported encoding; make it categorical"
+            )
         labels = np.asarray(_decode(values), dtype=object)
         cats, codes = np.unique(labels, return_inverse=True)
         codes = codes.astype(np.int32)
@@ -320,14 +322,16 @@ class H5Screen:
         data = np.empty(total, dtype=np.float32)
         ind = np.empty(total, dtype=ind_ds.dtype if ind_ds.dtype.kind in "iu" else np.int64)
         off = 0
-        for a, b, n in zip(p0.tolist(), p1.tolist(), lens.tolist()):
+        for a, b, n in zip(p0.tolist(), p1.tolist(), lens.tolist(), strict=True):
             if n:  # one h5py call per run and array
                 data_ds.read_direct(data, np.s_[a:b], np.s_[off : off + n])
                 ind_ds.read_direct(ind, np.s_[a:b], np.s_[off : off + n])
                 off += n
         # which unique row each stored element belongs to (-1: a gap row read only to save a call)
         run_len = last - first + 1
-        span = np.arange(int(run_len.sum()), dtype=np.int64) + np.repeat(first - (np.cumsum(run_len) - run_len), run_len)
+        span = np.arange(int(run_len.sum()), dtype=np.int64) + np.repeat(
+            first - (np.cumsum(run_len) - run_len), run_len
+        )
         pos = np.minimum(np.searchsorted(urows, span), urows.size - 1)
         uid = np.where(urows[pos] == span, pos, -1)
         uid_of_elem = np.repeat(uid, indptr[span + 1] - indptr[span])
@@ -354,7 +358,7 @@ class H5Screen:
         first, last = self._runs(urows, (urows[1:] - urows[:-1] - 1) * info.shape[1])
         bounds = np.searchsorted(urows, last, side="right")
         start = 0
-        for a, b, stop in zip(first.tolist(), last.tolist(), bounds.tolist()):
+        for a, b, stop in zip(first.tolist(), last.tolist(), bounds.tolist(), strict=True):
             block = np.empty((b + 1 - a, info.shape[1]), dtype=np.float32)
             ds.read_direct(block, np.s_[a : b + 1])  # one h5py call per run
             k = np.arange(start, stop)
@@ -464,7 +468,11 @@ class _ValueStats:
             if frac.any():
                 self.all_integral = False
                 if self.fraction_row is None:
-                    i = int(np.flatnonzero(finite)[np.argmax(frac)]) if not finite.all() else int(np.argmax(frac))
+                    i = (
+                        int(np.flatnonzero(finite)[np.argmax(frac)])
+                        if not finite.all()
+                        else int(np.argmax(frac))
+                    )
                     self.fraction_row = row_of(i)
                     self.fraction_value = float(flat[i])
 
@@ -501,7 +509,9 @@ def _check_obsm_values(screen: H5Screen, key: str) -> None:
     vals = screen.read_obsm_rows(key, rows)
     if not np.isfinite(vals).all():
         r = int(rows[np.argmin(np.isfinite(vals).all(axis=1))])
-        raise UserError(f"obsm['{key}'] has NaN or Inf values ({screen.path}, row {r}); recompute the embedding")
+        raise UserError(
+            f"obsm['{key}'] has NaN or Inf values ({screen.path}, row {r}); recompute the embedding"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,11 +621,11 @@ def parse_split_toml(path: str | os.PathLike) -> SplitToml:
     if unknown:
         raise UserError(
             f"split TOML {p} has unknown sections {sorted(unknown)}; "
-            "use [datasets], [training], [zeroshot], [fewshot.\"<dataset>.<cell type>\"]"
+            'use [datasets], [training], [zeroshot], [fewshot."<dataset>.<cell type>"]'
         )
     raw_ds = doc.get("datasets", {})
     if not isinstance(raw_ds, dict) or not raw_ds:
-        raise UserError(f"split TOML {p} has no [datasets] table; add name = \"path\" entries")
+        raise UserError(f'split TOML {p} has no [datasets] table; add name = "path" entries')
     datasets = {str(k): _dataset_files(str(k), v, p) for k, v in raw_ds.items()}
 
     def key_of(section: str, key: str) -> tuple[str, str]:
@@ -638,7 +648,7 @@ def parse_split_toml(path: str | os.PathLike) -> SplitToml:
     fewshot = {}
     for key, table in doc.get("fewshot", {}).items():
         if not isinstance(table, dict) or set(table) - {"val", "test"}:
-            raise UserError(f"split TOML {p}: [fewshot.\"{key}\"] may only hold val = [...] and test = [...]")
+            raise UserError(f'split TOML {p}: [fewshot."{key}"] may only hold val = [...] and test = [...]')
         fewshot[key_of("fewshot", key)] = {s: [str(x) for x in table.get(s, [])] for s in ("val", "test")}
     return SplitToml(datasets, zeroshot, fewshot)
 
@@ -664,11 +674,13 @@ class Groups:
         size = self.size[keep]
         start_new = np.cumsum(size) - size
         rows = (
-            np.concatenate([self.rows[s : s + n] for s, n in zip(self.start[keep], size)])
+            np.concatenate([self.rows[s : s + n] for s, n in zip(self.start[keep], size, strict=True)])
             if keep.size
             else np.zeros(0, np.int64)
         )
-        return Groups(rows, start_new, size, self.file[keep], self.cell_type[keep], self.pert[keep], self.pool[keep])
+        return Groups(
+            rows, start_new, size, self.file[keep], self.cell_type[keep], self.pert[keep], self.pool[keep]
+        )
 
 
 @dataclass
@@ -909,7 +921,9 @@ class SetDataset(Dataset):
             return torch.from_numpy(out)
 
         perts = np.array([d.pert for d in descs])
-        pert_emb = np.ascontiguousarray(np.broadcast_to(self.pert_matrix[perts][:, None, :], (B, S, self.pert_matrix.shape[1])))
+        pert_emb = np.ascontiguousarray(
+            np.broadcast_to(self.pert_matrix[perts][:, None, :], (B, S, self.pert_matrix.shape[1]))
+        )
         batch: dict[str, Any] = {
             "pert_emb": torch.from_numpy(pert_emb),
             "ctrl_cell_emb": assemble(parts["ctrl"]),
@@ -948,7 +962,9 @@ def _as_data_config(cfg: DataConfig | DictConfig | dict) -> DataConfig:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise UserError(f"config error at 'data.{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"config error at 'data.{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _fmt_list(names: Sequence[str], n: int = 5) -> str:
@@ -997,15 +1013,25 @@ class PerturbationDataModule(L.LightningDataModule):
     def _check_options(self) -> None:
         c = self.cfg
         if c.input_transform not in ("log1p", "counts"):
-            raise UserError(f"data.input_transform='{c.input_transform}' is not one of log1p, counts")
+            raise UserError(
+                f"data.input_transform='{c.input_transform}' is not valid; use log1p (normalised) or counts (raw)"
+            )
         if c.basal_mapping not in ("random", "batch"):
-            raise UserError(f"data.basal_mapping='{c.basal_mapping}' is not one of random, batch")
+            raise UserError(f"data.basal_mapping='{c.basal_mapping}' is not valid; use random or batch")
         if c.basal_mapping == "batch" and not c.batch_col:
-            raise UserError("data.basal_mapping=batch needs data.batch_col; set it or use basal_mapping=random")
+            raise UserError(
+                "data.basal_mapping=batch needs data.batch_col; set it or use basal_mapping=random"
+            )
         if self.cell_set_len < 1 or c.batch_size < 1:
-            raise UserError("model.cell_set_len and data.batch_size must be >= 1")
+            raise UserError(
+                f"model.cell_set_len={self.cell_set_len}, data.batch_size={c.batch_size}: both must be >= 1; "
+                "set positive values"
+            )
         if c.num_workers < 0 or c.prefetch_factor < 1:
-            raise UserError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
+            raise UserError(
+                f"data.num_workers={c.num_workers}, data.prefetch_factor={c.prefetch_factor}: need num_workers >= 0 "
+                "and prefetch_factor >= 1; fix the values"
+            )
         if c.split_toml and (c.val_perts or c.test_perts or c.val_cell_types or c.test_cell_types):
             raise UserError(
                 "both data.split_toml and data.val_perts/test_perts/val_cell_types/test_cell_types are set; "
@@ -1071,7 +1097,7 @@ class PerturbationDataModule(L.LightningDataModule):
 
         # labels -> global codes
         per_file = [{col: s.obs_codes(col) for col in cols} for s in screens]
-        for s, labels in zip(screens, per_file):
+        for s, labels in zip(screens, per_file, strict=True):
             for col, (codes, _) in labels.items():
                 n_missing = int((codes < 0).sum())
                 if n_missing:
@@ -1138,8 +1164,13 @@ class PerturbationDataModule(L.LightningDataModule):
         log.info(
             "data: %d file(s), %d cells, %d genes, %d perturbations, %d cell types; "
             "sets per epoch train %d, val %d",
-            len(screens), int(self.offsets[-1]), len(self.gene_names), len(self.pert_names),
-            len(self.cell_types), self.train_plan.n_sets, self.val_plan.n_sets,
+            len(screens),
+            int(self.offsets[-1]),
+            len(self.gene_names),
+            len(self.pert_names),
+            len(self.cell_types),
+            self.train_plan.n_sets,
+            self.val_plan.n_sets,
         )
 
     def _resolve_genes(self, screens: list[H5Screen]) -> tuple[list[str], list[np.ndarray | None]]:
@@ -1203,7 +1234,9 @@ class PerturbationDataModule(L.LightningDataModule):
         if missing:
             log.warning(
                 "%d perturbations are missing from %s and get zero vectors: %s",
-                len(missing), c.pert_features, _fmt_list(missing),
+                len(missing),
+                c.pert_features,
+                _fmt_list(missing),
             )
         if c.control_pert not in feats:
             log.info("control '%s' is not in %s: it gets the zero vector", c.control_pert, c.pert_features)
@@ -1234,7 +1267,9 @@ class PerturbationDataModule(L.LightningDataModule):
         def few_lut(split: str, names: list[str], lut: np.ndarray, where: str, known: set[int]) -> None:
             for p in names:
                 if p == c.control_pert:
-                    raise UserError(f"{where} {split} lists the control '{p}'; controls are shared, remove it")
+                    raise UserError(
+                        f"{where} {split} lists the control '{p}'; controls are shared, remove it"
+                    )
                 code = p_index.get(p, -1)
                 if code not in known:
                     raise UserError(
@@ -1326,10 +1361,14 @@ class PerturbationDataModule(L.LightningDataModule):
         b_pool_of: dict[tuple[int, int, int], int] = {}
         if by_batch:
             b_start, b_size = runs(cf, cc, cb)
-            b_pool_of = {(int(cf[s]), int(cc[s]), int(cb[s])): len(ct_start) + i for i, s in enumerate(b_start)}
+            b_pool_of = {
+                (int(cf[s]), int(cc[s]), int(cb[s])): len(ct_start) + i for i, s in enumerate(b_start)
+            }
             pool_start.append(b_start)
             pool_size.append(b_size)
-        self.pools = Pools(np.concatenate(pool_rows).astype(np.int64), np.concatenate(pool_start), np.concatenate(pool_size))
+        self.pools = Pools(
+            np.concatenate(pool_rows).astype(np.int64), np.concatenate(pool_start), np.concatenate(pool_size)
+        )
 
         # target groups: (file, ct, pert[, batch]) over cells that are targets in some split
         rows = np.flatnonzero(split_bits > 0)
@@ -1345,7 +1384,9 @@ class PerturbationDataModule(L.LightningDataModule):
                     f"cell type '{self.cell_types[key[1]]}' in {self.data_paths[key[0]]} has no control cells "
                     f"('{c.control_pert}'); basal controls never cross files: add controls or drop those cells"
                 )
-            pools[i] = b_pool_of.get((key[0], key[1], int(gb[s])), ct_pool_of[key]) if by_batch else ct_pool_of[key]
+            pools[i] = (
+                b_pool_of.get((key[0], key[1], int(gb[s])), ct_pool_of[key]) if by_batch else ct_pool_of[key]
+            )
         all_groups = Groups(rows.astype(np.int64), start, size, gf[start], gc[start], gp[start], pools)
         gbits = split_bits[rows[start]] if start.size else np.zeros(0, np.int8)
         self._groups = all_groups
@@ -1367,23 +1408,37 @@ class PerturbationDataModule(L.LightningDataModule):
                 f"perturbation '{self.pert_names[train.pert[biggest]]}'); lower model.cell_set_len to "
                 f"<= {int(train.size[biggest])}"
             )
-        common = dict(cell_set_len=self.cell_set_len, batch_size=c.batch_size, seed=self.seed,
-                      rank=self.rank, world_size=self.world_size)
+        common = dict(
+            cell_set_len=self.cell_set_len,
+            batch_size=c.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         self.train_plan = SetPlan(train, self.pools, train=True, stream=0, **common)
-        self.val_plan = SetPlan(val, self.pools, train=False, sets_per_group=c.val_sets_per_group, stream=1, **common)
-        self.test_plan = SetPlan(test, self.pools, train=False, sets_per_group=c.val_sets_per_group, stream=2, **common)
+        self.val_plan = SetPlan(
+            val, self.pools, train=False, sets_per_group=c.val_sets_per_group, stream=1, **common
+        )
+        self.test_plan = SetPlan(
+            test, self.pools, train=False, sets_per_group=c.val_sets_per_group, stream=2, **common
+        )
 
     def _check_memory(self) -> None:
         c = self.cfg
         d = self.dims
-        per_cell = d["input_dim"] + d["output_dim"] + (d["gene_dim"] if self.need_counts else 0) + d["pert_dim"]
+        per_cell = (
+            d["input_dim"] + d["output_dim"] + (d["gene_dim"] if self.need_counts else 0) + d["pert_dim"]
+        )
         batch_bytes = c.batch_size * self.cell_set_len * per_cell * 4
         in_flight = (c.num_workers * c.prefetch_factor if c.num_workers > 0 else 0) + 2
         resident = in_flight * batch_bytes
         gib = 1 << 30
         log.info(
             "loader memory: %.3f GiB per batch x %d in flight = %.2f GiB (budget %.1f GiB)",
-            batch_bytes / gib, in_flight, resident / gib, c.memory_budget_gb,
+            batch_bytes / gib,
+            in_flight,
+            resident / gib,
+            c.memory_budget_gb,
         )
         if resident > c.memory_budget_gb * gib:
             raise UserError(

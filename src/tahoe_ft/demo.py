@@ -236,7 +236,10 @@ def _screen_design(rng: np.random.Generator, bio: _Biology, s: DemoSpec) -> tupl
     top = np.argsort(rng.random((n_groups, k)), axis=1)[:, : min(3, k)]
     n_used = rng.integers(1, min(3, k) + 1, n_groups)
     mask = np.zeros((n_groups, k), bool)
-    mask[np.repeat(np.arange(n_groups), n_used), np.concatenate([t[:u] for t, u in zip(top, n_used)])] = True
+    mask[
+        np.repeat(np.arange(n_groups), n_used),
+        np.concatenate([t[:u] for t, u in zip(top, n_used, strict=True)]),
+    ] = True
     group_dir = mask * rng.normal(0.0, 1.0, (n_groups, k))
     strength = rng.uniform(0.4, 1.2, p)
     weak = rng.random(p) < WEAK_PERT_FRACTION
@@ -252,7 +255,7 @@ def _screen_design(rng: np.random.Generator, bio: _Biology, s: DemoSpec) -> tupl
     order = np.argsort(r, axis=1)[:, : n_de.max()]
     de_mask = np.zeros((p, g), bool)
     rows = np.repeat(np.arange(p), n_de)
-    de_mask[rows, np.concatenate([o[:n] for o, n in zip(order, n_de)])] = True
+    de_mask[rows, np.concatenate([o[:n] for o, n in zip(order, n_de, strict=True)])] = True
     de_scale = np.where(weak, 0.3, 1.0)[:, None]
     de_shared = de_mask * rng.normal(0.0, DE_EFFECT_SD, (p, g)) * de_scale
     de_ct = de_shared[:, None, :] * (1.0 + 0.3 * rng.normal(0.0, 1.0, (p, c, g)))
@@ -285,7 +288,7 @@ def _pretrain_design(rng: np.random.Generator, bio: _Biology, s: DemoSpec) -> tu
     n_comp = math.ceil(s.n_drugs / len(DOSES_UM))
     comp_of = np.arange(s.n_drugs) // len(DOSES_UM)
     dose = np.array([DOSES_UM[i % len(DOSES_UM)] for i in range(s.n_drugs)])
-    names = [CONTROL_DRUG] + [f"DRUG{cc:02d}_{d:g}uM" for cc, d in zip(comp_of, dose)]
+    names = [CONTROL_DRUG] + [f"DRUG{cc:02d}_{d:g}uM" for cc, d in zip(comp_of, dose, strict=True)]
     # compounds act on 1-3 programs; magnitude = max effect x Hill(dose, EC50); cell lines differ in
     # sensitivity (a scalar) and a little in direction
     mask = rng.random((n_comp, k)) < min(1.0, 2.0 / k)
@@ -354,7 +357,11 @@ def _simulate(
         counts_blocks.append(counts)
         x_blocks.append(x)
         state_blocks.append(state.astype(np.float32))
-    return sp.vstack(counts_blocks, format="csr"), sp.vstack(x_blocks, format="csr"), np.concatenate(state_blocks)
+    return (
+        sp.vstack(counts_blocks, format="csr"),
+        sp.vstack(x_blocks, format="csr"),
+        np.concatenate(state_blocks),
+    )
 
 
 def _to_anndata(bio: _Biology, d: _Design, pert_col: str, rng: np.random.Generator, spec: DemoSpec):
@@ -391,7 +398,7 @@ def _pert_features(rng: np.random.Generator, s: DemoSpec, truth: dict[str, Any])
     feats = weights @ proj
     feats += rng.normal(0.0, 0.3 * max(float(feats.std()), 1e-3), feats.shape)
     out = {CONTROL_PERT: torch.zeros(s.pert_feature_dim, dtype=torch.float32)}
-    for name, vec in zip(truth["screen_perts"].tolist(), feats):
+    for name, vec in zip(truth["screen_perts"].tolist(), feats, strict=True):
         out[name] = torch.tensor(vec, dtype=torch.float32)
     return dict(sorted(out.items()))
 

@@ -18,26 +18,39 @@ def _cache_dir(root) -> Path:
     return Path(paths.get("data_cache", "data_cache")).expanduser().resolve()
 
 
-def _demo(file: str, *, _root_) -> str:
-    """Path of a file of the embedded demo data, generating the data on first use."""
-    from tahoe_ft.datasets import demo_dir, ensure_demo
+def _demo_spec(root):
     from tahoe_ft.demo import DemoSpec
 
-    data = _root_.get("data") or {}
+    data = root.get("data") or {}
     raw = data.get("demo") if hasattr(data, "get") else None
-    spec_dict = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
-    spec = DemoSpec(**spec_dict)
-    cache = _cache_dir(_root_)
-    ensure_demo(cache, spec)
-    return str(demo_dir(cache, spec) / file)
+    return DemoSpec.from_dict(OmegaConf.to_container(raw, resolve=True) if raw is not None else {})
+
+
+def _demo(file: str, *, _root_) -> str:
+    """Path of a file of the embedded demo data (no side effects: Hydra may resolve mid-composition;
+    `materialize` generates the data once the config is complete)."""
+    from tahoe_ft.datasets import demo_dir
+
+    return str(demo_dir(_cache_dir(_root_), _demo_spec(_root_)) / file)
 
 
 def _data(name: str, *, _root_) -> str:
-    """Path of a prepared embedded data set file (`papalexi`, `papalexi_split`)."""
-    from tahoe_ft.datasets import ensure_papalexi
+    """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`); see `materialize`."""
+    from tahoe_ft.datasets import papalexi_outputs
 
-    paths = ensure_papalexi(_cache_dir(_root_))
-    return str(paths[name])
+    return str(papalexi_outputs(_cache_dir(_root_) / "papalexi")[name])
+
+
+def materialize(unresolved: str, cfg) -> None:
+    """Generate / prepare the embedded data sets that the final config refers to (first use only)."""
+    if "${tahoe_demo:" in unresolved:
+        from tahoe_ft.datasets import ensure_demo
+
+        ensure_demo(_cache_dir(cfg), _demo_spec(cfg))
+    if "${tahoe_data:" in unresolved:
+        from tahoe_ft.datasets import ensure_papalexi
+
+        ensure_papalexi(_cache_dir(cfg))
 
 
 def register() -> None:

@@ -1,0 +1,204 @@
+"""End-to-end training on tiny demo data: every round of the case study, parents by name, freeze, init, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest_train import column, metrics, train, train_args
+from tahoe_ft.cli import _compose
+from tahoe_ft.errors import UserError
+from tahoe_ft.runs import newest_run
+
+CHAIN = ["pretrain", "0826", "0901", "0905", "0906", "0907", "0908"]
+PARENT = {"0826": "pretrain", "0901": "0826", "0905": "pretrain", "0906": "0905", "0907": "0906", "0908": "0907"}
+
+
+def _weights(run_dir: Path, name: str = "best-val.pt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def _backbone(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if k.startswith("transformer_backbone.")}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("chain")
+    runs = {exp: train(root, exp) for exp in CHAIN}
+    return root, runs
+
+
+def test_every_round_trains(chain):
+    _, runs = chain
+    for exp, run_dir in runs.items():
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["status"] == "finished", exp
+        assert info["steps"] == 6, exp
+        assert (run_dir / "checkpoints" / "best-val.pt").is_file()
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert (run_dir / f"{exp}_config.yaml").is_file()
+        assert (run_dir / f"{exp}_metrics.csv").is_file()
+        # the latest pointer names this run
+        assert (run_dir.parent / "latest").resolve() == run_dir.resolve()
+
+
+def test_parents_resolve_by_name(chain):
+    _, runs = chain
+    for exp, parent in PARENT.items():
+        info = json.loads((runs[exp] / "run.json").read_text())
+        assert Path(info["parent"]).resolve() == (runs[parent] / "checkpoints" / "best-val.pt").resolve(), exp
+        report = json.loads((runs[exp] / "init_report.json").read_text())
+        assert report["by_module"]["transformer_backbone"]["loaded"] > 0
+
+
+def test_decoder_weight_logged_as_used(chain):
+    _, runs = chain
+    w26 = {v for _, v in column(metrics(runs["0826"]), "train/decoder_weight")}
+    w01 = {v for _, v in column(metrics(runs["0901"]), "train/decoder_weight")}
+    assert w26 == {0.5}
+    assert w01 == {1.0}
+    # the decoder loss itself is logged in SE600M rounds, and absent in gene-space rounds
+    assert column(metrics(runs["0826"]), "train/decoder_loss")
+    assert not column(metrics(runs["0906"]), "train/decoder_loss")
+
+
+@pytest.mark.parametrize("exp", ["0826", "0901", "0905", "0906"])
+def test_frozen_rounds_keep_backbone_bit_for_bit(chain, exp):
+    _, runs = chain
+    child, parent = _weights(runs[exp]), _weights(runs[PARENT[exp]])
+    assert child["step"] > 0
+    for k, v in _backbone(child["state_dict"]).items():
+        assert torch.equal(v, parent["state_dict"][k]), k
+    # ... while the heads trained: the perturbation encoder moved away from the parent's weights
+    assert not torch.equal(child["state_dict"]["pert_encoder.3.weight"], parent["state_dict"]["pert_encoder.3.weight"])
+    counts = column(metrics(runs[exp]), "trainable/transformer_backbone")
+    assert counts and all(v == 0 for _, v in counts)
+
+
+@pytest.mark.parametrize("exp", ["0907", "0908"])
+def test_unfrozen_rounds_change_backbone(chain, exp):
+    _, runs = chain
+    child, parent = _weights(runs[exp]), _weights(runs[PARENT[exp]])
+    changed = [k for k, v in _backbone(child["state_dict"]).items() if not torch.equal(v, parent["state_dict"][k])]
+    assert len(changed) > 0
+    counts = column(metrics(runs[exp]), "trainable/transformer_backbone")
+    assert counts and all(v > 0 for _, v in counts)
+
+
+def test_encoder_switch_keeps_backbone_and_reports_reinit(chain):
+    _, runs = chain
+    report = json.loads((runs["0905"] / "init_report.json").read_text())
+    skipped = {s["name"]: s for s in report["skipped_shape"]}
+    # pretrain read X_state (16-d), 0905 reads 60 genes: new input module and head
+    assert skipped["basal_encoder.0.weight"]["checkpoint_shape"] == [32, 16]
+    assert skipped["basal_encoder.0.weight"]["model_shape"] == [32, 60]
+    assert {"basal_encoder", "project_out", "final_down_then_up"} <= set(report["reinitialised_modules"])
+    assert "transformer_backbone" not in report["reinitialised_modules"]
+    assert any(k.startswith("gene_decoder.") for k in report["unexpected"])
+    bb = report["by_module"]["transformer_backbone"]
+    assert set(bb) == {"loaded"}
+    child, parent = _weights(runs["0905"]), _weights(runs["pretrain"])
+    for k, v in _backbone(child["state_dict"]).items():
+        assert torch.equal(v, parent["state_dict"][k])
+
+
+def test_first_lr_after_init_is_fresh_warmup_start(chain):
+    _, runs = chain
+    for exp in ("0826", "0907"):
+        cfg = json.loads((runs[exp] / "run.json").read_text())
+        lr_rows = column(metrics(runs[exp]), "lr")
+        step, first = lr_rows[0]
+        conf = (runs[exp] / f"{exp}_config.yaml").read_text()
+        import yaml
+
+        c = yaml.safe_load(conf)
+        assert step == 0, cfg
+        assert first == pytest.approx(c["optim"]["lr"] * c["sched"]["warmup_start_factor"], rel=1e-6)
+
+
+def test_best_val_is_min_of_metrics_csv(chain):
+    _, runs = chain
+    for exp, run_dir in runs.items():
+        vals = column(metrics(run_dir), "val_loss")
+        assert len(vals) >= 2
+        best_step, best = min(vals, key=lambda sv: sv[1])
+        ck = torch.load(run_dir / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
+        assert ck["step"] == best_step, exp
+        assert ck["val_loss"] == pytest.approx(best, rel=1e-6)
+        assert ck["manifest"]["gene_names"] and ck["hparams"]["cell_set_len"] == 8
+
+
+class _Crash(L.Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+class _Probe(L.Callback):
+    def __init__(self):
+        self.start_step = None
+        self.adam_steps = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+        opt = trainer.optimizers[0]
+        self.adam_steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
+
+
+def test_resume_is_explicit_and_continues(chain):
+    from tahoe_ft.train import train as train_fn
+
+    root, _ = chain
+    crash_root = root / "crash"
+    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_fn(cfg, callbacks=[_Crash(at=4)])
+    run_dir = newest_run(crash_root / "runs", "0905")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+    before = (run_dir / "checkpoints" / "best-val.pt").read_bytes()
+
+    # resume=true: same run dir, from step 3, with the saved Adam state
+    probe = _Probe()
+    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt",
+                                       "resume=true"))
+    out = train_fn(cfg, callbacks=[probe])
+    assert out == run_dir
+    assert probe.start_step == 3
+    assert probe.adam_steps == {3.0}
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["steps"] == 6
+    steps = [s for s, _ in column(metrics(run_dir), "train/loss")]
+    assert max(steps) >= 5 and min(steps) <= 2  # one CSV, extended, not truncated
+
+    # a changed lr on resume is refused, and nothing is written
+    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt",
+                                       "resume=true", "optim.lr=1e-2"))
+    with pytest.raises(UserError, match="optim.lr"):
+        train_fn(cfg)
+
+    # without resume: a new run directory; the old one is untouched
+    new = train(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt")
+    assert new != run_dir
+    assert (run_dir / "checkpoints" / "best-val.pt").read_bytes() != b"" and before
+
+
+def test_freeze_until_step_unfreezes_with_warmup(tmp_path, chain):
+    root, runs = chain
+    run_dir = train(tmp_path, "0907", f"init_from={runs['0906']}/checkpoints/best-val.pt",
+                    "freeze.modules=[transformer_backbone]", "freeze.until_step=3", steps=6)
+    counts = column(metrics(run_dir), "trainable/transformer_backbone")
+    assert counts[0] == (0, 0.0)
+    assert any(step == 3 and v > 0 for step, v in counts)
+    lr_frozen = column(metrics(run_dir), "lr/unfrozen_later")
+    assert all(v == 0.0 for s, v in lr_frozen if s < 3)
+    assert any(v > 0.0 for s, v in lr_frozen if s > 3)
