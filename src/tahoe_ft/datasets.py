@@ -221,6 +221,14 @@ def prepare_papalexi(src: Path, out_dir: Path, compression_level: int = 9) -> di
     return outs
 
 
+def papalexi_outputs(cache_dir: Path) -> dict[str, Path]:
+    """Where `ensure_papalexi(cache_dir)` puts (or finds) the Papalexi files; no side effects."""
+    outs = _papalexi_outputs(Path(cache_dir) / "papalexi")
+    if (PACKAGE_DATA / PAPALEXI_FILE).is_file():
+        outs["papalexi"] = PACKAGE_DATA / PAPALEXI_FILE
+    return outs
+
+
 def ensure_papalexi(cache_dir: Path | None = None) -> dict[str, Path]:
     """The Papalexi data, split TOML and gene list: the packaged copy if shipped, else prepared into the cache."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -38,7 +38,7 @@ def _data(name: str, *, _root_) -> str:
     """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`); see `materialize`."""
     from tahoe_ft.datasets import papalexi_outputs
 
-    return str(papalexi_outputs(_cache_dir(_root_) / "papalexi")[name])
+    return str(papalexi_outputs(_cache_dir(_root_))[name])
 
 
 def materialize(unresolved: str, cfg) -> None:
