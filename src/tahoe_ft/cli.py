@@ -24,8 +24,8 @@ from tahoe_ft.errors import UserError
 COMMANDS = {
     "train": "tahoe_ft.train:train",
     "predict": "tahoe_ft.predict:predict",
-    "eval": "tahoe_ft.evaluate:run_eval",
-    "compare": "tahoe_ft.compare:run_compare",
+    "eval": "tahoe_ft.commands:run_eval",
+    "compare": "tahoe_ft.commands:run_compare",
     "reproduce": "tahoe_ft.reproduce:reproduce",
 }
 SCHEMAS = {

@@ -250,7 +250,8 @@ class PredictConfig:
     ckpt: str = "best-val.pt"
     # default: the newest training run (of `experiment`, if set) under runs_dir
     run_dir: Optional[str] = None
-    experiment: Optional[str] = None
+    # the newest run of this experiment (`exp=0906`; `experiment` is the name of the config group)
+    exp: Optional[str] = None
     runs_dir: str = "runs"
     # which held-out perturbations to predict: "test" or "val"
     split: str = "test"
@@ -269,7 +270,7 @@ class EvalConfig:
     pred: Optional[str] = None
     real: Optional[str] = None
     run_dir: Optional[str] = None
-    experiment: Optional[str] = None
+    exp: Optional[str] = None
     runs_dir: str = "runs"
     # cell-eval profile: "vcc" (mae, discrimination_score_l1, overlap_at_N) or "full"
     profile: str = "vcc"

@@ -40,7 +40,6 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import polars as pl
 import scipy.sparse as sp
 
@@ -96,6 +95,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,6 +108,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -274,11 +275,6 @@ def _sanitize(
         log.warning("%s (%s): clipping %d negative values (min %.3g) to 0", name, where, s["neg"], s["min"])
         vals = a.X.data if sp.issparse(a.X) else a.X
         np.clip(vals, 0.0, None, out=vals)
-    if s["max"] >= _LOG1P_MAX:
-        raise UserError(
-            f"{name} ({where}) has values up to {s['max']:.4g} in X, above the log1p range [0, {_LOG1P_MAX:g}); "
-            "normalise to a fixed total and apply log1p (scanpy: normalize_total(target_sum=1e4) then log1p)"
-        )
     if not s["frac"]:
         raise UserError(
             f"{name} ({where}) has integer-valued X (raw counts?), but evaluation expects log1p values; "
@@ -286,6 +282,11 @@ def _sanitize(
             "(normalize_total(target_sum=1e4) then log1p) before evaluating"
         )
 
+    if s["max"] >= _LOG1P_MAX:
+        raise UserError(
+            f"{name} ({where}) has values up to {s['max']:.4g} in X, above the log1p range [0, {_LOG1P_MAX:g}); "
+            "normalise to a fixed total and apply log1p (scanpy: normalize_total(target_sum=1e4) then log1p)"
+        )
     for col in [pert_col] + ([celltype_col] if celltype_col else []):
         a.obs[col] = a.obs[col].astype(str).astype("category").cat.remove_unused_categories()
     a.var_names = a.var_names.astype(str)
@@ -336,7 +337,9 @@ def _check_pair(
             "predict exactly the perturbations of the real file"
         )
     if len(rp) < 2:
-        raise UserError(f"real ({real_where}){what} has no perturbation besides the control; nothing to evaluate")
+        raise UserError(
+            f"real ({real_where}){what} has no perturbation besides the control; nothing to evaluate"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,14 +411,26 @@ def _score_one(
         _, agg = ev.compute(profile=profile, break_on_error=True)
         return agg
 
+    # an earlier evaluation into this outdir may have left a hard link to a cache entry here: cell-eval
+    # would write its new table *through* it (open + truncate), corrupting the cache. Unlink it first.
+    (outdir / fname("real_de.csv")).unlink(missing_ok=True)
     agg_user = run(pred, outdir, de_real, "pred")
     if not skip_de:
         if de_real is None:  # computed just now: keep it for the baseline and for later evaluations
             _atomic_copy(outdir / fname("real_de.csv"), de_cached)
+            de_cached.chmod(0o444)  # read-only: the outdir copies are hard links to it
             _atomic_write_text(
                 de_cached.with_suffix(".json"),
-                json.dumps({"real": real_sha, "celltype": celltype, "pert_col": pert_col,
-                            "control_pert": control_pert, "versions": vers}, indent=1),
+                json.dumps(
+                    {
+                        "real": real_sha,
+                        "celltype": celltype,
+                        "pert_col": pert_col,
+                        "control_pert": control_pert,
+                        "versions": vers,
+                    },
+                    indent=1,
+                ),
             )
         else:
             _link_or_copy(de_cached, outdir / fname("real_de.csv"))
@@ -431,7 +446,11 @@ def _score_one(
             base_source = f"cache:{base_cached}"
         else:
             counts = (
-                real.obs[pert_col].astype(str).value_counts().rename_axis(pert_col).reset_index(name="n_cells")
+                real.obs[pert_col]
+                .astype(str)
+                .value_counts()
+                .rename_axis(pert_col)
+                .reset_index(name="n_cells")
             )
             counts = counts[counts[pert_col] != control_pert]
             log.info("building the cell-mean baseline from %d training cells", train.n_obs)
@@ -441,8 +460,15 @@ def _score_one(
                 pert_col=pert_col,
                 control_pert=control_pert,
             )
-            base = _sanitize(base, "baseline", "built from train", owned=True, pert_col=pert_col,
-                             celltype_col=None, clip_negative=False)
+            base = _sanitize(
+                base,
+                "baseline",
+                "built from train",
+                owned=True,
+                pert_col=pert_col,
+                celltype_col=None,
+                clip_negative=False,
+            )
             _check_pair(base, real, "baseline", "real", pert_col=pert_col, control_pert=control_pert)
             agg_base = run(base, base_out, None if skip_de else str(de_cached), "baseline")
             del base
@@ -458,7 +484,9 @@ def _score_one(
             )
         base_cached = found[-1]
         if len(found) > 1:
-            log.warning("%d cached baselines for this real file; using the newest, %s", len(found), base_cached)
+            log.warning(
+                "%d cached baselines for this real file; using the newest, %s", len(found), base_cached
+            )
         agg_base = pl.read_csv(base_cached)
         base_source = f"cache:{base_cached}"
     if base_source != "computed":  # keep the table next to the score for the record
@@ -509,28 +537,50 @@ def evaluate(
     from cell_eval import KNOWN_PROFILES
 
     if profile not in KNOWN_PROFILES:
-        raise UserError(f"unknown cell-eval profile {profile!r}; use one of {KNOWN_PROFILES} (vcc gives the score)")
+        raise UserError(
+            f"unknown cell-eval profile {profile!r}; use one of {KNOWN_PROFILES} (vcc gives the score)"
+        )
     outdir = Path(outdir)
     cache = Path(de_cache_dir) if de_cache_dir is not None else outdir.parent / ".de_cache"
     vers = versions()
     cols = [pert_col] + ([celltype_col] if celltype_col else [])
 
     real_a, real_where, real_sha, owned = _load(real, "real")
-    real_a = _sanitize(real_a, "real", real_where, owned=owned, pert_col=pert_col,
-                       celltype_col=celltype_col, clip_negative=False)
+    real_a = _sanitize(
+        real_a,
+        "real",
+        real_where,
+        owned=owned,
+        pert_col=pert_col,
+        celltype_col=celltype_col,
+        clip_negative=False,
+    )
     if real_sha is None:
         real_sha = _sha256_content(real_a, cols)
     pred_a, pred_where, _, owned = _load(pred, "pred")
-    pred_a = _sanitize(pred_a, "pred", pred_where, owned=owned, pert_col=pert_col,
-                       celltype_col=celltype_col, clip_negative=True)
+    pred_a = _sanitize(
+        pred_a,
+        "pred",
+        pred_where,
+        owned=owned,
+        pert_col=pert_col,
+        celltype_col=celltype_col,
+        clip_negative=True,
+    )
     _check_pair(pred_a, real_a, pred_where, real_where, pert_col=pert_col, control_pert=control_pert)
 
     train_a, train_sha = None, None
     if train is not None:
         train_a, train_where, train_sha, owned = _load(train, "train")
-        train_a = _sanitize(train_a, "train", train_where, owned=owned, pert_col=pert_col,
-                            celltype_col=celltype_col if celltype_col in train_a.obs else None,
-                            clip_negative=False)
+        train_a = _sanitize(
+            train_a,
+            "train",
+            train_where,
+            owned=owned,
+            pert_col=pert_col,
+            celltype_col=celltype_col if celltype_col in train_a.obs else None,
+            clip_negative=False,
+        )
         if not np.array_equal(train_a.var_names.to_numpy(), real_a.var_names.to_numpy()):
             raise UserError(
                 f"gene names of train ({train_where}) do not match real ({real_where}); "
@@ -544,12 +594,13 @@ def evaluate(
         if train_sha is None:
             train_sha = _sha256_content(train_a, [pert_col])
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    common = dict(pert_col=pert_col, control_pert=control_pert, profile=profile,
-                  num_threads=num_threads, vers=vers)
+    common = dict(
+        pert_col=pert_col, control_pert=control_pert, profile=profile, num_threads=num_threads, vers=vers
+    )
     if celltype_col is None:
-        res = _score_one(pred_a, real_a, train_a, train_sha, real_sha, outdir, cache,
-                         prefix=None, celltype=None, **common)
+        res = _score_one(
+            pred_a, real_a, train_a, train_sha, real_sha, outdir, cache, prefix=None, celltype=None, **common
+        )
         per_ct = None
     else:
         cts_r = set(real_a.obs[celltype_col])
@@ -561,6 +612,7 @@ def evaluate(
             )
         per_ct = {}
         for ct in sorted(cts_r):
+
             def part(a: ad.AnnData, col: str | None = celltype_col, ct: str = ct) -> ad.AnnData:
                 sub = a[(a.obs[col] == ct).to_numpy()].copy()
                 for c in cols:
@@ -569,8 +621,15 @@ def evaluate(
                 return sub
 
             p_ct, r_ct = part(pred_a), part(real_a)
-            _check_pair(p_ct, r_ct, pred_where, real_where, pert_col=pert_col, control_pert=control_pert,
-                        what=f" for cell type {ct!r}")
+            _check_pair(
+                p_ct,
+                r_ct,
+                pred_where,
+                real_where,
+                pert_col=pert_col,
+                control_pert=control_pert,
+                what=f" for cell type {ct!r}",
+            )
             t_ct = None
             if train_a is not None:
                 if celltype_col in train_a.obs:
@@ -581,11 +640,15 @@ def evaluate(
                             "needs training controls of every evaluated cell type"
                         )
                 else:
-                    log.warning("train has no %r column: the baseline for %r uses all training cells",
-                                celltype_col, ct)
+                    log.warning(
+                        "train has no %r column: the baseline for %r uses all training cells",
+                        celltype_col,
+                        ct,
+                    )
                     t_ct = train_a
-            per_ct[ct] = _score_one(p_ct, r_ct, t_ct, train_sha, real_sha, outdir, cache,
-                                    prefix=ct, celltype=ct, **common)
+            per_ct[ct] = _score_one(
+                p_ct, r_ct, t_ct, train_sha, real_sha, outdir, cache, prefix=ct, celltype=ct, **common
+            )
             del p_ct, r_ct, t_ct
         res = _combine(per_ct)
         res["n_perts"] = len(set(real_a.obs[pert_col]) - {control_pert})
@@ -622,8 +685,13 @@ def evaluate(
             for ct, r in per_ct.items()
         }
     _atomic_write_text(outdir / "score.json", json.dumps(score, indent=2) + "\n")
-    log.info("avg_score %.4f (leaderboard %.2f) over %d perturbations -> %s",
-             avg, 100 * avg, score["n_perts"], outdir / "score.json")
+    log.info(
+        "avg_score %.4f (leaderboard %.2f) over %d perturbations -> %s",
+        avg,
+        100 * avg,
+        score["n_perts"],
+        outdir / "score.json",
+    )
     return score
 
 
@@ -670,11 +738,14 @@ def prep_submission(
 
     gene_list_csv = Path(gene_list_csv)
     if not gene_list_csv.is_file():
-        raise UserError(f"gene list not found: {gene_list_csv}; pass a CSV with one gene name per line, no header")
+        raise UserError(
+            f"gene list not found: {gene_list_csv}; pass a CSV with one gene name per line, no header"
+        )
     genes = pl.read_csv(gene_list_csv, has_header=False).to_series(0).cast(str).to_list()
     a, where, _, _ = _load(pred_path, "pred")
-    a = _sanitize(a, "pred", where, owned=True, pert_col=pert_col, celltype_col=celltype_col,
-                  clip_negative=True)
+    a = _sanitize(
+        a, "pred", where, owned=True, pert_col=pert_col, celltype_col=celltype_col, clip_negative=True
+    )
     if control_pert not in set(a.obs[pert_col]):
         raise UserError(
             f"control {control_pert!r} not found in {pert_col!r} of pred ({where}); "
@@ -703,7 +774,9 @@ def prep_submission(
         except tarfile.TarError as e:
             raise UserError(f"cell-eval prep wrote no valid tar ({e}); check that zstd and tar work") from e
         if "pred.h5ad.zst" not in names:
-            raise UserError(f"cell-eval prep wrote a tar without pred.h5ad.zst ({names}); check that zstd works")
+            raise UserError(
+                f"cell-eval prep wrote a tar without pred.h5ad.zst ({names}); check that zstd works"
+            )
         os.replace(tmp, out_path)
     except ValueError as e:
         raise UserError(f"cell-eval prep rejected {where}: {_one_line(e)}") from e
@@ -711,7 +784,3 @@ def prep_submission(
         Path(tmp).unlink(missing_ok=True)
     log.info("submission written to %s", out_path)
     return out_path
-
-
-def _frame_or_none(x: pd.DataFrame | None) -> pd.DataFrame | None:  # pragma: no cover - kept for typing
-    return x

@@ -59,9 +59,9 @@ def reproduce(cfg: DictConfig, args: list[str] | None = None) -> dict:
             run("train", [f"+experiment={exp}", f"step_scale={cfg.step_scale}", *common, *fwd,
                           *list(cfg.train_overrides)])
         elif cmd == "predict":
-            run("predict", [f"experiment={exp}", *common, *[a for a in fwd if a.startswith("paths")]])
+            run("predict", [f"exp={exp}", *common, *[a for a in fwd if a.startswith("paths")]])
         elif cmd == "eval":
-            run("eval", [f"experiment={exp}", f"profile={cfg.profile}", f"num_threads={cfg.num_threads}",
+            run("eval", [f"exp={exp}", f"profile={cfg.profile}", f"num_threads={cfg.num_threads}",
                          *common, *[a for a in fwd if a.startswith("paths")]])
         else:
             run("compare", [f"runs_dir={cfg.runs_dir}"])

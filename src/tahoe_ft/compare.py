@@ -1,0 +1,318 @@
+"""`tahoe-ft compare`: every evaluated run in one table sorted by score, plus loss-curve and metric plots.
+
+Reads the run directory contract: ``runs_dir/<experiment>/<run_id>/`` with ``run.json``,
+``<experiment>_metrics.csv`` (wide, one row per logging event) and, once evaluated, ``eval/score.json``.
+Writes ``compare.csv`` and ``compare.png`` in ``out_dir`` (default: ``runs_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tahoe_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["collect", "compare", "METRICS"]
+
+#: cell-eval's VCC metrics, in the order the table and the bars show them
+METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
+_SHORT = {"mae": "MAE", "discrimination_score_l1": "PDS", "overlap_at_N": "DES", "avg_score": "avg score"}
+_LOSSES = [("train/main_loss", "train main"), ("val_loss", "val"), ("train/decoder_loss", "train decoder")]
+
+
+def _num(x: Any) -> float:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("skipping unreadable %s (%s)", path, e)
+        return None
+    if not isinstance(data, dict):
+        log.warning("skipping %s: not a JSON object", path)
+        return None
+    return data
+
+
+def _metrics_csv(run_dir: Path, experiment: str) -> Path | None:
+    path = run_dir / f"{experiment}_metrics.csv"
+    if path.is_file():
+        return path
+    found = sorted(run_dir.glob("*_metrics.csv"))
+    return found[0] if found else None
+
+
+def _read_metrics(path: Path | None) -> pd.DataFrame | None:
+    if path is None:
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as e:  # pandas' EmptyDataError / ParserError are ValueErrors
+        log.warning("could not read %s (%s)", path, e)
+        return None
+
+
+def _last_value(df: pd.DataFrame | None, col: str) -> float:
+    if df is None or col not in df.columns:
+        return math.nan
+    vals = pd.to_numeric(df[col], errors="coerce").dropna()
+    return float(vals.iloc[-1]) if len(vals) else math.nan
+
+
+def _run_dirs(runs_dir: Path) -> list[Path]:
+    """``<experiment>/<run>/`` directories; skips `latest` pointers and hidden folders (.de_cache, .multirun)."""
+    out = []
+    for exp in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for run in sorted(exp.iterdir()):
+            if run.name == "latest" or run.is_symlink() or run.name.startswith(".") or not run.is_dir():
+                continue
+            if (
+                (run / "run.json").is_file()
+                or (run / "eval" / "score.json").is_file()
+                or any(run.glob("*_metrics.csv"))
+            ):
+                out.append(run)
+    return out
+
+
+def _check_runs_dir(runs_dir: Path) -> None:
+    if not runs_dir.is_dir():
+        raise UserError(
+            f"runs directory {runs_dir} does not exist; train a round (tahoe-ft train +experiment=NAME), "
+            "then run tahoe-ft eval first"
+        )
+
+
+def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per evaluated run (runs without ``eval/score.json`` are logged, not listed), best first.
+
+    Columns: experiment, run, avg_score, leaderboard_score, the metrics (mae, discrimination_score_l1,
+    overlap_at_N, plus any other metric a run's profile gave), ``norm_<metric>``, ``base_<metric>``,
+    best_val_loss, best_step, final_decoder_loss (last non-empty ``train/decoder_loss``), steps,
+    wall_time_s. Sorted by avg_score descending. Empty (with these columns) when nothing is evaluated.
+    """
+    runs_dir = Path(runs_dir)
+    _check_runs_dir(runs_dir)
+    rows: list[dict[str, Any]] = []
+    pending: list[str] = []
+    extra: list[str] = []
+    for run_dir in _run_dirs(runs_dir):
+        info = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else None
+        info = info or {}
+        experiment = str(info.get("experiment") or run_dir.parent.name)
+        run_id = str(info.get("run_id") or run_dir.name)
+        score_path = run_dir / "eval" / "score.json"
+        score = _read_json(score_path) if score_path.is_file() else None
+        if score is None:
+            pending.append(f"{experiment}/{run_id} ({info.get('status', 'unknown')})")
+            continue
+        metrics = score.get("metrics") or {}
+        for m in metrics:
+            if m not in METRICS and m not in extra:
+                extra.append(m)
+        avg = _num(score.get("avg_score"))
+        row: dict[str, Any] = {
+            "experiment": experiment,
+            "run": run_id,
+            "avg_score": avg,
+            "leaderboard_score": _num(score.get("leaderboard_score", 100 * avg)),
+        }
+        for prefix, block in (("", "metrics"), ("norm_", "normalized"), ("base_", "baseline")):
+            for m, v in (score.get(block) or {}).items():
+                row[prefix + m] = _num(v)
+        metrics_df = _read_metrics(_metrics_csv(run_dir, experiment))
+        row.update(
+            best_val_loss=_num(info.get("best_val_loss")),
+            best_step=_num(info.get("best_step")),
+            final_decoder_loss=_last_value(metrics_df, "train/decoder_loss"),
+            steps=_num(info.get("steps")),
+            wall_time_s=_num(info.get("wall_time_s")),
+        )
+        row["_dir"] = str(run_dir)
+        rows.append(row)
+    if pending:
+        log.info(
+            "%d run(s) not evaluated yet (no eval/score.json), left out: %s", len(pending), ", ".join(pending)
+        )
+
+    names = METRICS + extra
+    columns = (
+        ["experiment", "run", "avg_score", "leaderboard_score"]
+        + names
+        + [f"norm_{m}" for m in names]
+        + [f"base_{m}" for m in names]
+        + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
+    )
+    df = pd.DataFrame(rows, columns=columns + ["_dir"])
+    df = df.sort_values(["avg_score", "experiment", "run"], ascending=[False, True, True], na_position="last")
+    df = df.reset_index(drop=True)
+    df.attrs["run_dirs"] = df.pop("_dir").tolist()
+    for c in ("best_step", "steps"):
+        if df[c].notna().all():
+            df[c] = df[c].astype("int64")
+    return df
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float | np.floating):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"tahoe-ft runs in {runs_dir} (best first)")
+    cols = {
+        "experiment": "exp",
+        "run": "run",
+        "avg_score": "avg",
+        "leaderboard_score": "x100",
+        "mae": "MAE",
+        "discrimination_score_l1": "PDS",
+        "overlap_at_N": "DES",
+        "best_val_loss": "best val",
+        "best_step": "@step",
+        "final_decoder_loss": "dec loss",
+        "steps": "steps",
+        "wall_time_s": "wall s",
+    }
+    for c, title in cols.items():
+        table.add_column(
+            title,
+            justify="left" if c in ("experiment", "run") else "right",
+            no_wrap=c in ("experiment", "avg_score", "leaderboard_score"),
+        )
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if c == "leaderboard_score":
+                cells.append("-" if math.isnan(v) else f"{v:.1f}")
+            elif c in ("best_step", "steps", "wall_time_s"):
+                cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
+            else:
+                cells.append(_fmt(v, 3))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _label(df: pd.DataFrame, i: int) -> str:
+    exp = df.loc[i, "experiment"]
+    return exp if (df["experiment"] == exp).sum() == 1 else f"{exp}/{df.loc[i, 'run']}"
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(df) + 1
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    flat = axes.ravel()
+    for i, run_dir in enumerate(df.attrs["run_dirs"]):
+        ax = flat[i]
+        m = _read_metrics(_metrics_csv(Path(run_dir), df.loc[i, "experiment"]))
+        ax.set_title(f"{_label(df, i)}  (avg {df.loc[i, 'avg_score']:.3f})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if m is None or "step" not in m.columns:
+            ax.text(0.5, 0.5, "no metrics CSV", ha="center", va="center", transform=ax.transAxes)
+            continue
+        step = pd.to_numeric(m["step"], errors="coerce")
+        handles = []
+        top = ax
+        losses = list(_LOSSES)
+        if "train/main_loss" not in m.columns:
+            losses[0] = ("train/loss", "train")
+        for col, name in losses:
+            if col in m.columns:
+                y = pd.to_numeric(m[col], errors="coerce")
+                ok = y.notna() & step.notna()
+                if ok.any():
+                    (h,) = ax.plot(
+                        step[ok], y[ok], marker="o" if ok.sum() < 20 else None, ms=3, lw=1.2, label=name
+                    )
+                    handles.append(h)
+        if "lr" in m.columns:
+            lr = pd.to_numeric(m["lr"], errors="coerce")
+            ok = lr.notna() & step.notna()
+            if ok.any():
+                ax2 = ax.twinx()
+                (h,) = ax2.plot(step[ok], lr[ok], color="0.55", ls="--", lw=1, label="lr")
+                ax2.set_ylabel("lr", color="0.4")
+                ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+                handles.append(h)
+                top = ax2
+        if handles:  # on the topmost axis, so the LR line does not hide it
+            top.legend(handles=handles, fontsize=7, loc="upper right")
+    ax = flat[len(df)]
+    bars = METRICS + ["avg_score"]
+    x = np.arange(len(bars))
+    width = 0.8 / max(1, len(df))
+    for i in range(len(df)):
+        vals = [df.loc[i, b] for b in bars]
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=_label(df, i))
+    ax.set_xticks(x, [_SHORT[b] for b in bars])
+    ax.set_title("metrics per round (MAE: lower is better)", fontsize=9)
+    ax.legend(fontsize=7)
+    for ax in flat[len(df) + 1 :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Print all evaluated runs as a rich table (best first); write ``compare.csv`` and ``compare.png``."""
+    runs_dir = Path(runs_dir)
+    _check_runs_dir(runs_dir)
+    df = collect(runs_dir)
+    if df.empty:
+        raise UserError(
+            f"no evaluated runs under {runs_dir} (no <experiment>/<run>/eval/score.json); run tahoe-ft eval first"
+        )
+    out_dir = Path(out_dir) if out_dir is not None else runs_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _print_table(df, runs_dir)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".compare.csv.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, out_dir / "compare.csv")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _plot(df, out_dir / "compare.png")
+    log.info("wrote %s and %s", out_dir / "compare.csv", out_dir / "compare.png")
+    return df

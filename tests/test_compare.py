@@ -1,0 +1,152 @@
+"""compare.py on fake run directories written exactly as the run-directory contract says."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tahoe_ft.compare import collect, compare
+from tahoe_ft.errors import UserError
+
+METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
+COLUMNS = (
+    ["experiment", "run", "avg_score", "leaderboard_score"]
+    + METRICS
+    + [f"norm_{m}" for m in METRICS]
+    + [f"base_{m}" for m in METRICS]
+    + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(runs, experiment, run_id, *, avg=None, decoder=True, last_decoder_blank=False, status="finished"):
+    d = runs / experiment / run_id
+    d.mkdir(parents=True)
+    steps = 40
+    (d / "run.json").write_text(
+        json.dumps(
+            {
+                "experiment": experiment,
+                "run_id": run_id,
+                "status": status,
+                "started": "2026-07-01T10:00:00",
+                "finished": "2026-07-01T10:05:00",
+                "wall_time_s": 300.5,
+                "steps": steps,
+                "best_val_loss": 0.42,
+                "best_step": 30,
+                "parent": None,
+                "description": f"round {experiment}",
+            }
+        )
+    )
+    rows = []
+    for s in range(0, steps + 1, 5):  # train rows every 5 steps, a val row every 10 (blank cells elsewhere)
+        row = {
+            "step": s,
+            "train/loss": 2.0 / (1 + s),
+            "train/main_loss": 1.5 / (1 + s),
+            "train/decoder_weight": 1.0,
+            "lr": 3e-4 * min(1, (s + 1) / 10),
+            "cells_per_s": 900.0,
+            "trainable/model": 1000,
+        }
+        if decoder:
+            row["train/decoder_loss"] = 0.5 / (1 + s)
+        rows.append(row)
+        if s % 10 == 0:
+            rows.append({"step": s, "val_loss": 1.8 / (1 + s), "val/decoder_loss": 0.6 / (1 + s)})
+    df = pd.DataFrame(rows)
+    if last_decoder_blank and decoder:
+        df.loc[df.index[-2], "train/decoder_loss"] = np.nan  # the last train row has no decoder loss
+    df.to_csv(d / f"{experiment}_metrics.csv", index=False)
+    if avg is not None:
+        (d / "eval").mkdir()
+        score = {
+            "avg_score": avg,
+            "leaderboard_score": 100 * avg,
+            "metrics": {"mae": 0.2 - avg / 10, "discrimination_score_l1": 0.5 + avg / 2, "overlap_at_N": avg},
+            "baseline": {"mae": 0.22, "discrimination_score_l1": 0.7, "overlap_at_N": 0.03},
+            "normalized": {"mae": avg / 2, "discrimination_score_l1": avg, "overlap_at_N": avg * 1.5},
+            "profile": "vcc",
+            "n_perts": 6,
+            "versions": {"cell-eval": "0.8.2", "pdex": "0.3.0", "tahoe-ft": "0.1.0"},
+        }
+        (d / "eval" / "score.json").write_text(json.dumps(score))
+    latest = runs / experiment / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_id)
+    return d, df
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = tmp_path / "runs"
+    _run(r, "0826", "2026-07-01_10-00-00", avg=0.31)
+    _, df_b = _run(r, "0901", "2026-07-02_10-00-00", avg=0.55, last_decoder_blank=True)
+    _run(r, "0905", "2026-07-03_10-00-00", avg=0.12, decoder=False)
+    _run(r, "0906", "2026-07-04_10-00-00", avg=None, status="running")  # not evaluated yet
+    (r / ".de_cache").mkdir()  # hidden folders are not runs
+    return r, df_b
+
+
+def test_collect_table(runs, caplog):
+    r, df_b = runs
+    with caplog.at_level("INFO", logger="tahoe_ft.compare"):
+        df = collect(r)
+    assert list(df.columns) == COLUMNS
+    assert list(df["experiment"]) == ["0901", "0826", "0905"]  # sorted by avg_score, unevaluated left out
+    assert df["avg_score"].is_monotonic_decreasing
+    assert "0906/2026-07-04_10-00-00" in caplog.text
+    top = df.iloc[0]
+    assert top["run"] == "2026-07-02_10-00-00"
+    assert top["leaderboard_score"] == pytest.approx(55.0)
+    assert top["mae"] == pytest.approx(0.2 - 0.055) and top["base_overlap_at_N"] == pytest.approx(0.03)
+    assert top["norm_overlap_at_N"] == pytest.approx(0.825)
+    assert top["best_val_loss"] == 0.42 and top["best_step"] == 30 and top["steps"] == 40
+    assert top["wall_time_s"] == 300.5
+    # last non-empty train/decoder_loss: the final train row is blank, so the one before it
+    expected = df_b["train/decoder_loss"].dropna().iloc[-1]
+    assert expected == pytest.approx(0.5 / 36)
+    assert top["final_decoder_loss"] == pytest.approx(expected)
+    assert math.isnan(df.set_index("experiment").loc["0905", "final_decoder_loss"])  # no decoder at all
+
+
+def test_compare_writes_csv_and_png(runs, tmp_path, capsys):
+    r, _ = runs
+    out = tmp_path / "report"
+    df = compare(r, out)
+    printed = capsys.readouterr().out
+    assert "0901" in printed and "0826" in printed and "0906" not in printed
+    csv = pd.read_csv(out / "compare.csv", dtype={"run": str, "experiment": str})
+    assert list(csv.columns) == COLUMNS
+    assert len(csv) == 3 and list(csv["experiment"]) == list(df["experiment"])
+    assert csv["avg_score"].is_monotonic_decreasing
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 20_000
+    from matplotlib.image import imread
+
+    img = imread(out / "compare.png")
+    assert img.shape[0] > 300 and img.shape[1] > 600
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_compare_defaults_to_runs_dir(runs):
+    r, _ = runs
+    compare(r)
+    assert (r / "compare.csv").is_file() and (r / "compare.png").is_file()
+
+
+def test_missing_or_unevaluated_runs_dir(tmp_path):
+    with pytest.raises(UserError, match="tahoe-ft eval first"):
+        compare(tmp_path / "nope")
+    r = tmp_path / "runs"
+    _run(r, "0826", "2026-07-01_10-00-00", avg=None)
+    with pytest.raises(UserError, match="no evaluated runs.*tahoe-ft eval first"):
+        compare(r)
+    assert collect(r).empty and list(collect(r).columns) == COLUMNS

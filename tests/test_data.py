@@ -1,0 +1,625 @@
+"""The h5ad reader, validation, splits, set sampler and data module (tahoe_ft.data)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from tahoe_ft import data as tdata
+from tahoe_ft.config import DataConfig
+from tahoe_ft.data import H5Screen, PerturbationDataModule, SetPlan, parse_split_toml
+from tahoe_ft.errors import UserError
+
+CTRL = "non-targeting"
+GENES = [f"g{i}" for i in range(30)]
+PERTS = [f"P{i}" for i in range(6)]
+
+
+def write_screen(
+    path: Path,
+    cell_types: tuple[str, ...],
+    *,
+    sparse: bool = True,
+    counts: bool = False,
+    n_per_pert: int = 12,
+    n_ctrl: int = 40,
+    genes: list[str] = GENES,
+    seed: int = 0,
+    obsm: bool = True,
+) -> ad.AnnData:
+    """A tiny screen: controls + PERTS per cell type, alternating batches, rows in shuffled order."""
+    rng = np.random.default_rng(seed)
+    labels = [(p, ct) for ct in cell_types for p in [CTRL] * n_ctrl + [p for p in PERTS for _ in range(n_per_pert)]]
+    obs = pd.DataFrame(labels, columns=["target_gene", "cell_type"])
+    obs["batch"] = np.where(np.arange(len(obs)) % 2, "b1", "b2")
+    obs = obs.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    lam = rng.uniform(0.5, 30.0, len(genes))  # counts up to ~50: clearly not log1p values
+    raw = rng.poisson(lam, (len(obs), len(genes))) * (rng.random((len(obs), len(genes))) < 0.5)
+    X = raw.astype(np.float32) if counts else np.log1p(raw * rng.uniform(0.5, 1.5, raw.shape)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(X) if sparse else X, obs=obs, var=pd.DataFrame(index=genes))
+    if obsm:
+        adata.obsm["X_state"] = rng.normal(size=(len(obs), 8)).astype(np.float32)
+    adata.strings_to_categoricals()
+    adata.write_h5ad(path)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("screens")
+    out = {"dir": d}
+    out["a"] = write_screen(d / "a.h5ad", ("A",), sparse=True, seed=1)
+    out["b"] = write_screen(d / "b.h5ad", ("B",), sparse=False, seed=2)
+    out["c"] = write_screen(d / "c.h5ad", ("A", "C"), sparse=True, seed=3)
+    out["counts"] = write_screen(d / "counts.h5ad", ("A",), counts=True, seed=4)
+    return out
+
+
+def dense_x(adata: ad.AnnData) -> np.ndarray:
+    return adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+
+
+def make_dm(paths, *, embed_key=None, need_counts=False, cell_set_len=5, seed=0, **cfg) -> PerturbationDataModule:
+    rank, world_size = cfg.pop("rank", None), cfg.pop("world_size", None)
+    cfg.setdefault("batch_col", "batch")
+    cfg.setdefault("batch_size", 3)
+    dm = PerturbationDataModule(
+        DataConfig(path=[str(p) for p in paths], **cfg),
+        embed_key=embed_key,
+        need_counts=need_counts,
+        cell_set_len=cell_set_len,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        debug_rows=True,
+    )
+    dm.setup()
+    return dm
+
+
+def ab(screens) -> list[Path]:
+    return [screens["dir"] / "a.h5ad", screens["dir"] / "b.h5ad"]
+
+
+def global_labels(screens, names=("a", "b")) -> pd.DataFrame:
+    return pd.concat([screens[n].obs.assign(file=i) for i, n in enumerate(names)], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batch contract
+
+
+def test_batch_contract_expression(screens):
+    dm = make_dm(ab(screens), batch_size=4, val_perts=["P1"])
+    assert dm.dims == {"input_dim": 30, "output_dim": 30, "pert_dim": 7, "gene_dim": 30, "batch_dim": 2}
+    batch = next(iter(dm.train_dataloader()))
+    B, S = 4, 5
+    assert batch["pert_emb"].shape == (B, S, 7) and batch["pert_emb"].dtype == torch.float32
+    assert batch["ctrl_cell_emb"].shape == (B, S, 30) and batch["ctrl_cell_emb"].dtype == torch.float32
+    assert batch["pert_cell_emb"].shape == (B, S, 30) and batch["pert_cell_emb"].dtype == torch.float32
+    assert batch["batch"].shape == (B, S) and batch["batch"].dtype == torch.int64
+    assert "pert_cell_counts" not in batch
+    assert isinstance(batch["pert_name"], list) and len(batch["pert_name"]) == B
+    assert isinstance(batch["cell_type"], list) and len(batch["cell_type"]) == B
+    # one-hot over sorted names, control included
+    assert dm.pert_names == sorted([CTRL, *PERTS])
+    for b in range(B):
+        onehot = batch["pert_emb"][b]
+        assert torch.equal(onehot, onehot[:1].expand(S, -1))
+        assert dm.pert_names[int(onehot[0].argmax())] == batch["pert_name"][b]
+
+
+def test_batch_contract_embedding_with_counts(screens):
+    dm = make_dm(ab(screens), embed_key="X_state", need_counts=True, batch_size=2)
+    assert dm.dims["input_dim"] == 8 and dm.dims["output_dim"] == 8 and dm.dims["gene_dim"] == 30
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["ctrl_cell_emb"].shape == (2, 5, 8) and batch["pert_cell_emb"].shape == (2, 5, 8)
+    assert batch["pert_cell_counts"].shape == (2, 5, 30) and batch["pert_cell_counts"].dtype == torch.float32
+    emb = np.concatenate([screens["a"].obsm["X_state"], screens["b"].obsm["X_state"]])
+    X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])
+    rows = batch["pert_rows"].numpy().reshape(-1)
+    np.testing.assert_array_equal(batch["pert_cell_emb"].numpy().reshape(-1, 8), emb[rows])
+    np.testing.assert_array_equal(batch["pert_cell_counts"].numpy().reshape(-1, 30), X[rows])
+    np.testing.assert_array_equal(batch["ctrl_cell_emb"].numpy().reshape(-1, 8), emb[batch["ctrl_rows"].numpy().reshape(-1)])
+    np.testing.assert_array_equal(dm.read_input(rows[:7]), emb[rows[:7]])
+
+
+def test_no_batch_col_gives_no_batch_key(screens):
+    dm = make_dm(ab(screens), batch_col=None)
+    assert dm.dims["batch_dim"] is None and dm.batches is None
+    assert "batch" not in next(iter(dm.train_dataloader()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# set contents and basal controls
+
+
+@pytest.mark.parametrize("mapping", ["random", "batch"])
+def test_sets_are_pure_and_basal_controls_match(screens, mapping):
+    names = ("a", "b", "c")
+    dm = make_dm([screens["dir"] / f"{n}.h5ad" for n in names], basal_mapping=mapping, batch_size=4)
+    labels = global_labels(screens, names)
+    pert, ct = labels["target_gene"].to_numpy(), labels["cell_type"].astype(str).to_numpy()
+    batch_lab, file_of = labels["batch"].astype(str).to_numpy(), labels["file"].to_numpy()
+    n_sets = 0
+    for batch in dm.train_dataloader():
+        for b in range(len(batch["pert_name"])):
+            p_rows, c_rows = batch["pert_rows"][b].numpy(), batch["ctrl_rows"][b].numpy()
+            assert set(pert[p_rows]) == {batch["pert_name"][b]}
+            assert set(ct[p_rows]) == {batch["cell_type"][b]}
+            assert (pert[c_rows] == CTRL).all()
+            assert set(ct[c_rows]) == {batch["cell_type"][b]}
+            assert len(set(file_of[p_rows]) | set(file_of[c_rows])) == 1  # never across files
+            assert [dm.batches[i] for i in batch["batch"][b].tolist()] == list(batch_lab[p_rows])
+            if mapping == "batch":
+                assert len(set(batch_lab[p_rows])) == 1
+                assert set(batch_lab[c_rows]) == set(batch_lab[p_rows])
+            n_sets += 1
+    assert n_sets == dm.train_plan.n_sets
+    # controls are targets too (yield_controls), labelled with the control name
+    assert CTRL in {n for batch in dm.train_dataloader() for n in batch["pert_name"]}
+
+
+def test_every_training_cell_appears_each_epoch(screens):
+    dm = make_dm(ab(screens), cell_set_len=5)
+    seen = set()
+    for batch in dm.train_dataloader():
+        seen.update(batch["pert_rows"].numpy().reshape(-1).tolist())
+    assert seen == set(range(len(global_labels(screens))))  # no val/test: all cells are train targets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values
+
+
+@pytest.mark.parametrize("name", ["a", "b"])  # a: CSR X, b: dense X
+def test_reader_values_match_anndata(screens, name):
+    X = dense_x(screens[name])
+    screen = H5Screen(screens["dir"] / f"{name}.h5ad")
+    rows = np.array([7, 3, 3, 110, 0, 111, 100, 7])  # unsorted, repeats, neighbours
+    np.testing.assert_array_equal(screen.read_rows(rows), X[rows])
+    cols = np.array([29, 0, 5, 4])
+    np.testing.assert_array_equal(screen.read_rows(rows, cols), X[rows][:, cols])
+    np.testing.assert_array_equal(screen.read_rows(np.array([], dtype=np.int64)), np.zeros((0, 30), np.float32))
+    np.testing.assert_array_equal(screen.read_obsm_rows("X_state", rows), screens[name].obsm["X_state"][rows])
+    # pickles without its handle and reopens on use
+    clone = pickle.loads(pickle.dumps(screen))
+    np.testing.assert_array_equal(clone.read_rows(rows[:3]), X[rows[:3]])
+
+
+def test_batch_values_match_anndata(screens):
+    dm = make_dm(ab(screens), batch_size=8)
+    X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])
+    files = set()
+    for batch in dm.train_dataloader():
+        for key, rows in (("pert_cell_emb", "pert_rows"), ("ctrl_cell_emb", "ctrl_rows")):
+            r = batch[rows].numpy().reshape(-1)
+            np.testing.assert_array_equal(batch[key].numpy().reshape(-1, 30), X[r])
+        files.update((batch["pert_rows"].numpy() >= len(screens["a"])).reshape(-1).tolist())
+    assert files == {False, True}  # both the CSR and the dense file were read
+
+
+def test_gene_list_reorders_columns(screens, tmp_path):
+    genes = ["g7", "g3", "g29", "g0"]
+    (tmp_path / "genes.csv").write_text("\n".join(genes) + "\n")
+    dm = make_dm(ab(screens), gene_list=str(tmp_path / "genes.csv"))
+    assert dm.gene_names == genes and dm.dims["gene_dim"] == 4 and dm.dims["input_dim"] == 4
+    X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])[:, [7, 3, 29, 0]]
+    rows = np.array([5, 200, 1, 190])
+    np.testing.assert_array_equal(dm.read_expression(rows), X[rows])
+    batch = next(iter(dm.train_dataloader()))
+    np.testing.assert_array_equal(
+        batch["pert_cell_emb"].numpy().reshape(-1, 4), X[batch["pert_rows"].numpy().reshape(-1)]
+    )
+
+
+def test_counts_are_normalised_like_scanpy(screens):
+    sc = pytest.importorskip("scanpy")
+    ref = screens["counts"].copy()
+    ref.X = ref.X.astype(np.float32)
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    dm = make_dm([screens["dir"] / "counts.h5ad"], input_transform="counts")
+    rows = np.array([3, 0, 99, 100, 3])
+    np.testing.assert_allclose(dm.read_expression(rows), dense_x(ref)[rows], rtol=1e-5, atol=1e-5)
+    batch = next(iter(dm.train_dataloader()))
+    r = batch["pert_rows"].numpy().reshape(-1)
+    np.testing.assert_allclose(batch["pert_cell_emb"].numpy().reshape(-1, 30), dense_x(ref)[r], rtol=1e-5, atol=1e-5)
+    # library sizes are over all genes even when a gene list selects a few
+    lib = dm.screens[0].library_sizes()
+    np.testing.assert_allclose(lib, dense_x(screens["counts"]).sum(1), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampler: epochs, seeds, workers, DDP
+
+
+def set_keys(loader) -> list[tuple[int, ...]]:
+    return [tuple(r) for batch in loader for r in batch["pert_rows"].numpy().tolist()]
+
+
+def test_epochs_differ_and_seed_reproduces(screens):
+    dm = make_dm(ab(screens))
+    plan = dm.train_plan
+    plan.set_epoch(0)
+    e0 = set_keys(dm.train_dataloader())
+    plan.set_epoch(1)
+    e1 = set_keys(dm.train_dataloader())
+    assert e0 != e1 and sorted(e0) != sorted(e1)  # different contents, not just a different order
+    again = make_dm(ab(screens))
+    again.train_plan.set_epoch(1)
+    assert set_keys(again.train_dataloader()) == e1
+    other_seed = make_dm(ab(screens), seed=1)
+    assert set_keys(other_seed.train_dataloader()) != e0
+    # without set_epoch, a second pass is still a new epoch (cell-load repeats the same epoch)
+    plan.set_epoch(0)
+    first, second = set_keys(dm.train_dataloader()), set_keys(dm.train_dataloader())
+    assert first == e0 and second == e1
+
+
+def test_lightning_set_epoch_reaches_the_plan(screens):
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    dm = make_dm(ab(screens))
+    loader = dm.train_dataloader()
+    _set_sampler_epoch(loader, 3)
+    assert dm.train_plan.epoch == 3
+
+
+def test_num_workers_do_not_change_batches(screens):
+    plain = make_dm(ab(screens), num_workers=0)
+    workers = make_dm(ab(screens), num_workers=2)
+    loader = workers.train_dataloader()
+    assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 2
+    b0, b2 = list(plain.train_dataloader()), list(loader)
+    assert len(b0) == len(b2) == len(loader)
+    for x, y in zip(b0, b2, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k]
+
+
+def test_ddp_ranks_get_disjoint_equal_shards(screens):
+    full = make_dm(ab(screens))
+    ranks = [make_dm(ab(screens), rank=r, world_size=2) for r in range(2)]
+    sets = [set_keys(dm.train_dataloader()) for dm in ranks]
+    assert len(ranks[0].train_dataloader()) == len(ranks[1].train_dataloader()) == len(full.train_dataloader()) // 2
+    assert len(sets[0]) > 0 and not set(sets[0]) & set(sets[1])
+    assert set(sets[0]) | set(sets[1]) <= set(set_keys(full.train_dataloader()))
+
+
+def test_validation_plan_is_fixed(screens):
+    dm = make_dm(ab(screens), val_perts=["P1", "P2"], val_sets_per_group=2)
+    first = set_keys(dm.val_dataloader())
+    dm.val_plan.set_epoch(5)
+    assert set_keys(dm.val_dataloader()) == first
+    assert len(first) == 2 * 2 * 2  # 2 perts x 2 cell types x 2 sets
+
+
+def test_small_groups_are_topped_up_with_replacement():
+    groups = tdata.Groups(
+        rows=np.arange(7, dtype=np.int64),
+        start=np.array([0, 3]),
+        size=np.array([3, 4]),
+        file=np.zeros(2, np.int64),
+        cell_type=np.zeros(2, np.int64),
+        pert=np.array([1, 2]),
+        pool=np.zeros(2, np.int64),
+    )
+    pools = tdata.Pools(rows=np.array([100, 101]), start=np.array([0]), size=np.array([2]))
+    plan = SetPlan(groups, pools, cell_set_len=5, batch_size=1, seed=0, train=True)
+    set_group, pert_rows, ctrl_rows = plan.plan(0)
+    assert pert_rows.shape == (2, 5)
+    for g, rows in zip(set_group, pert_rows, strict=True):
+        members = set(range(groups.start[g], groups.start[g] + groups.size[g]))
+        assert set(rows) == members  # every member once, the rest repeats from the group
+    assert set(ctrl_rows.reshape(-1)) <= {100, 101}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# splits
+
+
+def test_fewshot_and_zeroshot_from_config(screens):
+    names = ("a", "b", "c")
+    dm = make_dm(
+        [screens["dir"] / f"{n}.h5ad" for n in names], val_perts=["P1"], test_perts=["P2", "P3"], test_cell_types=["C"]
+    )
+    assert dm.splits["val"] == ["P1"]
+    assert set(dm.splits["test"]) == set(PERTS)  # zero-shot C contributes all perts
+    assert not {"P1", "P2", "P3"} & set(dm.splits["train"]) and CTRL not in dm.splits["train"]
+    labels = global_labels(screens, names)
+    pert, ct = labels["target_gene"].to_numpy(), labels["cell_type"].astype(str).to_numpy()
+    train_rows = {r for batch in dm.train_dataloader() for r in batch["pert_rows"].numpy().reshape(-1).tolist()}
+    assert not {"P1", "P2", "P3"} & set(pert[list(train_rows)])
+    assert set(ct[[r for r in train_rows if pert[r] != CTRL]]) == {"A", "B"}
+    # controls are shared: every split draws basal controls from the same control cells
+    val_ctrl = {r for b in dm.val_dataloader() for r in b["ctrl_rows"].numpy().reshape(-1).tolist()}
+    test_ctrl = {r for b in dm.test_dataloader() for r in b["ctrl_rows"].numpy().reshape(-1).tolist()}
+    assert val_ctrl & train_rows and (pert[list(val_ctrl | test_ctrl)] == CTRL).all()
+    val_names = {n for b in dm.val_dataloader() for n in b["pert_name"]}
+    assert val_names == {"P1"}  # no controls as validation targets
+    cells = dm.split_cells("test")
+    assert ("C", "P0") in cells and ("A", "P2") in cells and ("A", "P0") not in cells
+    np.testing.assert_array_equal(cells["C"], np.flatnonzero((pert == CTRL) & (ct == "C")))
+    np.testing.assert_array_equal(cells[("A", "P2")], np.flatnonzero((pert == "P2") & (ct == "A")))
+    m = dm.manifest()
+    assert m["splits"] == {"val": ["P1"], "test": dm.splits["test"]}
+
+
+def test_split_toml_fewshot_and_zeroshot(screens, tmp_path):
+    d = screens["dir"]
+    toml = tmp_path / "split.toml"
+    toml.write_text(
+        f"""
+[datasets]
+first = "{d}/{{a,b}}.h5ad"
+mixed = "{d}/c.h5ad"
+
+[training]
+first = "train"
+mixed = "train"
+
+[zeroshot]
+"mixed.C" = "val"
+
+[fewshot."first.A"]
+val = ["P1"]
+test = ["P2", "P1"]
+"""
+    )
+    parsed = parse_split_toml(toml)
+    assert [p.name for p in parsed.datasets["first"]] == ["a.h5ad", "b.h5ad"]
+    assert parsed.zeroshot == {("mixed", "C"): "val"}
+    assert parsed.fewshot[("first", "A")] == {"val": ["P1"], "test": ["P2", "P1"]}
+
+    dm = make_dm([], split_toml=str(toml))  # data.path empty: files come from the TOML
+    assert [Path(p).name for p in dm.data_paths] == ["a.h5ad", "b.h5ad", "c.h5ad"]
+    cells_val, cells_test = dm.split_cells("val"), dm.split_cells("test")
+    assert {k for k in cells_val if isinstance(k, tuple)} == {("A", "P1")} | {("C", p) for p in PERTS}
+    assert {k for k in cells_test if isinstance(k, tuple)} == {("A", "P1"), ("A", "P2")}
+    # few-shot is per (dataset, cell type): P1 of cell type A in c.h5ad ("mixed") and of B stay in training
+    labels = global_labels(screens, ("a", "b", "c"))
+    offsets = dm.offsets
+    a_rows = set(range(offsets[0], offsets[1]))
+    train_rows = {r for b in dm.train_dataloader() for r in b["pert_rows"].numpy().reshape(-1).tolist()}
+    p1 = set(np.flatnonzero(labels["target_gene"].to_numpy() == "P1").tolist())
+    assert train_rows & p1 and not train_rows & p1 & a_rows
+    assert cells_val[("A", "P1")].tolist() == sorted(p1 & a_rows)
+
+
+def test_split_toml_errors(screens, tmp_path):
+    d = screens["dir"]
+    toml = tmp_path / "bad.toml"
+    toml.write_text(f'[datasets]\nfirst = "{d}/a.h5ad"\n[fewshot."first.A"]\nval = ["NOPE"]\n')
+    with pytest.raises(UserError, match="'NOPE', which has no cells"):
+        make_dm([], split_toml=str(toml))
+    toml.write_text(f'[datasets]\nfirst = "{d}/a.h5ad"\n[zeroshot]\n"other.A" = "val"\n')
+    with pytest.raises(UserError, match="not '<dataset>.<cell type>'"):
+        make_dm([], split_toml=str(toml))
+    toml.write_text(f'[datasets]\nfirst = "{d}/nothing_*.h5ad"\n')
+    with pytest.raises(UserError, match="matches no file"):
+        make_dm([], split_toml=str(toml))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one clear line each
+
+
+def _rewrite(src: ad.AnnData, path: Path, **changes) -> Path:
+    adata = src.copy()
+    if "X" in changes:
+        adata.X = changes["X"]
+    if "obs" in changes:
+        adata.obs = changes["obs"]
+    if "var_names" in changes:
+        adata.var_names = changes["var_names"]
+    if changes.get("drop_obsm"):
+        del adata.obsm["X_state"]
+    adata.write_h5ad(path)
+    return path
+
+
+def _with_value(screens, value, row=17, sparse=True) -> np.ndarray:
+    X = dense_x(screens["a"]).copy()
+    X[row, 3] = value
+    return sp.csr_matrix(X) if sparse else X
+
+
+BAD_CASES = {
+    "missing_file": (lambda s, t: [t / "nope.h5ad"], {}, "data file not found"),
+    "not_hdf5": (lambda s, t: [_text(t / "x.h5ad")], {}, "not an HDF5"),
+    "not_anndata": (lambda s, t: [_plain_h5(t / "x.h5")], {}, "not an AnnData"),
+    "pert_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"pert_col": "gene"}, "obs column 'gene' not found"),
+    "cell_type_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"cell_type_col": "ct"}, "obs column 'ct' not found"),
+    "batch_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"batch_col": "gem"}, "obs column 'gem' not found"),
+    "control": (lambda s, t: [s["dir"] / "a.h5ad"], {"control_pert": "DMSO"}, "control label 'DMSO' not found"),
+    "nan": (lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, np.nan))], {}, "NaN or Inf.*row 17"),
+    "inf_dense": (
+        lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, np.inf, sparse=False))],
+        {},
+        "NaN or Inf",
+    ),
+    "negative": (lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, -0.5))], {}, "negative values"),
+    "counts_as_log1p": (lambda s, t: [s["dir"] / "counts.h5ad"], {}, "looks like raw integer counts"),
+    "log1p_as_counts": (lambda s, t: [s["dir"] / "a.h5ad"], {"input_transform": "counts"}, "non-integer values"),
+    "gene_list": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"gene_list": "GENES"},
+        "2 genes of the gene list .* not in var .*'MISSING1', 'MISSING2'",
+    ),
+    "pert_features": (lambda s, t: [s["dir"] / "a.h5ad"], {"pert_features": "FEATS"}, "6 perturbations have no vector"),
+    "val_pert_absent": (lambda s, t: [s["dir"] / "a.h5ad"], {"val_perts": ["P9"]}, "'P9', which has no cells"),
+    "val_cell_type_absent": (lambda s, t: [s["dir"] / "a.h5ad"], {"val_cell_types": ["Z"]}, "'Z', which has no cells"),
+    "different_genes": (
+        lambda s, t: [s["dir"] / "a.h5ad", _rewrite(s["b"], t / "x.h5ad", var_names=GENES[::-1])],
+        {},
+        "files have different genes.*set data.gene_list",
+    ),
+    "unknown_option": (lambda s, t: [s["dir"] / "a.h5ad"], {"basal_mapping": "nearest"}, "basal_mapping"),
+}
+
+
+def _text(path: Path) -> Path:
+    path.write_text("cell,gene\n")
+    return path
+
+
+def _plain_h5(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f["matrix"] = np.zeros((3, 3))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_one_clear_user_error(screens, tmp_path, case):
+    paths_fn, cfg, pattern = BAD_CASES[case]
+    if cfg.get("gene_list") == "GENES":
+        (tmp_path / "genes.csv").write_text("g1\nMISSING1\ng2\nMISSING2\n")
+        cfg = {**cfg, "gene_list": str(tmp_path / "genes.csv")}
+    if cfg.get("pert_features") == "FEATS":
+        torch.save({CTRL: torch.zeros(4)}, tmp_path / "feats.pt")
+        cfg = {**cfg, "pert_features": str(tmp_path / "feats.pt")}
+    with pytest.raises(UserError, match=pattern) as err:
+        make_dm(paths_fn(screens, tmp_path), **cfg)
+    assert "\n" not in str(err.value) and ";" in str(err.value)  # one line: what/where; how to fix
+
+
+def test_bad_values_found_by_row_sample_in_big_files(screens, tmp_path, monkeypatch):
+    monkeypatch.setattr(tdata, "FULL_CHECK_ELEMENTS", 0)  # treat the file as too big for a full scan
+    monkeypatch.setattr(tdata, "VALIDATE_ROWS", 1000)  # every row of this small file is in the sample
+    with pytest.raises(UserError, match="NaN or Inf.*row 17"):
+        make_dm([_rewrite(screens["a"], tmp_path / "x.h5ad", X=_with_value(screens, np.nan))])
+
+
+def test_missing_embedding_is_an_error(screens, tmp_path):
+    path = _rewrite(screens["a"], tmp_path / "x.h5ad", drop_obsm=True)
+    with pytest.raises(UserError, match=r"obsm\['X_state'\] not found"):
+        make_dm([path], embed_key="X_state")
+
+
+def test_different_genes_are_reindexed_with_a_gene_list(screens, tmp_path):
+    X_b = dense_x(screens["b"])[:, ::-1]
+    path = _rewrite(screens["b"], tmp_path / "x.h5ad", var_names=GENES[::-1], X=X_b.copy())
+    (tmp_path / "genes.csv").write_text("\n".join(GENES))
+    dm = make_dm([screens["dir"] / "a.h5ad", path], gene_list=str(tmp_path / "genes.csv"))
+    n_a = len(screens["a"])
+    np.testing.assert_array_equal(dm.read_expression(np.array([n_a + 4, 2])), np.stack([dense_x(screens["b"])[4], dense_x(screens["a"])[2]]))
+
+
+def test_missing_pert_features_allowed_get_zeros(screens, tmp_path, caplog):
+    feats = {p: torch.full((4,), float(i + 1)) for i, p in enumerate(PERTS[:4])}
+    torch.save(feats, tmp_path / "feats.pt")
+    with caplog.at_level(logging.WARNING, logger="tahoe_ft.data"):
+        dm = make_dm([screens["dir"] / "a.h5ad"], pert_features=str(tmp_path / "feats.pt"), allow_missing_pert_features=True)
+    assert any("2 perturbations are missing" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+    mat = dm.pert_matrix
+    assert mat.shape == (7, 4) and dm.dims["pert_dim"] == 4
+    assert torch.equal(mat[dm.pert_names.index("P1")], torch.full((4,), 2.0))
+    assert not mat[dm.pert_names.index("P5")].any() and not mat[dm.pert_names.index(CTRL)].any()
+    m = dm.manifest()
+    assert m["pert_features"]["source"].endswith("feats.pt") and len(m["pert_features"]["sha256"]) == 64
+
+
+def test_cell_set_len_larger_than_every_group(screens):
+    with pytest.raises(UserError, match="cell_set_len=13 is larger than every training group.*12 cells"):
+        make_dm([screens["dir"] / "a.h5ad"], cell_set_len=13)
+    make_dm([screens["dir"] / "a.h5ad"], cell_set_len=12)  # equal to the largest group is fine
+
+
+def test_memory_budget_refusal(screens):
+    # 3 sets x 5 cells x (30 + 30 + 7) floats x 4 B = 4020 B per batch; 2 workers x 2 prefetch + 2 = 6 in flight
+    with pytest.raises(UserError, match=r"memory_budget_gb.*lower data.batch_size, model.cell_set_len"):
+        make_dm([screens["dir"] / "a.h5ad"], num_workers=2, memory_budget_gb=6 * 4020 / 2**30 * 0.99)
+    make_dm([screens["dir"] / "a.h5ad"], num_workers=2, memory_budget_gb=6 * 4020 / 2**30 * 1.01)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reader touches only the rows it is asked for
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Count elements h5py hands back, through read_direct and slicing."""
+    counter = {"elements": 0, "calls": 0}
+    real_read_direct, real_getitem = h5py.Dataset.read_direct, h5py.Dataset.__getitem__
+
+    def read_direct(self, dest, source_sel=None, dest_sel=None):
+        real_read_direct(self, dest, source_sel, dest_sel)
+        counter["calls"] += 1
+        counter["elements"] += int(np.prod(dest[dest_sel].shape if dest_sel is not None else dest.shape))
+
+    def getitem(self, args, *rest, **kw):
+        out = real_getitem(self, args, *rest, **kw)
+        counter["calls"] += 1
+        counter["elements"] += int(np.size(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "read_direct", read_direct)
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    return counter
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_reading_rows_does_not_load_the_matrix(tmp_path, count_reads, sparse):
+    rng = np.random.default_rng(0)
+    n, g = 3000, 1000
+    X = sp.random(n, g, density=0.05, format="csr", dtype=np.float32, random_state=0)
+    ad.AnnData(X if sparse else X.toarray(), var=pd.DataFrame(index=[f"g{i}" for i in range(g)])).write_h5ad(
+        tmp_path / "big.h5ad"
+    )
+    screen = H5Screen(tmp_path / "big.h5ad")
+    count_reads["elements"] = count_reads["calls"] = 0
+    rows = rng.choice(n, 10, replace=False)
+    got = screen.read_rows(rows)
+    np.testing.assert_array_equal(got, X[rows].toarray())
+    per_row = X.nnz / n if sparse else g
+    # 2 arrays (data, indices) per run for CSR; at most GAP_ELEMENTS extra per merged gap
+    budget = (2 if sparse else 1) * (10 * per_row * 1.5 + 9 * tdata.GAP_ELEMENTS)
+    total = 2 * X.nnz if sparse else n * g
+    assert count_reads["elements"] <= budget and count_reads["elements"] < total / 20
+    assert count_reads["calls"] <= (2 if sparse else 1) * 10
+    # a block of consecutive rows is one call per array
+    count_reads["calls"] = 0
+    screen.read_rows(np.arange(500, 600)[::-1])
+    assert count_reads["calls"] == (2 if sparse else 1)
+
+
+def test_manifest_is_plain_python(screens):
+    dm = make_dm(ab(screens), test_perts=["P2"])
+    m = dm.manifest()
+    expected = {
+        "gene_names", "encoder", "embed_key", "input_dim", "pert_col", "control_pert", "cell_type_col",
+        "batch_col", "pert_names", "pert_features", "pert_matrix", "cell_types", "batches", "input_transform",
+        "cell_set_len", "splits", "data_paths",
+    }  # fmt: skip
+    assert set(m) == expected
+    assert m["encoder"] == "raw_expression" and m["pert_features"] == {"source": "onehot", "sha256": None}
+    assert torch.equal(m["pert_matrix"], torch.eye(7)) and m["pert_names"] == dm.pert_names
+    assert m["cell_types"] == ["A", "B"] and m["batches"] == ["b1", "b2"] and m["cell_set_len"] == 5
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(plain(v) for v in x)
+        return x is None or type(x) in (str, int, float, bool)
+
+    assert plain({k: v for k, v in m.items() if k != "pert_matrix"})
+    assert torch.load  # the manifest goes into .pt files loaded with weights_only=True
+    buf = Path(dm.data_paths[0]).parent / "manifest_roundtrip.pt"
+    torch.save(m, buf)
+    assert torch.load(buf, weights_only=True)["gene_names"] == GENES
