@@ -1,0 +1,95 @@
+"""The case study in one command on tiny demo data: reproduce = train chain -> predict -> eval -> compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from conftest_train import TINY_DEMO, TINY_MODEL
+from tahoe_ft.cli import run
+
+ROUNDS = ["0826", "0901", "0905", "0906", "0907", "0908"]
+
+
+def _dense(x):
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
+        "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=2",
+    ]  # fmt: skip
+    quoted = ",".join(f"'{a}'" for a in train_overrides)
+    run("reproduce", [f"runs_dir={root / 'runs'}", f"paths.data_cache={root / 'cache'}", *TINY_DEMO,
+                      f"train_overrides=[{quoted}]"])
+    return root / "runs"
+
+
+def _latest(runs: Path, exp: str) -> Path:
+    return (runs / exp / "latest").resolve()
+
+
+def test_pred_and_real_follow_cell_evals_contract(study):
+    for exp in ("0826", "0906"):
+        run_dir = _latest(study, exp)
+        pred, real = ad.read_h5ad(run_dir / "pred.h5ad"), ad.read_h5ad(run_dir / "real.h5ad")
+        ck = torch.load(run_dir / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
+        genes = ck["manifest"]["gene_names"]
+        # the evaluator's gene list, in order, in both files
+        assert list(pred.var_names) == list(real.var_names) == genes
+        cache = next((study.parent / "cache").glob("demo-*"))
+        assert genes == (cache / "gene_names.csv").read_text().split()
+        # the same perturbation set (the held-out test perturbations + control) on both sides
+        assert set(pred.obs["target_gene"]) == set(real.obs["target_gene"])
+        assert set(pred.obs["target_gene"]) - {"non-targeting"} == set(ck["manifest"]["splits"]["test"])
+        # the real control cells, copied unchanged into the prediction
+        pc = pred.obs["target_gene"] == "non-targeting"
+        rc = real.obs["target_gene"] == "non-targeting"
+        assert pc.sum() > 0 and pc.sum() == rc.sum()
+        assert np.array_equal(_dense(pred.X[pc.values]), _dense(real.X[rc.values]))
+        # a predicted set the size of the observed one per (cell type, perturbation)
+        key = ["target_gene", "cell_type"]
+        assert pred.obs.groupby(key, observed=True).size().to_dict() == real.obs.groupby(key, observed=True).size().to_dict()
+
+
+def test_se600m_round_is_scored_in_gene_space(study):
+    run_dir = _latest(study, "0826")
+    ck = torch.load(run_dir / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
+    assert ck["hparams"]["embed_key"] == "X_state"
+    state_dim = ck["hparams"]["output_dim"]
+    pred = ad.read_h5ad(run_dir / "pred.h5ad")
+    assert pred.n_vars == len(ck["manifest"]["gene_names"]) != state_dim
+    perturbed = pred.obs["target_gene"] != "non-targeting"
+    x = _dense(pred.X[perturbed.values])
+    assert np.isfinite(x).all() and x.min() >= 0 and x.std() > 0
+    score = json.loads((run_dir / "eval" / "score.json").read_text())
+    assert set(score["metrics"]) == {"mae", "discrimination_score_l1", "overlap_at_N"}
+
+
+def test_every_round_scored_and_compared(study):
+    for exp in ROUNDS:
+        score = json.loads((_latest(study, exp) / "eval" / "score.json").read_text())
+        assert 0.0 <= score["avg_score"] <= 1.0
+        assert score["leaderboard_score"] == pytest.approx(100 * score["avg_score"])
+        assert score["versions"]["cell-eval"] == "0.8.2"
+        assert set(score["normalized"]) == set(score["baseline"]) == set(score["metrics"])
+    with open(study / "compare.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["experiment"] for r in rows) == sorted(ROUNDS)  # one row per evaluated run; pretrain isn't
+    scores = [float(r["avg_score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for col in ("mae", "discrimination_score_l1", "overlap_at_N", "best_val_loss", "best_step", "steps", "wall_time_s"):
+        assert all(r[col] != "" for r in rows), col
+    assert (study / "compare.png").stat().st_size > 10_000
+    summary = json.loads((study / "reproduce.json").read_text())
+    assert [s["stage"] for s in summary["stages"]][:7] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
