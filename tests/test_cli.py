@@ -1,0 +1,118 @@
+"""The console script: composition, one-line errors with exit status 2, nothing lost, real wandb offline files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest_train import TINY_DEMO, train, train_args
+from tahoe_ft.cli import _compose, run
+from tahoe_ft.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("TAHOE_FT_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "tahoe_ft.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_experiment_files_carry_the_case_study_values(tmp_path):
+    expect = {  # steps, lr, batch, decoder weight, frozen, parent
+        "0826": (8000, 3e-4, 32, 0.5, True, "${pretrained}"),
+        "0901": (4000, 5e-5, 48, 1.0, True, "run:0826/best-val.pt"),
+        "0905": (1000, None, None, None, True, "${pretrained}"),
+        "0907": (10000, None, None, None, False, "run:0906/best-val.pt"),
+        "0908": (40000, None, None, None, False, "run:0907/best-val.pt"),
+    }
+    from tahoe_ft import resolvers
+
+    resolvers.register()
+    for exp, (steps, lr, batch, dw, frozen, parent) in expect.items():
+        cfg = _compose("train", [f"+experiment={exp}", f"paths.data_cache={tmp_path}", *TINY_DEMO])
+        assert cfg.trainer.max_steps == steps, exp
+        if lr is not None:
+            assert cfg.optim.lr == pytest.approx(lr)
+            assert cfg.data.batch_size == batch
+        if dw is not None:
+            assert cfg.loss.decoder_weight == dw
+            assert cfg.encoder.name == "se600m"
+        else:
+            assert cfg.encoder.name == "raw_expression"
+        assert ("transformer_backbone" in cfg.freeze.modules) == frozen
+        raw = (REPO / "configs" / "experiment" / f"{exp}.yaml").read_text()
+        assert f"init_from: {parent}" in raw
+
+
+def test_step_scale_scales_study_steps(tmp_path):
+    from tahoe_ft import resolvers
+
+    resolvers.register()
+    cfg = _compose("train", ["+experiment=0908", "step_scale=0.01", f"paths.data_cache={tmp_path}", *TINY_DEMO])
+    assert cfg.trainer.max_steps == 400
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "+experiment=0999"], "unknown experiment '0999'"),
+        (["train", "+experiment=0906", "optim.lrr=1"], "optim.lrr"),
+        (["train", "+experiment=0905", "init_from=null", "data.path=/nonexistent/screen.h5ad", "logger=csv"], "/nonexistent/screen.h5ad"),
+        (["predict", "ckpt=missing.pt"], "no training run"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    extra = [f"runs_dir={tmp_path / 'runs'}", f"paths.data_cache={tmp_path / 'cache'}"] if args[0] == "train" else []
+    extra += [f"runs_dir={tmp_path / 'runs'}"] if args[0] == "predict" else []
+    out = cli(*args, *extra, *(TINY_DEMO if args[0] == "train" else []), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and needle in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_checkpoint_refused_and_runs_untouched(tmp_path):
+    run_dir = train(tmp_path, "pretrain")
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes((run_dir / "checkpoints" / "best-val.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated"):
+        run("train", train_args(tmp_path, "0905", f"init_from={bad}"))
+    evil = tmp_path / "pickle.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": object.__new__(_Evil)}, evil)
+    with pytest.raises(UserError, match="unpickling"):
+        run("train", train_args(tmp_path, "0905", f"init_from={evil}"))
+    not_tensor = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_tensor)
+    with pytest.raises(UserError, match="not a checkpoint"):
+        run("train", train_args(tmp_path, "0905", f"init_from={not_tensor}"))
+    # nothing was written: no new run of 0905, the pretrain checkpoints are unchanged
+    assert not (tmp_path / "runs" / "0905").exists() or not any((tmp_path / "runs" / "0905").iterdir())
+    assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+class _Evil:
+    pass
+
+
+def test_wandb_offline_run_files(tmp_path):
+    args = [a for a in train_args(tmp_path, "pretrain") if a != "logger=csv"]
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        run_dir = Path(run("train", args))
+    finally:
+        os.environ.pop("WANDB_MODE", None)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    files = {p.name for p in offline[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files)
+    assert (run_dir / "pretrain_metrics.csv").is_file()
