@@ -38,14 +38,20 @@ def write_screen(
 ) -> ad.AnnData:
     """A tiny screen: controls + PERTS per cell type, alternating batches, rows in shuffled order."""
     rng = np.random.default_rng(seed)
-    labels = [(p, ct) for ct in cell_types for p in [CTRL] * n_ctrl + [p for p in PERTS for _ in range(n_per_pert)]]
+    labels = [
+        (p, ct) for ct in cell_types for p in [CTRL] * n_ctrl + [p for p in PERTS for _ in range(n_per_pert)]
+    ]
     obs = pd.DataFrame(labels, columns=["target_gene", "cell_type"])
     obs["batch"] = np.where(np.arange(len(obs)) % 2, "b1", "b2")
     obs = obs.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     obs.index = [f"cell{i}" for i in range(len(obs))]
     lam = rng.uniform(0.5, 30.0, len(genes))  # counts up to ~50: clearly not log1p values
     raw = rng.poisson(lam, (len(obs), len(genes))) * (rng.random((len(obs), len(genes))) < 0.5)
-    X = raw.astype(np.float32) if counts else np.log1p(raw * rng.uniform(0.5, 1.5, raw.shape)).astype(np.float32)
+    X = (
+        raw.astype(np.float32)
+        if counts
+        else np.log1p(raw * rng.uniform(0.5, 1.5, raw.shape)).astype(np.float32)
+    )
     adata = ad.AnnData(sp.csr_matrix(X) if sparse else X, obs=obs, var=pd.DataFrame(index=genes))
     if obsm:
         adata.obsm["X_state"] = rng.normal(size=(len(obs), 8)).astype(np.float32)
@@ -69,7 +75,9 @@ def dense_x(adata: ad.AnnData) -> np.ndarray:
     return adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
 
 
-def make_dm(paths, *, embed_key=None, need_counts=False, cell_set_len=5, seed=0, **cfg) -> PerturbationDataModule:
+def make_dm(
+    paths, *, embed_key=None, need_counts=False, cell_set_len=5, seed=0, **cfg
+) -> PerturbationDataModule:
     rank, world_size = cfg.pop("rank", None), cfg.pop("world_size", None)
     cfg.setdefault("batch_col", "batch")
     cfg.setdefault("batch_size", 3)
@@ -130,7 +138,9 @@ def test_batch_contract_embedding_with_counts(screens):
     rows = batch["pert_rows"].numpy().reshape(-1)
     np.testing.assert_array_equal(batch["pert_cell_emb"].numpy().reshape(-1, 8), emb[rows])
     np.testing.assert_array_equal(batch["pert_cell_counts"].numpy().reshape(-1, 30), X[rows])
-    np.testing.assert_array_equal(batch["ctrl_cell_emb"].numpy().reshape(-1, 8), emb[batch["ctrl_rows"].numpy().reshape(-1)])
+    np.testing.assert_array_equal(
+        batch["ctrl_cell_emb"].numpy().reshape(-1, 8), emb[batch["ctrl_rows"].numpy().reshape(-1)]
+    )
     np.testing.assert_array_equal(dm.read_input(rows[:7]), emb[rows[:7]])
 
 
@@ -190,7 +200,9 @@ def test_reader_values_match_anndata(screens, name):
     np.testing.assert_array_equal(screen.read_rows(rows), X[rows])
     cols = np.array([29, 0, 5, 4])
     np.testing.assert_array_equal(screen.read_rows(rows, cols), X[rows][:, cols])
-    np.testing.assert_array_equal(screen.read_rows(np.array([], dtype=np.int64)), np.zeros((0, 30), np.float32))
+    np.testing.assert_array_equal(
+        screen.read_rows(np.array([], dtype=np.int64)), np.zeros((0, 30), np.float32)
+    )
     np.testing.assert_array_equal(screen.read_obsm_rows("X_state", rows), screens[name].obsm["X_state"][rows])
     # pickles without its handle and reopens on use
     clone = pickle.loads(pickle.dumps(screen))
@@ -234,7 +246,9 @@ def test_counts_are_normalised_like_scanpy(screens):
     np.testing.assert_allclose(dm.read_expression(rows), dense_x(ref)[rows], rtol=1e-5, atol=1e-5)
     batch = next(iter(dm.train_dataloader()))
     r = batch["pert_rows"].numpy().reshape(-1)
-    np.testing.assert_allclose(batch["pert_cell_emb"].numpy().reshape(-1, 30), dense_x(ref)[r], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        batch["pert_cell_emb"].numpy().reshape(-1, 30), dense_x(ref)[r], rtol=1e-5, atol=1e-5
+    )
     # library sizes are over all genes even when a gene list selects a few
     lib = dm.screens[0].library_sizes()
     np.testing.assert_allclose(lib, dense_x(screens["counts"]).sum(1), rtol=1e-6)
@@ -296,7 +310,11 @@ def test_ddp_ranks_get_disjoint_equal_shards(screens):
     full = make_dm(ab(screens))
     ranks = [make_dm(ab(screens), rank=r, world_size=2) for r in range(2)]
     sets = [set_keys(dm.train_dataloader()) for dm in ranks]
-    assert len(ranks[0].train_dataloader()) == len(ranks[1].train_dataloader()) == len(full.train_dataloader()) // 2
+    assert (
+        len(ranks[0].train_dataloader())
+        == len(ranks[1].train_dataloader())
+        == len(full.train_dataloader()) // 2
+    )
     assert len(sets[0]) > 0 and not set(sets[0]) & set(sets[1])
     assert set(sets[0]) | set(sets[1]) <= set(set_keys(full.train_dataloader()))
 
@@ -336,14 +354,19 @@ def test_small_groups_are_topped_up_with_replacement():
 def test_fewshot_and_zeroshot_from_config(screens):
     names = ("a", "b", "c")
     dm = make_dm(
-        [screens["dir"] / f"{n}.h5ad" for n in names], val_perts=["P1"], test_perts=["P2", "P3"], test_cell_types=["C"]
+        [screens["dir"] / f"{n}.h5ad" for n in names],
+        val_perts=["P1"],
+        test_perts=["P2", "P3"],
+        test_cell_types=["C"],
     )
     assert dm.splits["val"] == ["P1"]
     assert set(dm.splits["test"]) == set(PERTS)  # zero-shot C contributes all perts
     assert not {"P1", "P2", "P3"} & set(dm.splits["train"]) and CTRL not in dm.splits["train"]
     labels = global_labels(screens, names)
     pert, ct = labels["target_gene"].to_numpy(), labels["cell_type"].astype(str).to_numpy()
-    train_rows = {r for batch in dm.train_dataloader() for r in batch["pert_rows"].numpy().reshape(-1).tolist()}
+    train_rows = {
+        r for batch in dm.train_dataloader() for r in batch["pert_rows"].numpy().reshape(-1).tolist()
+    }
     assert not {"P1", "P2", "P3"} & set(pert[list(train_rows)])
     assert set(ct[[r for r in train_rows if pert[r] != CTRL]]) == {"A", "B"}
     # controls are shared: every split draws basal controls from the same control cells
@@ -444,26 +467,58 @@ BAD_CASES = {
     "not_hdf5": (lambda s, t: [_text(t / "x.h5ad")], {}, "not an HDF5"),
     "not_anndata": (lambda s, t: [_plain_h5(t / "x.h5")], {}, "not an AnnData"),
     "pert_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"pert_col": "gene"}, "obs column 'gene' not found"),
-    "cell_type_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"cell_type_col": "ct"}, "obs column 'ct' not found"),
+    "cell_type_col": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"cell_type_col": "ct"},
+        "obs column 'ct' not found",
+    ),
     "batch_col": (lambda s, t: [s["dir"] / "a.h5ad"], {"batch_col": "gem"}, "obs column 'gem' not found"),
-    "control": (lambda s, t: [s["dir"] / "a.h5ad"], {"control_pert": "DMSO"}, "control label 'DMSO' not found"),
-    "nan": (lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, np.nan))], {}, "NaN or Inf.*row 17"),
+    "control": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"control_pert": "DMSO"},
+        "control label 'DMSO' not found",
+    ),
+    "nan": (
+        lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, np.nan))],
+        {},
+        "NaN or Inf.*row 17",
+    ),
     "inf_dense": (
         lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, np.inf, sparse=False))],
         {},
         "NaN or Inf",
     ),
-    "negative": (lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, -0.5))], {}, "negative values"),
+    "negative": (
+        lambda s, t: [_rewrite(s["a"], t / "x.h5ad", X=_with_value(s, -0.5))],
+        {},
+        "negative values",
+    ),
     "counts_as_log1p": (lambda s, t: [s["dir"] / "counts.h5ad"], {}, "looks like raw integer counts"),
-    "log1p_as_counts": (lambda s, t: [s["dir"] / "a.h5ad"], {"input_transform": "counts"}, "non-integer values"),
+    "log1p_as_counts": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"input_transform": "counts"},
+        "non-integer values",
+    ),
     "gene_list": (
         lambda s, t: [s["dir"] / "a.h5ad"],
         {"gene_list": "GENES"},
         "2 genes of the gene list .* not in var .*'MISSING1', 'MISSING2'",
     ),
-    "pert_features": (lambda s, t: [s["dir"] / "a.h5ad"], {"pert_features": "FEATS"}, "6 perturbations have no vector"),
-    "val_pert_absent": (lambda s, t: [s["dir"] / "a.h5ad"], {"val_perts": ["P9"]}, "'P9', which has no cells"),
-    "val_cell_type_absent": (lambda s, t: [s["dir"] / "a.h5ad"], {"val_cell_types": ["Z"]}, "'Z', which has no cells"),
+    "pert_features": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"pert_features": "FEATS"},
+        "6 perturbations have no vector",
+    ),
+    "val_pert_absent": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"val_perts": ["P9"]},
+        "'P9', which has no cells",
+    ),
+    "val_cell_type_absent": (
+        lambda s, t: [s["dir"] / "a.h5ad"],
+        {"val_cell_types": ["Z"]},
+        "'Z', which has no cells",
+    ),
     "different_genes": (
         lambda s, t: [s["dir"] / "a.h5ad", _rewrite(s["b"], t / "x.h5ad", var_names=GENES[::-1])],
         {},
@@ -517,15 +572,24 @@ def test_different_genes_are_reindexed_with_a_gene_list(screens, tmp_path):
     (tmp_path / "genes.csv").write_text("\n".join(GENES))
     dm = make_dm([screens["dir"] / "a.h5ad", path], gene_list=str(tmp_path / "genes.csv"))
     n_a = len(screens["a"])
-    np.testing.assert_array_equal(dm.read_expression(np.array([n_a + 4, 2])), np.stack([dense_x(screens["b"])[4], dense_x(screens["a"])[2]]))
+    np.testing.assert_array_equal(
+        dm.read_expression(np.array([n_a + 4, 2])),
+        np.stack([dense_x(screens["b"])[4], dense_x(screens["a"])[2]]),
+    )
 
 
 def test_missing_pert_features_allowed_get_zeros(screens, tmp_path, caplog):
     feats = {p: torch.full((4,), float(i + 1)) for i, p in enumerate(PERTS[:4])}
     torch.save(feats, tmp_path / "feats.pt")
     with caplog.at_level(logging.WARNING, logger="tahoe_ft.data"):
-        dm = make_dm([screens["dir"] / "a.h5ad"], pert_features=str(tmp_path / "feats.pt"), allow_missing_pert_features=True)
-    assert any("2 perturbations are missing" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+        dm = make_dm(
+            [screens["dir"] / "a.h5ad"],
+            pert_features=str(tmp_path / "feats.pt"),
+            allow_missing_pert_features=True,
+        )
+    assert any(
+        "2 perturbations are missing" in r.message for r in caplog.records if r.levelno == logging.WARNING
+    )
     mat = dm.pert_matrix
     assert mat.shape == (7, 4) and dm.dims["pert_dim"] == 4
     assert torch.equal(mat[dm.pert_names.index("P1")], torch.full((4,), 2.0))
@@ -587,7 +651,9 @@ def test_consecutive_rows_are_read_as_one_block(tmp_path, monkeypatch):
     calls = []
     real = H5Screen._read_runs
     monkeypatch.setattr(
-        H5Screen, "_read_runs", staticmethod(lambda ds, a, b, out: (calls.append(len(a)), real(ds, a, b, out)))
+        H5Screen,
+        "_read_runs",
+        staticmethod(lambda ds, a, b, out: (calls.append(len(a)), real(ds, a, b, out))),
     )
     np.testing.assert_array_equal(screen.read_rows(np.arange(100, 300)[::-1]), X[100:300][::-1].toarray())
     assert calls == [1, 1]  # data and indices: one run each

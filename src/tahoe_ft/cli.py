@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "tahoe_ft.commands:run_eval",
     "compare": "tahoe_ft.commands:run_compare",
     "reproduce": "tahoe_ft.reproduce:reproduce",
+    "export": "tahoe_ft.commands:run_export",
 }
 SCHEMAS = {
     "train": "TrainConfig",
@@ -34,14 +35,16 @@ SCHEMAS = {
     "eval": "EvalConfig",
     "compare": "CompareConfig",
     "reproduce": "ReproduceConfig",
+    "export": "ExportConfig",
 }
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce} [key=value ...]
+USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
   predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
   eval       score with cell-eval:       tahoe-ft eval
   compare    all evaluated runs:         tahoe-ft compare
   reproduce  the whole case study:       tahoe-ft reproduce
+  export     a VCC submission (.vcc):    tahoe-ft export exp=0908
 
 Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""

@@ -81,3 +81,28 @@ def run_compare(cfg: DictConfig):
     from tahoe_ft.compare import compare
 
     return compare(cfg.runs_dir, cfg.out_dir)
+
+
+def run_export(cfg: DictConfig) -> Path:
+    """`tahoe-ft export`: pack a prediction as a VCC submission (`cell-eval prep`; needs zstd and tar)."""
+    from tahoe_ft.evaluate import prep_submission
+
+    if cfg.pred:
+        pred = Path(cfg.pred)
+        run_dir = pred.parent
+    else:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else newest_training_run(cfg.runs_dir, cfg.exp, need="pred.h5ad")
+        pred = run_dir / "pred.h5ad"
+    if not pred.is_file():
+        raise UserError(f"{pred} not found; run tahoe-ft predict first (or pass pred=)")
+    info_path = run_dir / "predict.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    gene_list = Path(cfg.gene_list) if cfg.gene_list else run_dir / "gene_names.csv"
+    if not cfg.gene_list:  # the evaluator's genes the model was trained on, in order
+        genes = ad.read_h5ad(pred, backed="r").var_names
+        gene_list.write_text("".join(f"{g}\n" for g in genes))
+    out = Path(cfg.out) if cfg.out else run_dir / "submission.prep.vcc"
+    path = prep_submission(pred, gene_list, out, pert_col=info.get("pert_col", "target_gene"),
+                           control_pert=info.get("control_pert", "non-targeting"))
+    print(json.dumps({"submission": str(path)}))
+    return path

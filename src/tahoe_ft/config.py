@@ -8,7 +8,7 @@ values of the wrong type raise `UserError` with the key's full path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,17 +46,17 @@ class DataConfig:
     pert_col: str = "target_gene"
     control_pert: str = "non-targeting"
     cell_type_col: str = "cell_type"
-    batch_col: Optional[str] = None
+    batch_col: str | None = None
     # what X holds: "log1p" (normalised, log1p) or "counts" (raw integers; normalised + log1p on read)
     input_transform: str = "log1p"
     # null = one-hot over sorted perturbation names; else a torch.load-able dict name -> 1-D tensor
-    pert_features: Optional[str] = None
+    pert_features: str | None = None
     allow_missing_pert_features: bool = False
     # the evaluator's gene list (header-less CSV); null = the file's var_names
-    gene_list: Optional[str] = None
+    gene_list: str | None = None
     val_perts: list = field(default_factory=list)
     test_perts: list = field(default_factory=list)
-    split_toml: Optional[str] = None
+    split_toml: str | None = None
     # held-out cell types (zero-shot): their perturbed cells go to val/test
     val_cell_types: list = field(default_factory=list)
     test_cell_types: list = field(default_factory=list)
@@ -72,7 +72,7 @@ class DataConfig:
     # validation sets per (cell type, perturbation) group; fixed across evaluations
     val_sets_per_group: int = 2
     # generated data (data=demo); ignored for other data sets
-    demo: Optional[DemoConfig] = None
+    demo: DemoConfig | None = None
     # which demo file: "screen" (fine-tuning) or "pretrain" (drug set)
     demo_file: str = "screen"
 
@@ -88,9 +88,9 @@ class DecoderConfig:
 class EncoderConfig:
     # "se600m" (obsm embedding in, gene decoder out) or "raw_expression" (genes in, genes out)
     name: str = "raw_expression"
-    embed_key: Optional[str] = None
+    embed_key: str | None = None
     output_space: str = "all"
-    decoder: Optional[DecoderConfig] = None
+    decoder: DecoderConfig | None = None
 
 
 @dataclass
@@ -150,7 +150,7 @@ class FreezeConfig:
     # module names (first component of parameter names) kept frozen until `until_step`
     modules: list = field(default_factory=list)
     # null = frozen for the whole run; N = unfreeze at global step N (with `warmup_steps` of LR warmup)
-    until_step: Optional[int] = None
+    until_step: int | None = None
     warmup_steps: int = 100
 
 
@@ -172,7 +172,7 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     # also keep fixed-step weights (step-N.pt) every N steps; null = none (ablations only)
-    every_n_steps: Optional[int] = None
+    every_n_steps: int | None = None
     # keep last.ckpt (full state for resume=true)
     save_last: bool = True
 
@@ -183,7 +183,7 @@ class LoggerConfig:
     # "offline" (default; `wandb sync` later), "online" or "disabled"
     wandb_mode: str = "offline"
     wandb_project: str = "tahoe-ft"
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     wandb_tags: list = field(default_factory=list)
 
 
@@ -203,12 +203,12 @@ class TrainConfig:
     # multiplies every study step count written as ${scaled:N} in configs/ (1.0 = the study's own counts)
     step_scale: float = 1.0
     # base checkpoint: a path, `run:EXP/FILE`, or an upstream ST run folder
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # weights-only initialisation (fresh optimizer and schedule); may be "${pretrained}" or `run:EXP/FILE`
-    init_from: Optional[str] = None
+    init_from: str | None = None
     # continue the newest run of this experiment (or `run_dir`) from its last.ckpt
     resume: bool = False
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -249,9 +249,9 @@ class PredictConfig:
     # a bare file name is looked up in <run_dir>/checkpoints/; a path or run:EXP/FILE is used as is
     ckpt: str = "best-val.pt"
     # default: the newest training run (of `experiment`, if set) under runs_dir
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     # the newest run of this experiment (`exp=0906`; `experiment` is the name of the config group)
-    exp: Optional[str] = None
+    exp: str | None = None
     runs_dir: str = "runs"
     # which held-out perturbations to predict: "test" or "val"
     split: str = "test"
@@ -267,10 +267,10 @@ class PredictConfig:
 @dataclass
 class EvalConfig:
     # default: pred.h5ad / real.h5ad of the newest predicted run (of `experiment`, if set)
-    pred: Optional[str] = None
-    real: Optional[str] = None
-    run_dir: Optional[str] = None
-    exp: Optional[str] = None
+    pred: str | None = None
+    real: str | None = None
+    run_dir: str | None = None
+    exp: str | None = None
     runs_dir: str = "runs"
     # cell-eval profile: "vcc" (mae, discrimination_score_l1, overlap_at_N) or "full"
     profile: str = "vcc"
@@ -286,7 +286,7 @@ class EvalConfig:
 class CompareConfig:
     runs_dir: str = "runs"
     # where compare.csv / compare.png go (default: runs_dir)
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
 
 
 @dataclass
@@ -306,3 +306,16 @@ class ReproduceConfig:
     num_threads: int = 2
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class ExportConfig:
+    # default: pred.h5ad of the newest predicted run (of `exp`, if set)
+    pred: str | None = None
+    run_dir: str | None = None
+    exp: str | None = None
+    runs_dir: str = "runs"
+    # the evaluator's gene list (header-less CSV; 18,080 genes for VCC); default: pred.h5ad's var_names
+    gene_list: str | None = None
+    # default: <run>/submission.prep.vcc
+    out: str | None = None

@@ -58,7 +58,7 @@ FULL_CHECK_ELEMENTS = 1 << 24
 SCAN_BLOCK_ELEMENTS = 1 << 22
 # "integer counts" heuristic for log1p-declared data: log1p-normalised values stay far below this
 COUNTS_MAX_THRESHOLD = 20.0
-# HDF5 chunk cache: none for uncompressed data (HDF5 then reads just the selected bytes of a chunk instead
+# HDF5 chunk cache (per open file): none for uncompressed data (HDF5 then reads just the selected bytes of a chunk instead
 # of whole chunks: ~2x faster for random rows, and a row read touches only that row's bytes); 16 MiB when
 # X is compressed, where a chunk must be decompressed whole anyway
 H5_CHUNK_CACHE_BYTES = 16 << 20
@@ -132,7 +132,17 @@ class H5Screen:
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             # a forked worker must not share the parent's HDF5 handle: open its own
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=self._rdcc_nbytes)
+            fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+            fapl.set_cache(0, 521, self._rdcc_nbytes, 0.75)
+            # no data sieving: HDF5 would read 64 KiB around every small run of a contiguous dataset
+            fapl.set_sieve_buf_size(0)
+            try:
+                fid = h5py.h5f.open(os.fsencode(self.path), h5py.h5f.ACC_RDONLY, fapl=fapl)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot open {self.path} ({exc}); check that it is a readable .h5ad file"
+                ) from None
+            self._file = h5py.File(fid)
             self._pid = os.getpid()
             self._datasets = {}
         return self._file

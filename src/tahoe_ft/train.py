@@ -215,7 +215,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     callbacks = [FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step), policy, LRAndThroughput(),
                  *(callbacks or [])]
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(RichProgressBar(leave=False))
     t = cfg.trainer
     trainer = L.Trainer(
         max_steps=t.max_steps,
@@ -242,7 +242,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(last_ckpt) if last_ckpt else None, weights_only=True)
         if policy.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False)  # best-val.pt also sees the final weights
+            trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)  # best-val.pt also sees the final weights
     except BaseException:
         update_run_info(run_dir, status="failed", wall_time_s=info.get("wall_time_s", 0.0) + time.perf_counter() - start)
         raise
