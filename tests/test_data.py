@@ -209,6 +209,30 @@ def test_reader_values_match_anndata(screens, name):
     np.testing.assert_array_equal(clone.read_rows(rows[:3]), X[rows[:3]])
 
 
+def test_compressed_file_reads_the_same(screens, tmp_path):
+    screens["a"].write_h5ad(tmp_path / "gz.h5ad", compression="gzip")
+    screen = H5Screen(tmp_path / "gz.h5ad")
+    rows = np.array([9, 2, 2, 80, 111])
+    np.testing.assert_array_equal(screen.read_rows(rows), dense_x(screens["a"])[rows])
+
+
+def test_plain_string_and_numeric_obs_columns(screens, tmp_path):
+    path = tmp_path / "plain.h5ad"
+    screens["a"].write_h5ad(path)
+    with h5py.File(path, "a") as f:  # rewrite two categoricals as a plain string array and an int array
+        pert = screens["a"].obs["target_gene"].astype(str).to_numpy()
+        del f["obs/target_gene"]
+        f.create_dataset("obs/target_gene", data=pert.astype(object), dtype=h5py.string_dtype())
+        del f["obs/batch"]
+        f["obs/batch"] = (screens["a"].obs["batch"] == "b1").to_numpy().astype(np.int64) + 1
+    dm = make_dm([path], basal_mapping="batch")
+    assert dm.pert_names == sorted([CTRL, *PERTS]) and dm.batches == ["1", "2"]
+    batch = next(iter(dm.train_dataloader()))
+    labels = screens["a"].obs["target_gene"].astype(str).to_numpy()
+    for b, name in enumerate(batch["pert_name"]):
+        assert set(labels[batch["pert_rows"][b].numpy()]) == {name}
+
+
 def test_batch_values_match_anndata(screens):
     dm = make_dm(ab(screens), batch_size=8)
     X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])

@@ -93,3 +93,32 @@ def test_every_round_scored_and_compared(study):
     assert (study / "compare.png").stat().st_size > 10_000
     summary = json.loads((study / "reproduce.json").read_text())
     assert [s["stage"] for s in summary["stages"]][:7] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
+
+
+@pytest.mark.skipif(__import__("shutil").which("zstd") is None, reason="zstd not on PATH (apt-get install zstd)")
+def test_export_vcc_submission(study):
+    import tarfile
+
+    out = Path(run("export", [f"runs_dir={study}", "exp=0906"]))
+    assert out.name == "submission.prep.vcc" and out.is_file()
+    with tarfile.open(out) as tar:
+        assert "pred.h5ad.zst" in {Path(m.name).name for m in tar.getmembers()}
+
+
+def test_load_checkpoint_api_takes_upstream_batch_keys(study):
+    import tahoe_ft
+
+    model = tahoe_ft.load_checkpoint(_latest(study, "0906") / "checkpoints" / "best-val.pt")
+    assert not model.training
+    hp = model.hparams
+    s, n_sets = hp["cell_set_len"], 3
+    batch = {  # upstream's flat shapes [B*S, .]
+        "pert_emb": torch.randn(n_sets * s, hp["pert_dim"]),
+        "ctrl_cell_emb": torch.rand(n_sets * s, hp["input_dim"]),
+    }
+    with torch.no_grad():
+        out = model(batch, padded=True)
+        again = model(batch, padded=True)
+    assert out.shape == (n_sets * s, hp["output_dim"])
+    assert torch.equal(out, again)  # eval mode: dropout off
+    assert (out >= 0).all()  # gene space (raw expression): ReLU output

@@ -3,8 +3,9 @@
 What is here, top to bottom:
 
 - `H5Screen`: one `.h5ad` file read with h5py (never a full load): obs columns, gene names, and rows of
-  `X` (CSR group or dense dataset) or of `obsm/<key>`, fetched as sorted contiguous runs with one h5py
-  call per run and array, then scattered into a dense block. `indptr` lives in RAM; nothing else is cached.
+  `X` (CSR group or dense dataset) or of `obsm/<key>`. Requested rows are sorted and coalesced into
+  contiguous runs (small gaps read through), the runs read as unions of hyperslabs (one HDF5 call per
+  128 runs and array), then densified in the caller's order. `indptr` lives in RAM; no row caches.
 - validation on open (`UserError` with one line: what, where, how to fix).
 - splits: `val_perts`/`test_perts`/`val_cell_types`/`test_cell_types`, or a cell-load style TOML.
 - `SetPlan`: the set sampler. Every random choice (set contents, top-ups, basal controls, set order) is
@@ -58,9 +59,9 @@ FULL_CHECK_ELEMENTS = 1 << 24
 SCAN_BLOCK_ELEMENTS = 1 << 22
 # "integer counts" heuristic for log1p-declared data: log1p-normalised values stay far below this
 COUNTS_MAX_THRESHOLD = 20.0
-# HDF5 chunk cache (per open file): none for uncompressed data (HDF5 then reads just the selected bytes of a chunk instead
-# of whole chunks: ~2x faster for random rows, and a row read touches only that row's bytes); 16 MiB when
-# X is compressed, where a chunk must be decompressed whole anyway
+# HDF5 chunk cache (per open file): none for uncompressed data (HDF5 then reads just the selected bytes
+# of a chunk, not whole chunks: faster for random rows, and a row read touches only that row's bytes);
+# 16 MiB when X is compressed, where a chunk must be decompressed whole anyway
 H5_CHUNK_CACHE_BYTES = 16 << 20
 
 TRAIN, VAL, TEST = 1, 2, 4
@@ -86,7 +87,8 @@ def _decode(values: np.ndarray) -> list[str]:
 class H5Screen:
     """One AnnData `.h5ad` file, read with h5py.
 
-    Keeps the obs columns it is asked for, the gene names and CSR `indptr` in RAM; reads rows on demand.
+    Keeps the gene names and CSR `indptr` (8 bytes/cell) in RAM, plus library sizes (4 bytes/cell) once
+    `library_sizes()` ran; obs columns are read on request; rows are read on demand, never cached.
     The HDF5 handle is reopened lazily in a new process (the pid is tracked), so the object can be used
     in forked DataLoader workers, and pickling drops the handle.
     """
@@ -970,7 +972,8 @@ def _as_data_config(cfg: DataConfig | DictConfig | dict) -> DataConfig:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise UserError(
-            f"config error at 'data.{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}"
+            f"config error at 'data.{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}; "
+            "check the data config keys and types"
         ) from None
 
 
