@@ -200,7 +200,7 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         table.add_column(
             title,
             justify="left" if c in ("experiment", "run") else "right",
-            no_wrap=c in ("experiment", "avg_score", "leaderboard_score"),
+            no_wrap=True,
         )
     for _, r in df.iterrows():
         cells = []
@@ -213,7 +213,9 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
             else:
                 cells.append(_fmt(v, 3))
         table.add_row(*cells)
-    Console().print(table)
+    # wide enough that no number is cut, also when stdout is a pipe or a narrow terminal
+    console = Console()
+    Console(width=max(console.width, 150)).print(table)
 
 
 def _label(df: pd.DataFrame, i: int) -> str:

@@ -234,6 +234,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         callbacks=callbacks,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
+        # the set sampler shards sets per DDP rank itself
+        use_distributed_sampler=False,
         default_root_dir=str(run_dir),
     )
 
