@@ -21,8 +21,14 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("TAHOE_FT_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "tahoe_ft.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tahoe_ft.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_experiment_files_carry_the_case_study_values(tmp_path):
@@ -56,7 +62,9 @@ def test_step_scale_scales_study_steps(tmp_path):
     from tahoe_ft import resolvers
 
     resolvers.register()
-    cfg = _compose("train", ["+experiment=0908", "step_scale=0.01", f"paths.data_cache={tmp_path}", *TINY_DEMO])
+    cfg = _compose(
+        "train", ["+experiment=0908", "step_scale=0.01", f"paths.data_cache={tmp_path}", *TINY_DEMO]
+    )
     assert cfg.trainer.max_steps == 400
 
 
@@ -65,13 +73,26 @@ def test_step_scale_scales_study_steps(tmp_path):
     [
         (["train", "+experiment=0999"], "unknown experiment '0999'"),
         (["train", "+experiment=0906", "optim.lrr=1"], "optim.lrr"),
-        (["train", "+experiment=0905", "init_from=null", "data.path=/nonexistent/screen.h5ad", "logger=csv"], "/nonexistent/screen.h5ad"),
+        (
+            [
+                "train",
+                "+experiment=0905",
+                "init_from=null",
+                "data.path=/nonexistent/screen.h5ad",
+                "logger=csv",
+            ],
+            "/nonexistent/screen.h5ad",
+        ),
         (["predict", "ckpt=missing.pt"], "no training run"),
         (["frobnicate"], "unknown command"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
-    extra = [f"runs_dir={tmp_path / 'runs'}", f"paths.data_cache={tmp_path / 'cache'}"] if args[0] == "train" else []
+    extra = (
+        [f"runs_dir={tmp_path / 'runs'}", f"paths.data_cache={tmp_path / 'cache'}"]
+        if args[0] == "train"
+        else []
+    )
     extra += [f"runs_dir={tmp_path / 'runs'}"] if args[0] == "predict" else []
     out = cli(*args, *extra, *(TINY_DEMO if args[0] == "train" else []), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]

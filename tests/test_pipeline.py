@@ -30,8 +30,15 @@ def study(tmp_path_factory) -> Path:
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=2",
     ]  # fmt: skip
     quoted = ",".join(f"'{a}'" for a in train_overrides)
-    run("reproduce", [f"runs_dir={root / 'runs'}", f"paths.data_cache={root / 'cache'}", *TINY_DEMO,
-                      f"train_overrides=[{quoted}]"])
+    run(
+        "reproduce",
+        [
+            f"runs_dir={root / 'runs'}",
+            f"paths.data_cache={root / 'cache'}",
+            *TINY_DEMO,
+            f"train_overrides=[{quoted}]",
+        ],
+    )
     return root / "runs"
 
 
@@ -59,7 +66,10 @@ def test_pred_and_real_follow_cell_evals_contract(study):
         assert np.array_equal(_dense(pred.X[pc.values]), _dense(real.X[rc.values]))
         # a predicted set the size of the observed one per (cell type, perturbation)
         key = ["target_gene", "cell_type"]
-        assert pred.obs.groupby(key, observed=True).size().to_dict() == real.obs.groupby(key, observed=True).size().to_dict()
+        assert (
+            pred.obs.groupby(key, observed=True).size().to_dict()
+            == real.obs.groupby(key, observed=True).size().to_dict()
+        )
 
 
 def test_se600m_round_is_scored_in_gene_space(study):
@@ -85,17 +95,29 @@ def test_every_round_scored_and_compared(study):
         assert set(score["normalized"]) == set(score["baseline"]) == set(score["metrics"])
     with open(study / "compare.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["experiment"] for r in rows) == sorted(ROUNDS)  # one row per evaluated run; pretrain isn't
+    assert sorted(r["experiment"] for r in rows) == sorted(
+        ROUNDS
+    )  # one row per evaluated run; pretrain isn't
     scores = [float(r["avg_score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
-    for col in ("mae", "discrimination_score_l1", "overlap_at_N", "best_val_loss", "best_step", "steps", "wall_time_s"):
+    for col in (
+        "mae",
+        "discrimination_score_l1",
+        "overlap_at_N",
+        "best_val_loss",
+        "best_step",
+        "steps",
+        "wall_time_s",
+    ):
         assert all(r[col] != "" for r in rows), col
     assert (study / "compare.png").stat().st_size > 10_000
     summary = json.loads((study / "reproduce.json").read_text())
     assert [s["stage"] for s in summary["stages"]][:7] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
 
 
-@pytest.mark.skipif(__import__("shutil").which("zstd") is None, reason="zstd not on PATH (apt-get install zstd)")
+@pytest.mark.skipif(
+    __import__("shutil").which("zstd") is None, reason="zstd not on PATH (apt-get install zstd)"
+)
 def test_export_vcc_submission(study):
     import tarfile
 
@@ -122,3 +144,34 @@ def test_load_checkpoint_api_takes_upstream_batch_keys(study):
     assert out.shape == (n_sets * s, hp["output_dim"])
     assert torch.equal(out, again)  # eval mode: dropout off
     assert (out >= 0).all()  # gene space (raw expression): ReLU output
+
+
+def test_papalexi_trains_predicts_and_scores(tmp_path):
+    """The real screen through the same commands (raw counts, normalised + log1p on read)."""
+    runs = tmp_path / "runs"
+    args = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
+        "+experiment=0905", "data=papalexi", "init_from=null", f"runs_dir={runs}", f"paths.data_cache={tmp_path}",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+        "data.batch_size=4", "trainer.accelerator=cpu",
+    ]  # fmt: skip
+    run_dir = Path(run("train", args))
+    run("predict", [f"runs_dir={runs}", "exp=0905"])
+    score = run("eval", [f"runs_dir={runs}", "exp=0905"])
+    pred = ad.read_h5ad(run_dir / "pred.h5ad")
+    assert pred.n_vars == 299
+    assert set(pred.obs["target_gene"]) - {"non-targeting"} == {
+        "CD86",
+        "IFNGR2",
+        "IRF7",
+        "SMAD4",
+        "STAT2",
+        "TNFRSF14",
+    }
+    real = ad.read_h5ad(run_dir / "real.h5ad")
+    # real side = log1p(normalize_total 1e4) of the raw counts: per-cell expm1 sums are 1e4 over all 299 genes
+    assert np.allclose(np.expm1(_dense(real.X)).sum(1), 1e4, rtol=1e-3)
+    assert 0.0 <= score["avg_score"] <= 1.0 and set(score["metrics"]) == {
+        "mae",
+        "discrimination_score_l1",
+        "overlap_at_N",
+    }

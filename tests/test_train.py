@@ -15,7 +15,14 @@ from tahoe_ft.errors import UserError
 from tahoe_ft.runs import newest_run
 
 CHAIN = ["pretrain", "0826", "0901", "0905", "0906", "0907", "0908"]
-PARENT = {"0826": "pretrain", "0901": "0826", "0905": "pretrain", "0906": "0905", "0907": "0906", "0908": "0907"}
+PARENT = {
+    "0826": "pretrain",
+    "0901": "0826",
+    "0905": "pretrain",
+    "0906": "0905",
+    "0907": "0906",
+    "0908": "0907",
+}
 
 
 def _weights(run_dir: Path, name: str = "best-val.pt") -> dict:
@@ -75,7 +82,9 @@ def test_frozen_rounds_keep_backbone_bit_for_bit(chain, exp):
     for k, v in _backbone(child["state_dict"]).items():
         assert torch.equal(v, parent["state_dict"][k]), k
     # ... while the heads trained: the perturbation encoder moved away from the parent's weights
-    assert not torch.equal(child["state_dict"]["pert_encoder.3.weight"], parent["state_dict"]["pert_encoder.3.weight"])
+    assert not torch.equal(
+        child["state_dict"]["pert_encoder.3.weight"], parent["state_dict"]["pert_encoder.3.weight"]
+    )
     counts = column(metrics(runs[exp]), "trainable/transformer_backbone")
     assert counts and all(v == 0 for _, v in counts)
 
@@ -84,7 +93,9 @@ def test_frozen_rounds_keep_backbone_bit_for_bit(chain, exp):
 def test_unfrozen_rounds_change_backbone(chain, exp):
     _, runs = chain
     child, parent = _weights(runs[exp]), _weights(runs[PARENT[exp]])
-    changed = [k for k, v in _backbone(child["state_dict"]).items() if not torch.equal(v, parent["state_dict"][k])]
+    changed = [
+        k for k, v in _backbone(child["state_dict"]).items() if not torch.equal(v, parent["state_dict"][k])
+    ]
     assert len(changed) > 0
     counts = column(metrics(runs[exp]), "trainable/transformer_backbone")
     assert counts and all(v > 0 for _, v in counts)
@@ -158,7 +169,9 @@ def test_resume_is_explicit_and_continues(chain):
 
     root, _ = chain
     crash_root = root / "crash"
-    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt"))
+    cfg = _compose(
+        "train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt")
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_fn(cfg, callbacks=[_Crash(at=4)])
     run_dir = newest_run(crash_root / "runs", "0905")
@@ -169,8 +182,12 @@ def test_resume_is_explicit_and_continues(chain):
 
     # resume=true: same run dir, from step 3, with the saved Adam state
     probe = _Probe()
-    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt",
-                                       "resume=true"))
+    cfg = _compose(
+        "train",
+        train_args(
+            crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt", "resume=true"
+        ),
+    )
     out = train_fn(cfg, callbacks=[probe])
     assert out == run_dir
     assert probe.start_step == 3
@@ -181,8 +198,16 @@ def test_resume_is_explicit_and_continues(chain):
     assert max(steps) >= 5 and min(steps) <= 2  # one CSV, extended, not truncated
 
     # a changed lr on resume is refused, and nothing is written
-    cfg = _compose("train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt",
-                                       "resume=true", "optim.lr=1e-2"))
+    cfg = _compose(
+        "train",
+        train_args(
+            crash_root,
+            "0905",
+            f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt",
+            "resume=true",
+            "optim.lr=1e-2",
+        ),
+    )
     with pytest.raises(UserError, match="optim.lr"):
         train_fn(cfg)
 
@@ -194,11 +219,30 @@ def test_resume_is_explicit_and_continues(chain):
 
 def test_freeze_until_step_unfreezes_with_warmup(tmp_path, chain):
     root, runs = chain
-    run_dir = train(tmp_path, "0907", f"init_from={runs['0906']}/checkpoints/best-val.pt",
-                    "freeze.modules=[transformer_backbone]", "freeze.until_step=3", steps=6)
+    run_dir = train(
+        tmp_path,
+        "0907",
+        f"init_from={runs['0906']}/checkpoints/best-val.pt",
+        "freeze.modules=[transformer_backbone]",
+        "freeze.until_step=3",
+        steps=6,
+    )
     counts = column(metrics(run_dir), "trainable/transformer_backbone")
     assert counts[0] == (0, 0.0)
     assert any(step == 3 and v > 0 for step, v in counts)
     lr_frozen = column(metrics(run_dir), "lr/unfrozen_later")
     assert all(v == 0.0 for s, v in lr_frozen if s < 3)
     assert any(v > 0.0 for s, v in lr_frozen if s > 3)
+
+
+def test_study_parent_switch_reads_weights_from_last_ckpt(tmp_path, chain):
+    """0907 as the study ran it: from 0906's LAST checkpoint, weights only (fresh optimizer and schedule)."""
+    root, runs = chain
+    run_dir = train(root, "0907", "init_from=run:0906/last.ckpt", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                    steps=1, val_every=1)
+    report = json.loads((run_dir / "init_report.json").read_text())
+    assert report["source"].endswith("0906/" + runs["0906"].name + "/checkpoints/last.ckpt")
+    assert report["by_module"]["transformer_backbone"] == {"loaded": len(_backbone(_weights(runs["0906"])["state_dict"]))}
+    assert not report["missing"] and not report["skipped_shape"]
+    lr_rows = column(metrics(run_dir), "lr")
+    assert lr_rows[0][0] == 0  # a fresh schedule: step 0, not the parent's step count

@@ -130,8 +130,15 @@ class CheckpointPolicy(L.Callback):
     """best-val.pt at the minimum val_loss, last.ckpt (full state) at every validation and at the end,
     optional step-N.pt every N steps. All writes are atomic; run.json tracks the best so far."""
 
-    def __init__(self, run_dir: Path, experiment: str, manifest: dict, config: dict,
-                 every_n_steps: int | None = None, save_last: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        experiment: str,
+        manifest: dict,
+        config: dict,
+        every_n_steps: int | None = None,
+        save_last: bool = True,
+    ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -152,15 +159,21 @@ class CheckpointPolicy(L.Callback):
         self.best_step = int(state.get("best_step", -1))
 
     def _payload(self, pl_module, step: int, val_loss: float | None) -> dict:
-        return weights_payload(pl_module.model, manifest=self.manifest, step=step, val_loss=val_loss,
-                               experiment=self.experiment, config=self.config)
+        return weights_payload(
+            pl_module.model,
+            manifest=self.manifest,
+            step=step,
+            val_loss=val_loss,
+            experiment=self.experiment,
+            config=self.config,
+        )
 
     def _save_last(self, trainer) -> None:
         if not self.save_last or trainer.state.fn != "fit":
             return
         final = self.ckpt_dir / "last.ckpt"
         tmp = self.ckpt_dir / f".last.ckpt.tmp-{os.getpid()}"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, schedule, loops
         if trainer.is_global_zero:
             os.replace(tmp, final)
 

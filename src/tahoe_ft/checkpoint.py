@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = "tahoe-ft/st/1"
 # Upstream Llama checkpoints carry a zeroed, frozen token-embedding table that the model never uses.
-DROPPED_ON_IMPORT = ("transformer_backbone.embed_tokens.weight", "transformer_backbone.wte.weight",
-                     "transformer_backbone.wpe.weight")
+DROPPED_ON_IMPORT = (
+    "transformer_backbone.embed_tokens.weight",
+    "transformer_backbone.wte.weight",
+    "transformer_backbone.wpe.weight",
+)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -83,7 +86,9 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -98,15 +103,19 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         state = obj["state_dict"]
         hp = obj.get("hyper_parameters") or {}
         if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             hparams = hp.get("model")
         else:
             hparams = None  # upstream hparams need translation (tahoe_ft.upstream); weights are usable
     else:
-        raise UserError(f"checkpoint {path} has no weights (no 'state_dict'); is it a tahoe-ft or ST checkpoint?")
+        raise UserError(
+            f"checkpoint {path} has no weights (no 'state_dict'); is it a tahoe-ft or ST checkpoint?"
+        )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise UserError(f"checkpoint {path} has non-tensor weights (e.g. {bad[0]}); it is not a model checkpoint")
+        raise UserError(
+            f"checkpoint {path} has non-tensor weights (e.g. {bad[0]}); it is not a model checkpoint"
+        )
     return state, hparams, obj
 
 
@@ -117,20 +126,26 @@ def load_checkpoint(path: str | Path) -> StateTransitionModel:
     """
     state, hparams, obj = read_weights(path)
     if hparams is None:
-        raise UserError(f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from")
+        raise UserError(
+            f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from"
+        )
     model = StateTransitionModel(hparams)
     state = {k: v for k, v in state.items() if k not in DROPPED_ON_IMPORT}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not match its own hparams: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"checkpoint {path} does not match its own hparams: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
     model.manifest = obj.get("manifest") or (obj.get("hyper_parameters") or {}).get("manifest")
     model.checkpoint_info = {k: obj.get(k) for k in ("step", "val_loss", "experiment")}
     return model
 
 
-def init_from_weights(model: StateTransitionModel, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+def init_from_weights(
+    model: StateTransitionModel, state: dict[str, torch.Tensor], source: str
+) -> dict[str, Any]:
     """Load matching tensors into `model` (weights only) and return the init report.
 
     Tensors whose name and shape match are loaded; shape mismatches are skipped (both shapes reported) and keep
@@ -190,7 +205,9 @@ def format_report(report: dict[str, Any]) -> str:
     for m, c in report["by_module"].items():
         lines.append("  " + m + ": " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     for s in report["skipped_shape"]:
-        lines.append(f"  re-initialised {s['name']}: checkpoint {s['checkpoint_shape']} vs model {s['model_shape']}")
+        lines.append(
+            f"  re-initialised {s['name']}: checkpoint {s['checkpoint_shape']} vs model {s['model_shape']}"
+        )
     if report["unexpected"]:
         lines.append(f"  unexpected (not in this model, ignored): {len(report['unexpected'])} tensors")
     return "\n".join(lines)

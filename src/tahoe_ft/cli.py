@@ -145,7 +145,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     _setup_logging()
-    hydra_flags = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}
+    hydra_flags = {
+        "-m",
+        "--multirun",
+        "--cfg",
+        "-c",
+        "--info",
+        "--help",
+        "-h",
+        "--resolve",
+        "--package",
+        "-p",
+    }
     try:
         if any(a in hydra_flags for a in args):
             _check_experiment(args)

@@ -52,7 +52,9 @@ def run_eval(cfg: DictConfig) -> dict:
         pred, real = Path(cfg.pred), Path(cfg.real)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else pred.parent
     else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else newest_training_run(cfg.runs_dir, cfg.exp, need="pred.h5ad")
+        run_dir = (
+            Path(cfg.run_dir) if cfg.run_dir else newest_training_run(cfg.runs_dir, cfg.exp, need="pred.h5ad")
+        )
         pred, real = run_dir / "pred.h5ad", run_dir / "real.h5ad"
     for p in (pred, real):
         if not p.is_file():
@@ -66,13 +68,31 @@ def run_eval(cfg: DictConfig) -> dict:
             train = training_cells(manifest, max_per_group=cfg.max_train_cells_per_group, seed=0)
     pert_col = info.get("pert_col", "target_gene")
     celltype_col = info.get("cell_type_col") if cfg.per_cell_type else None
-    score = evaluate(pred, real, train, run_dir / "eval", pert_col=pert_col,
-                     control_pert=info.get("control_pert", "non-targeting"), profile=cfg.profile,
-                     num_threads=cfg.num_threads, celltype_col=celltype_col,
-                     de_cache_dir=Path(cfg.runs_dir) / ".de_cache")
-    log.info("score %s: avg_score %.4f (leaderboard %.2f)", run_dir, score["avg_score"], score["leaderboard_score"])
-    print(json.dumps({"run_dir": str(run_dir), "avg_score": score["avg_score"],
-                      "leaderboard_score": score["leaderboard_score"], "metrics": score.get("metrics")}))
+    score = evaluate(
+        pred,
+        real,
+        train,
+        run_dir / "eval",
+        pert_col=pert_col,
+        control_pert=info.get("control_pert", "non-targeting"),
+        profile=cfg.profile,
+        num_threads=cfg.num_threads,
+        celltype_col=celltype_col,
+        de_cache_dir=Path(cfg.runs_dir) / ".de_cache",
+    )
+    log.info(
+        "score %s: avg_score %.4f (leaderboard %.2f)", run_dir, score["avg_score"], score["leaderboard_score"]
+    )
+    print(
+        json.dumps(
+            {
+                "run_dir": str(run_dir),
+                "avg_score": score["avg_score"],
+                "leaderboard_score": score["leaderboard_score"],
+                "metrics": score.get("metrics"),
+            }
+        )
+    )
     return score
 
 
@@ -91,7 +111,9 @@ def run_export(cfg: DictConfig) -> Path:
         pred = Path(cfg.pred)
         run_dir = pred.parent
     else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else newest_training_run(cfg.runs_dir, cfg.exp, need="pred.h5ad")
+        run_dir = (
+            Path(cfg.run_dir) if cfg.run_dir else newest_training_run(cfg.runs_dir, cfg.exp, need="pred.h5ad")
+        )
         pred = run_dir / "pred.h5ad"
     if not pred.is_file():
         raise UserError(f"{pred} not found; run tahoe-ft predict first (or pass pred=)")
@@ -102,7 +124,12 @@ def run_export(cfg: DictConfig) -> Path:
         genes = ad.read_h5ad(pred, backed="r").var_names
         gene_list.write_text("".join(f"{g}\n" for g in genes))
     out = Path(cfg.out) if cfg.out else run_dir / "submission.prep.vcc"
-    path = prep_submission(pred, gene_list, out, pert_col=info.get("pert_col", "target_gene"),
-                           control_pert=info.get("control_pert", "non-targeting"))
+    path = prep_submission(
+        pred,
+        gene_list,
+        out,
+        pert_col=info.get("pert_col", "target_gene"),
+        control_pert=info.get("control_pert", "non-targeting"),
+    )
     print(json.dumps({"submission": str(path)}))
     return path

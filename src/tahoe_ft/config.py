@@ -293,7 +293,7 @@ class CompareConfig:
 class ReproduceConfig:
     runs_dir: str = "runs"
     # multiplies the study's step counts (the demo data is small; 1.0 = the study's own counts)
-    step_scale: float = 0.02
+    step_scale: float = 0.05
     # rounds trained in order; each resolves its parent by name (run:EXP/best-val.pt)
     experiments: list = field(
         default_factory=lambda: ["pretrain", "0826", "0901", "0905", "0906", "0907", "0908"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import numpy as np
 
 from tahoe_ft.demo import DemoSpec, generate_demo, spec_hash
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import sha256_file as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,6 @@ def ensure_demo(cache_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
 
 
 # --- papalexi -------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_papalexi_source() -> Path:

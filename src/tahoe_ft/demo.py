@@ -34,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_write_text as _atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -457,12 +458,6 @@ Spec:
 {json.dumps(spec.asdict(), indent=2, sort_keys=True)}
 ```
 """
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_spec_file(path: Path) -> dict[str, Any] | None:

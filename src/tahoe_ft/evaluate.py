@@ -44,6 +44,8 @@ import polars as pl
 import scipy.sparse as sp
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_write_text as _atomic_write_text
+from tahoe_ft.fileio import sha256_file as _sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +91,6 @@ def _preview(items: Any, n: int = 5) -> str:
     return "[" + ", ".join(items[:n]) + "]" + more
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -122,14 +111,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         _atomic_copy(src, dst)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_content(a: ad.AnnData, cols: list[str]) -> str:

@@ -44,7 +44,9 @@ class FreezeCallback(L.Callback):
         known = {module_of(n) for n, _ in pl_module.model.named_parameters()}
         for m in self.modules:
             if m not in known:
-                raise ValueError(f"freeze.modules names '{m}', which the model does not have ({sorted(known)})")
+                raise ValueError(
+                    f"freeze.modules names '{m}', which the model does not have ({sorted(known)})"
+                )
         for name, p in pl_module.model.named_parameters():
             if module_of(name) in self.modules:
                 p.requires_grad_(trainable)

@@ -114,7 +114,11 @@ class STLightningModule(L.LightningModule):
 
     # -- optimizer -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optim_cfg, sched_cfg, freeze_cfg = self.train_cfg["optim"], self.train_cfg["sched"], self.train_cfg["freeze"]
+        optim_cfg, sched_cfg, freeze_cfg = (
+            self.train_cfg["optim"],
+            self.train_cfg["sched"],
+            self.train_cfg["freeze"],
+        )
         frozen_modules = set(freeze_cfg.get("modules") or [])
         unfreeze_at = freeze_cfg.get("until_step")
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}

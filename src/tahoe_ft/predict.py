@@ -41,12 +41,20 @@ PRED_MAX = 14.0
 def newest_training_run(runs_dir: str | Path, experiment: str | None = None, need: str | None = None) -> Path:
     """The most recent run directory under runs_dir (of `experiment`, if given) that holds `need`."""
     root = Path(runs_dir)
-    exps = [experiment] if experiment else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    exps = (
+        [experiment]
+        if experiment
+        else sorted(p.name for p in root.iterdir() if p.is_dir())
+        if root.is_dir()
+        else []
+    )
     runs = [r for e in exps for r in list_runs(root, e) if need is None or (r / need).exists()]
     if not runs:
         what = f"of experiment '{experiment}' " if experiment else ""
         has = f"with {need} " if need else ""
-        raise UserError(f"no training run {what}{has}under {root.resolve()}; train one first (tahoe-ft train +experiment=...)")
+        raise UserError(
+            f"no training run {what}{has}under {root.resolve()}; train one first (tahoe-ft train +experiment=...)"
+        )
     return max(runs, key=lambda r: r.name)
 
 
@@ -57,8 +65,10 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
         path = resolve_ref(ckpt, cfg.runs_dir)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
         return path, run_dir
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else newest_training_run(
-        cfg.runs_dir, cfg.exp, need=f"checkpoints/{ckpt}"
+    run_dir = (
+        Path(cfg.run_dir)
+        if cfg.run_dir
+        else newest_training_run(cfg.runs_dir, cfg.exp, need=f"checkpoints/{ckpt}")
     )
     path = run_dir / "checkpoints" / ckpt
     if not path.is_file():
@@ -66,8 +76,9 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, Path]:
     return path, run_dir
 
 
-def data_module_from_manifest(manifest: dict[str, Any], *, data_path: Any, seed: int, workdir: Path
-                              ) -> PerturbationDataModule:
+def data_module_from_manifest(
+    manifest: dict[str, Any], *, data_path: Any, seed: int, workdir: Path
+) -> PerturbationDataModule:
     """A data module that reads cells exactly as the checkpoint saw them, from the manifest alone."""
     genes = workdir / "genes.csv"
     genes.write_text("".join(f"{g}\n" for g in manifest["gene_names"]))
@@ -87,9 +98,12 @@ def data_module_from_manifest(manifest: dict[str, Any], *, data_path: Any, seed:
     )
     for p in cfg.path:
         if not Path(p).is_file():
-            raise UserError(f"data file {p} (from the checkpoint's manifest) not found; pass data_path=<file>")
-    dm = PerturbationDataModule(cfg, embed_key=manifest.get("embed_key"), need_counts=False,
-                                cell_set_len=1, seed=seed)
+            raise UserError(
+                f"data file {p} (from the checkpoint's manifest) not found; pass data_path=<file>"
+            )
+    dm = PerturbationDataModule(
+        cfg, embed_key=manifest.get("embed_key"), need_counts=False, cell_set_len=1, seed=seed
+    )
     dm.setup("predict")
     return dm
 
@@ -106,7 +120,7 @@ def predict_sets(model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch
     s = int(model.hparams["cell_set_len"])
     out = []
     for start in range(0, basal.shape[0], s):
-        b = torch.from_numpy(basal[start:start + s]).to(device)[None]  # [1, s, D_in]
+        b = torch.from_numpy(basal[start : start + s]).to(device)[None]  # [1, s, D_in]
         p = pert_vec.to(device).expand(1, b.shape[1], -1)  # [1, s, P]
         y = model.forward_sets(p, b)  # [1, s, D_out]
         if getattr(model, "gene_decoder", None) is not None:
@@ -135,7 +149,9 @@ def predict(cfg: DictConfig) -> Path:
         cells = dm.split_cells(cfg.split)
     groups = sorted(k for k in cells if isinstance(k, tuple))
     if not groups:
-        raise UserError(f"the checkpoint's manifest has no '{cfg.split}' perturbations to predict; use split=val")
+        raise UserError(
+            f"the checkpoint's manifest has no '{cfg.split}' perturbations to predict; use split=val"
+        )
     pert_index = {p: i for i, p in enumerate(manifest["pert_names"])}
     pert_matrix = torch.as_tensor(manifest["pert_matrix"], dtype=torch.float32)
     rng = np.random.default_rng(cfg.seed)
@@ -146,7 +162,9 @@ def predict(cfg: DictConfig) -> Path:
         for ct, pert in groups:
             rows = cells[(ct, pert)]
             if pert not in pert_index:
-                raise UserError(f"perturbation '{pert}' is not in the checkpoint's manifest; it cannot be predicted")
+                raise UserError(
+                    f"perturbation '{pert}' is not in the checkpoint's manifest; it cannot be predicted"
+                )
             ctrl = cells[ct]
             basal_rows = rng.choice(ctrl, size=rows.size, replace=rows.size > ctrl.size)
             basal = dm.read_input(np.sort(basal_rows))
@@ -181,20 +199,28 @@ def predict(cfg: DictConfig) -> Path:
         a.uns["tahoe_ft"] = {"kind": kind, "checkpoint": str(ckpt_path), "split": cfg.split}
     _write_h5ad(real, run_dir / "real.h5ad")
     _write_h5ad(pred, run_dir / "pred.h5ad")
-    write_json_atomic(run_dir / "predict.json", {
-        "checkpoint": str(Path(ckpt_path).resolve()),
-        "checkpoint_step": model.checkpoint_info.get("step"),
-        "split": cfg.split,
-        "n_groups": len(groups),
-        "n_pred_cells": int(pred_x.shape[0]),
-        "n_control_cells": int(ctrl_x.shape[0]),
-        "n_genes": len(manifest["gene_names"]),
-        "pert_col": manifest["pert_col"],
-        "control_pert": manifest["control_pert"],
-        "cell_type_col": manifest["cell_type_col"],
-        "data_paths": [str(p) for p in dm.data_paths],
-        "seed": cfg.seed,
-    })
-    log.info("wrote %s and %s (%d groups, %d cells)", run_dir / "pred.h5ad", run_dir / "real.h5ad",
-             len(groups), pred.n_obs)
+    write_json_atomic(
+        run_dir / "predict.json",
+        {
+            "checkpoint": str(Path(ckpt_path).resolve()),
+            "checkpoint_step": model.checkpoint_info.get("step"),
+            "split": cfg.split,
+            "n_groups": len(groups),
+            "n_pred_cells": int(pred_x.shape[0]),
+            "n_control_cells": int(ctrl_x.shape[0]),
+            "n_genes": len(manifest["gene_names"]),
+            "pert_col": manifest["pert_col"],
+            "control_pert": manifest["control_pert"],
+            "cell_type_col": manifest["cell_type_col"],
+            "data_paths": [str(p) for p in dm.data_paths],
+            "seed": cfg.seed,
+        },
+    )
+    log.info(
+        "wrote %s and %s (%d groups, %d cells)",
+        run_dir / "pred.h5ad",
+        run_dir / "real.h5ad",
+        len(groups),
+        pred.n_obs,
+    )
     return run_dir

@@ -56,19 +56,38 @@ def reproduce(cfg: DictConfig, args: list[str] | None = None) -> dict:
         console.rule(f"[bold]reproduce [{i}/{len(plan)}] {label}  (elapsed {time.perf_counter() - t0:.0f} s)")
         ts = time.perf_counter()
         if cmd == "train":
-            run("train", [f"+experiment={exp}", f"step_scale={cfg.step_scale}", *common, *fwd,
-                          *list(cfg.train_overrides)])
+            run(
+                "train",
+                [
+                    f"+experiment={exp}",
+                    f"step_scale={cfg.step_scale}",
+                    *common,
+                    *fwd,
+                    *list(cfg.train_overrides),
+                ],
+            )
         elif cmd == "predict":
             run("predict", [f"exp={exp}", *common, *[a for a in fwd if a.startswith("paths")]])
         elif cmd == "eval":
-            run("eval", [f"exp={exp}", f"profile={cfg.profile}", f"num_threads={cfg.num_threads}",
-                         *common, *[a for a in fwd if a.startswith("paths")]])
+            run(
+                "eval",
+                [
+                    f"exp={exp}",
+                    f"profile={cfg.profile}",
+                    f"num_threads={cfg.num_threads}",
+                    *common,
+                    *[a for a in fwd if a.startswith("paths")],
+                ],
+            )
         else:
             run("compare", [f"runs_dir={cfg.runs_dir}"])
         timings.append({"stage": label, "seconds": round(time.perf_counter() - ts, 1)})
     wall = time.perf_counter() - t0
-    summary = {"wall_time_s": round(wall, 1), "stages": timings,
-               "compare_csv": str(Path(cfg.runs_dir) / "compare.csv")}
+    summary = {
+        "wall_time_s": round(wall, 1),
+        "stages": timings,
+        "compare_csv": str(Path(cfg.runs_dir) / "compare.csv"),
+    }
     write_json_atomic(Path(cfg.runs_dir) / "reproduce.json", summary)
     console.rule(f"[bold green]reproduce finished in {wall / 60:.1f} min")
     print(json.dumps(summary))

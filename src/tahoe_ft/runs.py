@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_write_text
 
 RUN_REF = re.compile(r"^run:(?P<exp>[^/]+)(?:/(?P<file>.+))?$")
 _RUN_ID = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
@@ -93,9 +94,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to `path` through a temp file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:

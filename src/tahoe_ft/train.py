@@ -38,8 +38,16 @@ from tahoe_ft.runs import (
 log = logging.getLogger(__name__)
 
 # Architecture keys taken from the parent checkpoint (a backbone only transfers to the same architecture).
-ARCH_KEYS = ("hidden_dim", "n_encoder_layers", "n_decoder_layers", "activation", "predict_residual",
-             "use_basal_projection", "transformer_backbone_key", "transformer_backbone_kwargs")
+ARCH_KEYS = (
+    "hidden_dim",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "activation",
+    "predict_residual",
+    "use_basal_projection",
+    "transformer_backbone_key",
+    "transformer_backbone_kwargs",
+)
 # Settings that a resumed run must keep: changing them mid-run would be silently ignored or inconsistent.
 RESUME_FIXED = ("optim", "sched", "loss", "freeze", "trainer.max_steps", "model", "encoder", "seed")
 
@@ -64,7 +72,10 @@ def build_hparams(cfg: DictConfig, dims: dict[str, Any], parent: dict[str, Any] 
     if parent is not None:
         differs = [k for k in ARCH_KEYS if k in parent and parent[k] != hp[k]]
         if differs:
-            log.info("architecture from the parent checkpoint, not configs/model (differs in: %s)", ", ".join(differs))
+            log.info(
+                "architecture from the parent checkpoint, not configs/model (differs in: %s)",
+                ", ".join(differs),
+            )
         hp.update({k: parent[k] for k in ARCH_KEYS if k in parent})
     enc = cfg.encoder
     decoder_cfg = None
@@ -109,7 +120,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def _check_resume_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) -> None:
     a, b = _flat(saved), _flat(now)
     changed = sorted(
-        k for k in set(a) | set(b)
+        k
+        for k in set(a) | set(b)
         if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED) and a.get(k) != b.get(k)
     )
     if changed:
@@ -122,7 +134,11 @@ def _check_resume_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir
 
 
 def _resume_target(cfg: DictConfig) -> tuple[Path, Path]:
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else newest_run(cfg.runs_dir, cfg.experiment, need="checkpoints/last.ckpt")
+    run_dir = (
+        Path(cfg.run_dir)
+        if cfg.run_dir
+        else newest_run(cfg.runs_dir, cfg.experiment, need="checkpoints/last.ckpt")
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise UserError(f"resume=true: {last} does not exist; start a new run without resume=true")
@@ -196,11 +212,22 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     if not cfg.resume:
         run_dir = new_run_dir(cfg.runs_dir, cfg.experiment)
         (run_dir / f"{cfg.experiment}_config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        write_json_atomic(run_dir / "manifest.json", {k: v for k, v in manifest.items() if k != "pert_matrix"})
-        update_run_info(run_dir, experiment=cfg.experiment, run_id=run_dir.name, status="running",
-                        started=now_iso(), parent=str(parent_path) if parent_path else None,
-                        description=cfg.description, wall_time_s=0.0, steps=0,
-                        best_val_loss=None, best_step=None)
+        write_json_atomic(
+            run_dir / "manifest.json", {k: v for k, v in manifest.items() if k != "pert_matrix"}
+        )
+        update_run_info(
+            run_dir,
+            experiment=cfg.experiment,
+            run_id=run_dir.name,
+            status="running",
+            started=now_iso(),
+            parent=str(parent_path) if parent_path else None,
+            description=cfg.description,
+            wall_time_s=0.0,
+            steps=0,
+            best_val_loss=None,
+            best_step=None,
+        )
         set_latest(run_dir)
     if parent_state is not None:
         report = init_from_weights(module.model, parent_state, str(parent_path))
@@ -210,10 +237,20 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         write_json_atomic(run_dir / "init_report.json", {"source": None, "note": "trained from scratch"})
 
     # -- trainer -------------------------------------------------------------------------------------
-    policy = CheckpointPolicy(run_dir, cfg.experiment, manifest, resolved,
-                              every_n_steps=cfg.checkpoint.every_n_steps, save_last=cfg.checkpoint.save_last)
-    callbacks = [FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step), policy, LRAndThroughput(),
-                 *(callbacks or [])]
+    policy = CheckpointPolicy(
+        run_dir,
+        cfg.experiment,
+        manifest,
+        resolved,
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        save_last=cfg.checkpoint.save_last,
+    )
+    callbacks = [
+        FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step),
+        policy,
+        LRAndThroughput(),
+        *(callbacks or []),
+    ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=False))
     t = cfg.trainer
@@ -244,14 +281,27 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(last_ckpt) if last_ckpt else None, weights_only=True)
         if policy.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)  # best-val.pt also sees the final weights
+            trainer.validate(
+                module, datamodule=dm, verbose=False, weights_only=True
+            )  # best-val.pt also sees the final weights
     except BaseException:
-        update_run_info(run_dir, status="failed", wall_time_s=info.get("wall_time_s", 0.0) + time.perf_counter() - start)
+        update_run_info(
+            run_dir, status="failed", wall_time_s=info.get("wall_time_s", 0.0) + time.perf_counter() - start
+        )
         raise
     wall = float(info.get("wall_time_s") or 0.0) + time.perf_counter() - start
-    update_run_info(run_dir, status="finished", finished=now_iso(), wall_time_s=wall, steps=trainer.global_step,
-                    best_val_loss=policy.best_val, best_step=policy.best_step,
-                    resumed=(info.get("resumed", 0) + 1) if cfg.resume else info.get("resumed", 0))
+    update_run_info(
+        run_dir,
+        status="finished",
+        finished=now_iso(),
+        wall_time_s=wall,
+        steps=trainer.global_step,
+        best_val_loss=policy.best_val,
+        best_step=policy.best_step,
+        resumed=(info.get("resumed", 0) + 1) if cfg.resume else info.get("resumed", 0),
+    )
     log.info("run finished: %s (best val_loss %.5f at step %d)", run_dir, policy.best_val, policy.best_step)
-    print(json.dumps({"run_dir": str(run_dir), "best_val_loss": policy.best_val, "best_step": policy.best_step}))
+    print(
+        json.dumps({"run_dir": str(run_dir), "best_val_loss": policy.best_val, "best_step": policy.best_step})
+    )
     return run_dir
