@@ -32,11 +32,17 @@ def _forwarded(args: list[str]) -> list[str]:
     return out
 
 
+def _name(e: object) -> str:
+    """An experiment name; `0905` typed unquoted on the command line arrives as the integer 905."""
+    s = str(e)
+    return s.zfill(4) if s.isdigit() else s
+
+
 def stages(cfg: DictConfig) -> list[tuple[str, str]]:
     """(command, experiment) in the order they run."""
-    plan = [("train", e) for e in cfg.experiments]
-    plan += [("predict", e) for e in cfg.evaluate]
-    plan += [("eval", e) for e in cfg.evaluate]
+    plan = [("train", _name(e)) for e in cfg.experiments]
+    plan += [("predict", _name(e)) for e in cfg.evaluate]
+    plan += [("eval", _name(e)) for e in cfg.evaluate]
     plan.append(("compare", ""))
     return plan
 
