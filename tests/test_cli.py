@@ -83,6 +83,8 @@ def test_step_scale_scales_study_steps(tmp_path):
             ],
             "/nonexistent/screen.h5ad",
         ),
+        (["train", "+experiment=0905", "init_from=null", "freeze.modules=[transformer_bakbone]", "model.cell_set_len=8", "logger=csv"], "transformer_bakbone"),
+        (["train", "+experiment=0905", "init_from=null", "model.cell_set_len=500", "logger=csv"], "cell_set_len"),
         (["predict", "ckpt=missing.pt"], "no training run"),
         (["frobnicate"], "unknown command"),
     ],
@@ -99,6 +101,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and needle in lines[-1], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+    # nothing half-written: a refused training leaves no run directory behind
+    assert not list((tmp_path / "runs").glob("*/2*"))
 
 
 def test_bad_checkpoint_refused_and_runs_untouched(tmp_path):

@@ -12,6 +12,7 @@ from collections import Counter
 
 import lightning as L
 
+from tahoe_ft.errors import UserError
 from tahoe_ft.model import module_of
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,16 @@ class FreezeCallback(L.Callback):
         self.until_step = until_step
         self.frozen = False
 
-    def _set(self, pl_module, trainable: bool) -> None:
-        known = {module_of(n) for n, _ in pl_module.model.named_parameters()}
+    def check(self, model) -> None:
+        """Every name in freeze.modules must be a module of `model` (checked before a run dir exists)."""
+        known = {module_of(n) for n, _ in model.named_parameters()}
         for m in self.modules:
             if m not in known:
-                raise ValueError(
-                    f"freeze.modules names '{m}', which the model does not have ({sorted(known)})"
+                raise UserError(
+                    f"freeze.modules names '{m}', which the model does not have; use some of {sorted(known)}"
                 )
+
+    def _set(self, pl_module, trainable: bool) -> None:
         for name, p in pl_module.model.named_parameters():
             if module_of(name) in self.modules:
                 p.requires_grad_(trainable)

@@ -208,6 +208,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         "max_steps": cfg.trainer.max_steps,
     }
     module = STLightningModule(hparams, train_cfg)
+    freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
+    freezer.check(module.model)
 
     if not cfg.resume:
         run_dir = new_run_dir(cfg.runs_dir, cfg.experiment)
@@ -246,7 +248,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         save_last=cfg.checkpoint.save_last,
     )
     callbacks = [
-        FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step),
+        freezer,
         policy,
         LRAndThroughput(),
         *(callbacks or []),
