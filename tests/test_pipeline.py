@@ -175,3 +175,26 @@ def test_papalexi_trains_predicts_and_scores(tmp_path):
         "discrimination_score_l1",
         "overlap_at_N",
     }
+
+
+def test_predict_needs_only_the_checkpoint_and_the_cells(study, tmp_path):
+    """Training-time files (run config, manifest.json, features dict, split TOML, gene list) are not read."""
+    import shutil
+
+    src = _latest(study, "0826")
+    ckpt = tmp_path / "best-val.pt"
+    shutil.copy(src / "checkpoints" / "best-val.pt", ckpt)
+    cache = next((study.parent / "cache").glob("demo-*"))
+    hidden = [cache / n for n in ("pert_features.pt", "split.toml", "gene_names.csv")]
+    for p in hidden:
+        p.rename(p.with_name(p.name + ".hidden"))
+    try:
+        out_dir = tmp_path / "pred"
+        out_dir.mkdir()
+        run("predict", [f"ckpt={ckpt}", f"run_dir={out_dir}", f"runs_dir={study}"])
+    finally:
+        for p in hidden:
+            p.with_name(p.name + ".hidden").rename(p)
+    new, old = ad.read_h5ad(out_dir / "pred.h5ad"), ad.read_h5ad(src / "pred.h5ad")
+    assert list(new.var_names) == list(old.var_names)
+    assert np.array_equal(_dense(new.X), _dense(old.X))  # same seed, same cells: the same prediction
