@@ -22,6 +22,7 @@ import torch
 
 from tahoe_ft.errors import UserError
 from tahoe_ft.model import StateTransitionModel, module_of
+from tahoe_ft.upstream import is_upstream, translate_hparams
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,75 @@ def weights_payload(
     }
 
 
+# Classes a Lightning checkpoint's hyper_parameters may hold: OmegaConf nodes (upstream `state` saves Hydra
+# config values) and the `loss_fn=nn.MSELoss()` default that upstream's base class records in every checkpoint.
+# Allow-listed for torch's weights-only unpickler: they restore containers and a parameter-free module, nothing
+# else. Any other global is refused.
+_CONFIG_GLOBALS = {
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode", "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "omegaconf.nodes.EnumNode", "typing.Any",
+    "builtins.int", "builtins.float", "builtins.str", "builtins.bool", "builtins.dict", "builtins.list",
+    "builtins.tuple", "collections.defaultdict", "collections.OrderedDict", "torch.nn.modules.loss.MSELoss",
+}  # fmt: skip
+
+
+def _config_globals(names: list[str]) -> list:
+    import builtins
+    import collections
+    import typing
+
+    import omegaconf
+    import torch.nn.modules.loss as torch_loss
+    from omegaconf import base, dictconfig, listconfig, nodes
+
+    mods = {"torch.nn.modules.loss": torch_loss, "omegaconf.dictconfig": dictconfig, "omegaconf.listconfig": listconfig, "omegaconf.base": base,
+            "omegaconf.nodes": nodes, "typing": typing, "builtins": builtins, "collections": collections,
+            "omegaconf": omegaconf}
+    out = []
+    for name in names:
+        mod, _, attr = name.rpartition(".")
+        out.append((getattr(mods[mod], attr), name))
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers (from upstream hyper_parameters) -> plain dicts and lists; modules -> their name."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, torch.nn.Module):
+        return type(obj).__name__
+    if isinstance(obj, DictConfig | ListConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def safe_load(path: str | Path) -> dict[str, Any]:
-    """`torch.load(weights_only=True)` with one clear error for anything that is not a safe checkpoint."""
+    """`torch.load(weights_only=True)` with one clear error for anything that is not a safe checkpoint.
+
+    Only tensors, plain python values and (for upstream Lightning checkpoints) OmegaConf containers are
+    unpickled; a file that needs any other class is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check the path or run:EXPERIMENT/best-val.pt")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            extra = sorted(set(unsafe) - _CONFIG_GLOBALS)
+            if extra:
+                raise UserError(
+                    f"checkpoint {path} needs arbitrary unpickling ({', '.join(extra[:3])}), which is refused; "
+                    "re-save it as tensors + plain python values"
+                ) from None
+            with torch.serialization.safe_globals(_config_globals(unsafe)):
+                obj = _plain(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise UserError(
@@ -86,9 +149,7 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint"
-        ) from None
+        raise UserError(f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -105,8 +166,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         if any(k.startswith("model.") for k in state):
             state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             hparams = hp.get("model")
+        elif is_upstream(obj):  # a `state tx train` checkpoint: architecture from its own hyper_parameters
+            hparams = translate_hparams(hp, str(path))
         else:
-            hparams = None  # upstream hparams need translation (tahoe_ft.upstream); weights are usable
+            hparams = None
     else:
         raise UserError(
             f"checkpoint {path} has no weights (no 'state_dict'); is it a tahoe-ft or ST checkpoint?"
