@@ -141,3 +141,14 @@ def test_wandb_offline_run_files(tmp_path):
     files = {p.name for p in offline[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
     assert (run_dir / "pretrain_metrics.csv").is_file()
+
+
+def test_check_reports_splits_without_training(tmp_path):
+    summary = run("check", [f"paths.data_cache={tmp_path}", *TINY_DEMO, "model.cell_set_len=8"])
+    sp = summary["splits"]
+    assert len(sp["val"]["perturbations"]) == 2 and len(sp["test"]["perturbations"]) == 2
+    assert not set(sp["train"]["perturbations"]) & (set(sp["val"]["perturbations"]) | set(sp["test"]["perturbations"]))
+    assert summary["genes"] == 60 and summary["batches_per_epoch"]["train"] > 0
+    out = cli("check", "data=papalexi", "data.input_transform=log1p", f"paths.data_cache={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "counts" in out.stderr.strip().splitlines()[-1]

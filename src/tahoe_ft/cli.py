@@ -28,6 +28,7 @@ COMMANDS = {
     "compare": "tahoe_ft.commands:run_compare",
     "reproduce": "tahoe_ft.reproduce:reproduce",
     "export": "tahoe_ft.commands:run_export",
+    "check": "tahoe_ft.commands:run_check",
 }
 SCHEMAS = {
     "train": "TrainConfig",
@@ -36,8 +37,9 @@ SCHEMAS = {
     "compare": "CompareConfig",
     "reproduce": "ReproduceConfig",
     "export": "ExportConfig",
+    "check": "CheckConfig",
 }
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export} [key=value ...]
+USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,check} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
   predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
@@ -45,6 +47,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export} [key=va
   compare    all evaluated runs:         tahoe-ft compare
   reproduce  the whole case study:       tahoe-ft reproduce
   export     a VCC submission (.vcc):    tahoe-ft export exp=0908
+  check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
 
 Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""

@@ -133,3 +133,40 @@ def run_export(cfg: DictConfig) -> Path:
     )
     print(json.dumps({"submission": str(path)}))
     return path
+
+
+def run_check(cfg: DictConfig) -> dict:
+    """`tahoe-ft check`: open and validate a data set as `train` would, print what it found; train nothing."""
+    from tahoe_ft.data import PerturbationDataModule
+
+    dm = PerturbationDataModule(
+        cfg.data,
+        embed_key=cfg.encoder.embed_key,
+        need_counts=cfg.encoder.decoder is not None,
+        cell_set_len=cfg.model.cell_set_len,
+        seed=cfg.seed,
+    )
+    dm.setup("fit")
+    summary = {
+        "files": [str(p) for p in dm.data_paths],
+        "dims": dict(dm.dims),
+        "genes": len(dm.gene_names),
+        "perturbations": len(dm.pert_names),
+        "cell_types": list(dm.cell_types),
+        "batches": list(dm.batches) if dm.batches is not None else None,
+        "control": cfg.data.control_pert,
+        "input_transform": cfg.data.input_transform,
+        "splits": {},
+    }
+    for split in ("train", "val", "test"):
+        cells = dm.split_cells(split)
+        groups = {k: v for k, v in cells.items() if isinstance(k, tuple)}
+        summary["splits"][split] = {
+            "perturbations": sorted({p for _, p in groups}),
+            "groups": len(groups),
+            "cells": int(sum(v.size for v in groups.values())),
+            "smallest_group": int(min((v.size for v in groups.values()), default=0)),
+        }
+    summary["batches_per_epoch"] = {"train": len(dm.train_dataloader()), "val": len(dm.val_dataloader())}
+    print(json.dumps(summary, indent=2))
+    return summary

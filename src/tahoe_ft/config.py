@@ -319,3 +319,12 @@ class ExportConfig:
     gene_list: str | None = None
     # default: <run>/submission.prep.vcc
     out: str | None = None
+
+
+@dataclass
+class CheckConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
