@@ -67,8 +67,16 @@ def main() -> None:
     try:
         from state.tx.models.state_transition import StateTransitionPerturbationModel
 
-        up_hp = dict(hp, loss="energy", distributional_loss="energy", embed_key=None, gene_names=None,
-                     control_pert="non-targeting", batch_size=b, lr=1e-4)
+        up_hp = dict(
+            hp,
+            loss="energy",
+            distributional_loss="energy",
+            embed_key=None,
+            gene_names=None,
+            control_pert="non-targeting",
+            batch_size=b,
+            lr=1e-4,
+        )
         upstream = StateTransitionPerturbationModel(**up_hp)
         sd = {k: v for k, v in upstream.state_dict().items() if "embed_tokens" not in k}
         ours.load_state_dict(sd, strict=True)
@@ -94,8 +102,10 @@ def main() -> None:
 
     results["tahoe-ft"] = time_steps(step_ours, a.steps)
     cells = b * s
-    print(f"threads {torch.get_num_threads()}, genes {a.genes}, hidden {a.hidden}, sets {b} x {s} cells, "
-          f"{a.steps} steps each (median)")
+    print(
+        f"threads {torch.get_num_threads()}, genes {a.genes}, hidden {a.hidden}, sets {b} x {s} cells, "
+        f"{a.steps} steps each (median)"
+    )
     for name, ts in results.items():
         med = statistics.median(ts)
         print(f"  {name:28s} {med * 1e3:8.1f} ms/step  {cells / med:10.0f} cells/s")

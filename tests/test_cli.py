@@ -83,8 +83,21 @@ def test_step_scale_scales_study_steps(tmp_path):
             ],
             "/nonexistent/screen.h5ad",
         ),
-        (["train", "+experiment=0905", "init_from=null", "freeze.modules=[transformer_bakbone]", "model.cell_set_len=8", "logger=csv"], "transformer_bakbone"),
-        (["train", "+experiment=0905", "init_from=null", "model.cell_set_len=500", "logger=csv"], "cell_set_len"),
+        (
+            [
+                "train",
+                "+experiment=0905",
+                "init_from=null",
+                "freeze.modules=[transformer_bakbone]",
+                "model.cell_set_len=8",
+                "logger=csv",
+            ],
+            "transformer_bakbone",
+        ),
+        (
+            ["train", "+experiment=0905", "init_from=null", "model.cell_set_len=500", "logger=csv"],
+            "cell_set_len",
+        ),
         (["predict", "ckpt=missing.pt"], "no training run"),
         (["frobnicate"], "unknown command"),
     ],
@@ -147,8 +160,12 @@ def test_check_reports_splits_without_training(tmp_path):
     summary = run("check", [f"paths.data_cache={tmp_path}", *TINY_DEMO, "model.cell_set_len=8"])
     sp = summary["splits"]
     assert len(sp["val"]["perturbations"]) == 2 and len(sp["test"]["perturbations"]) == 2
-    assert not set(sp["train"]["perturbations"]) & (set(sp["val"]["perturbations"]) | set(sp["test"]["perturbations"]))
+    assert not set(sp["train"]["perturbations"]) & (
+        set(sp["val"]["perturbations"]) | set(sp["test"]["perturbations"])
+    )
     assert summary["genes"] == 60 and summary["batches_per_epoch"]["train"] > 0
-    out = cli("check", "data=papalexi", "data.input_transform=log1p", f"paths.data_cache={tmp_path}", cwd=tmp_path)
+    out = cli(
+        "check", "data=papalexi", "data.input_transform=log1p", f"paths.data_cache={tmp_path}", cwd=tmp_path
+    )
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "counts" in out.stderr.strip().splitlines()[-1]

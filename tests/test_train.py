@@ -238,11 +238,20 @@ def test_freeze_until_step_unfreezes_with_warmup(tmp_path, chain):
 def test_study_parent_switch_reads_weights_from_last_ckpt(tmp_path, chain):
     """0907 as the study ran it: from 0906's LAST checkpoint, weights only (fresh optimizer and schedule)."""
     root, runs = chain
-    run_dir = train(root, "0907", "init_from=run:0906/last.ckpt", "trainer.max_steps=1", "trainer.val_check_interval=1",
-                    steps=1, val_every=1)
+    run_dir = train(
+        root,
+        "0907",
+        "init_from=run:0906/last.ckpt",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        steps=1,
+        val_every=1,
+    )
     report = json.loads((run_dir / "init_report.json").read_text())
     assert report["source"].endswith("0906/" + runs["0906"].name + "/checkpoints/last.ckpt")
-    assert report["by_module"]["transformer_backbone"] == {"loaded": len(_backbone(_weights(runs["0906"])["state_dict"]))}
+    assert report["by_module"]["transformer_backbone"] == {
+        "loaded": len(_backbone(_weights(runs["0906"])["state_dict"]))
+    }
     assert not report["missing"] and not report["skipped_shape"]
     lr_rows = column(metrics(run_dir), "lr")
     assert lr_rows[0][0] == 0  # a fresh schedule: step 0, not the parent's step count

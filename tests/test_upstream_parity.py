@@ -208,14 +208,30 @@ def _save_lightning_ckpt(up, path, *, omegaconf_kwargs: bool = True) -> None:
         hp["transformer_backbone_kwargs"] = OmegaConf.create(dict(hp["transformer_backbone_kwargs"]))
         if hp.get("decoder_cfg"):
             hp["decoder_cfg"] = OmegaConf.create(dict(hp["decoder_cfg"]))
-    torch.save({"state_dict": up.state_dict(), "hyper_parameters": hp, "global_step": 123, "epoch": 1,
-                "pytorch-lightning_version": "2.6.6", "optimizer_states": [], "lr_schedulers": []}, path)
+    torch.save(
+        {
+            "state_dict": up.state_dict(),
+            "hyper_parameters": hp,
+            "global_step": 123,
+            "epoch": 1,
+            "pytorch-lightning_version": "2.6.6",
+            "optimizer_states": [],
+            "lr_schedulers": [],
+        },
+        path,
+    )
 
 
 def test_upstream_lightning_checkpoint_loads_with_its_own_architecture(tmp_path):
     import tahoe_ft
 
-    decoder = {"latent_dim": D, "gene_dim": G, "hidden_dims": [32, 32], "dropout": 0.1, "residual_decoder": False}
+    decoder = {
+        "latent_dim": D,
+        "gene_dim": G,
+        "hidden_dims": [32, 32],
+        "dropout": 0.1,
+        "residual_decoder": False,
+    }
     up = build_upstream(embed_key="X_state", output_space="gene", decoder_cfg=decoder, gene_dim=G)
     _randomize(up)
     path = tmp_path / "best.ckpt"
@@ -230,16 +246,19 @@ def test_finetune_from_upstream_checkpoint(tmp_path):
     """`pretrained=<state tx train .ckpt>`: 0905 keeps its backbone bit for bit (frozen), re-initialises the rest."""
     import json
 
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from conftest_train import train
 
     # an ST-SE-like base on the tiny demo's X_state width (16); its own architecture (hidden 48, 2 layers)
-    decoder = {"latent_dim": 16, "gene_dim": 60, "hidden_dims": [32], "dropout": 0.1, "residual_decoder": False}
-    up = build_upstream(input_dim=16, output_dim=16, embed_key="X_state", output_space="all", decoder_cfg=decoder,
-                        gene_dim=60)
+    decoder = {
+        "latent_dim": 16,
+        "gene_dim": 60,
+        "hidden_dims": [32],
+        "dropout": 0.1,
+        "residual_decoder": False,
+    }
+    up = build_upstream(
+        input_dim=16, output_dim=16, embed_key="X_state", output_space="all", decoder_cfg=decoder, gene_dim=60
+    )
     path = tmp_path / "st_tahoe_like.ckpt"
     _save_lightning_ckpt(up, path)
     run_dir = train(tmp_path, "0905", f"pretrained={path}")
@@ -262,8 +281,10 @@ def test_gpt2_and_causal_upstream_checkpoints_are_refused(tmp_path):
 
     up = build_upstream()
     hp = dict(up.hparams)
-    for change, needle in (({"transformer_backbone_key": "GPT2"}, "not supported"),
-                           ({"transformer_backbone_kwargs": {**LLAMA, "bidirectional_attention": False}}, "causal")):
+    for change, needle in (
+        ({"transformer_backbone_key": "GPT2"}, "not supported"),
+        ({"transformer_backbone_kwargs": {**LLAMA, "bidirectional_attention": False}}, "causal"),
+    ):
         path = tmp_path / "x.ckpt"
         torch.save({"state_dict": up.state_dict(), "hyper_parameters": {**hp, **change}}, path)
         with pytest.raises(UserError, match=needle):

@@ -94,9 +94,17 @@ def _config_globals(names: list[str]) -> list:
     import torch.nn.modules.loss as torch_loss
     from omegaconf import base, dictconfig, listconfig, nodes
 
-    mods = {"torch.nn.modules.loss": torch_loss, "omegaconf.dictconfig": dictconfig, "omegaconf.listconfig": listconfig, "omegaconf.base": base,
-            "omegaconf.nodes": nodes, "typing": typing, "builtins": builtins, "collections": collections,
-            "omegaconf": omegaconf}
+    mods = {
+        "torch.nn.modules.loss": torch_loss,
+        "omegaconf.dictconfig": dictconfig,
+        "omegaconf.listconfig": listconfig,
+        "omegaconf.base": base,
+        "omegaconf.nodes": nodes,
+        "typing": typing,
+        "builtins": builtins,
+        "collections": collections,
+        "omegaconf": omegaconf,
+    }
     out = []
     for name in names:
         mod, _, attr = name.rpartition(".")
@@ -149,7 +157,9 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

@@ -31,8 +31,14 @@ UPSTREAM_DEFAULTS: dict[str, Any] = {
     "batch_dim": None,
     "gene_dim": None,
 }
-REQUIRED = ("input_dim", "output_dim", "pert_dim", "hidden_dim", "transformer_backbone_key",
-            "transformer_backbone_kwargs")
+REQUIRED = (
+    "input_dim",
+    "output_dim",
+    "pert_dim",
+    "hidden_dim",
+    "transformer_backbone_key",
+    "transformer_backbone_kwargs",
+)
 
 
 def is_upstream(obj: dict[str, Any]) -> bool:
@@ -46,7 +52,9 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
     """tahoe-ft model hparams from an upstream checkpoint's `hyper_parameters`."""
     missing = [k for k in REQUIRED if k not in hp]
     if missing:
-        raise UserError(f"{source}: upstream hyper_parameters lack {missing}; is it a state tx train checkpoint?")
+        raise UserError(
+            f"{source}: upstream hyper_parameters lack {missing}; is it a state tx train checkpoint?"
+        )
     key = str(hp["transformer_backbone_key"]).lower()
     if key != "llama":
         raise UserError(
@@ -60,8 +68,11 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
             "the bidirectional, position-free ST only"
         )
     if "bidirectional_attention" not in kwargs:
-        log.warning("%s has no bidirectional_attention flag (state <= 0.10): loading with the intended "
-                    "bidirectional semantics", source)
+        log.warning(
+            "%s has no bidirectional_attention flag (state <= 0.10): loading with the intended "
+            "bidirectional semantics",
+            source,
+        )
     kwargs["bidirectional_attention"] = True
     out = {k: hp.get(k, UPSTREAM_DEFAULTS.get(k)) for k in (*REQUIRED, *UPSTREAM_DEFAULTS)}
     out["transformer_backbone_key"] = "llama"
@@ -69,10 +80,15 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
     decoder = hp.get("decoder_cfg")
     gene_decoder = hp.get("gene_decoder_bool", True)
     if out["output_space"] == "embedding" or not gene_decoder or not decoder:
-        out["decoder_cfg"] = None  # upstream builds no decoder here (0.11.1 drops decoder_cfg for "embedding")
+        out["decoder_cfg"] = (
+            None  # upstream builds no decoder here (0.11.1 drops decoder_cfg for "embedding")
+        )
     else:
-        out["decoder_cfg"] = {k: decoder[k] for k in ("latent_dim", "gene_dim", "hidden_dims", "dropout",
-                                                      "residual_decoder") if k in decoder}
+        out["decoder_cfg"] = {
+            k: decoder[k]
+            for k in ("latent_dim", "gene_dim", "hidden_dims", "dropout", "residual_decoder")
+            if k in decoder
+        }
     if out["decoder_cfg"] is None:
         out["gene_dim"] = None
     return out
