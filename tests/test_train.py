@@ -153,6 +153,17 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class _Fingerprints(L.Callback):
+    """What each optimizer step trained on: {global step: sums of the batch tensors}."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        keys = ("pert_emb", "ctrl_cell_emb", "pert_cell_emb")
+        self.seen[trainer.global_step] = tuple(round(float(batch[k].double().sum()), 6) for k in keys)
+
+
 class _Probe(L.Callback):
     def __init__(self):
         self.start_step = None
@@ -174,6 +185,10 @@ def test_resume_is_explicit_and_continues(chain):
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_fn(cfg, callbacks=[_Crash(at=4)])
+    # the same run, never interrupted, for the batches it trains on
+    whole = _Fingerprints()
+    init = f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt"
+    train_fn(_compose("train", train_args(root / "whole", "0905", init)), callbacks=[whole])
     run_dir = newest_run(crash_root / "runs", "0905")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -181,14 +196,17 @@ def test_resume_is_explicit_and_continues(chain):
     before = (run_dir / "checkpoints" / "best-val.pt").read_bytes()
 
     # resume=true: same run dir, from step 3, with the saved Adam state
-    probe = _Probe()
+    probe, resumed = _Probe(), _Fingerprints()
     cfg = _compose(
         "train",
         train_args(
             crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt", "resume=true"
         ),
     )
-    out = train_fn(cfg, callbacks=[probe])
+    out = train_fn(cfg, callbacks=[probe, resumed])
+    # mid-epoch resume is exact: steps 3..5 train on the batches the uninterrupted run trained on
+    assert sorted(resumed.seen) == [3, 4, 5]
+    assert {s: whole.seen[s] for s in resumed.seen} == resumed.seen
     assert out == run_dir
     assert probe.start_step == 3
     assert probe.adam_steps == {3.0}

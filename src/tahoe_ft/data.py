@@ -766,6 +766,7 @@ class SetPlan(Sampler):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._iterated = False
+        self._skip = 0
         self.sampler = _EpochHook(self)
         n_sets = -(-groups.size // self.cell_set_len)
         if not train:
@@ -774,6 +775,15 @@ class SetPlan(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self._iterated = False
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Continue an interrupted epoch: the next iteration is `epoch`'s plan without its first
+        `batches_done` batches (the ones trained before the checkpoint). Exact, because the plan is a pure
+        function of (seed, epoch); a DataLoader with workers creates its iterator before Lightning calls
+        `set_epoch`, so the epoch is set here too."""
+        self.epoch = int(epoch)
+        self._skip = int(batches_done)
         self._iterated = False
 
     def _dist(self) -> tuple[int, int]:
@@ -848,7 +858,8 @@ class SetPlan(Sampler):
         if self._iterated and self.train:
             self.epoch += 1  # nobody called set_epoch: still give a new epoch
         self._iterated = True
-        yield from self.batches()
+        skip, self._skip = self._skip, 0
+        yield from self.batches()[skip:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1017,6 +1028,7 @@ class PerturbationDataModule(L.LightningDataModule):
         self.rank, self.world_size = rank, world_size
         self.debug_rows = debug_rows
         self._ready = False
+        self._resume_at: tuple[int, int] | None = None
 
     # -- setup --------------------------------------------------------------------------------------------
 
@@ -1533,7 +1545,14 @@ class PerturbationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._need_setup()
+        if self._resume_at is not None:
+            self.train_plan.resume_from(*self._resume_at)
+            self._resume_at = None
         return self._loader(self.train_plan)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next training loader continue epoch `epoch` after its first `batches_done` batches."""
+        self._resume_at = (int(epoch), int(batches_done))
 
     def val_dataloader(self) -> DataLoader:
         self._need_setup()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from tahoe_ft.callbacks import CheckpointPolicy, LRAndThroughput, MetricsCSVLogger
-from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
+from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights, safe_load
 from tahoe_ft.data import PerturbationDataModule
 from tahoe_ft.errors import UserError
 from tahoe_ft.freeze import FreezeCallback
@@ -145,6 +146,13 @@ def _resume_target(cfg: DictConfig) -> tuple[Path, Path]:
     return run_dir, last
 
 
+def _epoch_position(last_ckpt: Path) -> tuple[int, int]:
+    """(epoch, batches of it already trained) of a last.ckpt, from Lightning's own loop state."""
+    ck = safe_load(last_ckpt)
+    progress = ck["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    return int(ck["epoch"]), int(progress["completed"])
+
+
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers: list = [MetricsCSVLogger(run_dir / f"{cfg.experiment}_metrics.csv")]
     if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
@@ -195,6 +203,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         seed=cfg.seed,
     )
     dm.setup("fit")
+    if last_ckpt is not None:
+        dm.resume_at(*_epoch_position(last_ckpt))
     manifest = dm.manifest()
     manifest["encoder"] = cfg.encoder.name
 
@@ -278,6 +288,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         default_root_dir=str(run_dir),
     )
 
+    # the set sampler resumes mid-epoch itself (SetPlan.resume_from); Lightning cannot see that
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     start = time.perf_counter()
     info = read_run_info(run_dir)
     try:
