@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("TAHOE_FT_DEBUG", None)
+    env.pop("TAHOE_FT_RUN_DIR", None)
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "tahoe_ft.cli", *args],
@@ -169,3 +171,28 @@ def test_check_reports_splits_without_training(tmp_path):
     )
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "counts" in out.stderr.strip().splitlines()[-1]
+
+
+def test_ddp_two_processes_share_one_run(tmp_path):
+    """trainer.strategy=ddp on 2 CPU processes (gloo): Lightning re-runs the command for rank 1, which must
+    join rank 0's run directory; the sampler shards training sets per rank, every rank validates all sets."""
+    args = [
+        a
+        for a in train_args(tmp_path, "pretrain", steps=4, val_every=2)
+        if not a.startswith("trainer.accelerator")
+    ]
+    out = cli(
+        "train",
+        *args[1:],
+        "+experiment=pretrain",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [p for p in (tmp_path / "runs" / "pretrain").iterdir() if p.name != "latest"]
+    assert len(runs) == 1
+    info = json.loads((runs[0] / "run.json").read_text())
+    assert info["status"] == "finished" and info["steps"] == 4 and info["best_step"] in (2, 4)
+    assert (runs[0] / "checkpoints" / "best-val.pt").is_file()

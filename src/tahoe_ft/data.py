@@ -787,6 +787,10 @@ class SetPlan(Sampler):
         self._iterated = False
 
     def _dist(self) -> tuple[int, int]:
+        if not self.train:
+            # evaluation plans are small: every rank evaluates all of them, so no rank is left without a
+            # batch (a DDP collective would hang) and the synced val_loss is the same on every rank
+            return 0, 1
         if self.rank is not None and self.world_size is not None:
             return self.rank, self.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():

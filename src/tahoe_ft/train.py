@@ -146,6 +146,25 @@ def _resume_target(cfg: DictConfig) -> tuple[Path, Path]:
     return run_dir, last
 
 
+# Lightning's DDP launcher re-runs the command in one process per extra device; those processes must use the
+# run directory of the process the user started, not create their own.
+RUN_DIR_ENV = "TAHOE_FT_RUN_DIR"
+
+
+def _is_launcher_child() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _child_run_dir() -> Path:
+    shared = os.environ.get(RUN_DIR_ENV)
+    if not shared:
+        raise UserError(
+            "this is a DDP worker process but the run directory of rank 0 is unknown; on several nodes set "
+            f"{RUN_DIR_ENV}=<a run directory on a shared file system> on every node"
+        )
+    return Path(shared)
+
+
 def _epoch_position(last_ckpt: Path) -> tuple[int, int]:
     """(epoch, batches of it already trained) of a last.ckpt, from Lightning's own loop state."""
     ck = safe_load(last_ckpt)
@@ -181,8 +200,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     # -- run directory: a new one, or the run being resumed ----------------------------------------
+    child = _is_launcher_child()
     if cfg.resume:
-        run_dir, last_ckpt = _resume_target(cfg)
+        run_dir, last_ckpt = _resume_target(cfg) if not child else (_child_run_dir(), None)
+        last_ckpt = last_ckpt or run_dir / "checkpoints" / "last.ckpt"
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / f"{cfg.experiment}_config.yaml"))
         _check_resume_compatible(saved, resolved, run_dir)
     else:
@@ -221,7 +242,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
     freezer.check(module.model)
 
-    if not cfg.resume:
+    if child:
+        run_dir = _child_run_dir()
+    elif not cfg.resume:
         run_dir = new_run_dir(cfg.runs_dir, cfg.experiment)
         (run_dir / f"{cfg.experiment}_config.yaml").write_text(OmegaConf.to_yaml(resolved))
         write_json_atomic(
@@ -241,11 +264,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             best_step=None,
         )
         set_latest(run_dir)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by DDP worker processes
     if parent_state is not None:
         report = init_from_weights(module.model, parent_state, str(parent_path))
-        write_json_atomic(run_dir / "init_report.json", report)
-        log.info(format_report(report))
-    elif not cfg.resume:
+        if not child:
+            write_json_atomic(run_dir / "init_report.json", report)
+            log.info(format_report(report))
+    elif not cfg.resume and not child:
         write_json_atomic(run_dir / "init_report.json", {"source": None, "note": "trained from scratch"})
 
     # -- trainer -------------------------------------------------------------------------------------
@@ -299,10 +324,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
                 module, datamodule=dm, verbose=False, weights_only=True
             )  # best-val.pt also sees the final weights
     except BaseException:
-        update_run_info(
-            run_dir, status="failed", wall_time_s=info.get("wall_time_s", 0.0) + time.perf_counter() - start
-        )
+        if not child:
+            update_run_info(
+                run_dir,
+                status="failed",
+                wall_time_s=info.get("wall_time_s", 0.0) + time.perf_counter() - start,
+            )
         raise
+    if not trainer.is_global_zero:
+        return run_dir
     wall = float(info.get("wall_time_s") or 0.0) + time.perf_counter() - start
     update_run_info(
         run_dir,
