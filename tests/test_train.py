@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -273,3 +274,32 @@ def test_study_parent_switch_reads_weights_from_last_ckpt(tmp_path, chain):
     assert not report["missing"] and not report["skipped_shape"]
     lr_rows = column(metrics(run_dir), "lr")
     assert lr_rows[0][0] == 0  # a fresh schedule: step 0, not the parent's step count
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """trainer.precision=bf16-mixed (the GPU default in trainer=gpu) also runs on CPU: finite losses, fp32 weights."""
+    run_dir = train(tmp_path, "pretrain", "trainer.precision=bf16-mixed")
+    losses = [v for _, v in column(metrics(run_dir), "train/loss")] + [
+        v for _, v in column(metrics(run_dir), "val_loss")
+    ]
+    assert losses and all(np.isfinite(losses))
+    sd = _weights(run_dir)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_loss_is_float32_under_autocast():
+    from tahoe_ft.module import STLightningModule
+
+    hp = {"input_dim": 6, "output_dim": 6, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
+          "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
+          "cell_set_len": 4, "transformer_backbone_key": "llama",
+          "transformer_backbone_kwargs": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
+    cfg = {"loss": {"name": "energy", "blur": 0.05, "decoder_weight": 1.0}, "optim": {}, "sched": {}, "freeze": {},
+           "max_steps": 1}  # fmt: skip
+    m = STLightningModule(hp, cfg)
+    a, b = torch.randn(2, 4, 6) + 100.0, torch.randn(2, 4, 6) + 100.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m._distance(a, b)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, m._distance(a, b), rtol=1e-6)

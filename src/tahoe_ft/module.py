@@ -80,15 +80,21 @@ class STLightningModule(L.LightningModule):
         batch_idx = batch.get("batch") if self.model.hparams.get("batch_encoder") else None
         return self.model.forward_sets(pert, basal, batch_idx)  # [B,S,D_out]
 
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over sets of the set distance, always in float32: under bf16 autocast the energy distance's
+        matmuls would otherwise run in bf16, and it subtracts large, nearly equal terms."""
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return torch.nanmean(self.loss_fn(pred.float(), target.float()))
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         pred = self._predict_sets(batch)
         target = batch["pert_cell_emb"].reshape_as(pred)
-        main = torch.nanmean(self.loss_fn(pred, target))
+        main = self._distance(pred, target)
         out = {"main_loss": main, "loss": main}
         if self.has_decoder and "pert_cell_counts" in batch:
             genes = self.model.decode(pred)  # [B,S,G]
             counts = batch["pert_cell_counts"].reshape_as(genes)
-            dec = torch.nanmean(self.loss_fn(genes, counts))
+            dec = self._distance(genes, counts)
             out["decoder_loss"] = dec
             out["loss"] = main + self.decoder_weight * dec
         return out
