@@ -73,8 +73,6 @@ class DataConfig:
     val_sets_per_group: int = 2
     # generated data (data=demo); ignored for other data sets
     demo: DemoConfig | None = None
-    # which demo file: "screen" (fine-tuning) or "pretrain" (drug set)
-    demo_file: str = "screen"
 
 
 @dataclass
