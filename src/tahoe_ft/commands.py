@@ -137,16 +137,9 @@ def run_export(cfg: DictConfig) -> Path:
 
 def run_check(cfg: DictConfig) -> dict:
     """`tahoe-ft check`: open and validate a data set as `train` would, print what it found; train nothing."""
-    from tahoe_ft.data import PerturbationDataModule
+    from tahoe_ft.train import training_data
 
-    dm = PerturbationDataModule(
-        cfg.data,
-        embed_key=cfg.encoder.embed_key,
-        need_counts=cfg.encoder.decoder is not None,
-        cell_set_len=cfg.model.cell_set_len,
-        seed=cfg.seed,
-    )
-    dm.setup("fit")
+    dm = training_data(cfg)
     summary = {
         "files": [str(p) for p in dm.data_paths],
         "dims": dict(dm.dims),

@@ -165,6 +165,19 @@ def _child_run_dir() -> Path:
     return Path(shared)
 
 
+def training_data(cfg: DictConfig) -> PerturbationDataModule:
+    """The data module `train` uses (also `tahoe-ft check`), opened and validated."""
+    dm = PerturbationDataModule(
+        cfg.data,
+        embed_key=cfg.encoder.embed_key,
+        need_counts=cfg.encoder.decoder is not None,
+        cell_set_len=cfg.model.cell_set_len,
+        seed=cfg.seed,
+    )
+    dm.setup("fit")
+    return dm
+
+
 def _epoch_position(last_ckpt: Path) -> tuple[int, int]:
     """(epoch, batches of it already trained) of a last.ckpt, from Lightning's own loop state."""
     ck = safe_load(last_ckpt)
@@ -216,14 +229,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         parent_state, parent_hp, _ = read_weights(parent_path)
 
     # -- data ----------------------------------------------------------------------------------------
-    dm = PerturbationDataModule(
-        cfg.data,
-        embed_key=cfg.encoder.embed_key,
-        need_counts=cfg.encoder.decoder is not None,
-        cell_set_len=cfg.model.cell_set_len,
-        seed=cfg.seed,
-    )
-    dm.setup("fit")
+    dm = training_data(cfg)
     if last_ckpt is not None:
         dm.resume_at(*_epoch_position(last_ckpt))
     manifest = dm.manifest()
