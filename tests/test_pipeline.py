@@ -198,3 +198,21 @@ def test_predict_needs_only_the_checkpoint_and_the_cells(study, tmp_path):
     new, old = ad.read_h5ad(out_dir / "pred.h5ad"), ad.read_h5ad(src / "pred.h5ad")
     assert list(new.var_names) == list(old.var_names)
     assert np.array_equal(_dense(new.X), _dense(old.X))  # same seed, same cells: the same prediction
+
+
+def test_eval_full_profile(study, tmp_path):
+    """profile=full: all of cell-eval's metrics, each normalised against the same baseline."""
+    import shutil
+
+    src = _latest(study, "0906")
+    for name in ("pred.h5ad", "real.h5ad", "predict.json"):
+        shutil.copy(src / name, tmp_path / name)
+    score = run("eval", [f"run_dir={tmp_path}", f"pred={tmp_path / 'pred.h5ad'}", f"real={tmp_path / 'real.h5ad'}",
+                         "profile=full", f"runs_dir={study}"])  # fmt: skip
+    assert {"mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta", "mse"} <= set(score["metrics"])
+    assert set(score["baseline"]) == set(score["metrics"])
+    assert score["profile"] == "full" and 0.0 <= score["avg_score"] <= 1.0
+    assert json.loads((tmp_path / "eval" / "score.json").read_text())["profile"] == "full"
+    # 2 test perturbations per cell type: too few for cell-eval's Leiden clustering, skipped and recorded
+    assert "clustering_agreement" not in score["metrics"]
+    assert all(ct["skipped_metrics"] == ["clustering_agreement"] for ct in score["per_celltype"].values())

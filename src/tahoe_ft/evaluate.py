@@ -55,6 +55,8 @@ _LOG1P_MAX = 15.0
 # bump when the layout or the meaning of a cache entry changes
 _CACHE_FORMAT = 1
 _CHUNK = 1 << 24  # values per block when scanning X
+# fewest perturbations (per evaluated cell type) for cell-eval's clustering_agreement in profile=full
+MIN_PERTS_CLUSTERING = 5
 
 __all__ = ["evaluate", "prep_submission", "versions"]
 
@@ -353,6 +355,14 @@ def _score_one(
 
     skip_de = profile == "pds"  # as cell-eval's CLI does: that profile needs no DE
     fprefix = prefix.replace("/", "-") if prefix else None
+    n_perts = len(set(real.obs[pert_col].astype(str)) - {control_pert})
+    # cell-eval's clustering_agreement (Leiden on perturbation centroids) fails on a handful of
+    # perturbations ("Maximum allowed size exceeded" with 2): skip it there, on both sides, and say so
+    skip_metrics = ["clustering_agreement"] if profile == "full" and n_perts < MIN_PERTS_CLUSTERING else None
+    if skip_metrics:
+        log.warning(
+            "only %d perturbations: clustering_agreement skipped (needs >= %d)", n_perts, MIN_PERTS_CLUSTERING
+        )
 
     def fname(base: str) -> str:
         return f"{fprefix}_{base}" if fprefix else base
@@ -389,7 +399,7 @@ def _score_one(
             )
         except ValueError as e:  # what our checks did not anticipate
             raise UserError(f"cell-eval rejected the {what} input: {_one_line(e)}") from e
-        _, agg = ev.compute(profile=profile, break_on_error=True)
+        _, agg = ev.compute(profile=profile, break_on_error=True, skip_metrics=skip_metrics)
         return agg
 
     # an earlier evaluation into this outdir may have left a hard link to a cache entry here: cell-eval
@@ -486,7 +496,8 @@ def _score_one(
         "metrics": _agg_means(agg_user),
         "baseline": _agg_means(agg_base),
         "normalized": {k: float(v) for k, v in norm.items()},
-        "n_perts": len(set(real.obs[pert_col].astype(str)) - {control_pert}),
+        "n_perts": n_perts,
+        "skipped_metrics": skip_metrics or [],
         "baseline_source": base_source,
         "real_de": None if skip_de else str(de_cached),
     }
@@ -653,6 +664,7 @@ def evaluate(
     }
     if per_ct is None:
         score["baseline_source"] = res["baseline_source"]
+        score["skipped_metrics"] = res["skipped_metrics"]
     else:
         score["per_celltype"] = {
             ct: {
@@ -661,6 +673,7 @@ def evaluate(
                 "baseline": {k: _json_float(v) for k, v in r["baseline"].items()},
                 "normalized": {k: _json_float(v) for k, v in r["normalized"].items()},
                 "n_perts": r["n_perts"],
+                "skipped_metrics": r["skipped_metrics"],
                 "baseline_source": r["baseline_source"],
             }
             for ct, r in per_ct.items()
@@ -680,8 +693,10 @@ def _combine(per_ct: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Cell types weigh equally: each number is the mean over cell types of the per-cell-type number."""
 
     def mean_of(field: str) -> dict[str, float]:
-        keys = list(next(iter(per_ct.values()))[field])
-        return {k: float(np.nanmean([r[field][k] for r in per_ct.values()])) for k in keys}
+        keys = list(
+            dict.fromkeys(k for r in per_ct.values() for k in r[field])
+        )  # a metric one cell type skipped
+        return {k: float(np.nanmean([r[field].get(k, np.nan) for r in per_ct.values()])) for k in keys}
 
     return {
         "avg_score": float(np.mean([r["avg_score"] for r in per_ct.values()])),
