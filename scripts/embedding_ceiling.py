@@ -1,0 +1,72 @@
+"""How much does the lossy embedding cost? Score an SE600M round's gene decoder on the TRUE embeddings.
+
+For the held-out cells of an embedding-input round (0826, 0901), decode their observed `X_state` (not a
+prediction) through the round's gene decoder and score that with cell-eval exactly as `tahoe-ft eval` does.
+This is the best any prediction in embedding space could reach through that decoder: if it scores low, the
+embedding route is capped by the representation (the case study's lesson 1); if high, it is not.
+
+    PYTHONPATH=src .venv/bin/python scripts/embedding_ceiling.py runs/0826/latest [--out /tmp/ceiling]
+
+Needs `tahoe-ft predict` to have run in that directory (it reuses real.h5ad and predict.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from tahoe_ft.checkpoint import load_checkpoint
+from tahoe_ft.commands import training_cells
+from tahoe_ft.evaluate import evaluate
+from tahoe_ft.predict import PRED_MAX, data_module_from_manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    run_dir = a.run_dir.resolve()
+    info = json.loads((run_dir / "predict.json").read_text())
+    model = load_checkpoint(info["checkpoint"])
+    manifest = model.manifest
+    if getattr(model, "gene_decoder", None) is None or not manifest.get("embed_key"):
+        raise SystemExit(f"{run_dir} is not an embedding-input round with a gene decoder")
+    with tempfile.TemporaryDirectory() as tmp:
+        dm = data_module_from_manifest(manifest, data_path=None, seed=0, workdir=Path(tmp))
+    cells = dm.split_cells(info["split"])
+    real = ad.read_h5ad(run_dir / "real.h5ad")
+    pred = real.copy()
+    pert_col, ct_col = manifest["pert_col"], manifest["cell_type_col"]
+    x = np.asarray(pred.X, dtype=np.float32).copy()
+    for key, rows in cells.items():
+        if not isinstance(key, tuple):
+            continue
+        ct, pert = key
+        emb = torch.from_numpy(dm.read_input(rows))  # the observed cells' own X_state, in row order
+        with torch.no_grad():
+            genes = model.decode(emb[None])[0].numpy()
+        sel = np.flatnonzero((real.obs[pert_col] == pert).values & (real.obs[ct_col] == ct).values)
+        assert sel.size == rows.size, (key, sel.size, rows.size)
+        x[sel] = np.clip(genes, 0.0, PRED_MAX)
+    pred.X = x
+    out = a.out or run_dir / "eval_embedding_ceiling"
+    train = training_cells(manifest, max_per_group=500, seed=0)
+    score = evaluate(pred, real, train, out, pert_col=pert_col, control_pert=manifest["control_pert"],
+                     celltype_col=ct_col, de_cache_dir=run_dir.parent.parent / ".de_cache")
+    model_score = json.loads((run_dir / "eval" / "score.json").read_text()) if (run_dir / "eval").is_dir() else {}
+    print(f"{run_dir.parent.name}: decoder on the TRUE embeddings: avg_score {score['avg_score']:.4f}, "
+          f"metrics {json.dumps({k: round(v, 4) for k, v in score['metrics'].items()})}")
+    if model_score:
+        print(f"{run_dir.parent.name}: its prediction:              avg_score {model_score['avg_score']:.4f}, "
+              f"metrics {json.dumps({k: round(v, 4) for k, v in model_score['metrics'].items()})}")
+
+
+if __name__ == "__main__":
+    main()
