@@ -303,3 +303,26 @@ def test_loss_is_float32_under_autocast():
         got = m._distance(a, b)
     assert got.dtype == torch.float32
     assert torch.allclose(got, m._distance(a, b), rtol=1e-6)
+
+
+def test_trains_with_dataloader_workers_like_without(tmp_path):
+    """num_workers=2 (workers only read rows) trains on exactly the batches of num_workers=0, across epochs."""
+    seen = {}
+    from tahoe_ft.train import train as train_fn
+
+    for workers in (0, 2):
+        fp = _Fingerprints()
+        cfg = _compose(
+            "train",
+            train_args(
+                tmp_path / f"w{workers}",
+                "pretrain",
+                f"data.num_workers={workers}",
+                "trainer.max_steps=30",
+                "trainer.val_check_interval=15",
+            ),
+        )
+        train_fn(cfg, callbacks=[fp])
+        seen[workers] = fp.seen
+    assert sorted(seen[0]) == list(range(30))  # crosses epoch boundaries
+    assert seen[0] == seen[2]

@@ -90,7 +90,9 @@ def _compose(command: str, args: list[str]) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from tahoe_ft import config as schemas
+    from tahoe_ft import resolvers
 
+    resolvers.register()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
             cfg = compose(config_name=command, overrides=args)
