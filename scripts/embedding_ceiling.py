@@ -58,14 +58,28 @@ def main() -> None:
     pred.X = x
     out = a.out or run_dir / "eval_embedding_ceiling"
     train = training_cells(manifest, max_per_group=500, seed=0)
-    score = evaluate(pred, real, train, out, pert_col=pert_col, control_pert=manifest["control_pert"],
-                     celltype_col=ct_col, de_cache_dir=run_dir.parent.parent / ".de_cache")
-    model_score = json.loads((run_dir / "eval" / "score.json").read_text()) if (run_dir / "eval").is_dir() else {}
-    print(f"{run_dir.parent.name}: decoder on the TRUE embeddings: avg_score {score['avg_score']:.4f}, "
-          f"metrics {json.dumps({k: round(v, 4) for k, v in score['metrics'].items()})}")
+    score = evaluate(
+        pred,
+        real,
+        train,
+        out,
+        pert_col=pert_col,
+        control_pert=manifest["control_pert"],
+        celltype_col=ct_col,
+        de_cache_dir=run_dir.parent.parent / ".de_cache",
+    )
+    model_score = (
+        json.loads((run_dir / "eval" / "score.json").read_text()) if (run_dir / "eval").is_dir() else {}
+    )
+    print(
+        f"{run_dir.parent.name}: decoder on the TRUE embeddings: avg_score {score['avg_score']:.4f}, "
+        f"metrics {json.dumps({k: round(v, 4) for k, v in score['metrics'].items()})}"
+    )
     if model_score:
-        print(f"{run_dir.parent.name}: its prediction:              avg_score {model_score['avg_score']:.4f}, "
-              f"metrics {json.dumps({k: round(v, 4) for k, v in model_score['metrics'].items()})}")
+        print(
+            f"{run_dir.parent.name}: its prediction:              avg_score {model_score['avg_score']:.4f}, "
+            f"metrics {json.dumps({k: round(v, 4) for k, v in model_score['metrics'].items()})}"
+        )
 
 
 if __name__ == "__main__":
