@@ -194,7 +194,6 @@ def test_resume_is_explicit_and_continues(chain):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
-    before = (run_dir / "checkpoints" / "best-val.pt").read_bytes()
 
     # resume=true: same run dir, from step 3, with the saved Adam state
     probe, resumed = _Probe(), _Fingerprints()
@@ -230,10 +229,11 @@ def test_resume_is_explicit_and_continues(chain):
     with pytest.raises(UserError, match="optim.lr"):
         train_fn(cfg)
 
-    # without resume: a new run directory; the old one is untouched
+    # without resume: a new run directory; every file of the old one is untouched
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     new = train(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt")
-    assert new != run_dir
-    assert (run_dir / "checkpoints" / "best-val.pt").read_bytes() != b"" and before
+    assert new != run_dir and new.parent == run_dir.parent
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_freeze_until_step_unfreezes_with_warmup(tmp_path, chain):

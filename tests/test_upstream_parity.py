@@ -14,6 +14,7 @@ import torch
 upstream = pytest.importorskip("state.tx.models.state_transition")
 
 from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel  # noqa: E402
+from tahoe_ft.upstream import translate_hparams  # noqa: E402
 
 D, P, H, G, S = 40, 12, 48, 30, 8
 
@@ -32,29 +33,6 @@ LLAMA = {
     "use_cache": False,
     "vocab_size": 32,
 }
-
-# hparams keys we share with upstream
-OUR_KEYS = (
-    "input_dim",
-    "output_dim",
-    "pert_dim",
-    "hidden_dim",
-    "gene_dim",
-    "batch_dim",
-    "n_encoder_layers",
-    "n_decoder_layers",
-    "dropout",
-    "activation",
-    "predict_residual",
-    "use_basal_projection",
-    "output_space",
-    "embed_key",
-    "cell_set_len",
-    "transformer_backbone_key",
-    "transformer_backbone_kwargs",
-    "decoder_cfg",
-    "batch_encoder",
-)
 
 
 def build_upstream(**kwargs):
@@ -81,8 +59,7 @@ def build_upstream(**kwargs):
 
 
 def ours_from(up) -> StateTransitionModel:
-    hp = {k: up.hparams[k] for k in OUR_KEYS if k in up.hparams}
-    model = StateTransitionModel(hp).eval()
+    model = StateTransitionModel(translate_hparams(dict(up.hparams), "upstream")).eval()
     sd = {k: v for k, v in up.state_dict().items() if k not in DROPPED_UPSTREAM_KEYS}
     assert set(up.state_dict()) - set(model.state_dict()) == set(DROPPED_UPSTREAM_KEYS)
     assert set(model.state_dict()) <= set(up.state_dict())

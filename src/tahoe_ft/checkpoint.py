@@ -21,18 +21,12 @@ from typing import Any
 import torch
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.model import StateTransitionModel, module_of
+from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel, module_of
 from tahoe_ft.upstream import is_upstream, translate_hparams
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tahoe-ft/st/1"
-# Upstream Llama checkpoints carry a zeroed, frozen token-embedding table that the model never uses.
-DROPPED_ON_IMPORT = (
-    "transformer_backbone.embed_tokens.weight",
-    "transformer_backbone.wte.weight",
-    "transformer_backbone.wpe.weight",
-)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -203,7 +197,7 @@ def load_checkpoint(path: str | Path) -> StateTransitionModel:
             f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from"
         )
     model = StateTransitionModel(hparams)
-    state = {k: v for k, v in state.items() if k not in DROPPED_ON_IMPORT}
+    state = {k: v for k, v in state.items() if k not in DROPPED_UPSTREAM_KEYS}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -229,7 +223,7 @@ def init_from_weights(
     loaded, skipped, unexpected, dropped = [], [], [], []
     to_load = {}
     for k, v in state.items():
-        if k in DROPPED_ON_IMPORT:
+        if k in DROPPED_UPSTREAM_KEYS:
             dropped.append(k)
         elif k not in own:
             unexpected.append(k)

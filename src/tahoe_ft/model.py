@@ -85,6 +85,17 @@ REQUIRED_HPARAMS = (
     "transformer_backbone_kwargs",
 )
 
+# Required keys that are sizes: positive ints.
+POSITIVE_INT_HPARAMS = (
+    "input_dim",
+    "output_dim",
+    "pert_dim",
+    "hidden_dim",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "cell_set_len",
+)
+
 # Keys with upstream's defaults (filled in, so the stored hparams are always complete).
 OPTIONAL_HPARAMS: dict[str, Any] = {
     "dropout": 0.1,  # upstream PerturbationModel default
@@ -137,15 +148,7 @@ def resolve_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     for key, default in OPTIONAL_HPARAMS.items():
         hp.setdefault(key, copy.deepcopy(default))
 
-    for key in (
-        "input_dim",
-        "output_dim",
-        "pert_dim",
-        "hidden_dim",
-        "n_encoder_layers",
-        "n_decoder_layers",
-        "cell_set_len",
-    ):
+    for key in POSITIVE_INT_HPARAMS:
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
             raise HparamsError(f"model hparam {key!r} must be a positive int, got {hp[key]!r}")
     if hp["output_space"] not in OUTPUT_SPACES:
