@@ -266,3 +266,100 @@ def test_gpt2_and_causal_upstream_checkpoints_are_refused(tmp_path):
         torch.save({"state_dict": up.state_dict(), "hyper_parameters": {**hp, **change}}, path)
         with pytest.raises(UserError, match=needle):
             read_weights(path)
+
+
+# -- checkpoints as `state tx train` really writes them (numpy scalars in hyper_parameters) ---------------
+
+
+@pytest.fixture(scope="module")
+def upstream_run(tmp_path_factory):
+    from upstream_run import state_cli, state_tx_train
+
+    if state_cli() is None:
+        pytest.skip("the `state` CLI (arc-state) is not installed")
+    return state_tx_train(tmp_path_factory.mktemp("state_tx_train"))
+
+
+def test_state_tx_train_checkpoint_loads_and_matches_upstream(upstream_run):
+    """final.ckpt of a real `state tx train` run: numpy.int64 dims in hyper_parameters, loaded weights-only."""
+    import numpy as np
+
+    import tahoe_ft
+
+    ckpt = upstream_run / "checkpoints" / "final.ckpt"
+    raw = torch.load(
+        ckpt, map_location="cpu", weights_only=False
+    )  # the test may unpickle; the product may not
+    assert isinstance(raw["hyper_parameters"]["input_dim"], np.integer)  # what made every real ckpt fail
+    assert "numpy._core.multiarray.scalar" in torch.serialization.get_unsafe_globals_in_checkpoint(ckpt)
+    ours = tahoe_ft.load_checkpoint(ckpt)
+    assert type(ours.hparams["input_dim"]) is int and ours.hparams["input_dim"] == 60
+    up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(ckpt, weights_only=False).eval()
+    g = torch.Generator().manual_seed(0)
+    n_sets, s = 3, int(ours.hparams["cell_set_len"])
+    p = int(ours.hparams["pert_dim"])
+    pert = torch.zeros(n_sets * s, p)
+    pert[torch.arange(n_sets * s), torch.randint(0, p, (n_sets,), generator=g).repeat_interleave(s)] = 1.0
+    batch = {"pert_emb": pert, "ctrl_cell_emb": torch.rand(n_sets * s, 60, generator=g)}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(batch), up(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_state_tx_train_checkpoint_fine_tunes(upstream_run, tmp_path):
+    """`pretrained=<final.ckpt>` of a real upstream run: 0905 trains and keeps the upstream backbone."""
+    import json
+
+    from conftest_train import train
+
+    ckpt = upstream_run / "checkpoints" / "final.ckpt"
+    run_dir = train(tmp_path, "0905", f"pretrained={ckpt}")
+    report = json.loads((run_dir / "init_report.json").read_text())
+    assert "transformer_backbone" not in report["reinitialised_modules"]
+    child = torch.load(run_dir / "checkpoints" / "best-val.pt", weights_only=True)  # plain ints, loads safely
+    assert type(child["hparams"]["input_dim"]) is int
+    up_sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for k in (k for k in child["state_dict"] if k.startswith("transformer_backbone.")):
+        assert torch.equal(child["state_dict"][k], up_sd[k]), k
+
+
+def _evil_checkpoint(path, marker, payload_in: str) -> None:
+    """A Lightning-like checkpoint whose unpickling would create `marker` (the file must never appear)."""
+    import numpy as np
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    hp = {"input_dim": np.int64(4), "pert_dim": np.int64(3)}
+    state = {"w": torch.zeros(2)}
+    if payload_in == "hyper_parameters":
+        hp["loss_fn"] = Evil()
+    else:
+        state = {"w": torch.zeros(2), "extra": Evil()}
+    torch.save({"state_dict": state, "hyper_parameters": hp}, path)
+
+
+@pytest.mark.parametrize("payload_in", ["hyper_parameters", "state_dict"])
+def test_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path, payload_in):
+    from tahoe_ft.checkpoint import read_weights
+    from tahoe_ft.errors import UserError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    _evil_checkpoint(path, marker, payload_in)
+    with pytest.raises(UserError, match="arbitrary unpickling.*refused"):
+        read_weights(path)
+    assert not marker.exists()
+
+
+def test_numpy_object_dtype_is_refused(tmp_path):
+    """Only numeric/bool dtypes are allow-listed: an object-dtype scalar (which could carry anything) is not."""
+    import numpy as np
+
+    from tahoe_ft.checkpoint import safe_load
+    from tahoe_ft.errors import UserError
+
+    path = tmp_path / "obj.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": np.dtype("O"), "n": np.int64(1)}}, path)
+    with pytest.raises(UserError, match="refused"):
+        safe_load(path)

@@ -77,6 +77,14 @@ _CONFIG_GLOBALS = {
     "builtins.int", "builtins.float", "builtins.str", "builtins.bool", "builtins.dict", "builtins.list",
     "builtins.tuple", "collections.defaultdict", "collections.OrderedDict", "torch.nn.modules.loss.MSELoss",
 }  # fmt: skip
+# numpy scalars: `state tx train` takes input_dim, output_dim, gene_dim, pert_dim and the decoder's dims from
+# cell-load's var_dims, which are numpy.int64, so they land in hyper_parameters as numpy scalars. Their pickle
+# is `scalar(dtype, raw bytes)` and `dtype(code, align, copy)` + a state tuple: both rebuild a value from bytes
+# and run no code (an object-dtype scalar would need its payload unpickled, which the same rules then judge).
+# numpy >= 2 names the module numpy._core, numpy 1.x numpy.core.
+_NUMPY_GLOBALS = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype"}
+_ALLOWED_GLOBALS = _CONFIG_GLOBALS | _NUMPY_GLOBALS
+_NUMPY_DTYPE_CODES = "?bBhHiIlLqQefdgFDG"  # bool, (unsigned) integers, floats, complex
 
 
 def _config_globals(names: list[str]) -> list:
@@ -84,6 +92,7 @@ def _config_globals(names: list[str]) -> list:
     import collections
     import typing
 
+    import numpy
     import omegaconf
     import torch.nn.modules.loss as torch_loss
     from omegaconf import base, dictconfig, listconfig, nodes
@@ -98,20 +107,41 @@ def _config_globals(names: list[str]) -> list:
         "builtins": builtins,
         "collections": collections,
         "omegaconf": omegaconf,
+        "numpy": numpy,
+        "numpy._core.multiarray": _numpy_multiarray(),
+        "numpy.core.multiarray": _numpy_multiarray(),
     }
     out = []
     for name in names:
         mod, _, attr = name.rpartition(".")
         out.append((getattr(mods[mod], attr), name))
+    if "numpy.dtype" in names:
+        # a dtype's pickle state is applied to an instance of its numpy.dtypes class (numpy.dtypes.Int64DType,
+        # ...): allow the classes of numeric and boolean dtypes, nothing else (no object, string or void dtype)
+        out += [type(numpy.dtype(code)) for code in _NUMPY_DTYPE_CODES]
     return out
 
 
+def _numpy_multiarray():
+    """numpy's multiarray module under either of its names (numpy._core >= 2.0, numpy.core before)."""
+    import importlib
+
+    try:
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        return importlib.import_module("numpy.core.multiarray")
+
+
 def _plain(obj: Any) -> Any:
-    """OmegaConf containers (from upstream hyper_parameters) -> plain dicts and lists; modules -> their name."""
+    """OmegaConf containers (from upstream hyper_parameters) -> plain dicts and lists; numpy scalars -> python
+    numbers; modules -> their name."""
+    import numpy as np
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(obj, torch.nn.Module):
         return type(obj).__name__
+    if isinstance(obj, np.generic):  # numpy.int64 dims from cell-load's var_dims -> plain int
+        return obj.item()
     if isinstance(obj, DictConfig | ListConfig):
         return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, dict):
@@ -135,7 +165,7 @@ def safe_load(path: str | Path) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            extra = sorted(set(unsafe) - _CONFIG_GLOBALS)
+            extra = sorted(set(unsafe) - _ALLOWED_GLOBALS)
             if extra:
                 raise UserError(
                     f"checkpoint {path} needs arbitrary unpickling ({', '.join(extra[:3])}), which is refused; "

@@ -1,26 +1,62 @@
-"""Small file helpers shared by every writer: atomic text writes (temp file + rename) and file hashes."""
+"""File helpers shared by every writer: one atomic-write mechanism (temp file + fsync + rename) and file hashes.
+
+Every file that tahoe-ft writes under its final name goes through `atomic_path`: the content is written to a
+temp file in the same folder, flushed to disk and renamed over the final name, so a kill at any moment leaves
+either the old file or the new one, never half of one. `atomic_write_text` and `atomic_copy` are the common
+cases of it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and a rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block ends without error, it is fsynced and renamed to `path`.
+
+    Write the whole file to the yielded path (any writer that takes a file name: `torch.save`,
+    `AnnData.write_h5ad`, `Trainer.save_checkpoint`, ...). On an exception the temp file is removed and `path`
+    is left as it was. `suffix` lets writers that check the file extension (e.g. `.h5ad`) see the right one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
