@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from tahoe_ft.checkpoint import load_checkpoint
-from tahoe_ft.commands import training_cells
-from tahoe_ft.evaluate import evaluate
-from tahoe_ft.predict import PRED_MAX, data_module_from_manifest
+from tahoe_ft.data import CellCatalog
+from tahoe_ft.evaluation import score_predictions
+from tahoe_ft.prediction import PRED_MAX
 
 
 def main() -> None:
@@ -38,18 +37,19 @@ def main() -> None:
     manifest = model.manifest
     if getattr(model, "gene_decoder", None) is None or not manifest.get("embed_key"):
         raise SystemExit(f"{run_dir} is not an embedding-input round with a gene decoder")
-    with tempfile.TemporaryDirectory() as tmp:
-        dm = data_module_from_manifest(manifest, data_path=None, seed=0, workdir=Path(tmp))
-    cells = dm.split_cells(info["split"])
+    catalog = CellCatalog.from_manifest(manifest)
+    # real.h5ad labels cells (perturbation, cell type); a label's rows are its groups' rows in dataset order
+    cells: dict[tuple[str, str], list[np.ndarray]] = {}
+    for key, group_rows in catalog.groups(info["split"]).items():
+        cells.setdefault((key.cell_type, key.pert), []).append(group_rows)
     real = ad.read_h5ad(run_dir / "real.h5ad")
     pred = real.copy()
     pert_col, ct_col = manifest["pert_col"], manifest["cell_type_col"]
     x = np.asarray(pred.X, dtype=np.float32).copy()
-    for key, rows in cells.items():
-        if not isinstance(key, tuple):
-            continue
+    for key, chunks in cells.items():
         ct, pert = key
-        emb = torch.from_numpy(dm.read_input(rows))  # the observed cells' own X_state, in row order
+        rows = np.concatenate(chunks)
+        emb = torch.from_numpy(catalog.read_input(rows))  # the observed cells' own X_state, in row order
         with torch.no_grad():
             genes = model.decode(emb[None])[0].numpy()
         sel = np.flatnonzero((real.obs[pert_col] == pert).values & (real.obs[ct_col] == ct).values)
@@ -57,8 +57,8 @@ def main() -> None:
         x[sel] = np.clip(genes, 0.0, PRED_MAX)
     pred.X = x
     out = a.out or run_dir / "eval_embedding_ceiling"
-    train = training_cells(manifest, max_per_group=500, seed=0)
-    score = evaluate(
+    train = catalog.training_cells(max_per_group=500, seed=0)
+    score = score_predictions(
         pred,
         real,
         train,
@@ -72,8 +72,8 @@ def main() -> None:
         json.loads((run_dir / "eval" / "score.json").read_text()) if (run_dir / "eval").is_dir() else {}
     )
     print(
-        f"{run_dir.parent.name}: decoder on the TRUE embeddings: avg_score {score['avg_score']:.4f}, "
-        f"metrics {json.dumps({k: round(v, 4) for k, v in score['metrics'].items()})}"
+        f"{run_dir.parent.name}: decoder on the TRUE embeddings: avg_score {score.avg_score:.4f}, "
+        f"metrics {json.dumps({k: round(v, 4) for k, v in score.metrics.items()})}"
     )
     if model_score:
         print(

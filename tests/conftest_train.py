@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from tahoe_ft.cli import run
+import tahoe_ft
 
 TINY_DEMO = [
     "data.demo.n_genes=60", "data.demo.n_cell_types=2", "data.demo.n_batches=2", "data.demo.n_perts=8",
@@ -41,8 +41,10 @@ def tiny_args(root: Path, *, steps: int = 6, val_every: int = 3) -> list[str]:
 
 
 def train(root: Path, experiment: str, *extra: str, steps: int = 6, val_every: int = 3) -> Path:
-    """Train `experiment` on tiny data; return the run directory."""
-    return Path(run("train", train_args(root, experiment, *extra, steps=steps, val_every=val_every)))
+    """Train `experiment` on tiny data through the Python API; return the run directory."""
+    return tahoe_ft.train(
+        tahoe_ft.compose("train", train_args(root, experiment, *extra, steps=steps, val_every=val_every))
+    )
 
 
 def train_args(root: Path, experiment: str, *extra: str, steps: int = 6, val_every: int = 3) -> list[str]:

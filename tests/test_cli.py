@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import tahoe_ft
 from conftest_train import TINY_DEMO, train, train_args
-from tahoe_ft.cli import _compose, run
+from tahoe_ft.config import compose
 from tahoe_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +42,8 @@ def test_experiment_files_carry_the_case_study_values(tmp_path):
         "0907": (10000, None, None, None, False, "run:0906/best-val.pt"),
         "0908": (40000, None, None, None, False, "run:0907/best-val.pt"),
     }
-    from tahoe_ft import resolvers
-
-    resolvers.register()
     for exp, (steps, lr, batch, dw, frozen, parent) in expect.items():
-        cfg = _compose("train", [f"+experiment={exp}", f"paths.data_cache={tmp_path}", *TINY_DEMO])
+        cfg = compose("train", [f"+experiment={exp}", f"paths.data_cache={tmp_path}", *TINY_DEMO])
         assert cfg.trainer.max_steps == steps, exp
         if lr is not None:
             assert cfg.optim.lr == pytest.approx(lr)
@@ -61,10 +59,7 @@ def test_experiment_files_carry_the_case_study_values(tmp_path):
 
 
 def test_step_scale_scales_study_steps(tmp_path):
-    from tahoe_ft import resolvers
-
-    resolvers.register()
-    cfg = _compose(
+    cfg = compose(
         "train", ["+experiment=0908", "step_scale=0.01", f"paths.data_cache={tmp_path}", *TINY_DEMO]
     )
     assert cfg.trainer.max_steps == 400
@@ -126,15 +121,15 @@ def test_bad_checkpoint_refused_and_runs_untouched(tmp_path):
     bad = tmp_path / "truncated.pt"
     bad.write_bytes((run_dir / "checkpoints" / "best-val.pt").read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated"):
-        run("train", train_args(tmp_path, "0905", f"init_from={bad}"))
+        train(tmp_path, "0905", f"init_from={bad}")
     evil = tmp_path / "pickle.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": object.__new__(_Evil)}, evil)
     with pytest.raises(UserError, match="unpickling"):
-        run("train", train_args(tmp_path, "0905", f"init_from={evil}"))
+        train(tmp_path, "0905", f"init_from={evil}")
     not_tensor = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_tensor)
     with pytest.raises(UserError, match="not a checkpoint"):
-        run("train", train_args(tmp_path, "0905", f"init_from={not_tensor}"))
+        train(tmp_path, "0905", f"init_from={not_tensor}")
     # nothing was written: no new run of 0905, the pretrain checkpoints are unchanged
     assert not (tmp_path / "runs" / "0905").exists() or not any((tmp_path / "runs" / "0905").iterdir())
     assert {p: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
@@ -148,7 +143,7 @@ def test_wandb_offline_run_files(tmp_path):
     args = [a for a in train_args(tmp_path, "pretrain") if a != "logger=csv"]
     os.environ["WANDB_MODE"] = "offline"
     try:
-        run_dir = Path(run("train", args))
+        run_dir = tahoe_ft.train(compose("train", args))
     finally:
         os.environ.pop("WANDB_MODE", None)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -158,8 +153,41 @@ def test_wandb_offline_run_files(tmp_path):
     assert (run_dir / "pretrain_metrics.csv").is_file()
 
 
+def test_reproduce_gives_every_round_its_own_wandb_run(tmp_path, monkeypatch):
+    """Rounds trained in one process (reproduce, sweeps) each get one offline wandb run with their own metrics;
+    before, every round after the first logged into the first round's run."""
+    from conftest_train import TINY_MODEL, column, metrics
+    from wandb_file import summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
+    cfg = compose(
+        "reproduce", [f"runs_dir={tmp_path / 'runs'}", "experiments=[pretrain,0905,0906]", "evaluate=[0906]"]
+    )
+    cfg.train_overrides = [a for a in train_args(tmp_path, "0905") if a.split("=")[0] in _RUN_KEYS] + [
+        a for a in TINY_MODEL if not a.startswith("encoder.")
+    ]
+    tahoe_ft.reproduce(cfg, overrides=data)
+    for exp in ("pretrain", "0905", "0906"):
+        run_dir = (tmp_path / "runs" / exp / "latest").resolve()
+        files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, (exp, files)
+        got = summary(files[0])
+        assert got["config"]["experiment"] == exp
+        logged = [h["train/loss"] for h in got["history"] if "train/loss" in h]
+        assert logged == pytest.approx([v for _, v in column(metrics(run_dir), "train/loss")], rel=1e-6), exp
+
+
+_RUN_KEYS = {
+    "data.batch_size", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar", "trainer.accelerator", "sched.warmup_steps", "freeze.warmup_steps",
+}  # fmt: skip
+
+
 def test_check_reports_splits_without_training(tmp_path):
-    summary = run("check", [f"paths.data_cache={tmp_path}", *TINY_DEMO, "model.cell_set_len=8"])
+    summary = tahoe_ft.check(
+        compose("check", [f"paths.data_cache={tmp_path}", *TINY_DEMO, "model.cell_set_len=8"])
+    )
     sp = summary["splits"]
     assert len(sp["val"]["perturbations"]) == 2 and len(sp["test"]["perturbations"]) == 2
     assert not set(sp["train"]["perturbations"]) & (

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tahoe_ft.compare import collect, compare
+from tahoe_ft.comparison import collect, compare
 from tahoe_ft.errors import UserError
 
 METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
 COLUMNS = (
-    ["experiment", "run", "avg_score", "leaderboard_score"]
+    ["experiment", "run", "kind", "avg_score", "leaderboard_score"]
     + METRICS
     + [f"norm_{m}" for m in METRICS]
     + [f"base_{m}" for m in METRICS]
@@ -97,7 +97,7 @@ def runs(tmp_path):
 
 def test_collect_table(runs, caplog):
     r, df_b = runs
-    with caplog.at_level("INFO", logger="tahoe_ft.compare"):
+    with caplog.at_level("INFO", logger="tahoe_ft.comparison"):
         df = collect(r)
     assert list(df.columns) == COLUMNS
     assert list(df["experiment"]) == ["0901", "0826", "0905"]  # sorted by avg_score, unevaluated left out

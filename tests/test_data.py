@@ -1,9 +1,10 @@
-"""The h5ad reader, validation, splits, set sampler and data module (tahoe_ft.data)."""
+"""The h5ad reader, validation, splits, cell catalog, manifest, set sampler and data module (tahoe_ft.data)."""
 
 from __future__ import annotations
 
 import logging
 import pickle
+import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -16,7 +17,16 @@ import torch
 
 from tahoe_ft import data as tdata
 from tahoe_ft.config import DataConfig
-from tahoe_ft.data import H5Screen, PerturbationDataModule, SetPlan, parse_split_toml
+from tahoe_ft.data import (
+    CellCatalog,
+    GroupKey,
+    H5Screen,
+    Manifest,
+    PerturbationDataModule,
+    SetPlan,
+    parse_split_toml,
+)
+from tahoe_ft.data import checks as data_checks
 from tahoe_ft.errors import UserError
 
 CTRL = "non-targeting"
@@ -141,7 +151,7 @@ def test_batch_contract_embedding_with_counts(screens):
     np.testing.assert_array_equal(
         batch["ctrl_cell_emb"].numpy().reshape(-1, 8), emb[batch["ctrl_rows"].numpy().reshape(-1)]
     )
-    np.testing.assert_array_equal(dm.read_input(rows[:7]), emb[rows[:7]])
+    np.testing.assert_array_equal(dm.catalog.read_input(rows[:7]), emb[rows[:7]])
 
 
 def test_no_batch_col_gives_no_batch_key(screens):
@@ -252,7 +262,7 @@ def test_gene_list_reorders_columns(screens, tmp_path):
     assert dm.gene_names == genes and dm.dims["gene_dim"] == 4 and dm.dims["input_dim"] == 4
     X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])[:, [7, 3, 29, 0]]
     rows = np.array([5, 200, 1, 190])
-    np.testing.assert_array_equal(dm.read_expression(rows), X[rows])
+    np.testing.assert_array_equal(dm.catalog.read_expression(rows), X[rows])
     batch = next(iter(dm.train_dataloader()))
     np.testing.assert_array_equal(
         batch["pert_cell_emb"].numpy().reshape(-1, 4), X[batch["pert_rows"].numpy().reshape(-1)]
@@ -267,14 +277,14 @@ def test_counts_are_normalised_like_scanpy(screens):
     sc.pp.log1p(ref)
     dm = make_dm([screens["dir"] / "counts.h5ad"], input_transform="counts")
     rows = np.array([3, 0, 99, 100, 3])
-    np.testing.assert_allclose(dm.read_expression(rows), dense_x(ref)[rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dm.catalog.read_expression(rows), dense_x(ref)[rows], rtol=1e-5, atol=1e-5)
     batch = next(iter(dm.train_dataloader()))
     r = batch["pert_rows"].numpy().reshape(-1)
     np.testing.assert_allclose(
         batch["pert_cell_emb"].numpy().reshape(-1, 30), dense_x(ref)[r], rtol=1e-5, atol=1e-5
     )
     # library sizes are over all genes even when a gene list selects a few
-    lib = dm.screens[0].library_sizes()
+    lib = dm.catalog.screens[0].library_sizes()
     np.testing.assert_allclose(lib, dense_x(screens["counts"]).sum(1), rtol=1e-6)
 
 
@@ -399,12 +409,16 @@ def test_fewshot_and_zeroshot_from_config(screens):
     assert val_ctrl & train_rows and (pert[list(val_ctrl | test_ctrl)] == CTRL).all()
     val_names = {n for b in dm.val_dataloader() for n in b["pert_name"]}
     assert val_names == {"P1"}  # no controls as validation targets
-    cells = dm.split_cells("test")
-    assert ("C", "P0") in cells and ("A", "P2") in cells and ("A", "P0") not in cells
-    np.testing.assert_array_equal(cells["C"], np.flatnonzero((pert == CTRL) & (ct == "C")))
-    np.testing.assert_array_equal(cells[("A", "P2")], np.flatnonzero((pert == "P2") & (ct == "A")))
+    groups = dm.catalog.groups("test")  # A is in files a and c (datasets "a" and "c")
+    pairs = {(k.cell_type, k.pert) for k in groups}
+    assert ("C", "P0") in pairs and ("A", "P2") in pairs and ("A", "P0") not in pairs
+    np.testing.assert_array_equal(dm.catalog.controls("c", "C"), np.flatnonzero((pert == CTRL) & (ct == "C")))
+    np.testing.assert_array_equal(
+        np.concatenate([groups[GroupKey("a", "A", "P2")], groups[GroupKey("c", "A", "P2")]]),
+        np.flatnonzero((pert == "P2") & (ct == "A")),
+    )
     m = dm.manifest()
-    assert m["splits"] == {"val": ["P1"], "test": dm.splits["test"]}
+    assert m.splits == {"val": ["P1"], "test": dm.splits["test"]}
 
 
 def test_split_toml_fewshot_and_zeroshot(screens, tmp_path):
@@ -435,17 +449,17 @@ test = ["P2", "P1"]
 
     dm = make_dm([], split_toml=str(toml))  # data.path empty: files come from the TOML
     assert [Path(p).name for p in dm.data_paths] == ["a.h5ad", "b.h5ad", "c.h5ad"]
-    cells_val, cells_test = dm.split_cells("val"), dm.split_cells("test")
-    assert {k for k in cells_val if isinstance(k, tuple)} == {("A", "P1")} | {("C", p) for p in PERTS}
-    assert {k for k in cells_test if isinstance(k, tuple)} == {("A", "P1"), ("A", "P2")}
+    cells_val, cells_test = dm.catalog.groups("val"), dm.catalog.groups("test")
+    assert set(cells_val) == {GroupKey("first", "A", "P1")} | {GroupKey("mixed", "C", p) for p in PERTS}
+    assert set(cells_test) == {GroupKey("first", "A", "P1"), GroupKey("first", "A", "P2")}
     # few-shot is per (dataset, cell type): P1 of cell type A in c.h5ad ("mixed") and of B stay in training
     labels = global_labels(screens, ("a", "b", "c"))
-    offsets = dm.offsets
+    offsets = dm.catalog.offsets
     a_rows = set(range(offsets[0], offsets[1]))
     train_rows = {r for b in dm.train_dataloader() for r in b["pert_rows"].numpy().reshape(-1).tolist()}
     p1 = set(np.flatnonzero(labels["target_gene"].to_numpy() == "P1").tolist())
     assert train_rows & p1 and not train_rows & p1 & a_rows
-    assert cells_val[("A", "P1")].tolist() == sorted(p1 & a_rows)
+    assert cells_val[GroupKey("first", "A", "P1")].tolist() == sorted(p1 & a_rows)
 
 
 def test_split_toml_errors(screens, tmp_path):
@@ -578,8 +592,8 @@ def test_bad_input_is_one_clear_user_error(screens, tmp_path, case):
 
 
 def test_bad_values_found_by_row_sample_in_big_files(screens, tmp_path, monkeypatch):
-    monkeypatch.setattr(tdata, "FULL_CHECK_ELEMENTS", 0)  # treat the file as too big for a full scan
-    monkeypatch.setattr(tdata, "VALIDATE_ROWS", 1000)  # every row of this small file is in the sample
+    monkeypatch.setattr(data_checks, "FULL_CHECK_ELEMENTS", 0)  # treat the file as too big for a full scan
+    monkeypatch.setattr(data_checks, "VALIDATE_ROWS", 1000)  # every row of this small file is in the sample
     with pytest.raises(UserError, match="NaN or Inf.*row 17"):
         make_dm([_rewrite(screens["a"], tmp_path / "x.h5ad", X=_with_value(screens, np.nan))])
 
@@ -597,7 +611,7 @@ def test_different_genes_are_reindexed_with_a_gene_list(screens, tmp_path):
     dm = make_dm([screens["dir"] / "a.h5ad", path], gene_list=str(tmp_path / "genes.csv"))
     n_a = len(screens["a"])
     np.testing.assert_array_equal(
-        dm.read_expression(np.array([n_a + 4, 2])),
+        dm.catalog.read_expression(np.array([n_a + 4, 2])),
         np.stack([dense_x(screens["b"])[4], dense_x(screens["a"])[2]]),
     )
 
@@ -619,7 +633,7 @@ def test_missing_pert_features_allowed_get_zeros(screens, tmp_path, caplog):
     assert torch.equal(mat[dm.pert_names.index("P1")], torch.full((4,), 2.0))
     assert not mat[dm.pert_names.index("P5")].any() and not mat[dm.pert_names.index(CTRL)].any()
     m = dm.manifest()
-    assert m["pert_features"]["source"].endswith("feats.pt") and len(m["pert_features"]["sha256"]) == 64
+    assert m.pert_features["source"].endswith("feats.pt") and len(m.pert_features["sha256"]) == 64
 
 
 def test_cell_set_len_larger_than_every_group(screens):
@@ -685,11 +699,11 @@ def test_consecutive_rows_are_read_as_one_block(tmp_path, monkeypatch):
 
 def test_manifest_is_plain_python(screens):
     dm = make_dm(ab(screens), test_perts=["P2"])
-    m = dm.manifest()
+    m = dm.manifest().to_dict()
     expected = {
         "gene_names", "encoder", "embed_key", "input_dim", "pert_col", "control_pert", "cell_type_col",
         "batch_col", "pert_names", "pert_features", "pert_matrix", "cell_types", "batches", "input_transform",
-        "cell_set_len", "splits", "data_paths",
+        "cell_set_len", "splits", "data_paths", "datasets", "held_out",
     }  # fmt: skip
     assert set(m) == expected
     assert m["encoder"] == "raw_expression" and m["pert_features"] == {"source": "onehot", "sha256": None}
@@ -708,3 +722,114 @@ def test_manifest_is_plain_python(screens):
     buf = Path(dm.data_paths[0]).parent / "manifest_roundtrip.pt"
     torch.save(m, buf)
     assert torch.load(buf, weights_only=True)["gene_names"] == GENES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cell catalog and the manifest: predict and eval read cells without the data module
+
+
+def _listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_catalog_from_manifest_reads_what_the_data_module_trained_on(screens, tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.h5ad").write_bytes((screens["dir"] / f"{name}.h5ad").read_bytes())
+    (tmp_path / "genes.csv").write_text("g7\ng3\ng29\ng0\n")
+    dm = make_dm(
+        [tmp_path / "a.h5ad", tmp_path / "b.h5ad"],
+        embed_key="X_state",
+        gene_list=str(tmp_path / "genes.csv"),
+        val_perts=["P1"],
+        test_perts=["P2"],
+    )
+    manifest = dm.manifest().to_dict()
+    before = _listing(tmp_path)
+
+    def no_temp_files(*args, **kwargs):
+        raise AssertionError("the catalog wrote a temporary file")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp_files)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temp_files)
+    cat = CellCatalog.from_manifest(manifest)
+    rows = np.array([5, 200, 1, 190, 5])
+    for split in ("train", "val", "test"):
+        ours, theirs = cat.groups(split), dm.catalog.groups(split)
+        assert list(ours) == list(theirs) and ours  # same groups, same (sorted) order
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key])
+            np.testing.assert_array_equal(
+                cat.controls(key.dataset, key.cell_type), dm.catalog.controls(key.dataset, key.cell_type)
+            )
+    assert cat.gene_names == dm.gene_names == ["g7", "g3", "g29", "g0"]
+    np.testing.assert_array_equal(cat.read_expression(rows), dm.catalog.read_expression(rows))
+    np.testing.assert_array_equal(cat.read_input(rows), dm.catalog.read_input(rows))
+    assert _listing(tmp_path) == before  # nothing written next to the data
+
+
+def _fewshot_toml(screens, tmp_path) -> Path:
+    """Dataset "ds" = a.h5ad (cell type A) + b.h5ad (cell type B); P1 is held out in A only."""
+    d = screens["dir"]
+    toml = tmp_path / "split.toml"
+    toml.write_text(f'[datasets]\nds = "{d}/{{a,b}}.h5ad"\n\n[fewshot."ds.A"]\ntest = ["P1"]\n')
+    return toml
+
+
+def test_held_out_groups_are_exactly_the_tomls(screens, tmp_path):
+    dm = make_dm([], split_toml=str(_fewshot_toml(screens, tmp_path)))
+    m = dm.manifest()
+    assert m.held_out == [{"dataset": "ds", "cell_type": "A", "pert": "P1", "split": "test"}]
+    assert m.datasets == ["ds", "ds"] and m.splits == {"val": [], "test": ["P1"]}
+    cat = CellCatalog.from_manifest(m)
+    labels = global_labels(screens)
+    p1_of_b = np.flatnonzero(
+        (labels["target_gene"] == "P1").to_numpy() & (labels["cell_type"] == "B").to_numpy()
+    )
+    assert list(cat.groups("test")) == [GroupKey("ds", "A", "P1")]
+    np.testing.assert_array_equal(cat.groups("train")[GroupKey("ds", "B", "P1")], p1_of_b)
+    # an older manifest (no held_out) holds its `splits` perturbations out in every cell type
+    old = {k: v for k, v in m.to_dict().items() if k not in ("held_out", "datasets")}
+    old_cat = CellCatalog.from_manifest(old)
+    assert set(old_cat.groups("test")) == {GroupKey("a", "A", "P1"), GroupKey("b", "B", "P1")}
+
+
+def test_manifest_round_trip_and_older_dicts(screens, tmp_path):
+    m = make_dm(ab(screens), val_perts=["P1"], test_perts=["P2"]).manifest()
+    d = m.to_dict()
+    assert Manifest.from_dict(d) == m
+    torch.save(d, tmp_path / "m.pt")
+    assert Manifest.from_dict(torch.load(tmp_path / "m.pt", weights_only=True)) == m
+    assert "pert_matrix" not in m.to_dict(include_pert_matrix=False)
+    changed = Manifest.from_dict({**d, "pert_matrix": d["pert_matrix"] * 2})
+    assert changed != m
+    # a manifest from a checkpoint written before `datasets` and `held_out` existed
+    old = {k: v for k, v in d.items() if k not in ("datasets", "held_out")}
+    om = Manifest.from_dict(old)
+    assert om.held_out is None and om.datasets is None and om.gene_names == GENES
+    assert om.to_dict(include_pert_matrix=False) == {
+        **{k: v for k, v in old.items() if k != "pert_matrix"},
+        "datasets": None,
+        "held_out": None,
+    }
+    with pytest.raises(UserError, match="lacks \\['gene_names'\\]"):
+        Manifest.from_dict({k: v for k, v in d.items() if k != "gene_names"})
+
+
+def test_training_cells_are_train_groups_and_every_cell_types_controls(screens, tmp_path):
+    cat = CellCatalog.from_manifest(make_dm([], split_toml=str(_fewshot_toml(screens, tmp_path))).manifest())
+    tc = cat.training_cells(max_per_group=1000, seed=0)
+    pairs = set(zip(tc.obs["target_gene"], tc.obs["cell_type"], strict=True))
+    assert {(CTRL, "A"), (CTRL, "B")} <= pairs  # controls of every cell type
+    assert ("P1", "A") not in pairs and ("P1", "B") in pairs  # no held-out cell; P1 trains in B
+    assert list(tc.var_names) == GENES and tc.n_obs == len(global_labels(screens)) - 12  # all but A's P1
+    labels = global_labels(screens)
+    X = np.concatenate([dense_x(screens["a"]), dense_x(screens["b"])])
+    rows = np.flatnonzero(
+        (labels["target_gene"] == "P3").to_numpy() & (labels["cell_type"] == "B").to_numpy()
+    )
+    sel = ((tc.obs["target_gene"] == "P3") & (tc.obs["cell_type"] == "B")).to_numpy()
+    np.testing.assert_array_equal(np.asarray(tc.X)[sel], X[rows])  # drawn rows, in row order
+    small = cat.training_cells(max_per_group=3, seed=0)
+    assert small.obs.groupby(["target_gene", "cell_type"], observed=True).size().max() == 3
+    again = cat.training_cells(max_per_group=3, seed=0)
+    np.testing.assert_array_equal(np.asarray(small.X), np.asarray(again.X))

@@ -1,4 +1,4 @@
-"""evaluate.py against the real cell-eval on a tiny synthetic screen (no mocks of cell-eval; spies only)."""
+"""tahoe_ft.evaluation against the real cell-eval on a tiny synthetic screen (no mocks of cell-eval; spies only)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.evaluate import evaluate, prep_submission
+from tahoe_ft.evaluation import Score, prep_submission, score_predictions
 
 CTRL = "non-targeting"
 PC = "target_gene"
@@ -118,7 +118,7 @@ def first(screen):
     d = screen["dir"]
     with pytest.MonkeyPatch.context() as mp:
         spy = _Spy(mp)
-        score = evaluate(
+        score = score_predictions(
             d / "pred.h5ad",
             d / "real.h5ad",
             screen["train"],
@@ -137,14 +137,14 @@ def second(screen, first):
     pred.obs[PC] = pred.obs[PC].cat.add_categories(["UNUSED_PERT"])
     with pytest.MonkeyPatch.context() as mp:
         spy = _Spy(mp)
-        score = evaluate(pred, str(d / "real.h5ad"), None, d / "out2", de_cache_dir=d / "cache")
+        score = score_predictions(pred, str(d / "real.h5ad"), None, d / "out2", de_cache_dir=d / "cache")
     return score, spy
 
 
 def test_score_json_keys_and_types(screen, first):
     score, _ = first
     on_disk = json.loads((screen["dir"] / "out1" / "score.json").read_text())
-    assert on_disk == json.loads(json.dumps(score))
+    assert on_disk == json.loads(score.to_json())
     for key, typ in [
         ("avg_score", float),
         ("leaderboard_score", float),
@@ -178,6 +178,18 @@ def test_score_json_keys_and_types(screen, first):
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
+def test_score_from_json_round_trips(screen, first, second):
+    """Score.from_json reads score.json back exactly: to_json() gives the file's text again."""
+    for out, returned in (("out1", first[0]), ("out2", second[0])):
+        path = screen["dir"] / out / "score.json"
+        loaded = Score.from_json(path)
+        assert loaded.to_json() == path.read_text() == returned.to_json(), out
+        assert json.loads(loaded.to_json()) == json.loads(path.read_text())
+        assert loaded.leaderboard_score == 100 * loaded.avg_score
+        assert returned.leaderboard_score == 100 * returned.avg_score
+        assert json.loads(path.read_text())["leaderboard_score"] == loaded.leaderboard_score
+
+
 def cell_eval_version() -> str:
     import importlib.metadata
 
@@ -199,14 +211,14 @@ def test_avg_score_by_hand_from_cell_eval_tables(screen, first):
         v = 1 - u[m] / b[m] if m == "mae" else (u[m] - b[m]) / (1 - b[m])
         norm[m] = max(0.0, 0.0 if math.isnan(v) else v)
     avg = float(np.mean(list(norm.values())))
-    assert score["avg_score"] == pytest.approx(avg, abs=1e-9)
-    assert score["leaderboard_score"] == pytest.approx(100 * avg, abs=1e-7)
+    assert score.avg_score == pytest.approx(avg, abs=1e-9)
+    assert score.leaderboard_score == pytest.approx(100 * avg, abs=1e-7)
     for m in VCC:
-        assert score["normalized"][m] == pytest.approx(norm[m], abs=1e-9)
-        assert score["metrics"][m] == pytest.approx(u[m], abs=1e-12)
-        assert score["baseline"][m] == pytest.approx(b[m], abs=1e-12)
+        assert score.normalized[m] == pytest.approx(norm[m], abs=1e-9)
+        assert score.metrics[m] == pytest.approx(u[m], abs=1e-12)
+        assert score.baseline[m] == pytest.approx(b[m], abs=1e-12)
     # a usable prediction: PDS above the cell-mean baseline, DE overlap well above it
-    assert score["normalized"]["discrimination_score_l1"] > 0.5 and score["normalized"]["overlap_at_N"] > 0.3
+    assert score.normalized["discrimination_score_l1"] > 0.5 and score.normalized["overlap_at_N"] > 0.3
 
 
 def test_first_evaluation_computes_real_de_once_and_caches_it(screen, first):
@@ -223,8 +235,8 @@ def test_second_evaluation_reuses_real_de_and_baseline(screen, first, second):
     assert spy.pdex_on == ["p"]  # only the new prediction's DE
     assert spy.de_real == [str(next((screen["dir"] / "cache" / "real_de").glob("*.csv")))]
     for key in ("avg_score", "leaderboard_score", "metrics", "baseline", "normalized", "n_perts"):
-        assert s2[key] == s1[key], key
-    assert s2["baseline_source"].startswith("cache:")
+        assert getattr(s2, key) == getattr(s1, key), key
+    assert s2.baseline_source.startswith("cache:")
     out2 = screen["dir"] / "out2"
     assert (out2 / "real_de.csv").is_file() and (out2 / "baseline" / "agg_results.csv").is_file()
 
@@ -236,7 +248,7 @@ def test_reevaluating_into_same_outdir_keeps_cache_intact(screen, first, second)
     before = cached.read_bytes()
     real = screen["real"].copy()
     real.X = real.X.multiply(1.01).tocsr()  # other data: its real DE is computed into out2/real_de.csv
-    evaluate(screen["pred"], real, screen["train"], d / "out2", de_cache_dir=d / "cache")
+    score_predictions(screen["pred"], real, screen["train"], d / "out2", de_cache_dir=d / "cache")
     assert cached.read_bytes() == before
     assert len(list((d / "cache" / "real_de").glob("*.csv"))) == 2
 
@@ -247,8 +259,8 @@ def test_inputs_not_mutated_and_negatives_clipped(tmp_path, screen, first):
     pred.X[N_CELLS : N_CELLS + 5, :3] = -0.25  # raw model output below zero
     real.obs[PC] = real.obs[PC].cat.add_categories(["UNUSED_PERT"])  # unused category on the real side
     snaps = {n: _snapshot(a) for n, a in (("real", real), ("pred", pred), ("train", train))}
-    score = evaluate(pred, real, train, tmp_path / "eval")
-    assert 0.0 <= score["avg_score"] <= 1.0 and score["n_perts"] == N_PERTS
+    score = score_predictions(pred, real, train, tmp_path / "eval")
+    assert 0.0 <= score.avg_score <= 1.0 and score.n_perts == N_PERTS
     assert (tmp_path / ".de_cache" / "real_de").is_dir()  # the default cache dir: outdir.parent/.de_cache
     for n, a in (("real", real), ("pred", pred), ("train", train)):
         _same(a, snaps[n])
@@ -265,13 +277,14 @@ def test_celltype_col_scores_each_cell_type(tmp_path, screen, first):
         return ad.concat(parts)
 
     real, pred, train = (two(screen[k]) for k in ("real", "pred", "train"))
-    score = evaluate(pred, real, train, tmp_path / "eval", celltype_col="cell_type")
-    assert set(score["per_celltype"]) == {"A", "B"}
-    assert score["avg_score"] == pytest.approx(
-        np.mean([v["avg_score"] for v in score["per_celltype"].values()])
-    )
+    score = score_predictions(pred, real, train, tmp_path / "eval", celltype_col="cell_type")
+    assert set(score.per_celltype) == {"A", "B"}
+    assert score.avg_score == pytest.approx(np.mean([v.avg_score for v in score.per_celltype.values()]))
     assert (tmp_path / "eval" / "A_agg_results.csv").is_file()
     assert (tmp_path / "eval" / "baseline" / "B_agg_results.csv").is_file()
+    path = tmp_path / "eval" / "score.json"
+    assert Score.from_json(path).to_json() == path.read_text() == score.to_json()
+    assert Score.from_json(path).per_celltype["A"].avg_score == score.per_celltype["A"].avg_score
 
 
 # ---- bad input: one clear UserError, before anything is written
@@ -280,7 +293,7 @@ def test_celltype_col_scores_each_cell_type(tmp_path, screen, first):
 def _bad(tmp_path, pred, real, train=None, match="", **kw):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=match) as e:
-        evaluate(pred, real, train, out, de_cache_dir=tmp_path / "cache", **kw)
+        score_predictions(pred, real, train, out, de_cache_dir=tmp_path / "cache", **kw)
     assert "\n" not in str(e.value)
     assert not out.exists()
     return str(e.value)
@@ -364,7 +377,7 @@ def test_no_train_and_no_cached_baseline(tmp_path, screen, first):
     real.obs_names = [f"x{n}" for n in real.obs_names]  # new content: no cache entry
     pred = screen["pred"]
     with pytest.raises(UserError, match="no cached baseline"):
-        evaluate(pred, real, None, tmp_path / "out", de_cache_dir=tmp_path / "cache")
+        score_predictions(pred, real, None, tmp_path / "out", de_cache_dir=tmp_path / "cache")
 
 
 # ---- submission packing

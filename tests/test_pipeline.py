@@ -12,8 +12,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
-from tahoe_ft.cli import run
+from tahoe_ft.config import compose
 
 ROUNDS = ["0826", "0901", "0905", "0906", "0907", "0908"]
 
@@ -29,16 +30,10 @@ def study(tmp_path_factory) -> Path:
         "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=2",
     ]  # fmt: skip
-    quoted = ",".join(f"'{a}'" for a in train_overrides)
-    run(
-        "reproduce",
-        [
-            f"runs_dir={root / 'runs'}",
-            f"paths.data_cache={root / 'cache'}",
-            *TINY_DEMO,
-            f"train_overrides=[{quoted}]",
-        ],
-    )
+    data = [f"paths.data_cache={root / 'cache'}", *TINY_DEMO]
+    cfg = compose("reproduce", [f"runs_dir={root / 'runs'}", *data])
+    cfg.train_overrides = train_overrides
+    tahoe_ft.reproduce(cfg, overrides=data)
     return root / "runs"
 
 
@@ -95,9 +90,12 @@ def test_every_round_scored_and_compared(study):
         assert set(score["normalized"]) == set(score["baseline"]) == set(score["metrics"])
     with open(study / "compare.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["experiment"] for r in rows) == sorted(
-        ROUNDS
-    )  # one row per evaluated run; pretrain isn't
+    # one row per evaluated run (pretrain isn't), and one per baseline of the panel: the rounds share one split,
+    # so one panel (pert_mean is absent: the demo holds each perturbation out in every cell type)
+    assert sorted(r["experiment"] for r in rows if r["kind"] == "round") == sorted(ROUNDS)
+    assert sorted(r["experiment"] for r in rows if r["kind"] == "baseline") == sorted(
+        ["ceiling", "cell_mean", "control", "linear", "target_knockdown"]
+    )
     scores = [float(r["avg_score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     for col in (
@@ -109,7 +107,7 @@ def test_every_round_scored_and_compared(study):
         "steps",
         "wall_time_s",
     ):
-        assert all(r[col] != "" for r in rows), col
+        assert all(r[col] != "" for r in rows if r["kind"] == "round"), col
     assert (study / "compare.png").stat().st_size > 10_000
     summary = json.loads((study / "reproduce.json").read_text())
     assert [s["stage"] for s in summary["stages"]][:7] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
@@ -121,7 +119,7 @@ def test_every_round_scored_and_compared(study):
 def test_export_vcc_submission(study):
     import tarfile
 
-    out = Path(run("export", [f"runs_dir={study}", "exp=0906"]))
+    out = tahoe_ft.export(runs_dir=study, exp="0906")
     assert out.name == "submission.prep.vcc" and out.is_file()
     with tarfile.open(out) as tar:
         assert "pred.h5ad.zst" in {Path(m.name).name for m in tar.getmembers()}
@@ -154,9 +152,9 @@ def test_papalexi_trains_predicts_and_scores(tmp_path):
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
         "data.batch_size=4", "trainer.accelerator=cpu",
     ]  # fmt: skip
-    run_dir = Path(run("train", args))
-    run("predict", [f"runs_dir={runs}", "exp=0905"])
-    score = run("eval", [f"runs_dir={runs}", "exp=0905"])
+    run_dir = tahoe_ft.train(compose("train", args))
+    tahoe_ft.predict(exp="0905", runs_dir=runs)
+    score = tahoe_ft.evaluate(exp="0905", runs_dir=runs)
     pred = ad.read_h5ad(run_dir / "pred.h5ad")
     assert pred.n_vars == 299
     assert set(pred.obs["target_gene"]) - {"non-targeting"} == {
@@ -170,7 +168,7 @@ def test_papalexi_trains_predicts_and_scores(tmp_path):
     real = ad.read_h5ad(run_dir / "real.h5ad")
     # real side = log1p(normalize_total 1e4) of the raw counts: per-cell expm1 sums are 1e4 over all 299 genes
     assert np.allclose(np.expm1(_dense(real.X)).sum(1), 1e4, rtol=1e-3)
-    assert 0.0 <= score["avg_score"] <= 1.0 and set(score["metrics"]) == {
+    assert 0.0 <= score.avg_score <= 1.0 and set(score.metrics) == {
         "mae",
         "discrimination_score_l1",
         "overlap_at_N",
@@ -191,7 +189,7 @@ def test_predict_needs_only_the_checkpoint_and_the_cells(study, tmp_path):
     try:
         out_dir = tmp_path / "pred"
         out_dir.mkdir()
-        run("predict", [f"ckpt={ckpt}", f"run_dir={out_dir}", f"runs_dir={study}"])
+        tahoe_ft.predict(ckpt, run_dir=out_dir, runs_dir=study)
     finally:
         for p in hidden:
             p.with_name(p.name + ".hidden").rename(p)
@@ -207,12 +205,13 @@ def test_eval_full_profile(study, tmp_path):
     src = _latest(study, "0906")
     for name in ("pred.h5ad", "real.h5ad", "predict.json"):
         shutil.copy(src / name, tmp_path / name)
-    score = run("eval", [f"run_dir={tmp_path}", f"pred={tmp_path / 'pred.h5ad'}", f"real={tmp_path / 'real.h5ad'}",
-                         "profile=full", f"runs_dir={study}"])  # fmt: skip
-    assert {"mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta", "mse"} <= set(score["metrics"])
-    assert set(score["baseline"]) == set(score["metrics"])
-    assert score["profile"] == "full" and 0.0 <= score["avg_score"] <= 1.0
+    score = tahoe_ft.evaluate(
+        tmp_path, pred=tmp_path / "pred.h5ad", real=tmp_path / "real.h5ad", profile="full", runs_dir=study
+    )
+    assert {"mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta", "mse"} <= set(score.metrics)
+    assert set(score.baseline) == set(score.metrics)
+    assert score.profile == "full" and 0.0 <= score.avg_score <= 1.0
     assert json.loads((tmp_path / "eval" / "score.json").read_text())["profile"] == "full"
     # 2 test perturbations per cell type: too few for cell-eval's Leiden clustering, skipped and recorded
-    assert "clustering_agreement" not in score["metrics"]
-    assert all(ct["skipped_metrics"] == ["clustering_agreement"] for ct in score["per_celltype"].values())
+    assert "clustering_agreement" not in score.metrics
+    assert all(ct.skipped_metrics == ["clustering_agreement"] for ct in score.per_celltype.values())

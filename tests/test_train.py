@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import tahoe_ft
 from conftest_train import column, metrics, train, train_args
-from tahoe_ft.cli import _compose
+from tahoe_ft.config import compose
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import newest_run
 
@@ -177,19 +178,17 @@ class _Probe(L.Callback):
 
 
 def test_resume_is_explicit_and_continues(chain):
-    from tahoe_ft.train import train as train_fn
-
     root, _ = chain
     crash_root = root / "crash"
-    cfg = _compose(
+    cfg = compose(
         "train", train_args(crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt")
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_fn(cfg, callbacks=[_Crash(at=4)])
+        tahoe_ft.train(cfg, callbacks=[_Crash(at=4)])
     # the same run, never interrupted, for the batches it trains on
     whole = _Fingerprints()
     init = f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt"
-    train_fn(_compose("train", train_args(root / "whole", "0905", init)), callbacks=[whole])
+    tahoe_ft.train(compose("train", train_args(root / "whole", "0905", init)), callbacks=[whole])
     run_dir = newest_run(crash_root / "runs", "0905")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -197,13 +196,13 @@ def test_resume_is_explicit_and_continues(chain):
 
     # resume=true: same run dir, from step 3, with the saved Adam state
     probe, resumed = _Probe(), _Fingerprints()
-    cfg = _compose(
+    cfg = compose(
         "train",
         train_args(
             crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt", "resume=true"
         ),
     )
-    out = train_fn(cfg, callbacks=[probe, resumed])
+    out = tahoe_ft.train(cfg, callbacks=[probe, resumed])
     # mid-epoch resume is exact: steps 3..5 train on the batches the uninterrupted run trained on
     assert sorted(resumed.seen) == [3, 4, 5]
     assert {s: whole.seen[s] for s in resumed.seen} == resumed.seen
@@ -216,7 +215,7 @@ def test_resume_is_explicit_and_continues(chain):
     assert max(steps) >= 5 and min(steps) <= 2  # one CSV, extended, not truncated
 
     # a changed lr on resume is refused, and nothing is written
-    cfg = _compose(
+    cfg = compose(
         "train",
         train_args(
             crash_root,
@@ -227,7 +226,7 @@ def test_resume_is_explicit_and_continues(chain):
         ),
     )
     with pytest.raises(UserError, match="optim.lr"):
-        train_fn(cfg)
+        tahoe_ft.train(cfg)
 
     # without resume: a new run directory; every file of the old one is untouched
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -288,7 +287,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 
 def test_loss_is_float32_under_autocast():
-    from tahoe_ft.module import STLightningModule
+    from tahoe_ft.training.module import STLightningModule
 
     hp = {"input_dim": 6, "output_dim": 6, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
           "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
@@ -308,11 +307,9 @@ def test_loss_is_float32_under_autocast():
 def test_trains_with_dataloader_workers_like_without(tmp_path):
     """num_workers=2 (workers only read rows) trains on exactly the batches of num_workers=0, across epochs."""
     seen = {}
-    from tahoe_ft.train import train as train_fn
-
     for workers in (0, 2):
         fp = _Fingerprints()
-        cfg = _compose(
+        cfg = compose(
             "train",
             train_args(
                 tmp_path / f"w{workers}",
@@ -322,7 +319,7 @@ def test_trains_with_dataloader_workers_like_without(tmp_path):
                 "trainer.val_check_interval=15",
             ),
         )
-        train_fn(cfg, callbacks=[fp])
+        tahoe_ft.train(cfg, callbacks=[fp])
         seen[workers] = fp.seen
     assert sorted(seen[0]) == list(range(30))  # crosses epoch boundaries
     assert seen[0] == seen[2]

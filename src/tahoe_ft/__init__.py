@@ -1,23 +1,43 @@
 """tahoe-ft: fine-tune the State Transition model (ST-Tahoe) on a perturbation screen and score it with cell-eval.
 
-Python API (what the CLI calls):
+Python API (what the CLI calls; typed arguments, see `tahoe_ft.api` and `tahoe_ft.config`):
 
     import tahoe_ft
-    model = tahoe_ft.load_checkpoint("runs/0906/latest/checkpoints/best-val.pt")   # eval mode
+    run_dir = tahoe_ft.train(tahoe_ft.compose("train", ["+experiment=0906"]))
+    tahoe_ft.predict("best-val.pt", run_dir=run_dir)
+    score = tahoe_ft.evaluate(run_dir)
+    model = tahoe_ft.load_checkpoint(run_dir / "checkpoints" / "best-val.pt")   # eval mode
     out = model(batch, padded=True)   # batch: upstream keys pert_emb, ctrl_cell_emb (, batch)
+
+The API functions are imported on first use, so `import tahoe_ft` (and the CLI's start-up) stays light.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-__all__ = ["UserError", "load_checkpoint", "__version__"]
+from typing import Any
 
 from tahoe_ft.errors import UserError
 
+__version__ = "0.1.0"
 
-def load_checkpoint(path):
-    """Load a tahoe-ft checkpoint (`best-val.pt`, `step-N.pt`) as a `StateTransitionModel` in eval mode."""
-    from tahoe_ft.checkpoint import load_checkpoint as _load
+_API = (
+    "train",
+    "predict",
+    "evaluate",
+    "compare",
+    "reproduce",
+    "export",
+    "check",
+    "load_checkpoint",
+    "compose",
+)
 
-    return _load(path)
+__all__ = ["UserError", "__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from tahoe_ft import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tahoe_ft' has no attribute {name!r}")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import zipfile
 from collections import defaultdict
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_path
 from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel, module_of
 from tahoe_ft.upstream import is_upstream, translate_hparams
 
@@ -31,17 +31,8 @@ FORMAT = "tahoe-ft/st/1"
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` through a temp file + fsync + rename in the destination folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(obj, tmp)
 
 
 def weights_payload(

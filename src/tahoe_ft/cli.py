@@ -1,9 +1,10 @@
-"""`tahoe-ft SUBCOMMAND [overrides]`: each sub-command is a Hydra app over `configs/<subcommand>.yaml`.
+"""`tahoe-ft SUBCOMMAND [overrides]`: compose `configs/<subcommand>.yaml` (Hydra), map the typed config onto the
+Python API (`tahoe_ft.api`), print the result. Nothing else happens here.
 
     tahoe-ft train +experiment=0906 trainer.max_steps=200
     tahoe-ft train -m +experiment=0905 optim.lr=1e-4,3e-4     (a Hydra sweep)
     tahoe-ft predict ckpt=best-val.pt
-    tahoe-ft eval | compare | reproduce
+    tahoe-ft eval | compare | reproduce | export | check
 
 Bad input is reported as one line (`error: ...`) with exit status 2; set TAHOE_FT_DEBUG=1 (or
 HYDRA_FULL_ERROR=1) for the traceback.
@@ -11,34 +12,16 @@ HYDRA_FULL_ERROR=1) for the traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import Any
 
 from tahoe_ft.errors import UserError
 
-COMMANDS = {
-    "train": "tahoe_ft.train:train",
-    "predict": "tahoe_ft.predict:predict",
-    "eval": "tahoe_ft.commands:run_eval",
-    "compare": "tahoe_ft.commands:run_compare",
-    "reproduce": "tahoe_ft.reproduce:reproduce",
-    "export": "tahoe_ft.commands:run_export",
-    "check": "tahoe_ft.commands:run_check",
-}
-SCHEMAS = {
-    "train": "TrainConfig",
-    "predict": "PredictConfig",
-    "eval": "EvalConfig",
-    "compare": "CompareConfig",
-    "reproduce": "ReproduceConfig",
-    "export": "ExportConfig",
-    "check": "CheckConfig",
-}
 USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,check} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
@@ -52,54 +35,81 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,check} [
 Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
 
+HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}
+# `reproduce` hands the data selection (data=, data.*, paths.*) on to every round it trains
+_REPRODUCE_FORWARD = ("data", "paths")
 
-def config_dir() -> Path:
-    """`configs/`: shipped inside the wheel, or at the repo root for an editable install."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "configs", here.parent.parent / "configs"):
-        if (cand / "train.yaml").is_file():
-            return cand
-    raise UserError(f"configs/ not found next to {here}; reinstall tahoe-ft")  # pragma: no cover
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _train(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+    from tahoe_ft.runs import read_run_info
+
+    run_dir = api.train(cfg)
+    info = read_run_info(run_dir)
+    _print(
+        {
+            "run_dir": str(run_dir),
+            "best_val_loss": info.get("best_val_loss"),
+            "best_step": info.get("best_step"),
+        }
+    )
+
+
+def _predict(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    _print({"run_dir": str(api.predict(**dataclasses.asdict(cfg)))})
+
+
+def _eval(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    score = api.evaluate(**dataclasses.asdict(cfg)).to_dict()  # non-finite values as null, as in score.json
+    _print({k: score.get(k) for k in ("pred", "avg_score", "leaderboard_score", "metrics")})
+
+
+def _compare(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    api.compare(cfg.runs_dir, cfg.out_dir)
+
+
+def _reproduce(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    forward = [a for a in args if a.lstrip("+~").split("=", 1)[0].split(".")[0] in _REPRODUCE_FORWARD]
+    _print(api.reproduce(cfg, overrides=forward))
+
+
+def _export(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    _print({"submission": str(api.export(**dataclasses.asdict(cfg)))})
+
+
+def _check(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    print(json.dumps(api.check(cfg), indent=2))
+
+
+COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
+    "train": _train,
+    "predict": _predict,
+    "eval": _eval,
+    "compare": _compare,
+    "reproduce": _reproduce,
+    "export": _export,
+    "check": _check,
+}
 
 
 def _debug() -> bool:
     return os.environ.get("TAHOE_FT_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def _target(command: str) -> Callable[[DictConfig], object]:
-    import importlib
-
-    mod, fn = COMMANDS[command].split(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def _check_experiment(args: list[str]) -> None:
-    """`+experiment=NAME` must name a file in configs/experiment/ (one clear line otherwise)."""
-    for a in args:
-        key, _, val = a.lstrip("+~").partition("=")
-        if key == "experiment" and val:
-            names = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
-            for v in val.split(","):
-                if v not in names:
-                    raise UserError(f"unknown experiment '{v}'; choose one of: {', '.join(names)}")
-
-
-def _compose(command: str, args: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from tahoe_ft import config as schemas
-    from tahoe_ft import resolvers
-
-    resolvers.register()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-            cfg = compose(config_name=command, overrides=args)
-    except (HydraException, OmegaConfBaseException) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise UserError("config: " + "; ".join(lines[:3])) from None
-    return schemas.validate(cfg, getattr(schemas, SCHEMAS[command]))
 
 
 def _setup_logging() -> None:
@@ -108,36 +118,26 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(command: str, args: list[str]) -> object:
-    """Compose `configs/<command>.yaml` with `args` and run the command (the Python entry the CLI uses)."""
-    from tahoe_ft import resolvers
-
-    resolvers.register()
-    _check_experiment(args)
-    cfg = _compose(command, args)
-    if command == "reproduce":  # forwards data=/paths. overrides to every stage
-        return _target(command)(cfg, args)
-    return _target(command)(cfg)
-
-
-def _run_multirun(command: str, args: list[str]) -> None:
+def _run_hydra_app(command: str, args: list[str]) -> None:
     """Hydra's own app for sweeps (`-m`) and its introspection flags (`--cfg`, `--info`, `--help`)."""
     import hydra
+    from omegaconf import DictConfig
 
-    from tahoe_ft import config as schemas
-    from tahoe_ft import resolvers
+    from tahoe_ft import config
 
-    resolvers.register()
+    config.register()
+    config.check_experiment_overrides(args)
 
     def task(cfg: DictConfig) -> None:
         try:
-            _target(command)(schemas.validate(cfg, getattr(schemas, SCHEMAS[command])))
+            typed = config.to_object(config.validate(cfg, config.SCHEMAS[command]))
+            COMMANDS[command](typed, args)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
 
     sys.argv = [f"tahoe-ft {command}", *args]
-    hydra.main(config_path=str(config_dir()), config_name=command, version_base="1.3")(task)()
+    hydra.main(config_path=str(config.config_dir()), config_name=command, version_base="1.3")(task)()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,24 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     _setup_logging()
-    hydra_flags = {
-        "-m",
-        "--multirun",
-        "--cfg",
-        "-c",
-        "--info",
-        "--help",
-        "-h",
-        "--resolve",
-        "--package",
-        "-p",
-    }
     try:
-        if any(a in hydra_flags for a in args):
-            _check_experiment(args)
-            _run_multirun(command, args)
+        if any(a in HYDRA_FLAGS for a in args):
+            _run_hydra_app(command, args)
         else:
-            run(command, args)
+            from tahoe_ft.config import compose
+
+            COMMANDS[command](compose(command, args), args)
     except UserError as exc:
         if _debug():
             raise

@@ -1,13 +1,18 @@
-"""The config schema: every key in `configs/` is declared here, so a typo is an error, not a silent no-op.
+"""The config schema: every key in `configs/` is declared here, with its default, so a typo is an error and no
+YAML file restates a default.
 
-Hydra composes `configs/<command>.yaml`; `validate(cfg, Schema)` then merges the result into the
-structured schema below. Unknown keys (a typo in an experiment file or on the command line) and
+The dataclasses below are the typed arguments of the Python API (`tahoe_ft.train(TrainConfig(...))`). For the
+CLI, each command's schema is registered in Hydra's ConfigStore as `<command>_schema` and is the first entry of
+`configs/<command>.yaml`'s defaults list, so a group file (`data/papalexi.yaml`) or an experiment file holds only
+what differs from these defaults. `compose(command, overrides)` composes a command's config as the CLI does and
+`validate` merges it into the schema: unknown keys (a typo in an experiment file or on the command line) and
 values of the wrong type raise `UserError` with the key's full path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,7 +65,7 @@ class DataConfig:
     # held-out cell types (zero-shot): their perturbed cells go to val/test
     val_cell_types: list = field(default_factory=list)
     test_cell_types: list = field(default_factory=list)
-    batch_size: int = 8
+    batch_size: int = 16
     num_workers: int = 0
     prefetch_factor: int = 2
     # "random": basal controls of the same cell type; "batch": same cell type and batch
@@ -97,7 +102,7 @@ class BackboneConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     head_dim: int = 16
-    intermediate_size: int = 256
+    intermediate_size: int = 192
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
 
@@ -200,8 +205,8 @@ class TrainConfig:
     runs_dir: str = "runs"
     # multiplies every study step count written as ${scaled:N} in configs/ (1.0 = the study's own counts)
     step_scale: float = 1.0
-    # base checkpoint: a path, `run:EXP/FILE`, or an upstream ST run folder
-    pretrained: str | None = None
+    # base checkpoint: a path, `run:EXP/FILE`, or an upstream ST checkpoint (`state tx train` .ckpt)
+    pretrained: str | None = "run:pretrain/best-val.pt"
     # weights-only initialisation (fresh optimizer and schedule); may be "${pretrained}" or `run:EXP/FILE`
     init_from: str | None = None
     # continue the newest run of this experiment (or `run_dir`) from its last.ckpt
@@ -259,7 +264,6 @@ class PredictConfig:
     max_controls: int = 2000
     seed: int = 0
     device: str = "auto"
-    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass
@@ -275,9 +279,13 @@ class EvalConfig:
     num_threads: int = 2
     # score each cell type separately (cell-eval's --celltype-col) and average
     per_cell_type: bool = True
-    # training cells per (cell type, perturbation) read for the cell-mean baseline
+    # training cells per (cell type, perturbation) read for the cell-mean baseline and the panel
     max_train_cells_per_group: int = 500
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    # score the baseline panel (control, cell_mean, pert_mean, target_knockdown, linear) and the data ceiling
+    baselines: bool = True
+    # the linear baseline (Ahlmann-Eltze et al. 2025): PCA dimension and ridge penalty
+    linear_k: int = 10
+    linear_ridge: float = 0.1
 
 
 @dataclass
@@ -326,3 +334,82 @@ class CheckConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# -- composition (the CLI, `reproduce` and notebooks that want a round's experiment file) -------------------
+
+SCHEMAS: dict[str, type] = {
+    "train": TrainConfig,
+    "predict": PredictConfig,
+    "eval": EvalConfig,
+    "compare": CompareConfig,
+    "reproduce": ReproduceConfig,
+    "export": ExportConfig,
+    "check": CheckConfig,
+}
+
+
+def config_dir() -> Path:
+    """`configs/`: shipped inside the wheel, or at the repo root for an editable install."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "configs", here.parent.parent / "configs"):
+        if (cand / "train.yaml").is_file():
+            return cand
+    raise UserError(f"configs/ not found next to {here}; reinstall tahoe-ft")  # pragma: no cover
+
+
+def experiments() -> list[str]:
+    """The rounds in `configs/experiment/` (pretrain, 0826, ..., 0908)."""
+    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def register() -> None:
+    """Register every command's schema in Hydra's ConfigStore (`<command>_schema`) and the resolvers."""
+    from hydra.core.config_store import ConfigStore
+
+    from tahoe_ft import resolvers
+
+    resolvers.register()
+    cs = ConfigStore.instance()
+    for command, schema in SCHEMAS.items():
+        cs.store(name=f"{command}_schema", node=schema)
+
+
+def check_experiment_overrides(overrides: list[str]) -> None:
+    """`+experiment=NAME` must name a file in configs/experiment/ (one clear line otherwise)."""
+    for a in overrides:
+        key, _, val = a.lstrip("+~").partition("=")
+        if key == "experiment" and val:
+            for v in val.split(","):
+                if v not in experiments():
+                    raise UserError(f"unknown experiment '{v}'; choose one of: {', '.join(experiments())}")
+
+
+def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """`configs/<command>.yaml` composed with `overrides` (Hydra syntax), validated, as the command's typed
+    schema object (e.g. `compose("train", ["+experiment=0906"])` -> `TrainConfig`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    register()
+    check_experiment_overrides(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
+            cfg = hydra_compose(config_name=command, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise UserError("config: " + "; ".join(lines[:3])) from None
+    return to_object(validate(cfg, SCHEMAS[command]))
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """A validated config as its schema's dataclass (what the Python API takes)."""
+    return OmegaConf.to_object(cfg)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (or DictConfig) as plain, resolved python containers: what a run saves."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

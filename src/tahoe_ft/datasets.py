@@ -4,7 +4,7 @@
   under a lock, so concurrent processes (DataLoader workers, DDP ranks, parallel runs) never see a half
   written directory.
 - ``papalexi_path()`` returns the Papalexi et al. 2021 THP-1 CRISPR-KO screen (16,192 cells x 299 genes,
-  raw counts; provenance and licence in ``tahoe_ft/data/PAPALEXI.md``). If the compact copy is shipped in
+  raw counts; provenance and licence in ``tahoe_ft/assets/PAPALEXI.md``). If the compact copy is shipped in
   the package it is used directly; otherwise ``prepare_papalexi`` converts the shared source file
   (``$TAHOE_FT_SHARED/data/`` or ``../shared/data/`` beside the repository) into the cache.
 """
@@ -23,13 +23,14 @@ import numpy as np
 
 from tahoe_ft.demo import DemoSpec, generate_demo, spec_hash
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_path, atomic_write_text
 from tahoe_ft.fileio import sha256_file as _sha256
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TAHOE_FT_CACHE"
 SHARED_ENV = "TAHOE_FT_SHARED"
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+PACKAGE_DATA = Path(__file__).resolve().parent / "assets"  # data files shipped in the wheel
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/tahoe_ft/datasets.py -> repo root (source checkout)
 
 PAPALEXI_FILE = "papalexi2021_thp1_crisprko.h5ad"
@@ -130,16 +131,12 @@ def papalexi_split(
         "test = [" + ", ".join(json.dumps(t) for t in sorted(test)) + "]",
         "",
     ]
-    tmp = out_path.with_name(f".tmp-{out_path.name}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, "\n".join(lines))
     return out_path
 
 
 def _write_gene_names(names: Sequence[str], path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(f"{g}\n" for g in names))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{g}\n" for g in names))
 
 
 def _papalexi_outputs(out_dir: Path) -> dict[str, Path]:
@@ -204,9 +201,8 @@ def prepare_papalexi(src: Path, out_dir: Path, compression_level: int = 9) -> di
         converter=f"tahoe_ft.datasets.prepare_papalexi v{PAPALEXI_CONVERTER_VERSION}",
     )
     out = ad.AnnData(X=x, obs=obs, var=a.var.copy(), uns=uns)
-    tmp = out_dir / f".tmp-{PAPALEXI_FILE}"
-    out.write_h5ad(tmp, compression="gzip", compression_opts=compression_level)
-    os.replace(tmp, outs["papalexi"])
+    with atomic_path(outs["papalexi"], suffix=".h5ad") as tmp:
+        out.write_h5ad(tmp, compression="gzip", compression_opts=compression_level)
     _write_gene_names(out.var_names, outs["papalexi_gene_names"])
     papalexi_split(outs["papalexi"], outs["papalexi_split"])
     marker_path.write_text(json.dumps(marker, sort_keys=True) + "\n")

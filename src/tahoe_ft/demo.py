@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_path
 from tahoe_ft.fileio import atomic_write_text as _atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ def generate_demo(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
         return paths
     out_dir.mkdir(parents=True, exist_ok=True)
     paths["spec"].unlink(missing_ok=True)  # the directory is incomplete until spec.json is back
-    for stale in out_dir.glob(".tmp-*"):
+    for stale in out_dir.glob(".*.tmp"):  # left by a killed generator
         stale.unlink()
 
     import torch
@@ -503,25 +503,21 @@ def generate_demo(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
     drugs = sorted(truth["pretrain_drugs"].tolist())
     drug_val = sorted(drugs[i] for i in rng_split.permutation(len(drugs))[: max(1, spec.n_drugs // 10)])
 
-    def tmp(key: str) -> Path:
-        return paths[key].with_name(f".tmp-{paths[key].name}")
-
     for key, design, col, rng in (
         ("screen", screen_design, PERT_COL, rng_scr_cells),
         ("pretrain", pre_design, DRUG_COL, rng_pre_cells),
     ):
-        _to_anndata(bio, design, col, rng, spec).write_h5ad(tmp(key))
-        os.replace(tmp(key), paths[key])
-    torch.save(_pert_features(rng_feat, spec, truth), tmp("pert_features"))
-    os.replace(tmp("pert_features"), paths["pert_features"])
-    with open(tmp("truth"), "wb") as fh:
+        with atomic_path(paths[key], suffix=".h5ad") as tmp:
+            _to_anndata(bio, design, col, rng, spec).write_h5ad(tmp)
+    with atomic_path(paths["pert_features"], suffix=".pt") as tmp:
+        torch.save(_pert_features(rng_feat, spec, truth), tmp)
+    with atomic_path(paths["truth"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh, gene_names=np.array(bio.gene_names), programs=bio.programs.astype(np.float32),
             base_logit=bio.base_logit, state_map=bio.state_map.astype(np.float32),
             state_centre=bio.state_centre, screen_cell_type_logit=screen_design.cell_type_logit,
             **truth,
         )  # fmt: skip
-    os.replace(tmp("truth"), paths["truth"])
     _atomic_write_text(paths["gene_names"], "".join(f"{g}\n" for g in bio.gene_names))
     _atomic_write_text(
         paths["split"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from tahoe_ft.checkpoint import atomic_torch_save, weights_payload
+from tahoe_ft.fileio import atomic_path
 from tahoe_ft.runs import update_run_info
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,10 @@ class MetricsCSVLogger(Logger):
                 csv.DictWriter(fh, fieldnames=self.columns).writerow(row)
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.columns)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 def _num(v: Any) -> float:
@@ -172,10 +170,11 @@ class CheckpointPolicy(L.Callback):
         if not self.save_last or trainer.state.fn != "fit":
             return
         final = self.ckpt_dir / "last.ckpt"
-        tmp = self.ckpt_dir / f".last.ckpt.tmp-{os.getpid()}"
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, schedule, loops
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
+        if not trainer.is_global_zero:  # a collective call under DDP; only rank 0 writes the file
+            trainer.save_checkpoint(final, weights_only=False)
+            return
+        with atomic_path(final, suffix=".ckpt") as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, schedule, loops
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

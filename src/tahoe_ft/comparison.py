@@ -1,4 +1,4 @@
-"""`tahoe-ft compare`: every evaluated run in one table sorted by score, plus loss-curve and metric plots.
+"""`tahoe-ft compare` (`tahoe_ft.compare`): every evaluated run in one table sorted by score, plus loss-curve and metric plots.
 
 Reads the run directory contract: ``runs_dir/<experiment>/<run_id>/`` with ``run.json``,
 ``<experiment>_metrics.csv`` (wide, one row per logging event) and, once evaluated, ``eval/score.json``.
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,17 @@ def _check_runs_dir(runs_dir: Path) -> None:
 def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per evaluated run (runs without ``eval/score.json`` are logged, not listed), best first.
 
-    Columns: experiment, run, avg_score, leaderboard_score, the metrics (mae, discrimination_score_l1,
-    overlap_at_N, plus any other metric a run's profile gave), ``norm_<metric>``, ``base_<metric>``,
-    best_val_loss, best_step, final_decoder_loss (last non-empty ``train/decoder_loss``), steps,
-    wall_time_s. Sorted by avg_score descending. Empty (with these columns) when nothing is evaluated.
+    Columns: experiment, run, kind ("round", or "baseline" for the baseline panel and the data ceiling that
+    `eval` scored beside the rounds: one row per distinct baseline, `experiment` = its name), avg_score,
+    leaderboard_score, the metrics (mae, discrimination_score_l1, overlap_at_N, plus any other metric a run's
+    profile gave), ``norm_<metric>``, ``base_<metric>``, best_val_loss, best_step, final_decoder_loss (last
+    non-empty ``train/decoder_loss``), steps, wall_time_s. Sorted by avg_score descending. Empty (with these
+    columns) when nothing is evaluated.
     """
     runs_dir = Path(runs_dir)
     _check_runs_dir(runs_dir)
     rows: list[dict[str, Any]] = []
+    baselines: dict[tuple, dict[str, Any]] = {}
     pending: list[str] = []
     extra: list[str] = []
     for run_dir in _run_dirs(runs_dir):
@@ -126,16 +129,18 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         for m in metrics:
             if m not in METRICS and m not in extra:
                 extra.append(m)
-        avg = _num(score.get("avg_score"))
-        row: dict[str, Any] = {
-            "experiment": experiment,
-            "run": run_id,
-            "avg_score": avg,
-            "leaderboard_score": _num(score.get("leaderboard_score", 100 * avg)),
-        }
-        for prefix, block in (("", "metrics"), ("norm_", "normalized"), ("base_", "baseline")):
-            for m, v in (score.get(block) or {}).items():
-                row[prefix + m] = _num(v)
+        row = _score_row(score, experiment=experiment, run=run_id, kind="round")
+        for name, b in (score.get("baselines") or {}).items():
+            brow = _score_row(
+                {**b, "baseline": score.get("baseline")}, experiment=name, run=run_id, kind="baseline"
+            )
+            # the same panel is scored beside every round of a split: one row per distinct panel entry
+            ident = (
+                name,
+                f"{brow['avg_score']:.9g}",
+                *(f"{_num(v):.9g}" for _, v in sorted(b["metrics"].items())),
+            )
+            baselines.setdefault(ident, {**brow, "_dir": str(run_dir)})
         metrics_df = _read_metrics(_metrics_csv(run_dir, experiment))
         row.update(
             best_val_loss=_num(info.get("best_val_loss")),
@@ -146,6 +151,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         )
         row["_dir"] = str(run_dir)
         rows.append(row)
+    rows += list(baselines.values())
     if pending:
         log.info(
             "%d run(s) not evaluated yet (no eval/score.json), left out: %s", len(pending), ", ".join(pending)
@@ -153,7 +159,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
     names = METRICS + extra
     columns = (
-        ["experiment", "run", "avg_score", "leaderboard_score"]
+        ["experiment", "run", "kind", "avg_score", "leaderboard_score"]
         + names
         + [f"norm_{m}" for m in names]
         + [f"base_{m}" for m in names]
@@ -167,6 +173,21 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         if df[c].notna().all():
             df[c] = df[c].astype("int64")
     return df
+
+
+def _score_row(score: dict[str, Any], *, experiment: str, run: str, kind: str) -> dict[str, Any]:
+    avg = _num(score.get("avg_score"))
+    row: dict[str, Any] = {
+        "experiment": experiment,
+        "run": run,
+        "kind": kind,
+        "avg_score": avg,
+        "leaderboard_score": _num(score.get("leaderboard_score", 100 * avg)),
+    }
+    for prefix, block in (("", "metrics"), ("norm_", "normalized"), ("base_", "baseline")):
+        for m, v in (score.get(block) or {}).items():
+            row[prefix + m] = _num(v)
+    return row
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -206,13 +227,15 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         cells = []
         for c in cols:
             v = r[c]
-            if c == "leaderboard_score":
+            if c == "run" and r["kind"] != "round":
+                cells.append("(baseline)")
+            elif c == "leaderboard_score":
                 cells.append("-" if math.isnan(v) else f"{v:.1f}")
             elif c in ("best_step", "steps", "wall_time_s"):
                 cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
             else:
                 cells.append(_fmt(v, 3))
-        table.add_row(*cells)
+        table.add_row(*cells, style=None if r["kind"] == "round" else "italic")
     # wide enough that no number is cut, also when stdout is a pipe or a narrow terminal
     console = Console()
     Console(width=max(console.width, 150)).print(table)
@@ -229,13 +252,15 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(df) + 1
+    rounds = [i for i in range(len(df)) if df.loc[i, "kind"] == "round"]
+    n = len(rounds) + 1
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     flat = axes.ravel()
-    for i, run_dir in enumerate(df.attrs["run_dirs"]):
-        ax = flat[i]
+    for j, i in enumerate(rounds):
+        run_dir = df.attrs["run_dirs"][i]
+        ax = flat[j]
         m = _read_metrics(_metrics_csv(Path(run_dir), df.loc[i, "experiment"]))
         ax.set_title(f"{_label(df, i)}  (avg {df.loc[i, 'avg_score']:.3f})", fontsize=9)
         ax.set_xlabel("step")
@@ -270,29 +295,32 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
                 top = ax2
         if handles:  # on the topmost axis, so the LR line does not hide it
             top.legend(handles=handles, fontsize=7, loc="upper right")
-    ax = flat[len(df)]
+    ax = flat[len(rounds)]
     bars = METRICS + ["avg_score"]
     x = np.arange(len(bars))
     width = 0.8 / max(1, len(df))
     for i in range(len(df)):
         vals = [df.loc[i, b] for b in bars]
-        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=_label(df, i))
+        baseline = df.loc[i, "kind"] != "round"
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            vals,
+            width,
+            label=_label(df, i) + (" (baseline)" if baseline else ""),
+            hatch="//" if baseline else None,
+            alpha=0.6 if baseline else 1.0,
+        )
     ax.set_xticks(x, [_SHORT[b] for b in bars])
-    ax.set_title("metrics per round (MAE: lower is better)", fontsize=9)
-    ax.legend(fontsize=7)
-    for ax in flat[len(df) + 1 :]:
+    ax.set_title("metrics per round and baseline (MAE: lower is better)", fontsize=9)
+    ax.legend(fontsize=6)
+    for ax in flat[len(rounds) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -307,14 +335,8 @@ def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     out_dir = Path(out_dir) if out_dir is not None else runs_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     _print_table(df, runs_dir)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".compare.csv.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, out_dir / "compare.csv")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     _plot(df, out_dir / "compare.png")
     log.info("wrote %s and %s", out_dir / "compare.csv", out_dir / "compare.png")
     return df

@@ -1,0 +1,261 @@
+"""The Python API: typed arguments, no Hydra composition needed. The CLI maps its composed config onto these
+functions and prints what they return; `reproduce` and the tests call them too.
+
+    import tahoe_ft
+    from tahoe_ft.config import TrainConfig, DataConfig
+    cfg = tahoe_ft.compose("train", ["+experiment=0906"])      # a round's experiment file, as the CLI does
+    cfg = TrainConfig(data=DataConfig(path="screen.h5ad", test_perts=["STAT1"]), init_from=None)  # or by hand
+    run_dir = tahoe_ft.train(cfg)
+    tahoe_ft.predict("best-val.pt", run_dir=run_dir)
+    score = tahoe_ft.evaluate(run_dir)                          # -> tahoe_ft.evaluation.Score
+    table = tahoe_ft.compare("runs")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tahoe_ft.config import CheckConfig, ReproduceConfig, TrainConfig, compose
+from tahoe_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "check",
+    "compare",
+    "compose",
+    "evaluate",
+    "export",
+    "load_checkpoint",
+    "predict",
+    "reproduce",
+    "train",
+]
+
+
+def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
+    """Train one round; returns its run directory (`runs/<experiment>/<timestamp>/`)."""
+    from tahoe_ft.training import train as _train
+
+    return _train(config, callbacks=callbacks)
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """A tahoe-ft or upstream ST checkpoint as a `StateTransitionModel` in eval mode (`.manifest` attached)."""
+    from tahoe_ft.checkpoint import load_checkpoint as _load
+
+    return _load(path)
+
+
+def predict(
+    ckpt: str | os.PathLike = "best-val.pt",
+    *,
+    run_dir: str | os.PathLike | None = None,
+    exp: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    split: str = "test",
+    data_path: Any = None,
+    max_controls: int = 2000,
+    seed: int = 0,
+    device: str = "auto",
+) -> Path:
+    """Predict the held-out perturbations with a checkpoint; returns the run directory that holds pred.h5ad.
+
+    `ckpt`: a path, `run:EXP/FILE`, or a bare file name looked up in `run_dir/checkpoints/` (default run: the
+    newest training run, of `exp` if given).
+    """
+    from tahoe_ft.prediction import predict as _predict
+    from tahoe_ft.prediction import resolve_checkpoint
+
+    path, out_dir = resolve_checkpoint(
+        str(ckpt), run_dir=str(run_dir) if run_dir else None, exp=exp, runs_dir=str(runs_dir)
+    )
+    return _predict(
+        path,
+        out_dir=out_dir,
+        split=split,
+        data_path=data_path,
+        max_controls=max_controls,
+        seed=seed,
+        device=device,
+    )
+
+
+def compare(runs_dir: str | os.PathLike = "runs", out_dir: str | os.PathLike | None = None):
+    """Every evaluated run in one table, best first (a DataFrame); writes compare.csv and compare.png."""
+    from tahoe_ft.comparison import compare as _compare
+
+    return _compare(runs_dir, out_dir)
+
+
+def reproduce(config: ReproduceConfig | None = None, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The whole case study: every round trained in order, then predicted, scored and compared.
+
+    `overrides` (Hydra syntax, e.g. `["data=papalexi"]`) apply to every round's `train` config.
+    """
+    from tahoe_ft.study import reproduce as _reproduce
+
+    return _reproduce(config or ReproduceConfig(), overrides=overrides)
+
+
+def check(config: CheckConfig) -> dict[str, Any]:
+    """Open and validate a data set exactly as `train` would; return what it found (trains nothing)."""
+    from tahoe_ft.training import training_data
+
+    dm = training_data(config)
+    summary: dict[str, Any] = {
+        "files": [str(p) for p in dm.data_paths],
+        "dims": dict(dm.dims),
+        "genes": len(dm.gene_names),
+        "perturbations": len(dm.pert_names),
+        "cell_types": list(dm.cell_types),
+        "batches": list(dm.batches) if dm.batches is not None else None,
+        "control": config.data.control_pert,
+        "input_transform": config.data.input_transform,
+        "splits": {},
+    }
+    for split in ("train", "val", "test"):
+        # counted per (cell type, perturbation), datasets merged
+        sizes: dict[tuple[str, str], int] = {}
+        for key, rows in dm.catalog.groups(split).items():
+            sizes[key.cell_type, key.pert] = sizes.get((key.cell_type, key.pert), 0) + rows.size
+        summary["splits"][split] = {
+            "perturbations": sorted({p for _, p in sizes}),
+            "groups": len(sizes),
+            "cells": int(sum(sizes.values())),
+            "smallest_group": int(min(sizes.values(), default=0)),
+        }
+    summary["batches_per_epoch"] = {"train": len(dm.train_dataloader()), "val": len(dm.val_dataloader())}
+    return summary
+
+
+def _newest_training_run(runs_dir: str | os.PathLike, exp: str | None, need: str) -> Path:
+    from tahoe_ft.prediction import newest_training_run
+
+    return newest_training_run(runs_dir, exp, need=need)
+
+
+def _predict_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "predict.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluate(
+    run_dir: str | os.PathLike | None = None,
+    *,
+    exp: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    pred: str | os.PathLike | None = None,
+    real: str | os.PathLike | None = None,
+    profile: str = "vcc",
+    num_threads: int = 2,
+    per_cell_type: bool = True,
+    max_train_cells_per_group: int = 500,
+    baselines: bool = True,
+    linear_k: int = 10,
+    linear_ridge: float = 0.1,
+):
+    """Score a run's pred.h5ad against its real.h5ad with cell-eval, beside the baseline panel and the data
+    ceiling built from the run's training cells; writes `<run>/eval/` (score.json, the panel under
+    `eval/baselines/`) and returns the `Score`.
+
+    Default run: the newest one with a prediction (of `exp` if given); or give `pred=` and `real=` files.
+    Without the run's checkpoint (predict.json names it) there are no training cells: the cell-mean baseline
+    then comes from the cache and the panel is left out.
+    """
+    import dataclasses
+
+    from tahoe_ft.checkpoint import safe_load
+    from tahoe_ft.data import CellCatalog
+    from tahoe_ft.evaluation import score_predictions
+    from tahoe_ft.evaluation.baselines import PanelSettings
+    from tahoe_ft.evaluation.panel import score_panel
+    from tahoe_ft.fileio import atomic_write_text
+
+    if pred or real:
+        if not (pred and real):
+            raise UserError("give both pred=<pred.h5ad> and real=<real.h5ad>, or neither (latest prediction)")
+        pred, real = Path(pred), Path(real)
+        run_dir = Path(run_dir) if run_dir else pred.parent
+    else:
+        run_dir = Path(run_dir) if run_dir else _newest_training_run(runs_dir, exp, "pred.h5ad")
+        pred, real = run_dir / "pred.h5ad", run_dir / "real.h5ad"
+    for p in (pred, real):
+        if not p.is_file():
+            raise UserError(f"{p} not found; run tahoe-ft predict first (or pass pred= and real=)")
+    run_dir = Path(run_dir)
+    info = _predict_info(run_dir)
+    train = None
+    manifest = safe_load(info["checkpoint"]).get("manifest") if info.get("checkpoint") else None
+    if manifest:
+        train = CellCatalog.from_manifest(manifest).training_cells(max_train_cells_per_group, seed=0)
+    labels = {
+        "pert_col": info.get("pert_col", "target_gene"),
+        "control_pert": info.get("control_pert", "non-targeting"),
+    }
+    celltype_col = info.get("cell_type_col") if per_cell_type else None
+    common = dict(
+        profile=profile,
+        num_threads=num_threads,
+        celltype_col=celltype_col,
+        de_cache_dir=Path(runs_dir) / ".de_cache",
+    )
+    score = score_predictions(pred, real, train, run_dir / "eval", **labels, **common)
+    if baselines and train is not None:
+        import anndata as ad
+
+        panel = score_panel(
+            train,
+            ad.read_h5ad(real),
+            run_dir / "eval",
+            **labels,
+            **common,
+            settings=PanelSettings(
+                linear_k=linear_k, linear_ridge=linear_ridge, seed=int(info.get("seed", 0))
+            ),
+        )
+        score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=panel["notes"])
+        atomic_write_text(run_dir / "eval" / "score.json", score.to_json())
+    log.info("score %s: avg_score %.4f (leaderboard %.2f)", run_dir, score.avg_score, score.leaderboard_score)
+    return score
+
+
+def export(
+    pred: str | os.PathLike | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    exp: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    gene_list: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Pack a prediction as a VCC submission with `cell-eval prep` (needs zstd and tar); returns its path."""
+    import anndata as ad
+
+    from tahoe_ft.evaluation import prep_submission
+    from tahoe_ft.fileio import atomic_write_text
+
+    if pred:
+        pred = Path(pred)
+        run_dir = pred.parent
+    else:
+        run_dir = Path(run_dir) if run_dir else _newest_training_run(runs_dir, exp, "pred.h5ad")
+        pred = run_dir / "pred.h5ad"
+    if not pred.is_file():
+        raise UserError(f"{pred} not found; run tahoe-ft predict first (or pass pred=)")
+    info = _predict_info(Path(run_dir))
+    if gene_list is None:  # the evaluator's genes the model was trained on, in order
+        gene_list = Path(run_dir) / "gene_names.csv"
+        atomic_write_text(gene_list, "".join(f"{g}\n" for g in ad.read_h5ad(pred, backed="r").var_names))
+    return prep_submission(
+        pred,
+        gene_list,
+        Path(out) if out else Path(run_dir) / "submission.prep.vcc",
+        pert_col=info.get("pert_col", "target_gene"),
+        control_pert=info.get("control_pert", "non-targeting"),
+    )

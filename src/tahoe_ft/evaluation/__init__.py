@@ -1,0 +1,24 @@
+"""Score predictions with cell-eval (0.8.2): a thin, careful shell over its Python API.
+
+    from tahoe_ft.evaluation import score_predictions
+    score = score_predictions("pred.h5ad", "real.h5ad", train_cells, "runs/x/eval")   # writes eval/score.json
+    score.avg_score, score.leaderboard_score, score.normalized["mae"]
+
+Modules, one job each:
+
+- `inputs`: load and sanitise copies of the inputs (float32 log1p, NaN/Inf refused, integer counts and
+  values >= 15 refused, negative predictions clipped, clean categories) and check cell-eval's input contract
+  (genes, perturbations, control) with errors that say what differs.
+- `de_cache`: the on-disk cache of the real side's DE table and the baselines' aggregate tables, so that
+  evaluating many checkpoints against one real file computes them once.
+- `score`: cell-eval's `MetricsEvaluator` on the prediction and on its cell-mean baseline, cell-eval's
+  normalisation, per-cell-type scoring, and the `Score` that ``score.json`` holds.
+- `submission`: the Virtual Cell Challenge submission file (cell-eval's `prep`).
+"""
+
+from __future__ import annotations
+
+from tahoe_ft.evaluation.score import Score, score_predictions, versions
+from tahoe_ft.evaluation.submission import prep_submission
+
+__all__ = ["Score", "prep_submission", "score_predictions", "versions"]

@@ -1,0 +1,190 @@
+"""Score the baseline panel and the data ceiling beside a round: what `score.json`'s `baselines` block holds.
+
+Every baseline (`baselines.build_panel`) is written as `eval/baselines/<name>.h5ad` and scored by
+`score_predictions` — the same cell-eval call, per cell type, against the same cell-mean normaliser as the
+round. The ceiling (`ceiling.ceiling_agg`) is normalised against that normaliser with cell-eval's
+`score_agg_metrics`. The panel depends only on the real file and the training cells, so it is cached per
+(real, train, settings, profile, versions) in the DE cache: the rounds of one split compute it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import polars as pl
+
+from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
+from tahoe_ft.evaluation.ceiling import CEILING_PROFILE, ceiling_agg
+from tahoe_ft.evaluation.de_cache import _key, content_sha256, link_or_copy
+from tahoe_ft.evaluation.score import Score, score_predictions, versions
+from tahoe_ft.fileio import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_PANEL_FORMAT = 1
+
+
+def _entry(score: Score) -> dict[str, Any]:
+    d = score.to_dict()
+    return {k: d[k] for k in ("avg_score", "leaderboard_score", "metrics", "normalized")}
+
+
+def score_panel(
+    train: ad.AnnData,
+    real: ad.AnnData,
+    outdir: str | Path,
+    *,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    profile: str = "vcc",
+    num_threads: int = 2,
+    de_cache_dir: str | Path,
+    settings: PanelSettings | None = None,
+) -> dict[str, Any]:
+    """`{"baselines": {name: {avg_score, leaderboard_score, metrics, normalized}}, "notes": {...}}`, with the
+    ceiling as the baseline named "ceiling"; the panel's files under `outdir/baselines/`."""
+    outdir = Path(outdir)
+    settings = settings or PanelSettings()
+    cols = [pert_col] + ([celltype_col] if celltype_col else [])
+    key = _key(
+        format=_PANEL_FORMAT,
+        real=content_sha256(real, cols),
+        train=content_sha256(train, cols),
+        settings=dataclasses.asdict(settings),
+        profile=profile,
+        versions=versions(),
+    )
+    cache = Path(de_cache_dir) / "panel" / key
+    done = cache / "panel.json"
+    if not done.is_file():
+        _compute(
+            train,
+            real,
+            cache,
+            pert_col,
+            control_pert,
+            celltype_col,
+            profile,
+            num_threads,
+            de_cache_dir,
+            settings,
+        )
+    else:
+        log.info("reusing the cached baseline panel %s", cache)
+    panel = json.loads(done.read_text())
+    (outdir / "baselines").mkdir(parents=True, exist_ok=True)
+    for name in panel["baselines"]:
+        src = cache / f"{name}.h5ad"
+        if src.is_file():
+            link_or_copy(src, outdir / "baselines" / f"{name}.h5ad")
+    atomic_write_text(outdir / "baselines" / "panel.json", json.dumps(panel, indent=2) + "\n")
+    return panel
+
+
+def _compute(
+    train: ad.AnnData,
+    real: ad.AnnData,
+    cache: Path,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    profile: str,
+    num_threads: int,
+    de_cache_dir: str | Path,
+    settings: PanelSettings,
+) -> None:
+    panel = build_panel(
+        train,
+        real,
+        pert_col=pert_col,
+        control_pert=control_pert,
+        celltype_col=celltype_col,
+        settings=settings,
+    )
+    entries: dict[str, Any] = {}
+    common = dict(
+        pert_col=pert_col,
+        control_pert=control_pert,
+        profile=profile,
+        num_threads=num_threads,
+        celltype_col=celltype_col,
+        de_cache_dir=de_cache_dir,
+    )
+    tables: dict[str | None, pl.DataFrame] = {}
+    for name, pred in panel.predictions.items():
+        log.info("scoring the %s baseline", name)
+        with atomic_path(cache / f"{name}.h5ad", suffix=".h5ad") as tmp:
+            pred.write_h5ad(tmp)
+        score = score_predictions(pred, real, train, cache / name, **common)
+        entries[name] = _entry(score)
+        tables = tables or _normaliser_tables(cache / name, score)
+    entries["ceiling"] = _ceiling(
+        real, tables, cache / "ceiling", pert_col, control_pert, celltype_col, num_threads
+    )
+    notes = dict(panel.notes)
+    notes["ceiling"] = (
+        "cell-eval's compute_ceiling (disjoint halves, Spearman-Brown) for PDS and DES; MAE: half-split MAE / 2"
+    )
+    atomic_write_text(
+        cache / "panel.json", json.dumps({"baselines": entries, "notes": notes}, indent=2) + "\n"
+    )
+
+
+def _normaliser_tables(outdir: Path, score: Score) -> dict[str | None, pl.DataFrame]:
+    """The cell-mean baseline's aggregate table per cell type (None: all cells), as scoring left it."""
+    cts = list(score.per_celltype) if score.per_celltype else [None]
+    return {
+        ct: pl.read_csv(
+            outdir / "baseline" / (f"{ct.replace('/', '-')}_agg_results.csv" if ct else "agg_results.csv")
+        )
+        for ct in cts
+    }
+
+
+def _ceiling(
+    real: ad.AnnData,
+    tables: dict[str | None, pl.DataFrame],
+    outdir: Path,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    num_threads: int,
+) -> dict[str, Any]:
+    from cell_eval import score_agg_metrics
+
+    parts = []
+    for ct, base in tables.items():
+        sub = real if ct is None else real[(real.obs[celltype_col].astype(str) == ct).to_numpy()].copy()
+        sub.obs[pert_col] = sub.obs[pert_col].astype(str).astype("category")
+        ceil = ceiling_agg(
+            sub,
+            pert_col=pert_col,
+            control_pert=control_pert,
+            num_threads=num_threads,
+            outdir=str(outdir),
+            prefix=ct,
+        )
+        cols = ["statistic"] + [c for c in base.columns[1:] if c in ceil.columns]
+        base_vcc = base.filter(pl.col("statistic") == "mean").select(cols)
+        scored = score_agg_metrics(ceil.select(cols), base_vcc)
+        norm = dict(zip(scored["metric"].to_list(), scored["from_baseline"].to_list(), strict=True))
+        avg = float(norm.pop("avg_score"))
+        metrics = {c: ceil[c][0] for c in cols[1:]}
+        parts.append((avg, metrics, norm))
+    avg = float(np.mean([p[0] for p in parts]))
+    keys = list(parts[0][1])
+    mean = lambda i, k: float(np.nanmean([np.nan if p[i].get(k) is None else p[i][k] for p in parts]))  # noqa: E731
+    return {
+        "avg_score": avg,
+        "leaderboard_score": 100.0 * avg,
+        "metrics": {k: mean(1, k) for k in keys},
+        "normalized": {k: mean(2, k) for k in keys},
+        "profile": CEILING_PROFILE,
+    }

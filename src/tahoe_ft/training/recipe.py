@@ -1,0 +1,222 @@
+"""`tahoe-ft train`: one round of fine-tuning, read top to bottom (`train`).
+
+data -> model (architecture from the parent checkpoint when there is one) -> weights-only init with a
+report -> loggers and callbacks -> Lightning `fit` -> best-val.pt / last.ckpt in a fresh run directory.
+`resume=true` is the only way to continue a run, and it refuses a changed optimizer or schedule; where the run
+lives (new, resumed, or a DDP worker joining rank 0) is `training.session`'s business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+
+from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
+from tahoe_ft.config import TrainConfig, as_dict
+from tahoe_ft.data import PerturbationDataModule
+from tahoe_ft.runs import resolve_ref
+from tahoe_ft.training.callbacks import CheckpointPolicy, LRAndThroughput, MetricsCSVLogger
+from tahoe_ft.training.freeze import FreezeCallback
+from tahoe_ft.training.module import STLightningModule
+from tahoe_ft.training.session import RunSession, epoch_position
+
+log = logging.getLogger(__name__)
+
+# Architecture keys taken from the parent checkpoint (a backbone only transfers to the same architecture).
+ARCH_KEYS = (
+    "hidden_dim",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "activation",
+    "predict_residual",
+    "use_basal_projection",
+    "transformer_backbone_key",
+    "transformer_backbone_kwargs",
+)
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
+    """Train one round as configured; return its run directory. `callbacks` are extra Lightning callbacks."""
+    L.seed_everything(cfg.seed, workers=True)
+    resolved = as_dict(cfg)
+    session = RunSession.plan(cfg, resolved)  # new run, resumed run, or a DDP worker joining rank 0's
+
+    # parent weights: weights only, never its optimizer, schedule or step
+    parent_path = resolve_ref(cfg.init_from, cfg.runs_dir) if cfg.init_from and not cfg.resume else None
+    parent_state, parent_hp, _ = read_weights(parent_path) if parent_path else (None, None, None)
+
+    dm = training_data(cfg)
+    if session.last_ckpt is not None:
+        dm.resume_at(*epoch_position(session.last_ckpt))
+    manifest = _manifest(dm, cfg)
+
+    module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), training_settings(cfg))
+    freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
+    freezer.check(module.model)
+
+    run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
+    if parent_state is not None:
+        report = init_from_weights(module.model, parent_state, str(parent_path))
+        session.write_init_report(report)
+        log.info(format_report(report))
+
+    policy = CheckpointPolicy(
+        run_dir,
+        cfg.experiment,
+        manifest,
+        resolved,
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        save_last=cfg.checkpoint.save_last,
+    )
+    trainer = _trainer(cfg, run_dir, [freezer, policy, LRAndThroughput(), *(callbacks or [])])
+    # the set sampler resumes mid-epoch itself (SetPlan.resume_from); Lightning cannot see that
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+    with session.running(trainer, policy):
+        ckpt = str(session.last_ckpt) if session.last_ckpt else None
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        if policy.last_val_step != trainer.global_step:  # best-val.pt also sees the final weights
+            trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)
+    return run_dir
+
+
+def training_data(cfg: TrainConfig) -> PerturbationDataModule:
+    """The data module `train` uses (also `tahoe-ft check`), opened and validated."""
+    dm = PerturbationDataModule(
+        cfg.data,
+        embed_key=cfg.encoder.embed_key,
+        need_counts=cfg.encoder.decoder is not None,
+        cell_set_len=cfg.model.cell_set_len,
+        seed=cfg.seed,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def _manifest(dm: PerturbationDataModule, cfg: TrainConfig) -> dict[str, Any]:
+    """The data manifest every checkpoint of the run carries (as a plain dict), with the encoder's name."""
+    manifest = dm.manifest()
+    if dataclasses.is_dataclass(manifest):
+        manifest = dataclasses.replace(manifest, encoder=cfg.encoder.name).to_dict()
+    else:
+        manifest["encoder"] = cfg.encoder.name
+    return manifest
+
+
+def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
+    """Model hparams: data-dependent widths from the data, architecture from the parent (or cfg.model)."""
+    m = cfg.model
+    hp: dict[str, Any] = {
+        "hidden_dim": m.hidden_dim,
+        "n_encoder_layers": m.n_encoder_layers,
+        "n_decoder_layers": m.n_decoder_layers,
+        "activation": m.activation,
+        "predict_residual": m.predict_residual,
+        "use_basal_projection": m.use_basal_projection,
+        "transformer_backbone_key": "llama",
+        "transformer_backbone_kwargs": {
+            "hidden_size": m.hidden_dim,
+            **dataclasses.asdict(m.backbone),
+            "bidirectional_attention": True,
+        },
+    }
+    if parent is not None:
+        differs = [k for k in ARCH_KEYS if k in parent and parent[k] != hp[k]]
+        if differs:
+            log.info(
+                "architecture from the parent checkpoint, not configs/model (differs in: %s)",
+                ", ".join(differs),
+            )
+        hp.update({k: parent[k] for k in ARCH_KEYS if k in parent})
+    enc = cfg.encoder
+    decoder_cfg = None
+    if enc.decoder is not None:
+        hidden = list(enc.decoder.hidden_dims)
+        if parent is not None and parent.get("decoder_cfg"):
+            hidden = list(parent["decoder_cfg"]["hidden_dims"])  # so a parent's decoder can load
+        decoder_cfg = {
+            "latent_dim": dims["output_dim"],
+            "gene_dim": dims["gene_dim"],
+            "hidden_dims": hidden,
+            "dropout": enc.decoder.dropout,
+            "residual_decoder": enc.decoder.residual_decoder,
+        }
+    hp.update(
+        input_dim=dims["input_dim"],
+        output_dim=dims["output_dim"],
+        pert_dim=dims["pert_dim"],
+        gene_dim=dims["gene_dim"] if decoder_cfg else None,
+        batch_dim=dims.get("batch_dim"),
+        batch_encoder=bool(m.batch_encoder and dims.get("batch_dim")),
+        embed_key=enc.embed_key,
+        output_space=enc.output_space,
+        decoder_cfg=decoder_cfg,
+        dropout=m.dropout,
+        cell_set_len=m.cell_set_len,
+    )
+    return hp
+
+
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What the LightningModule needs besides the architecture: loss, optimizer, schedule, freeze, horizon."""
+    return {
+        "loss": dataclasses.asdict(cfg.loss),
+        "optim": dataclasses.asdict(cfg.optim),
+        "sched": dataclasses.asdict(cfg.sched),
+        "freeze": dataclasses.asdict(cfg.freeze),
+        "max_steps": cfg.trainer.max_steps,
+    }
+
+
+def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
+    loggers: list = [MetricsCSVLogger(run_dir / f"{cfg.experiment}_metrics.csv")]
+    if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=cfg.logger.wandb_project,
+                entity=cfg.logger.wandb_entity,
+                name=f"{cfg.experiment}/{run_dir.name}",
+                id=f"{cfg.experiment}-{run_dir.name}".replace("/", "-"),
+                resume="allow",
+                mode=cfg.logger.wandb_mode,
+                tags=list(cfg.logger.wandb_tags),
+                config=as_dict(cfg),
+            )
+        )
+    return loggers
+
+
+def _trainer(cfg: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    t = cfg.trainer
+    if t.enable_progress_bar:
+        callbacks = [*callbacks, RichProgressBar(leave=False)]
+    return L.Trainer(
+        max_steps=t.max_steps,
+        val_check_interval=min(t.val_check_interval, t.max_steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=_loggers(cfg, run_dir),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the set sampler shards sets per DDP rank itself
+        default_root_dir=str(run_dir),
+    )

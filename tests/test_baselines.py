@@ -1,0 +1,157 @@
+"""The baseline panel on tiny data with planted effects: each baseline does what it claims, none reads a
+held-out cell, and the data ceiling is above all of them."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
+
+CTRL = "non-targeting"
+N_GENES = 40
+
+
+def _cells(rng, mean: np.ndarray, n: int, noise: float = 0.25) -> np.ndarray:
+    return np.clip(mean + rng.normal(0, noise, size=(n, mean.size)), 0, None)
+
+
+def screen(effects: dict[tuple[str, str], np.ndarray], *, n_cells=60, n_ctrl=120, seed=0, base=None):
+    """log1p-like cells: control mean per cell type + each group's planted effect + noise."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(N_GENES)]
+    cts = sorted({ct for ct, _ in effects})
+    base = base if base is not None else {ct: rng.uniform(1.0, 2.5, N_GENES) for ct in cts}
+    xs, obs = [], []
+    for ct in cts:
+        xs.append(_cells(rng, base[ct], n_ctrl))
+        obs += [(CTRL, ct)] * n_ctrl
+    for (ct, p), eff in sorted(effects.items()):
+        xs.append(_cells(rng, base[ct] + eff, n_cells))
+        obs += [(p, ct)] * n_cells
+    o = pd.DataFrame(obs, columns=["target_gene", "cell_type"]).astype("category")
+    o.index = [f"c{i}" for i in range(len(o))]
+    return ad.AnnData(np.vstack(xs).astype(np.float32), obs=o, var=pd.DataFrame(index=genes)), base
+
+
+def split(a: ad.AnnData, held_out: set[tuple[str, str]]):
+    """(train: every other group + controls, real: the held-out groups + all controls)."""
+    key = list(zip(a.obs["cell_type"].astype(str), a.obs["target_gene"].astype(str), strict=True))
+    ctrl = (a.obs["target_gene"] == CTRL).to_numpy()
+    out = np.array([k in held_out for k in key])
+    return a[~out].copy(), a[out | ctrl].copy()
+
+
+def _panel(train, real, **kw):
+    return build_panel(train, real, pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type", **kw)
+
+
+def _group_mean(a: ad.AnnData, ct: str, p: str) -> np.ndarray:
+    sel = ((a.obs["cell_type"] == ct) & (a.obs["target_gene"] == p)).to_numpy()
+    return np.asarray(a.X[sel]).mean(axis=0)
+
+
+def test_pert_mean_is_exact_when_the_effect_is_the_same_in_every_cell_type():
+    rng = np.random.default_rng(1)
+    shared = {p: rng.normal(0, 0.6, N_GENES) for p in ("G1", "G2", "G3")}
+    effects = {(ct, p): e for ct in ("A", "B", "C") for p, e in shared.items()}
+    a, base = screen(effects, n_cells=400, n_ctrl=600)
+    train, real = split(a, {("A", "G2")})
+    pred = _panel(train, real).predictions["pert_mean"]
+    got = _group_mean(pred, "A", "G2") - base["A"]
+    # the planted effect, up to sampling noise of ~1,000 training cells (and clipping at 0)
+    assert np.abs(got - shared["G2"]).mean() < 0.03 and np.abs(got - shared["G2"]).max() < 0.1
+    # and unlike the cell mean, which averages every perturbation
+    cm = _group_mean(_panel(train, real).predictions["cell_mean"], "A", "G2") - base["A"]
+    assert np.abs(got - shared["G2"]).mean() < 0.3 * np.abs(cm - shared["G2"]).mean()
+
+
+def test_pert_mean_is_absent_without_another_cell_type():
+    effects = {("A", p): np.zeros(N_GENES) for p in ("G1", "G2")}
+    a, _ = screen(effects)
+    train, real = split(a, {("A", "G2")})
+    panel = _panel(train, real)
+    assert "pert_mean" not in panel.predictions and "absent" in panel.notes["pert_mean"]
+
+
+def test_target_knockdown_sets_the_target_to_the_learned_ratio():
+    level = {"A": np.random.default_rng(5).uniform(1.0, 2.5, N_GENES)}
+    effects = {}
+    for p in ("G1", "G2", "G3", "G4", "G5"):
+        g, e = int(p[1:]), np.zeros(N_GENES)
+        e[g] = (
+            np.log1p(0.25 * np.expm1(level["A"][g])) - level["A"][g]
+        )  # the target at a quarter of its counts
+        effects[("A", p)] = e
+    a, base = screen(effects, n_cells=200, base=level)
+    train, real = split(a, {("A", "G5")})
+    panel = _panel(train, real)
+    kd, cm = panel.predictions["target_knockdown"], panel.predictions["cell_mean"]
+    got, plain = _group_mean(kd, "A", "G5"), _group_mean(cm, "A", "G5")
+    truth = _group_mean(real, "A", "G5")
+    assert abs(got[5] - truth[5]) < 0.25 * abs(plain[5] - truth[5])  # the target gene is knocked down
+    np.testing.assert_array_equal(np.delete(got, 5), np.delete(plain, 5))  # every other gene is the cell mean
+    assert "median over 4 training groups" in panel.notes["target_knockdown"]
+
+
+def test_target_knockdown_is_absent_when_no_target_is_measured():
+    effects = {("A", p): np.zeros(N_GENES) for p in ("drugX", "drugY", "drugZ")}
+    a, _ = screen(effects)
+    train, real = split(a, {("A", "drugZ")})
+    panel = _panel(train, real)
+    assert (
+        "target_knockdown" not in panel.predictions
+        and "no training perturbation" in panel.notes["target_knockdown"]
+    )
+
+
+def test_linear_recovers_a_planted_linear_effect():
+    """Genes 0-23 in 4 modules (the rest in none); perturbing a gene shifts its own module (a rank-4 linear
+    effect of the target's embedding). A held-out perturbation of a measured gene is predicted from its
+    module's training siblings."""
+    module = np.r_[np.repeat(np.arange(4), 6), np.full(N_GENES - 24, 9)]
+    shift = np.array([-0.8, 0.6, -0.5, 0.9])
+    perts = [f"G{i}" for i in range(0, N_GENES, 2)]
+    shift = np.r_[shift, np.zeros(6)]
+    effects = {("A", p): shift[module[int(p[1:])]] * (module == module[int(p[1:])]) for p in perts}
+    a, base = screen(effects, n_cells=150)
+    held = ("A", "G14")
+    train, real = split(a, {held})
+    panel = _panel(train, real, settings=PanelSettings(linear_k=4, linear_ridge=0.1))
+    truth = effects[held]
+    lin = _group_mean(panel.predictions["linear"], *held) - base["A"]
+    cm = _group_mean(panel.predictions["cell_mean"], *held) - base["A"]
+    assert np.corrcoef(lin, truth)[0, 1] > 0.9
+    assert np.abs(lin - truth).mean() < 0.5 * np.abs(cm - truth).mean()
+
+
+def test_no_baseline_reads_a_held_out_cell():
+    rng = np.random.default_rng(3)
+    effects = {(ct, p): rng.normal(0, 0.5, N_GENES) for ct in ("A", "B") for p in ("G1", "G2", "G3")}
+    a, _ = screen(effects)
+    train, real = split(a, {("A", "G2"), ("B", "G3")})
+    before = _panel(train, real).predictions
+    poisoned = real.copy()
+    held = (poisoned.obs["target_gene"] != CTRL).to_numpy()
+    poisoned.X[held] = 13.0  # garbage in every held-out cell
+    after = _panel(train, poisoned).predictions
+    assert set(before) == set(after) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}
+    for name in before:
+        np.testing.assert_array_equal(before[name].X, after[name].X, err_msg=name)
+        assert before[name].obs.equals(real.obs)  # the real file's layout, its controls copied in
+        ctrl = (real.obs["target_gene"] == CTRL).to_numpy()
+        np.testing.assert_array_equal(before[name].X[ctrl], real.X[ctrl])
+
+
+@pytest.mark.parametrize("name", ["control", "linear", "pert_mean"])
+def test_cell_level_baselines_draw_basal_cells_of_the_same_cell_type(name):
+    rng = np.random.default_rng(4)
+    effects = {(ct, p): rng.normal(0, 0.3, N_GENES) for ct in ("A", "B") for p in ("G1", "G2")}
+    a, base = screen(effects, base={"A": np.full(N_GENES, 1.0), "B": np.full(N_GENES, 3.0)})
+    train, real = split(a, {("A", "G1")})
+    pred = _panel(train, real).predictions[name]
+    rows = ((pred.obs["cell_type"] == "A") & (pred.obs["target_gene"] == "G1")).to_numpy()
+    assert abs(float(np.asarray(pred.X[rows]).mean()) - 1.0) < 0.5  # A's level, not B's (3.0)
+    assert np.asarray(pred.X[rows]).std(axis=0).mean() > 0.1  # cells, not one repeated mean vector
