@@ -155,3 +155,70 @@ def test_cell_level_baselines_draw_basal_cells_of_the_same_cell_type(name):
     rows = ((pred.obs["cell_type"] == "A") & (pred.obs["target_gene"] == "G1")).to_numpy()
     assert abs(float(np.asarray(pred.X[rows]).mean()) - 1.0) < 0.5  # A's level, not B's (3.0)
     assert np.asarray(pred.X[rows]).std(axis=0).mean() > 0.1  # cells, not one repeated mean vector
+
+
+# -- scored by cell-eval: the panel against a screen with planted knock-downs ---------------------------------
+
+
+def counts_screen(seed=0, n_genes=200, n_cells=80, n_ctrl=300):
+    """Poisson counts, normalised to 1e4 and log1p (what cell-eval expects): perturbation `Gi` knocks its
+    target gene down to 15 % and moves 12 other genes (half of them shared between the two cell types)."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    perts = [f"G{i}" for i in range(12)]
+    base = {ct: rng.lognormal(1.0, 1.0, n_genes) for ct in ("A", "B")}
+    shared = {p: rng.choice(np.arange(12, n_genes), 6, replace=False) for p in perts}
+    fold = {}
+    for ct in ("A", "B"):
+        for p in perts:
+            f = np.ones(n_genes)
+            f[int(p[1:])] = 0.15
+            own = rng.choice(np.arange(12, n_genes), 6, replace=False)
+            f[np.r_[shared[p], own]] = rng.choice([0.3, 3.0], 12)
+            fold[(ct, p)] = f
+
+    def cells(lam, n):
+        c = rng.poisson(lam * rng.lognormal(0, 0.2, (n, 1)))
+        return np.log1p(c / np.maximum(c.sum(1, keepdims=True), 1) * 1e4)
+
+    xs, obs = [], []
+    for ct in ("A", "B"):
+        xs.append(cells(base[ct], n_ctrl))
+        obs += [(CTRL, ct)] * n_ctrl
+        for p in perts:
+            xs.append(cells(base[ct] * fold[(ct, p)], n_cells))
+            obs += [(p, ct)] * n_cells
+    o = pd.DataFrame(obs, columns=["target_gene", "cell_type"]).astype("category")
+    o.index = [f"c{i}" for i in range(len(o))]
+    return ad.AnnData(np.vstack(xs).astype(np.float32), obs=o, var=pd.DataFrame(index=genes))
+
+
+@pytest.fixture(scope="module")
+def scored_panel(tmp_path_factory):
+    from tahoe_ft.evaluation.panel import score_panel
+
+    root = tmp_path_factory.mktemp("panel")
+    a = counts_screen()
+    train, real = split(a, {("A", f"G{i}") for i in range(6)})
+    real = real[(real.obs["cell_type"] == "A").to_numpy()].copy()
+    panel = score_panel(
+        train, real, root / "eval", pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type",
+        de_cache_dir=root / ".de_cache",
+    )  # fmt: skip
+    return panel["baselines"]
+
+
+def test_the_ceiling_scores_above_every_baseline(scored_panel):
+    ceiling = scored_panel.pop("ceiling")
+    assert set(scored_panel) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}
+    for name, b in scored_panel.items():
+        assert ceiling["avg_score"] > b["avg_score"], name
+    assert ceiling["metrics"]["discrimination_score_l1"] >= max(
+        b["metrics"]["discrimination_score_l1"] for b in scored_panel.values()
+    )
+
+
+def test_target_knockdown_beats_cell_mean_on_des(scored_panel):
+    kd, cm = scored_panel["target_knockdown"]["metrics"], scored_panel["cell_mean"]["metrics"]
+    assert kd["overlap_at_N"] > cm["overlap_at_N"] + 0.03
+    assert scored_panel["cell_mean"]["avg_score"] == pytest.approx(0.0, abs=0.02)  # it is the normaliser

@@ -96,6 +96,13 @@ def predict_sets(model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch
     return np.concatenate(out, axis=0)
 
 
+def draw_basal(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    """`n` basal control rows in the order they form sets: random draws of the pool (without replacement
+    when it is large enough), never re-sorted, so a file stored by replicate (or batch) does not give sets
+    of one replicate each, unlike training sets."""
+    return rng.choice(pool, size=n, replace=n > pool.size)
+
+
 def _prediction_order(keys: Iterable[GroupKey]) -> list[GroupKey]:
     # by cell type, perturbation, then dataset: the order predict has always drawn basal cells in, so a seed
     # draws the same cells (a dataset-first order would change the draws of multi-dataset runs)
@@ -144,9 +151,9 @@ def predict(
                 raise UserError(
                     f"perturbation '{key.pert}' is not in the checkpoint's manifest; it cannot be predicted"
                 )
-            ctrl = catalog.controls(key.dataset, key.cell_type)
-            basal_rows = rng.choice(ctrl, size=rows.size, replace=rows.size > ctrl.size)
-            basal = catalog.read_input(np.sort(basal_rows))
+            basal = catalog.read_input(
+                draw_basal(rng, catalog.controls(key.dataset, key.cell_type), rows.size)
+            )
             pred_blocks.append(predict_sets(model, m.pert_matrix[pert_index[key.pert]], basal, dev))
             real_rows.append(rows)
             labels += [(key.pert, key.cell_type)] * rows.size

@@ -405,8 +405,9 @@ class CellCatalog:
         """Training perturbations and controls in gene space, for cell-eval's cell-mean baseline.
 
         At most `max_per_group` cells (drawn without replacement) per (cell type, perturbation), merged over
-        datasets as cell-eval sees them, and per cell type with training perturbations, its controls (all
-        datasets). obs holds the perturbation and cell-type columns; var the genes.
+        datasets as cell-eval sees them, and the controls of every cell type (all datasets; controls are shared
+        by all splits, so a held-out cell type's controls are there for the baselines too). obs holds the
+        perturbation and cell-type columns; var the genes.
         """
         import anndata as ad
         import pandas as pd
@@ -422,9 +423,10 @@ class CellCatalog:
         # the cell type for controls, as tahoe-ft has always drawn them: it fixes which cells a seed picks
         draws = [(str(k), np.sort(np.concatenate(v)), k[1], k[0]) for k, v in merged.items()]
         ctrl = self._control_rows
-        for ct in sorted({ct for ct, _ in merged}):
+        for ct in self.cell_types:
             rows = ctrl[self.cell_type_of[ctrl] == self.cell_types.index(ct)]
-            draws.append((str(ct), rows, self.control_pert, ct))
+            if rows.size:
+                draws.append((str(ct), rows, self.control_pert, ct))
         rng = np.random.default_rng(seed)
         picks, labels = [], []
         for _, rows, pert, ct in sorted(draws, key=lambda d: d[0]):
