@@ -340,3 +340,90 @@ def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     _plot(df, out_dir / "compare.png")
     log.info("wrote %s and %s", out_dir / "compare.csv", out_dir / "compare.png")
     return df
+
+
+# -- over folds and seeds ------------------------------------------------------------------------------------
+
+#: the numbers summarised over folds and seeds (mean and sd of each)
+SUMMARY = ["avg_score", *METRICS, *(f"norm_{m}" for m in METRICS)]
+
+
+def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
+    """Rounds and baselines over folds and seeds: one row per (kind, experiment), `n`, `<x>_mean`, `<x>_sd`.
+
+    `per_split` is `collect`'s table of every split with `seed` and `fold` columns added. sd is the sample
+    standard deviation over the n (fold, seed) splits (0 with one split). Sorted by mean avg_score.
+    """
+    cols = [c for c in SUMMARY if c in per_split.columns]
+    rows = []
+    for (kind, exp), g in per_split.groupby(["kind", "experiment"], sort=False):
+        row: dict[str, Any] = {"experiment": exp, "kind": kind, "n": len(g)}
+        for c in cols:
+            v = pd.to_numeric(g[c], errors="coerce")
+            row[f"{c}_mean"] = float(v.mean())
+            row[f"{c}_sd"] = float(v.std(ddof=1)) if v.notna().sum() > 1 else 0.0
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.sort_values(["avg_score_mean", "experiment"], ascending=[False, True]).reset_index(drop=True)
+
+
+def compare_splits(splits: list[tuple[int, int | None, Path]], out_dir: str | os.PathLike) -> pd.DataFrame:
+    """`splits`: (seed, fold or None, runs_dir of that split's chain). Writes `compare_splits.csv` (every
+    round and baseline of every split), `compare.csv` (mean and sd over splits) and `compare.png`."""
+    out_dir = Path(out_dir)
+    frames = []
+    for seed, fold, runs_dir in splits:
+        df = collect(runs_dir)
+        df.insert(0, "fold", fold if fold is not None else "own")
+        df.insert(0, "seed", seed)
+        frames.append(df)
+    per_split = pd.concat(frames, ignore_index=True)
+    summary = summarize(per_split)
+    with atomic_path(out_dir / "compare_splits.csv", suffix=".csv") as tmp:
+        per_split.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    _print_summary(summary, title=f"tahoe-ft over {len(splits)} split(s) (fold x seed) in {out_dir}")
+    _plot_summary(summary, out_dir / "compare.png")
+    return summary
+
+
+def _print_summary(summary: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title + " - mean ± sd")
+    for name in ("entry", "n", "avg", "MAE", "PDS", "DES"):
+        table.add_column(name, justify="left" if name == "entry" else "right", no_wrap=True)
+    for _, r in summary.iterrows():
+        label = r["experiment"] + (" (baseline)" if r["kind"] != "round" else "")
+        cells = [f"{r[f'{c}_mean']:.3f} ± {r[f'{c}_sd']:.3f}" for c in ("avg_score", *METRICS)]
+        table.add_row(label, str(r["n"]), *cells, style=None if r["kind"] == "round" else "italic")
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def _plot_summary(summary: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["avg_score", *METRICS]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    labels = [r["experiment"] + ("*" if r["kind"] != "round" else "") for _, r in summary.iterrows()]
+    x = np.arange(len(summary))
+    for ax, name in zip(axes[0], names, strict=True):
+        hatch = ["//" if k != "round" else "" for k in summary["kind"]]
+        bars = ax.bar(x, summary[f"{name}_mean"], yerr=summary[f"{name}_sd"], capsize=3, color="0.6")
+        for b, h, k in zip(bars, hatch, summary["kind"], strict=True):
+            b.set_hatch(h)
+            b.set_color("tab:blue" if k == "round" else "0.75")
+            b.set_edgecolor("0.3")
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{_SHORT[name]} (mean ± sd; * = baseline)", fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)

@@ -310,6 +310,14 @@ class ReproduceConfig:
     train_overrides: list = field(default_factory=list)
     profile: str = "vcc"
     num_threads: int = 2
+    # cross-validation: 0 = the data set's own split; K >= 2 = every perturbation held out once over K folds
+    # (runs_dir/seed-S/fold-K/...; the assignment in runs_dir/folds/); each fold's chain is run per seed
+    folds: int = 0
+    seeds: list = field(default_factory=lambda: [0])
+    # the permutation that deals perturbations into folds, and validation perturbations per fold (null: half
+    # a fold)
+    fold_seed: int = 0
+    n_val: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

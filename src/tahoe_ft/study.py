@@ -1,9 +1,14 @@
 """The case study in one call (`tahoe-ft reproduce`, `tahoe_ft.reproduce`).
 
 demo data -> pretrain (the ST-Tahoe stand-in) -> 0826 -> 0901 and 0905 -> 0906 -> 0907 -> 0908 -> predict ->
-eval -> compare. Every stage is the Python API call a user would make (`tahoe_ft.train(compose("train",
-["+experiment=0906"]))`, `tahoe_ft.predict(exp="0906")`, ...), so the runs it leaves behind are ordinary runs,
-each with its own wandb run; parents are resolved by name.
+eval (with the baseline panel and the data ceiling) -> compare. Every stage is the Python API call a user
+would make (`tahoe_ft.train(compose("train", ["+experiment=0906"]))`, `tahoe_ft.predict(exp="0906")`, ...), so
+the runs it leaves behind are ordinary runs, each with its own wandb run; parents are resolved by name.
+
+Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.folds`),
+and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the base model (`pretrain`, which
+does not see the screen) is trained once per seed and shared by that seed's folds. `compare.csv` then holds
+every round and every baseline as mean ± sd over the splits (`compare_splits.csv`: each split's rows).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from tahoe_ft.runs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
+BASE = "pretrain"  # the base model round: trained on the demo drug set, never on the screen
+
 
 def experiment_name(e: object) -> str:
     """An experiment name; `0905` typed unquoted on the command line arrives as the integer 905."""
@@ -29,46 +36,137 @@ def experiment_name(e: object) -> str:
 
 
 def stages(cfg: ReproduceConfig) -> list[tuple[str, str]]:
-    """(command, experiment) in the order they run."""
+    """(command, experiment) of one chain, in the order they run."""
     plan = [("train", experiment_name(e)) for e in cfg.experiments]
     plan += [("predict", experiment_name(e)) for e in cfg.evaluate]
     plan += [("eval", experiment_name(e)) for e in cfg.evaluate]
-    plan.append(("compare", ""))
+    if cfg.evaluate:
+        plan.append(("compare", ""))
     return plan
 
 
-def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run every stage in this process; return {"wall_time_s", "stages": [...], "compare_csv"}.
+class _Clock:
+    def __init__(self, console: Console):
+        self.console, self.t0, self.timings = console, time.perf_counter(), []
 
-    `overrides` (Hydra syntax: `data=papalexi`, `data.demo.n_genes=...`, `paths.data_cache=...`) go to every
-    round's train config, after `step_scale` and `runs_dir` and before `cfg.train_overrides`.
-    """
+    def stage(self, label: str, fn, *args, **kw):
+        self.console.rule(f"[bold]reproduce: {label}  (elapsed {time.perf_counter() - self.t0:.0f} s)")
+        ts = time.perf_counter()
+        out = fn(*args, **kw)
+        self.timings.append({"stage": label, "seconds": round(time.perf_counter() - ts, 1)})
+        return out
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _chain(
+    cfg: ReproduceConfig,
+    clock: _Clock,
+    runs_dir: Path,
+    overrides: Sequence[str],
+    *,
+    seed: int,
+    prefix: str = "",
+    skip: Sequence[str] = (),
+) -> None:
+    """Train, predict, evaluate and compare one chain of rounds into `runs_dir`."""
     from tahoe_ft import api
 
-    console = Console(stderr=True)
-    plan = stages(cfg)
-    t0 = time.perf_counter()
-    timings = []
-    for i, (cmd, exp) in enumerate(plan, 1):
-        label = f"{cmd} {exp}".strip()
-        console.rule(f"[bold]reproduce [{i}/{len(plan)}] {label}  (elapsed {time.perf_counter() - t0:.0f} s)")
-        ts = time.perf_counter()
+    for cmd, exp in stages(cfg):
+        if exp in skip:
+            continue
+        label = f"{prefix}{cmd} {exp}".strip()
         if cmd == "train":
-            args = [f"+experiment={exp}", f"step_scale={cfg.step_scale}", f"runs_dir={cfg.runs_dir}"]
-            api.train(api.compose("train", [*args, *overrides, *cfg.train_overrides]))
+            args = [
+                f"+experiment={exp}",
+                f"step_scale={cfg.step_scale}",
+                f"runs_dir={runs_dir}",
+                f"seed={seed}",
+            ]
+            clock.stage(
+                label, lambda a: api.train(api.compose("train", a)), [*args, *overrides, *cfg.train_overrides]
+            )
         elif cmd == "predict":
-            api.predict("best-val.pt", exp=exp, runs_dir=cfg.runs_dir)
+            clock.stage(label, api.predict, "best-val.pt", exp=exp, runs_dir=runs_dir, seed=seed)
         elif cmd == "eval":
-            api.evaluate(exp=exp, runs_dir=cfg.runs_dir, profile=cfg.profile, num_threads=cfg.num_threads)
+            clock.stage(
+                label,
+                api.evaluate,
+                exp=exp,
+                runs_dir=runs_dir,
+                profile=cfg.profile,
+                num_threads=cfg.num_threads,
+            )
         else:
-            api.compare(cfg.runs_dir)
-        timings.append({"stage": label, "seconds": round(time.perf_counter() - ts, 1)})
-    wall = time.perf_counter() - t0
+            clock.stage(label, api.compare, runs_dir)
+
+
+def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the study in this process; return {"wall_time_s", "stages": [...], "compare_csv"}.
+
+    `overrides` (Hydra syntax: `data=papalexi`, `data.demo.n_genes=...`, `paths.data_cache=...`) go to every
+    round's train config, after `step_scale`, `runs_dir` and `seed` and before `cfg.train_overrides`.
+    """
+    console = Console(stderr=True)
+    clock = _Clock(console)
+    runs = Path(cfg.runs_dir)
+    seeds = [int(s) for s in cfg.seeds] or [0]
+    if cfg.folds == 0 and len(seeds) == 1:
+        _chain(cfg, clock, runs, overrides, seed=seeds[0])
+    else:
+        _cross_validate(cfg, clock, runs, list(overrides), seeds)
     summary = {
-        "wall_time_s": round(wall, 1),
-        "stages": timings,
-        "compare_csv": str(Path(cfg.runs_dir) / "compare.csv"),
+        "wall_time_s": round(clock.wall, 1),
+        "stages": clock.timings,
+        "compare_csv": str(runs / "compare.csv"),
     }
-    write_json_atomic(Path(cfg.runs_dir) / "reproduce.json", summary)
-    console.rule(f"[bold green]reproduce finished in {wall / 60:.1f} min")
+    write_json_atomic(runs / "reproduce.json", summary)
+    console.rule(f"[bold green]reproduce finished in {clock.wall / 60:.1f} min")
     return summary
+
+
+def _cross_validate(
+    cfg: ReproduceConfig, clock: _Clock, runs: Path, overrides: list[str], seeds: list[int]
+) -> None:
+    from tahoe_ft import api
+    from tahoe_ft.comparison import compare_splits
+    from tahoe_ft.folds import make_folds
+
+    exps = [experiment_name(e) for e in cfg.experiments]
+    folds: list[Any] = [None]
+    if cfg.folds:
+        data = api.compose("train", ["+experiment=0905", *overrides]).data
+        folds = make_folds(data, cfg.folds, runs / "folds", seed=cfg.fold_seed, n_val=cfg.n_val)
+    splits = []
+    for seed in seeds:
+        base_runs = runs / f"seed-{seed}"
+        shared: list[str] = []
+        if BASE in exps:  # the base model does not see the screen: one per seed, shared by the folds
+            _chain(_only(cfg, BASE), clock, base_runs, overrides, seed=seed, prefix=f"seed {seed}: ")
+            shared = [f"pretrained={(base_runs / BASE / 'latest').resolve() / 'checkpoints' / 'best-val.pt'}"]
+        for fold in folds:
+            name = "fold-own" if fold is None else f"fold-{fold.index}"
+            split = [] if fold is None else [f"data.split_toml={fold.toml}", *_NO_LISTS]
+            _chain(
+                cfg,
+                clock,
+                base_runs / name,
+                [*overrides, *split, *shared],
+                seed=seed,
+                prefix=f"seed {seed} {name}: ",
+                skip=[BASE],
+            )
+            splits.append((seed, None if fold is None else fold.index, base_runs / name))
+    clock.stage("compare over splits", compare_splits, splits, runs)
+
+
+# a fold's TOML is the split: the data set's own split lists must not add to it
+_NO_LISTS = ["data.val_perts=[]", "data.test_perts=[]", "data.val_cell_types=[]", "data.test_cell_types=[]"]
+
+
+def _only(cfg: ReproduceConfig, exp: str) -> ReproduceConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, experiments=[exp], evaluate=[])

@@ -1,0 +1,74 @@
+"""Folds and seeds: every perturbation held out once, the assignment saved and reproducible, and every round
+and baseline reported as mean ± sd over the (fold, seed) splits."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import tahoe_ft
+from conftest_train import TINY_DEMO, TINY_MODEL
+from tahoe_ft.config import compose
+from tahoe_ft.folds import make_folds
+
+
+def test_folds_of_a_toml_less_screen_hold_each_perturbation_out_once(tmp_path):
+    cfg = compose("train", ["+experiment=0905", f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO])
+    screen = cfg.data.path
+    data = compose("check", ["data=custom", f"data.path={screen}", f"paths.data_cache={tmp_path}"]).data
+    folds = make_folds(data, 3, tmp_path / "folds", seed=0)
+    perts = json.loads((tmp_path / "folds" / "folds.json").read_text())["perturbations"]
+    assert len(perts) == 8
+    tests = [p for f in folds for p in f.test]
+    assert sorted(tests) == sorted(perts)  # each exactly once
+    for f in folds:
+        assert not set(f.val) & set(f.test) and f.val
+        # the fold's TOML is a real cell-load split: training opens it and holds out exactly these
+        held = tahoe_ft.check(compose("check", ["data=custom", "data.path=null", f"data.split_toml={f.toml}",
+                                                f"paths.data_cache={tmp_path}", "model.cell_set_len=8"]))  # fmt: skip
+        assert held["splits"]["test"]["perturbations"] == sorted(f.test)
+        assert held["splits"]["val"]["perturbations"] == sorted(f.val)
+    again = make_folds(data, 3, tmp_path / "again", seed=0)
+    assert [f.test for f in again] == [f.test for f in folds]  # reproducible
+    assert [f.test for f in make_folds(data, 3, tmp_path / "other", seed=1)] != [f.test for f in folds]
+
+
+def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
+    runs = tmp_path / "runs"
+    data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
+    cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", "evaluate=[0905]", "folds=2",
+                                "seeds=[0,1]", *data])  # fmt: skip
+    cfg.train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
+        "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=2",
+    ]  # fmt: skip
+    tahoe_ft.reproduce(cfg, overrides=data)
+    assert sorted(p.name for p in (runs / "seed-0").iterdir()) == ["fold-0", "fold-1", "pretrain"]
+    per_split = pd.read_csv(runs / "compare_splits.csv")
+    summary = pd.read_csv(runs / "compare.csv")
+    rounds = summary[summary["kind"] == "round"]
+    assert list(rounds["experiment"].astype(str).str.zfill(4)) == ["0905"]  # one row per round ...
+    assert set(summary.loc[summary["kind"] == "baseline", "experiment"]) >= {
+        "control",
+        "cell_mean",
+        "ceiling",
+    }
+    assert summary["experiment"].is_unique  # ... and one per baseline
+    assert (summary["n"] == 4).all()  # 2 folds x 2 seeds
+    for col in ("avg_score_mean", "avg_score_sd", "mae_mean", "mae_sd", "overlap_at_N_mean"):
+        assert col in summary.columns
+    r = per_split[per_split["kind"] == "round"]["avg_score"]
+    assert rounds["avg_score_mean"].iloc[0] == pytest.approx(r.mean())
+    assert rounds["avg_score_sd"].iloc[0] == pytest.approx(r.std(ddof=1))
+    c = per_split[per_split["experiment"] == "control"]
+    assert sorted(zip(c["seed"], c["fold"].astype(str), strict=True)) == [
+        (0, "0"),
+        (0, "1"),
+        (1, "0"),
+        (1, "1"),
+    ]
+    # the two folds are different splits: their held-out perturbations differ, so their panels do
+    assert c[c["seed"] == 0]["avg_score"].nunique() == 2
+    assert (runs / "compare.png").stat().st_size > 5_000
