@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tahoe_ft
-from conftest_train import column, metrics, train, train_args
+from conftest_train import TINY_DEMO, column, metrics, train, train_args
 from tahoe_ft.config import compose
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import newest_run
@@ -323,3 +323,37 @@ def test_trains_with_dataloader_workers_like_without(tmp_path):
         seen[workers] = fp.seen
     assert sorted(seen[0]) == list(range(30))  # crosses epoch boundaries
     assert seen[0] == seen[2]
+
+
+def test_api_trains_from_a_config_built_by_hand(tmp_path):
+    """A notebook needs no Hydra: TrainConfig(...) straight into tahoe_ft.train."""
+    from tahoe_ft.config import (
+        BackboneConfig,
+        DataConfig,
+        LoggerConfig,
+        ModelConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
+
+    screen = compose(
+        "train", ["+experiment=0905", f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
+    ).data.path
+    cfg = TrainConfig(
+        experiment="notebook",
+        pretrained=None,
+        runs_dir=str(tmp_path / "runs"),
+        data=DataConfig(path=screen, test_perts=["GENE00003"], val_perts=["GENE00007"], batch_size=4),
+        model=ModelConfig(
+            hidden_dim=32, cell_set_len=8, backbone=BackboneConfig(head_dim=8, intermediate_size=48)
+        ),
+        trainer=TrainerConfig(
+            max_steps=3, val_check_interval=3, enable_progress_bar=False, accelerator="cpu"
+        ),
+        logger=LoggerConfig(wandb=False, wandb_mode="disabled"),
+    )
+    run_dir = tahoe_ft.train(cfg)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["steps"] == 3 and run_dir.parent.name == "notebook"
+    m = _weights(run_dir)["manifest"]
+    assert {g["pert"] for g in m["held_out"]} == {"GENE00003", "GENE00007"}

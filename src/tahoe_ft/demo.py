@@ -1,5 +1,8 @@
 """Deterministic synthetic perturbation screens on one latent biology (SPEC §5.4).
 
+(A little over 500 lines: the biology, the two designs and the writers share the one seeded generator and are
+kept together so a reader can follow every random draw from the seed to the files.)
+
 One seed fixes a "biology": gene baseline expression, sparse gene programs, cell-type offsets in program
 space, per-gene dispersions, and a fixed lossy linear map from log1p expression to a low-dimensional
 ``X_state`` (the SE600M stand-in). Two data sets are drawn from it:

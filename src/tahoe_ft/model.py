@@ -1,5 +1,9 @@
 """The State Transition (ST) perturbation model, reimplemented without `transformers` or Lightning.
 
+One file on purpose (~600 lines): like nanoGPT's model.py it reads top to bottom, from RMSNorm to the gene
+decoder, with upstream's parameter names at every layer; splitting it would scatter the one function the
+parity tests pin against upstream.
+
 Computes the same function as upstream `state.tx.models.state_transition.StateTransitionPerturbationModel`
 with the Llama backbone in bidirectional mode (0.9.x on transformers <= 4.52, or 0.11.x with
 `bidirectional_attention: true`), and uses exactly upstream's parameter names and shapes, so an
