@@ -534,3 +534,25 @@ def test_matches_hf_llama_without_rope():
         want = hf(inputs_embeds=x, attention_mask=torch.ones(2, 1, 7, 7)).last_hidden_state
         got = ours(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_head_with_skip_predicts_the_basal_cells_at_step_0():
+    """head_skip: a freshly initialised gene-space head is "no change"; without it, upstream's D/8 bottleneck
+    head is far from it. One optimizer step moves the prediction off the basal cells (it still learns)."""
+    hp = {"input_dim": 80, "output_dim": 80, "pert_dim": 5, "hidden_dim": 16, "n_encoder_layers": 2,
+          "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
+          "cell_set_len": 4, "transformer_backbone_key": "llama",
+          "transformer_backbone_kwargs": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "head_dim": 8, "intermediate_size": 32}}  # fmt: skip
+    torch.manual_seed(0)
+    pert = torch.eye(5)[torch.randint(0, 5, (3,))][:, None].expand(3, 4, 5)
+    basal = torch.rand(3, 4, 80) * 3
+    skip = StateTransitionModel({**hp, "head_skip": True}).eval()
+    torch.testing.assert_close(skip.forward_sets(pert, basal), basal, rtol=0, atol=0)
+    plain = StateTransitionModel(hp).eval()
+    assert (plain.forward_sets(pert, basal) - basal).abs().mean() > 0.5
+    opt = torch.optim.SGD(skip.parameters(), lr=0.1)
+    skip.train()
+    ((skip.forward_sets(pert, basal) - basal - 1.0) ** 2).mean().backward()
+    opt.step()
+    assert (skip.eval().forward_sets(pert, basal) - basal).abs().mean() > 1e-3

@@ -357,3 +357,43 @@ def test_api_trains_from_a_config_built_by_hand(tmp_path):
     assert info["status"] == "finished" and info["steps"] == 3 and run_dir.parent.name == "notebook"
     m = _weights(run_dir)["manifest"]
     assert {g["pert"] for g in m["held_out"]} == {"GENE00003", "GENE00007"}
+
+
+def test_set_mean_term_changes_the_gradient_only_when_weighted():
+    from tahoe_ft.training.module import STLightningModule
+
+    hp = {"input_dim": 12, "output_dim": 12, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
+          "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
+          "cell_set_len": 4, "transformer_backbone_key": "llama",
+          "transformer_backbone_kwargs": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batch = {"pert_emb": torch.eye(3)[torch.tensor([0, 2])][:, None].expand(2, 4, 3).contiguous(),
+             "ctrl_cell_emb": torch.rand(2, 4, 12, generator=g), "pert_cell_emb": torch.rand(2, 4, 12, generator=g) + 1}  # fmt: skip
+
+    def grads(weight, term="loss"):
+        torch.manual_seed(0)
+        loss = {"name": "energy", "blur": 0.05, "decoder_weight": 1.0, "mean_weight": weight}
+        m = STLightningModule(hp, {"loss": loss, "optim": {}, "sched": {}, "freeze": {}, "max_steps": 1})
+        losses = m._losses(batch)
+        losses[term].backward()
+        return losses, torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    (l0, g0), (_, g_main), (l1, g1) = grads(0.0), grads(0.0, "main_loss"), grads(1.0)
+    assert l0["mean_loss"] > 0 and torch.equal(l0["mean_loss"], l1["mean_loss"])  # logged either way
+    assert torch.equal(g0, g_main)  # weight 0: exactly the energy distance's gradient
+    assert torch.allclose(l1["loss"], l1["main_loss"] + l1["mean_loss"])
+    assert not torch.allclose(g0, g1)
+
+
+def test_se600m_round_can_choose_best_val_on_the_gene_space_decoder_loss(tmp_path):
+    run_dir = train(tmp_path, "pretrain", "checkpoint.monitor=decoder", steps=6, val_every=2)
+    rows = metrics(run_dir)
+    dec = column(rows, "val/decoder_loss")
+    main = column(rows, "val/main_loss")
+    info = json.loads((run_dir / "run.json").read_text())
+    best_step, best = min(dec, key=lambda sv: sv[1])
+    assert info["best_val_loss"] == pytest.approx(best, rel=1e-6) and info["best_step"] == best_step
+    assert {s for s, _ in dec} == {s for s, _ in main}  # both logged at every validation
+    with pytest.raises(UserError, match="needs a gene decoder"):
+        train(tmp_path, "0905", "init_from=null", "checkpoint.monitor=decoder")

@@ -54,8 +54,12 @@ class DataConfig:
     batch_col: str | None = None
     # what X holds: "log1p" (normalised, log1p) or "counts" (raw integers; normalised + log1p on read)
     input_transform: str = "log1p"
-    # null = one-hot over sorted perturbation names; else a torch.load-able dict name -> 1-D tensor
-    pert_features: str | None = None
+    # perturbation features (tahoe_ft.data.features): null/onehot, a torch.load-able dict name -> 1-D tensor,
+    # pca (target gene's row of the training pseudobulks' principal components), coexpression (of the control
+    # cells); or a list of these, concatenated
+    pert_features: Any = None
+    # width (K) of each derived source (pca, coexpression)
+    pert_feature_dim: int = 16
     allow_missing_pert_features: bool = False
     # the evaluator's gene list (header-less CSV); null = the file's var_names
     gene_list: str | None = None
@@ -117,6 +121,9 @@ class ModelConfig:
     activation: str = "gelu"
     predict_residual: bool = True
     use_basal_projection: bool = True
+    # gene-space head with a skip path around final_down_then_up, starting at "no change" (tahoe-ft only:
+    # upstream's head has no skip; false = upstream's function, needed to export a model to upstream state)
+    head_skip: bool = False
     batch_encoder: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
@@ -128,6 +135,9 @@ class LossConfig:
     blur: float = 0.05
     # weight of the gene-decoder loss (embedding input only): total = main + decoder_weight * decoder
     decoder_weight: float = 1.0
+    # weight of the set-mean term (MSE of each set's mean in gene space, logged as train/mean_loss):
+    # total += mean_weight * mean_loss; 0 = the study's loss
+    mean_weight: float = 0.0
 
 
 @dataclass
@@ -178,6 +188,10 @@ class CheckpointConfig:
     every_n_steps: int | None = None
     # keep last.ckpt (full state for resume=true)
     save_last: bool = True
+    # the validation loss best-val.pt is chosen by: "main" (the study's: the energy distance in the model's
+    # own space), "decoder" (the gene-space decoder loss of an SE600M round: what the evaluator scores) or
+    # "auto" (decoder when there is one, else main)
+    monitor: str = "main"
 
 
 @dataclass
@@ -260,6 +274,8 @@ class PredictConfig:
     split: str = "test"
     # read the cells from here instead of the paths recorded in the checkpoint's manifest
     data_path: Any = None
+    # an upstream run folder's held-out groups (cell-load TOML); default: its config's toml_config_path
+    split_toml: str | None = None
     # real control cells per cell type copied into pred.h5ad / real.h5ad (deterministic subsample)
     max_controls: int = 2000
     seed: int = 0
@@ -336,6 +352,17 @@ class ExportConfig:
 
 
 @dataclass
+class ExportStateConfig:
+    # the tahoe-ft checkpoint: a bare file name in <run_dir>/checkpoints/, a path or run:EXP/FILE
+    ckpt: str = "best-val.pt"
+    run_dir: str | None = None
+    exp: str | None = None
+    runs_dir: str = "runs"
+    # the upstream run folder to write (must not exist); default: <run_dir>/state-export
+    out: str | None = None
+
+
+@dataclass
 class CheckConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -353,6 +380,7 @@ SCHEMAS: dict[str, type] = {
     "compare": CompareConfig,
     "reproduce": ReproduceConfig,
     "export": ExportConfig,
+    "export-state": ExportStateConfig,
     "check": CheckConfig,
 }
 

@@ -14,7 +14,8 @@ One set ("cell sentence") of S cells goes through the model at a time, B sets pe
     pert  [B,S,P]    --pert_encoder-->  [B,S,H] --+
     basal [B,S,D_in] --basal_encoder--> [B,S,H] --+--(+ batch_encoder(idx))--> seq [B,S,H]
     h = transformer_backbone(seq)                                               h   [B,S,H]
-    out = final_down_then_up(project_out(h) + basal)   if predict_residual and output_space == "all"
+    out = x + final_down_then_up(x), x = project_out(h) + basal   if head_skip (tahoe-ft only)
+        = final_down_then_up(project_out(h) + basal)   elif predict_residual and output_space == "all"
         = project_out(h + basal_encoded)               elif predict_residual
         = project_out(h)                               otherwise                   [B,S,D_out]
     out = relu(out)   iff embed_key in (None, "X_hvg") or there is no gene_decoder
@@ -109,6 +110,10 @@ OPTIONAL_HPARAMS: dict[str, Any] = {
     "batch_encoder": False,
     "batch_dim": None,
     "gene_dim": None,  # informational (decoder width); the decoder itself is built from decoder_cfg
+    # tahoe-ft only (upstream has no such path; False = upstream's function): a skip path around
+    # final_down_then_up, whose last layer and project_out's start at zero, so a fresh gene-space head
+    # predicts the basal cells unchanged at step 0 instead of squeezing them through a D/8 bottleneck
+    "head_skip": False,
 }
 
 OUTPUT_SPACES = ("all", "gene", "embedding")
@@ -499,6 +504,16 @@ class StateTransitionModel(nn.Module):
         if self.output_space == "all":
             D = self.output_dim
             self.final_down_then_up = nn.Sequential(nn.Linear(D, D // 8), nn.GELU(), nn.Linear(D // 8, D))
+        self.head_skip = bool(hp["head_skip"]) and self.predict_residual and self.output_space == "all"
+        if (
+            self.head_skip
+        ):  # "no change" at step 0: out = x + f(x), f = 0 and x = basal + project_out(h) = basal
+            for last in (
+                [m for m in self.project_out if isinstance(m, nn.Linear)][-1],
+                self.final_down_then_up[-1],
+            ):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         self.batch_dim: int | None = hp["batch_dim"] if hp["batch_encoder"] else None
         self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
 
@@ -526,7 +541,10 @@ class StateTransitionModel(nn.Module):
                 raise ValueError("this model has a batch_encoder: pass the batch index of every cell")
             seq = seq + self.batch_encoder(batch_idx.reshape(pert.shape[:2]).long())  # [B,S,H]
         h = self.transformer_backbone(seq)  # [B,S,H]
-        if self.predict_residual and self.output_space == "all":
+        if self.head_skip:
+            x = self.project_out(h) + basal  # [B,S,D]
+            out = x + self.final_down_then_up(x)  # a skip path around the D/8 bottleneck
+        elif self.predict_residual and self.output_space == "all":
             out = self.final_down_then_up(self.project_out(h) + basal)  # residual in input space
         elif self.predict_residual:
             out = self.project_out(h + basal_encoded)  # residual in hidden space

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tahoe_ft.config import DataConfig
 from tahoe_ft.data.catalog import CellCatalog, as_data_config
 from tahoe_ft.data.dataset import SetDataset, identity_collate, worker_init
-from tahoe_ft.data.inputs import build_pert_matrix
+from tahoe_ft.data.features import build_features
 from tahoe_ft.data.manifest import Manifest
 from tahoe_ft.data.sampler import Groups, SetPlan, group_cells
 from tahoe_ft.data.splits import TEST, TRAIN, VAL
@@ -68,8 +68,12 @@ class PerturbationDataModule(L.LightningDataModule):
         c = self.cfg
         self._check_options()
         catalog = CellCatalog.open(c, embed_key=self.embed_key)
-        self.pert_matrix_np, self.pert_features = build_pert_matrix(
-            catalog.pert_names, c.control_pert, c.pert_features, allow_missing=c.allow_missing_pert_features
+        self.pert_matrix_np, self.pert_features = build_features(
+            catalog,
+            c.pert_features,
+            allow_missing=c.allow_missing_pert_features,
+            dim=c.pert_feature_dim,
+            seed=self.seed,
         )
         self._build_plans(catalog)
         self.dataset = SetDataset(

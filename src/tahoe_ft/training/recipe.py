@@ -39,6 +39,7 @@ ARCH_KEYS = (
     "use_basal_projection",
     "transformer_backbone_key",
     "transformer_backbone_kwargs",
+    "head_skip",
 )
 
 
@@ -50,7 +51,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     # parent weights: weights only, never its optimizer, schedule or step
     parent_path = resolve_ref(cfg.init_from, cfg.runs_dir) if cfg.init_from and not cfg.resume else None
-    parent_state, parent_hp, _ = read_weights(parent_path) if parent_path else (None, None, None)
+    parent_state, parent_hp, parent = read_weights(parent_path) if parent_path else (None, None, None)
 
     dm = training_data(cfg)
     if session.last_ckpt is not None:
@@ -63,7 +64,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
     if parent_state is not None:
-        report = init_from_weights(module.model, parent_state, str(parent_path))
+        # one-hot perturbation columns are mapped by name when both vocabularies are known
+        report = init_from_weights(
+            module.model, parent_state, str(parent_path), parent=parent, manifest=manifest
+        )
         session.write_init_report(report)
         log.info(format_report(report))
 
@@ -119,6 +123,7 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
         "activation": m.activation,
         "predict_residual": m.predict_residual,
         "use_basal_projection": m.use_basal_projection,
+        "head_skip": m.head_skip,
         "transformer_backbone_key": "llama",
         "transformer_backbone_kwargs": {
             "hidden_size": m.hidden_dim,
@@ -171,6 +176,7 @@ def training_settings(cfg: TrainConfig) -> dict[str, Any]:
         "sched": dataclasses.asdict(cfg.sched),
         "freeze": dataclasses.asdict(cfg.freeze),
         "max_steps": cfg.trainer.max_steps,
+        "monitor": cfg.checkpoint.monitor,
     }
 
 

@@ -38,7 +38,9 @@ from tahoe_ft.runs import (
 log = logging.getLogger(__name__)
 
 # Settings a resumed run must keep: changing them mid-run would be silently ignored or inconsistent.
-RESUME_FIXED = ("optim", "sched", "loss", "freeze", "trainer.max_steps", "model", "encoder", "seed")
+RESUME_FIXED = (
+    "optim", "sched", "loss", "freeze", "trainer.max_steps", "model", "encoder", "seed", "checkpoint.monitor",
+)  # fmt: skip
 # Lightning's DDP launcher re-runs the command in one process per extra device; those processes must use the
 # run directory of the process the user started (inherited through this variable), not create their own.
 RUN_DIR_ENV = "TAHOE_FT_RUN_DIR"
