@@ -13,8 +13,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+# seconds every atomic write waits between writing its temp file and renaming it (tests that kill a process
+# mid-write set it; unset in normal use)
+SLOW_WRITE_ENV = "TAHOE_FT_TEST_SLOW_WRITE"
 
 
 @contextlib.contextmanager
@@ -36,6 +41,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        if SLOW_WRITE_ENV in os.environ:  # the kill test widens the window in which a write is in flight
+            time.sleep(float(os.environ[SLOW_WRITE_ENV]))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -24,10 +25,12 @@ class MetricsCSVLogger(Logger):
     """`<experiment>_metrics.csv`: one row per logging event, one column per metric, blank where absent.
 
     Rows are appended as they come; when a new metric appears the file is rewritten once (atomically) with
-    the wider header. An existing file (a resumed run) is kept and extended, never truncated.
+    the wider header. An existing file (a resumed run) is kept and extended; with `resume_step` (the step of
+    the last.ckpt the run continues from) the rows logged after that checkpoint — which the resumed run logs
+    again — and a line cut short by a kill are dropped first, so every step appears once.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
         super().__init__()
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
@@ -39,6 +42,11 @@ class MetricsCSVLogger(Logger):
                 reader = csv.DictReader(fh)
                 self.columns = list(reader.fieldnames or ["step"])
                 self.rows = [dict(r) for r in reader]
+            if resume_step is not None:
+                kept = [r for r in self.rows if _row_step(r, len(self.columns)) <= resume_step]
+                if len(kept) != len(self.rows):
+                    self.rows = kept
+                    self._rewrite()
 
     @property
     def name(self) -> str:
@@ -78,6 +86,16 @@ class MetricsCSVLogger(Logger):
             w.writerows(self.rows)
 
 
+def _row_step(row: dict[str, Any], n_columns: int) -> float:
+    """A row's step; inf for a row cut short (a kill during an append), so resuming drops it."""
+    if None in row or len(row) != n_columns or any(v is None for v in row.values()):
+        return math.inf
+    try:
+        return float(row["step"])
+    except (TypeError, ValueError):
+        return math.inf
+
+
 def _num(v: Any) -> float:
     try:
         return float(v.item()) if hasattr(v, "item") else float(v)
@@ -107,11 +125,12 @@ class LRAndThroughput(L.Callback):
         return out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._first:
-            # the first LR of this run, before any step: the schedule's warmup start after init_from
+        if self._first and trainer.global_step == 0:
+            # the first LR of this run, before any step: the schedule's warmup start after init_from (a resumed
+            # run logged it when it started)
             for lg in trainer.loggers:
                 lg.log_metrics(self._lrs(trainer), step=trainer.global_step)
-            self._first = False
+        self._first = False
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -122,6 +141,49 @@ class LRAndThroughput(L.Callback):
         pl_module.log("cells_per_s", n_cells / dt, on_step=True, on_epoch=False)
         for k, v in self._lrs(trainer).items():
             pl_module.log(k, v, on_step=True, on_epoch=False)
+
+
+class StopOnNonFinite(L.Callback):
+    """A NaN/Inf training loss stops the run at once with one clear line, before any checkpoint is written from
+    the broken step: last.ckpt and best-val.pt stay those of the last good validation. (First in the callback
+    list, so it runs before the checkpoint policy's hooks of the same step.)"""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            from tahoe_ft.errors import UserError
+
+            raise UserError(
+                f"the training loss is {float(loss.detach()):g} at step {trainer.global_step} "
+                f"({trainer.default_root_dir}); the run stopped and keeps its last good checkpoints "
+                "(checkpoints/last.ckpt, best-val.pt): lower optim.lr or check the data, then resume=true"
+            )
+
+
+class RNGState(L.Callback):
+    """Saves torch's RNG state (dropout masks) in last.ckpt and puts it back just before the first step of a
+    resumed run, so a resumed run draws the same dropout masks as an uninterrupted one (the set sampler has
+    its own seeded generators). Tensors only: last.ckpt still loads with weights_only=True."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        torch.set_rng_state(self._pending["torch"])
+        if "cuda" in self._pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._pending["cuda"])
+        self._pending = None
 
 
 class CheckpointPolicy(L.Callback):

@@ -61,6 +61,8 @@ class FreezeCallback(L.Callback):
         totals = total_counts(pl_module.model)
         parts = ", ".join(f"{m} {counts[m]:,}/{totals[m]:,}" for m in totals)
         log.info("trainable parameters (%s, step %d): %s", why, trainer.global_step, parts)
+        if why == "start" and trainer.global_step > 0:
+            return  # a resumed run: its start (and any change since) is already in the metrics
         metrics = {f"trainable/{m}": float(c) for m, c in counts.items()}
         metrics["trainable/total"] = float(sum(counts.values()))
         for lg in trainer.loggers:

@@ -22,7 +22,13 @@ from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
 from tahoe_ft.config import TrainConfig, as_dict
 from tahoe_ft.data import PerturbationDataModule
 from tahoe_ft.runs import resolve_ref
-from tahoe_ft.training.callbacks import CheckpointPolicy, LRAndThroughput, MetricsCSVLogger
+from tahoe_ft.training.callbacks import (
+    CheckpointPolicy,
+    LRAndThroughput,
+    MetricsCSVLogger,
+    RNGState,
+    StopOnNonFinite,
+)
 from tahoe_ft.training.freeze import FreezeCallback
 from tahoe_ft.training.module import STLightningModule
 from tahoe_ft.training.session import RunSession, epoch_position
@@ -54,8 +60,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     parent_state, parent_hp, parent = read_weights(parent_path) if parent_path else (None, None, None)
 
     dm = training_data(cfg)
-    if session.last_ckpt is not None:
-        dm.resume_at(*epoch_position(session.last_ckpt))
+    position = epoch_position(session.last_ckpt) if session.last_ckpt else None  # (epoch, batches, step)
+    if position is not None:
+        dm.resume_at(*position[:2])
     manifest = _manifest(dm, cfg)
 
     module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), training_settings(cfg))
@@ -79,7 +86,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         every_n_steps=cfg.checkpoint.every_n_steps,
         save_last=cfg.checkpoint.save_last,
     )
-    trainer = _trainer(cfg, run_dir, [freezer, policy, LRAndThroughput(), *(callbacks or [])])
+    trainer = _trainer(
+        cfg,
+        run_dir,
+        [StopOnNonFinite(), freezer, policy, LRAndThroughput(), RNGState(), *(callbacks or [])],
+        position[2] if position else None,
+    )
     # the set sampler resumes mid-epoch itself (SetPlan.resume_from); Lightning cannot see that
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     with session.running(trainer, policy):
@@ -180,8 +192,8 @@ def training_settings(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
-    loggers: list = [MetricsCSVLogger(run_dir / f"{cfg.experiment}_metrics.csv")]
+def _loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list:
+    loggers: list = [MetricsCSVLogger(run_dir / f"{cfg.experiment}_metrics.csv", resume_step)]
     if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -202,7 +214,7 @@ def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
     return loggers
 
 
-def _trainer(cfg: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+def _trainer(cfg: TrainConfig, run_dir: Path, callbacks: list, resume_step: int | None) -> L.Trainer:
     t = cfg.trainer
     if t.enable_progress_bar:
         callbacks = [*callbacks, RichProgressBar(leave=False)]
@@ -219,7 +231,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         precision=t.precision,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=_loggers(cfg, run_dir),
+        logger=_loggers(cfg, run_dir, resume_step),
         callbacks=callbacks,
         enable_checkpointing=False,
         num_sanity_val_steps=0,

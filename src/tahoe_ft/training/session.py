@@ -88,11 +88,11 @@ def _worker_run_dir() -> Path:
     return Path(shared)
 
 
-def epoch_position(last_ckpt: Path) -> tuple[int, int]:
-    """(epoch, batches of it already trained) of a last.ckpt, from Lightning's own loop state."""
+def epoch_position(last_ckpt: Path) -> tuple[int, int, int]:
+    """(epoch, batches of it already trained, global step) of a last.ckpt, from Lightning's own loop state."""
     ck = safe_load(last_ckpt)
     progress = ck["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-    return int(ck["epoch"]), int(progress["completed"])
+    return int(ck["epoch"]), int(progress["completed"]), int(ck["global_step"])
 
 
 @dataclass
@@ -163,6 +163,9 @@ class RunSession:
                 write_json_atomic(
                     self.run_dir / "init_report.json", {"source": None, "note": "trained from scratch"}
                 )
+        elif self.writes:  # resumed: temp files of writes a kill interrupted are never under a final name
+            for stale in (self.run_dir / "checkpoints").glob(".*"):
+                stale.unlink(missing_ok=True)
         self.prior = read_run_info(self.run_dir)
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # inherited by DDP worker processes
         return self.run_dir
