@@ -1,9 +1,12 @@
 """Parity with upstream's real `StateTransitionPerturbationModel` (arc-state 0.11.1, Llama, bidirectional).
 
-Skipped unless the `state` package (arc-state) is importable. It is not a tahoe-ft dependency; to run:
+Hand-built upstream modules first; then the differential suite on run folders that the real `state tx train`
+writes (tests/upstream_run.py: four configurations, a few steps each), the run-folder import (load, predict,
+init_from with perturbations mapped by name), the export back (`export-state` -> `load_from_checkpoint` and
+`state tx infer`), and crafted folder files that must be refused without running anything.
 
-    python3 -m venv /tmp/up && /tmp/up/bin/pip install torch arc-state==0.11.1 pytest
-    PYTHONPATH=src /tmp/up/bin/python -m pytest tests/test_upstream_parity.py
+Skipped unless the `state` package (arc-state, a test extra) is importable; `pytest -s` prints the largest
+differences measured.
 """
 
 from __future__ import annotations
@@ -272,12 +275,30 @@ def test_gpt2_and_causal_upstream_checkpoints_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def upstream_run(tmp_path_factory):
-    from upstream_run import state_cli, state_tx_train
+def upstream_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("state_tx_train")
+
+
+@pytest.fixture(scope="module")
+def upstream_runs(upstream_root):
+    """One real `state tx train` run folder per configuration of `upstream_run.CONFIGS` (4 steps each)."""
+    from upstream_run import CONFIGS, state_cli, state_tx_train_many
 
     if state_cli() is None:
         pytest.skip("the `state` CLI (arc-state) is not installed")
-    return state_tx_train(tmp_path_factory.mktemp("state_tx_train"))
+    return state_tx_train_many(upstream_root, CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def upstream_run(upstream_runs):
+    return upstream_runs["raw_all"]
+
+
+@pytest.fixture(scope="module")
+def screen(upstream_root):
+    from upstream_run import demo_files
+
+    return demo_files(upstream_root)["screen"]
 
 
 def test_state_tx_train_checkpoint_loads_and_matches_upstream(upstream_run):
@@ -363,3 +384,546 @@ def test_numpy_object_dtype_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"x": np.dtype("O"), "n": np.int64(1)}}, path)
     with pytest.raises(UserError, match="refused"):
         safe_load(path)
+
+
+# -- the differential suite: real `state tx train` run folders, four configurations ----------------------
+
+FIGURES: dict[str, float] = {}  # max abs differences, printed at the end of the module (pytest -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_figures():
+    yield
+    if FIGURES:
+        print("\nmax abs differences vs arc-state 0.11.1:")
+        for k, v in sorted(FIGURES.items()):
+            print(f"- {k}: {v:.3g}")
+
+
+def _maxdiff(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape, name
+    d = float((got - want).abs().max()) if got.numel() else 0.0
+    FIGURES[name] = max(FIGURES.get(name, 0.0), d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _dense(x):
+    import numpy as np
+
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def screen_batch(folder, screen, *, n_sets: int = 3, seed: int = 0) -> dict:
+    """A batch as cell-load serves it, from the real screen: `n_sets` sets of S cells of one (cell type,
+    perturbation) each, basal cells drawn from that cell type's controls, the folder's own one-hot maps; the
+    embedding configuration also gets the gene-space targets (`pert_cell_counts`). Flat [n_sets*S, .]."""
+    import anndata as ad
+    import numpy as np
+
+    from tahoe_ft.upstream_folder import RunFolder, read_torch_data
+
+    rf = RunFolder.open(folder)
+    kw = rf.data_kwargs
+    s = int(rf.config["model"]["kwargs"]["cell_set_len"])
+    a = ad.read_h5ad(screen)
+    x = _dense(a.X)
+    feats = x if kw["embed_key"] is None else np.asarray(a.obsm[kw["embed_key"]], dtype=np.float32)
+    pert, ct = a.obs["target_gene"].astype(str).values, a.obs["cell_type"].astype(str).values
+    batch = a.obs["batch"].astype(str).values
+    rng = np.random.default_rng(seed)
+    groups = sorted({(c, p) for c, p in zip(ct, pert, strict=True) if p != "non-targeting"})
+    target, basal = [], []
+    for i in rng.choice(len(groups), n_sets, replace=False):
+        c, p = groups[i]
+        target.append(rng.choice(np.flatnonzero((ct == c) & (pert == p)), s))
+        basal.append(rng.choice(np.flatnonzero((ct == c) & (pert == "non-targeting")), s))
+    t, b = np.concatenate(target), np.concatenate(basal)
+    onehot = dict(zip(rf.pert_names, rf.pert_matrix, strict=True))
+    batch_map = read_torch_data(folder / "batch_onehot_map.torch")
+    out = {
+        "pert_emb": torch.stack([onehot[pert[r]] for r in t]),
+        "ctrl_cell_emb": torch.from_numpy(feats[b]),
+        "pert_cell_emb": torch.from_numpy(feats[t]),
+        "batch": torch.stack([batch_map[batch[r]] for r in t]),
+    }
+    if kw["embed_key"] is not None:  # cell-load loads counts only for embedding input
+        out["pert_cell_counts"] = torch.from_numpy(x[t])
+    return out
+
+
+@pytest.mark.parametrize("config", ["raw_all", "x_state_decoder", "no_basal_projection", "batch_encoder"])
+def test_differential_state_tx_train_folder(upstream_runs, screen, config):
+    """A real `state tx train` run folder (numpy scalars in hyper_parameters, the folder beside it) loads
+    through `load_checkpoint(<folder>)`, and forward outputs, decoder outputs and the energy losses agree with
+    upstream's own module on the same real batches to 1e-5 (fp32)."""
+    import numpy as np
+
+    import tahoe_ft
+    from tahoe_ft.loss import DistributionLoss
+
+    folder = upstream_runs[config]
+    ckpt = folder / "checkpoints" / "best.ckpt"
+    raw = torch.load(
+        ckpt, map_location="cpu", weights_only=False
+    )  # the test may unpickle; the product may not
+    assert isinstance(raw["hyper_parameters"]["pert_dim"], int | np.integer)
+    ours = tahoe_ft.load_checkpoint(folder)
+    assert ours.checkpoint_path == ckpt  # best.ckpt preferred
+    up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(ckpt, weights_only=False).eval()
+    checks = {
+        "raw_all": lambda: hasattr(ours, "final_down_then_up") and ours.hparams["embed_key"] is None,
+        "x_state_decoder": lambda: ours.gene_decoder is not None and ours.hparams["embed_key"] == "X_state",
+        "no_basal_projection": lambda: isinstance(ours.basal_encoder, torch.nn.Linear),
+        "batch_encoder": lambda: ours.batch_encoder is not None and up.batch_encoder is not None,
+    }
+    assert checks[config](), config
+    s, energy = int(ours.hparams["cell_set_len"]), DistributionLoss("energy")
+    for seed in (0, 1):
+        batch = screen_batch(folder, screen, seed=seed)
+        with torch.no_grad():
+            got, want = ours(batch), up(batch)
+            _maxdiff(f"{config} forward", got, want)
+            one = {k: v[:5] for k, v in batch.items()}  # one short set, unpadded (as infer/predict run)
+            _maxdiff(f"{config} forward unpadded", ours(one, padded=False), up(one, padded=False))
+            pred = got.reshape(-1, s, got.shape[-1])
+            target = batch["pert_cell_emb"].reshape_as(pred)
+            main = energy(pred, target).nanmean()
+            _maxdiff(
+                f"{config} energy loss",
+                main,
+                up._compute_distribution_loss(want.reshape_as(pred), target).nanmean(),
+            )
+            total = main
+            if "pert_cell_counts" in batch:
+                genes = ours.decode(pred)
+                _maxdiff(f"{config} decoder", genes, up.gene_decoder(want.reshape_as(pred)))
+                total = main + 1.0 * energy(genes, batch["pert_cell_counts"].reshape_as(genes)).mean()
+            # upstream's own training loss on the batch: main + decoder_weight (1.0) x decoder loss
+            _maxdiff(f"{config} training loss", total, up.training_step(batch, 0))
+
+
+def test_predict_from_upstream_run_folder_matches_upstream(upstream_runs, screen, tmp_path):
+    """`tahoe-ft predict ckpt=<run folder> data_path=<screen>`: genes and perturbations from the folder, the
+    held-out groups from its split TOML; every predicted cell equals upstream's module on the same basal cells."""
+    import anndata as ad
+    import numpy as np
+
+    import tahoe_ft
+    from tahoe_ft.data import CellCatalog
+    from tahoe_ft.prediction import PRED_MAX, _prediction_order, decodes, draw_basal
+
+    for config in ("raw_all", "x_state_decoder"):
+        folder = upstream_runs[config]
+        out = tahoe_ft.predict(str(folder), data_path=str(screen), run_dir=tmp_path / config, device="cpu")
+        pred = ad.read_h5ad(out / "pred.h5ad")
+        ours = tahoe_ft.load_checkpoint(folder)
+        up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(
+            folder / "checkpoints" / "best.ckpt", weights_only=False
+        ).eval()
+        m = ours.run_folder.manifest(ours.hparams, data_paths=str(screen), decoded=decodes(ours))
+        assert list(pred.var_names) == ours.run_folder.gene_names
+        assert {e["pert"] for e in m.held_out if e["split"] == "test"} == {
+            "GENE00021",
+            "GENE00028",
+        }  # the TOML's
+        cat = CellCatalog.from_manifest(m)
+        cells = cat.groups("test")
+        rng = np.random.default_rng(0)  # predict's seed: the same draws in the same order
+        index = {p: i for i, p in enumerate(m.pert_names)}
+        want, s = [], int(ours.hparams["cell_set_len"])
+        for key in _prediction_order(cells):
+            basal = torch.from_numpy(
+                cat.read_input(draw_basal(rng, cat.controls(key.dataset, key.cell_type), cells[key].size))
+            )
+            for a in range(0, basal.shape[0], s):
+                b = basal[a : a + s]
+                batch = {
+                    "pert_emb": m.pert_matrix[index[key.pert]].expand(b.shape[0], -1),
+                    "ctrl_cell_emb": b,
+                }
+                with torch.no_grad():
+                    y = up.predict_step(batch, 0, padded=False)
+                y = y["pert_cell_counts_preds"] if decodes(ours) else y["preds"]
+                want.append(y.reshape(b.shape[0], -1))
+        want = torch.cat(want).clamp(0, PRED_MAX)
+        _maxdiff(f"{config} predict from folder", torch.from_numpy(np.asarray(pred.X[: want.shape[0]])), want)
+
+
+def test_predict_from_run_folder_without_split_toml_is_one_line(upstream_runs, screen, tmp_path):
+    import shutil
+
+    import tahoe_ft
+    from tahoe_ft.errors import UserError
+
+    folder = tmp_path / "run"
+    shutil.copytree(upstream_runs["raw_all"], folder)
+    cfg = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(
+        cfg.replace("toml_config_path:", "toml_config_path: /gone/split.toml #")
+    )
+    with pytest.raises(UserError, match=r"toml_config_path /gone/split.toml is not readable.*split_toml="):
+        tahoe_ft.predict(str(folder), data_path=str(screen), run_dir=tmp_path / "p", device="cpu")
+
+
+# -- fine-tuning from an upstream folder whose perturbations differ --------------------------------------
+
+
+def _initial_weights():
+    """A Lightning callback that keeps the child's weights when fit starts (= right after init_from)."""
+    import lightning as L
+
+    class InitialWeights(L.Callback):
+        state: dict = {}
+
+        def on_fit_start(self, trainer, pl_module):
+            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+    return InitialWeights()
+
+
+@pytest.fixture(scope="module")
+def finetuned(upstream_runs, tmp_path_factory):
+    """0905 from the raw_all folder on a screen with other genes (50) and other perturbations (10, one-hot)."""
+    import tahoe_ft
+    from conftest_train import train_args
+
+    root = tmp_path_factory.mktemp("finetune")
+    snap = _initial_weights()
+    args = train_args(
+        root, "0905", f"pretrained={upstream_runs['raw_all']}", "data.demo.n_perts=10", "data.demo.n_genes=50",
+        "data.pert_features=null",
+    )  # fmt: skip
+    run_dir = tahoe_ft.train(tahoe_ft.compose("train", args), callbacks=[snap])
+    return run_dir, snap.state
+
+
+def test_finetune_from_upstream_folder_maps_perturbations_by_name(upstream_runs, finetuned):
+    """init_from an upstream folder: shared perturbations keep their pert_encoder column, the others are fresh;
+    the init report lists exactly the tensors that were re-initialised (checked against the weights at fit
+    start), names the checkpoint it chose, and the run trains."""
+    import json
+
+    from conftest_train import column, metrics
+    from tahoe_ft.checkpoint import PERT_LAYER, read_weights
+    from tahoe_ft.upstream_folder import RunFolder
+
+    folder = upstream_runs["raw_all"]
+    run_dir, initial = finetuned
+    report = json.loads((run_dir / "init_report.json").read_text())
+    assert report["checkpoint"] == str(folder / "checkpoints" / "best.ckpt")
+    parent_state = read_weights(folder)[0]
+    parent_perts = RunFolder.open(folder).pert_names
+    child = torch.load(run_dir / "checkpoints" / "best-val.pt", weights_only=True)
+    child_perts = child["manifest"]["pert_names"]
+    shared = [p for p in child_perts if p in parent_perts]
+    new = [p for p in child_perts if p not in parent_perts]
+    assert shared and new and "non-targeting" in shared
+    assert report["pert_columns"] == {
+        "mapped": shared,
+        "new": new,
+        "parent_only": [p for p in parent_perts if p not in child_perts],
+    }
+    assert report["partially_loaded"] == [
+        {"name": PERT_LAYER, "mapped_columns": len(shared), "new_columns": len(new)}
+    ]
+    w, pw = initial[PERT_LAYER], parent_state[PERT_LAYER]
+    for j, p in enumerate(child_perts):
+        same = [torch.equal(w[:, j], pw[:, i]) for i in range(pw.shape[1])]
+        assert same[parent_perts.index(p)] if p in parent_perts else not any(same), p
+
+    def equal(k):
+        return (
+            k in parent_state
+            and parent_state[k].shape == initial[k].shape
+            and torch.equal(parent_state[k], initial[k])
+        )
+
+    fresh = {k for k in initial if k != PERT_LAYER and not equal(k)}
+    assert set(report["reinitialised"]) == fresh
+    assert set(report["loaded"]) == {k for k in initial if k != PERT_LAYER and equal(k)}
+    assert "basal_encoder.0.weight" in fresh and not any(k.startswith("transformer_backbone.") for k in fresh)
+    assert len(column(metrics(run_dir), "train/loss")) >= 3  # it trains
+
+
+# -- export: tahoe-ft checkpoint -> upstream run folder -> arc-state -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def se600m_child(upstream_root):
+    """A tahoe-ft SE600M-encoder round (X_state in, gene decoder, batch encoder, linear basal encoder)."""
+    from conftest_train import train
+
+    return train(
+        upstream_root / "se600m", "0826", "pretrained=null", "model.batch_encoder=true", "data.batch_col=batch",
+        "model.use_basal_projection=false",
+    )  # fmt: skip
+
+
+def _random_batch(model, n_sets: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s, p, d = int(model.hparams["cell_set_len"]), model.pert_dim, model.input_dim
+    pert = torch.zeros(n_sets * s, p)
+    pert[torch.arange(n_sets * s), torch.randint(0, p, (n_sets,), generator=g).repeat_interleave(s)] = 1.0
+    out = {"pert_emb": pert, "ctrl_cell_emb": torch.rand(n_sets * s, d, generator=g) * 3}
+    if model.batch_encoder is not None:
+        out["batch"] = torch.randint(0, model.batch_dim, (n_sets * s,), generator=g)
+    return out
+
+
+def test_export_state_round_trips_through_upstream(finetuned, se600m_child, tmp_path):
+    """`tahoe-ft export-state` writes a run folder that arc-state loads (weights_only=True: plain values) and
+    that computes our model's function; tahoe-ft reads it back to the same weights."""
+    import pickle
+
+    import yaml
+
+    import tahoe_ft
+    from tahoe_ft import cli
+
+    for name, run_dir in (("raw", finetuned[0]), ("se600m", se600m_child)):
+        best = run_dir / "checkpoints" / "best-val.pt"
+        out = tmp_path / name
+        cli.main(["export-state", f"ckpt={best}", f"out={out}"])
+        ours = tahoe_ft.load_checkpoint(best)
+        up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(
+            out / "checkpoints" / "final.ckpt", weights_only=True
+        ).eval()
+        assert up.transformer_backbone.embed_tokens.weight.abs().sum() == 0
+        for seed in (0, 1):
+            batch = _random_batch(ours, seed=seed)
+            with torch.no_grad():
+                got, want = ours(batch), up(batch)
+                _maxdiff(f"export {name} forward", got, want)
+                if ours.gene_decoder is not None:
+                    _maxdiff(f"export {name} decoder", ours.decode(got), up.gene_decoder(want))
+        back = tahoe_ft.load_checkpoint(out)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+        var_dims = pickle.loads((out / "var_dims.pkl").read_bytes())
+        assert {type(var_dims[k]) for k in ("input_dim", "output_dim", "pert_dim")} == {int}
+        assert var_dims["gene_names"] == ours.manifest["gene_names"]
+        kw = yaml.safe_load((out / "config.yaml").read_text())["data"]["kwargs"]
+        assert (
+            kw["pert_col"] == ours.manifest["pert_col"]
+            and kw["control_pert"] == ours.manifest["control_pert"]
+        )
+    if ours.batch_encoder is not None:
+        assert (out / "batch_onehot_map.torch").is_file()
+
+
+def test_export_state_never_overwrites(finetuned, tmp_path, upstream_runs):
+    from tahoe_ft.errors import UserError
+    from tahoe_ft.upstream_folder import export_state
+
+    best = finetuned[0] / "checkpoints" / "best-val.pt"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists.*never overwrites"):
+        export_state(best, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="tahoe-ft checkpoint"):
+        export_state(upstream_runs["raw_all"] / "checkpoints" / "best.ckpt", tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))
+
+
+def _infer_draws(adata, control: str, cell_type_col: str, pert_col: str, seed: int, s: int):
+    """The windows and basal rows `state tx infer` (0.11.1, _infer.py) uses: cell types in sorted order, then
+    perturbations in sorted order, windows of `s` cells in row order, basal cells drawn with replacement from
+    the cell type's controls by one RandomState(seed)."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    pert = adata.obs[pert_col].astype(str).values
+    group = adata.obs[cell_type_col].astype(str).values
+    ctl = pert == control
+    for g in np.unique(group):
+        idx = np.flatnonzero(group == g)
+        pool = np.flatnonzero((group == g) & ctl)
+        pool = pool if len(pool) else np.flatnonzero(ctl)
+        for p in np.unique(pert[idx]):
+            rows = idx[pert[idx] == p]
+            for a in range(0, len(rows), s):
+                window = rows[a : a + s]
+                yield p, window, rng.choice(pool, size=len(window), replace=True)
+
+
+def test_state_tx_infer_on_exported_folder_matches_tahoe_ft_predict(finetuned, tmp_path):
+    """`state tx infer --model-dir <exported>` and tahoe-ft's prediction agree on the same cells and basal
+    draws to 1e-5; `tahoe-ft predict` on the exported folder equals it on the original checkpoint."""
+    import subprocess
+
+    import anndata as ad
+    import numpy as np
+
+    import tahoe_ft
+    from tahoe_ft.prediction import PRED_MAX, predict_sets
+    from tahoe_ft.upstream_folder import export_state
+    from upstream_run import state_cli
+
+    run_dir = finetuned[0]
+    best = run_dir / "checkpoints" / "best-val.pt"
+    folder = export_state(best, tmp_path / "exported")
+    ours = tahoe_ft.load_checkpoint(best)
+    m = ours.manifest
+
+    # tahoe-ft predict: the exported folder (split from its split.toml) == the original checkpoint
+    a = ad.read_h5ad(tahoe_ft.predict(str(best), run_dir=tmp_path / "a", device="cpu") / "pred.h5ad")
+    b = ad.read_h5ad(tahoe_ft.predict(str(folder), run_dir=tmp_path / "b", device="cpu") / "pred.h5ad")
+    assert a.obs.equals(b.obs) and list(a.var_names) == list(b.var_names)
+    _maxdiff("predict exported folder vs tahoe-ft checkpoint", torch.from_numpy(b.X), torch.from_numpy(a.X))
+
+    # state tx infer on the held-out test cells and the controls of the screen
+    screen = ad.read_h5ad(m["data_paths"][0])
+    test_perts = {e["pert"] for e in m["held_out"] if e["split"] == "test"}
+    keep = screen.obs[m["pert_col"]].astype(str).isin(test_perts | {m["control_pert"]}).values
+    cells = screen[keep].copy()
+    cells.X = _dense(cells.X)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    cmd = [
+        str(state_cli()), "tx", "infer", "--model-dir", str(folder), "--adata", str(tmp_path / "cells.h5ad"),
+        "--pert-col", m["pert_col"], "--seed", "7", "--output", str(tmp_path / "inferred.h5ad"), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inferred = _dense(ad.read_h5ad(tmp_path / "inferred.h5ad").X)
+
+    index = {p: i for i, p in enumerate(m["pert_names"])}
+    s = int(ours.hparams["cell_set_len"])
+    got = np.full_like(inferred, np.nan)
+    n_test = 0
+    for p, window, basal in _infer_draws(cells, m["control_pert"], m["cell_type_col"], m["pert_col"], 7, s):
+        y = predict_sets(ours, m["pert_matrix"][index[p]], cells.X[basal], torch.device("cpu"))
+        got[window] = np.clip(y, 0.0, PRED_MAX)
+        n_test += len(window) if p != m["control_pert"] else 0
+    assert n_test == int((cells.obs[m["pert_col"]].astype(str) != m["control_pert"]).sum()) > 0
+    _maxdiff(
+        "state tx infer vs tahoe-ft on the same draws", torch.from_numpy(got), torch.from_numpy(inferred)
+    )
+
+
+# -- crafted run-folder files: refused, and nothing they would do happens --------------------------------
+
+
+class _Evil:
+    """Unpickling this calls open(marker, "w"): creating the marker file is the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _folder_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("last.ckpt", "final.ckpt", "version_0"))
+    return dst
+
+
+@pytest.mark.parametrize("crafted", ["var_dims.pkl", "pert_onehot_map.pt", "checkpoints/best.ckpt"])
+def test_crafted_run_folder_file_is_refused_and_runs_nothing(upstream_runs, tmp_path, crafted):
+    import pickle
+
+    import tahoe_ft
+    from tahoe_ft.errors import UserError
+
+    folder = _folder_copy(upstream_runs["raw_all"], tmp_path / "run")
+    marker = tmp_path / "pwned"
+    evil = _Evil(marker)
+    if crafted == "var_dims.pkl":
+        (folder / crafted).write_bytes(pickle.dumps({"pert_dim": 9, "gene_names": evil}))
+    elif crafted == "pert_onehot_map.pt":
+        torch.save({"non-targeting": torch.ones(1), "x": evil}, folder / crafted)
+    else:
+        torch.save(
+            {"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"pert_dim": evil}}, folder / crafted
+        )
+    for load in (tahoe_ft.load_checkpoint, lambda p: tahoe_ft.predict(str(p), run_dir=tmp_path / "p")):
+        with pytest.raises(UserError, match="refused") as err:
+            load(folder)
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [("os", "system"), ("posix", "system"), ("builtins", "open"), ("builtins", "eval"), ("builtins", "exec"),
+     ("builtins", "getattr"), ("builtins", "__import__"), ("subprocess", "Popen"), ("numpy", "load"),
+     ("numpy.testing._private.utils", "runstring"), ("torch", "load"), ("pickle", "loads")],
+)  # fmt: skip
+def test_safe_unpickler_refuses_callables(tmp_path, target):
+    """A pickle that names any callable global is refused before the call (hand-written GLOBAL + REDUCE)."""
+    import pickle
+
+    from tahoe_ft.errors import UserError
+    from tahoe_ft.upstream_folder import read_pickle
+
+    module, name = target
+    marker = tmp_path / "pwned"
+    payload = (
+        b"c" + f"{module}\n{name}\n".encode() + b"(" + pickle.dumps(str(marker), protocol=0)[:-1] + b"tR."
+    )
+    (tmp_path / "v.pkl").write_bytes(payload)
+    with pytest.raises(UserError, match=f"needs {module}.{name} to unpickle, which is refused"):
+        read_pickle(tmp_path / "v.pkl")
+    assert not marker.exists()
+
+
+def test_safe_unpickler_reads_plain_data_and_refuses_object_arrays(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from tahoe_ft.errors import UserError
+    from tahoe_ft.upstream_folder import read_pickle
+
+    good = {
+        "input_dim": np.int64(60), "x": np.float32(0.5), "flag": np.bool_(True), "name": np.str_("GENE1"),
+        "arr": np.arange(6, dtype=">i4").reshape(2, 3), "f": np.asfortranarray(np.ones((2, 2))), "l": [1, "a", None],
+    }  # fmt: skip
+    for protocol in (2, 4, 5):
+        (tmp_path / "g.pkl").write_bytes(pickle.dumps(good, protocol=protocol))
+        got = read_pickle(tmp_path / "g.pkl")
+        assert got["input_dim"] == 60 and type(got["input_dim"]) is int and got["name"] == "GENE1"
+        assert np.array_equal(got["arr"], good["arr"]) and np.array_equal(got["f"], good["f"])
+        assert got["l"] == [1, "a", None] and got["flag"] is True
+    for bad in (
+        np.array([1, "a"], dtype=object),
+        np.zeros(2, dtype=[("a", "O")]),
+        np.zeros(2, dtype=[("a", "i4")]),
+    ):
+        (tmp_path / "b.pkl").write_bytes(pickle.dumps({"x": bad}))
+        with pytest.raises(UserError, match="refused"):
+            read_pickle(tmp_path / "b.pkl")
+    # a string dtype whose pickled state adds fields and flags (numpy's own unpickling applies them)
+    (tmp_path / "d.pkl").write_bytes(pickle.dumps({"x": _CraftedDtype()}))
+    with pytest.raises(UserError, match="numpy dtype with fields"):
+        read_pickle(tmp_path / "d.pkl")
+
+
+class _CraftedDtype:
+    def __reduce__(self):
+        import numpy as np
+
+        return (np.dtype, ("U2", False, True), (3, "<", None, ("a",), {"a": (np.dtype("i4"), 0)}, 8, 4, 0x3F))
+
+
+def test_safe_unpickler_build_cannot_change_shared_objects(tmp_path):
+    """BUILD with a slot state setattr()s on what GLOBAL returned: it only reaches a throwaway copy."""
+    from tahoe_ft import upstream_folder as uf
+    from tahoe_ft.errors import UserError
+
+    before = (uf._Dtype.__setstate__, uf._scalar.__defaults__)
+    payload = (
+        b"\x80\x02cnumpy\ndtype\nN}U\x0c__setstate__U\x01xs\x86b0"  # setattr(dtype class, "__setstate__", "x")
+        b"cnumpy._core.multiarray\nscalar\nN}U\x0c__defaults__K\x01\x85s\x86b0"  # scalar.__defaults__ = (1,)
+        b"}."
+    )
+    (tmp_path / "v.pkl").write_bytes(payload)
+    # BUILD on a class calls its own __setstate__ unbound: an error, and nothing shared changed
+    with pytest.raises(UserError, match="not a pickle"):
+        uf.read_pickle(tmp_path / "v.pkl")
+    (tmp_path / "w.pkl").write_bytes(payload[payload.index(b"cnumpy._core") :])
+    assert uf.read_pickle(tmp_path / "w.pkl") == {}
+    assert (uf._Dtype.__setstate__, uf._scalar.__defaults__) == before

@@ -31,6 +31,7 @@ __all__ = [
     "compose",
     "evaluate",
     "export",
+    "export_state",
     "load_checkpoint",
     "predict",
     "reproduce",
@@ -60,6 +61,7 @@ def predict(
     runs_dir: str | os.PathLike = "runs",
     split: str = "test",
     data_path: Any = None,
+    split_toml: str | os.PathLike | None = None,
     max_controls: int = 2000,
     seed: int = 0,
     device: str = "auto",
@@ -67,7 +69,9 @@ def predict(
     """Predict the held-out perturbations with a checkpoint; returns the run directory that holds pred.h5ad.
 
     `ckpt`: a path, `run:EXP/FILE`, or a bare file name looked up in `run_dir/checkpoints/` (default run: the
-    newest training run, of `exp` if given).
+    newest training run, of `exp` if given); or an upstream `state tx train` run folder (with `data_path=` and,
+    if its config's split TOML is not readable here, `split_toml=`; the predictions go into the folder unless
+    `run_dir=` says otherwise).
     """
     from tahoe_ft.prediction import predict as _predict
     from tahoe_ft.prediction import resolve_checkpoint
@@ -80,6 +84,7 @@ def predict(
         out_dir=out_dir,
         split=split,
         data_path=data_path,
+        split_toml=split_toml,
         max_controls=max_controls,
         seed=seed,
         device=device,
@@ -259,3 +264,25 @@ def export(
         pert_col=info.get("pert_col", "target_gene"),
         control_pert=info.get("control_pert", "non-targeting"),
     )
+
+
+def export_state(
+    ckpt: str | os.PathLike = "best-val.pt",
+    *,
+    out: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    exp: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+) -> Path:
+    """Write a tahoe-ft checkpoint as an upstream `state tx train` run folder (config.yaml, var_dims.pkl,
+    pert_onehot_map.pt, checkpoints/final.ckpt) that arc-state's `load_from_checkpoint` and `state tx infer`
+    read; returns the folder. `ckpt` is found as by `predict`; `out` (default `<run_dir>/state-export`) must
+    not exist.
+    """
+    from tahoe_ft.prediction import resolve_checkpoint
+    from tahoe_ft.upstream_folder import export_state as _export_state
+
+    path, run = resolve_checkpoint(
+        str(ckpt), run_dir=str(run_dir) if run_dir else None, exp=exp, runs_dir=str(runs_dir)
+    )
+    return _export_state(path, Path(out) if out else Path(run) / "state-export")

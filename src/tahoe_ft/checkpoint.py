@@ -4,6 +4,9 @@
   `torch.load(weights_only=True)`; the architecture is rebuilt from their `hparams`, never from defaults.
 - `last.ckpt`: Lightning's full training state, used only by `resume=true`. `init_from` may also read
   the weights out of one (the `model.` prefix is stripped), never its optimizer or schedule.
+- Upstream `state tx train` checkpoints, alone or as their run folder (`tahoe_ft.upstream_folder`): the folder's
+  checkpoint (best, else final, else the newest) and its perturbation vocabulary, so `init_from` maps the
+  perturbation encoder's one-hot columns by name.
 - Every file is written to a temp name in the same folder, flushed and renamed: a kill during a save
   never leaves a broken file under a final name.
 """
@@ -136,7 +139,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, DictConfig | ListConfig):
         return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {_plain(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return type(obj)(_plain(v) for v in obj)
     return obj
@@ -180,8 +183,24 @@ def safe_load(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+RUN_FOLDER = "run_folder"  # read_weights' third value: the upstream RunFolder a checkpoint came from
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
-    """(state_dict with upstream names, model hparams or None, the whole file) of any supported checkpoint."""
+    """(state_dict with upstream names, model hparams or None, the whole file) of any supported checkpoint.
+
+    `path` may also be an upstream run folder (its checkpoint is chosen by `pick_checkpoint`); for it, or for
+    a `.ckpt` inside one's `checkpoints/`, the file dict carries the `RunFolder` under `RUN_FOLDER`.
+    """
+    from tahoe_ft.upstream_folder import RunFolder
+
+    path = Path(path)
+    if path.is_dir():
+        folder: RunFolder | None = RunFolder.open(path)
+        path = folder.checkpoint
+        log.info("upstream run folder %s: using %s", folder.path, path)
+    else:
+        folder = RunFolder.of_checkpoint(path) if path.suffix == ".ckpt" else None
     obj = safe_load(path)
     if obj.get("format") == FORMAT:
         state, hparams = obj["state_dict"], obj["hparams"]
@@ -204,15 +223,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise UserError(
             f"checkpoint {path} has non-tensor weights (e.g. {bad[0]}); it is not a model checkpoint"
         )
+    if folder is not None:
+        obj = {**obj, RUN_FOLDER: folder}
     return state, hparams, obj
 
 
-def load_checkpoint(path: str | Path) -> StateTransitionModel:
-    """Load a tahoe-ft checkpoint as a model in eval mode, with `.manifest` attached.
-
-    The architecture comes from the file's `hparams`; the weights must match it exactly.
-    """
-    state, hparams, obj = read_weights(path)
+def model_from_weights(
+    state: dict[str, torch.Tensor], hparams: dict[str, Any] | None, path: str | Path
+) -> StateTransitionModel:
+    """The model of `hparams` with exactly `state` (upstream's dropped keys aside), in eval mode."""
     if hparams is None:
         raise UserError(
             f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from"
@@ -225,24 +244,107 @@ def load_checkpoint(path: str | Path) -> StateTransitionModel:
         raise UserError(
             f"checkpoint {path} does not match its own hparams: {str(exc).splitlines()[0]}"
         ) from None
-    model.eval()
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path) -> StateTransitionModel:
+    """Load a tahoe-ft or upstream checkpoint (or an upstream run folder) as a model in eval mode.
+
+    The architecture comes from the file's `hparams`; the weights must match it exactly. Attached:
+    `.manifest` (tahoe-ft checkpoints), `.run_folder` (upstream folders), `.checkpoint_path` (the file read).
+    """
+    state, hparams, obj = read_weights(path)
+    model = model_from_weights(state, hparams, path)
     model.manifest = obj.get("manifest") or (obj.get("hyper_parameters") or {}).get("manifest")
     model.checkpoint_info = {k: obj.get(k) for k in ("step", "val_loss", "experiment")}
+    model.run_folder = obj.get(RUN_FOLDER)
+    model.checkpoint_path = model.run_folder.checkpoint if Path(path).is_dir() else Path(path)
     return model
 
 
+PERT_LAYER = "pert_encoder.0.weight"  # [H, P]: one column per one-hot perturbation
+
+
+def pert_vocabulary(source: dict[str, Any] | None) -> list[str] | None:
+    """Perturbation names in one-hot column order of a checkpoint dict (its upstream run folder, or a tahoe-ft
+    manifest) or of a manifest dict; None when unknown or when the features are not one-hot."""
+    if not source:
+        return None
+    folder = source.get(RUN_FOLDER)
+    if folder is not None:
+        return list(folder.pert_names) if folder.onehot else None
+    man = source if "pert_names" in source else source.get("manifest")
+    man = man or (source.get("hyper_parameters") or {}).get("manifest")
+    if not man or (man.get("pert_features") or {}).get("source") != "onehot":
+        return None
+    names = [str(p) for p in man["pert_names"]]
+    mat = torch.as_tensor(man["pert_matrix"], dtype=torch.float32)
+    return (
+        names if mat.shape == (len(names), len(names)) and torch.equal(mat, torch.eye(len(names))) else None
+    )
+
+
+def _map_pert_columns(
+    own: torch.Tensor, theirs: torch.Tensor, child: list[str], parent: list[str]
+) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """`own` [H, P_child] with the columns of perturbations the parent knows copied from `theirs` [H, P_parent]."""
+    index = {p: i for i, p in enumerate(parent)}
+    out = own.detach().clone()
+    for j, name in enumerate(child):
+        if name in index:
+            out[:, j] = theirs[:, index[name]]
+    known = set(child)
+    return out, {
+        "mapped": [p for p in child if p in index],
+        "new": [p for p in child if p not in index],
+        "parent_only": [p for p in parent if p not in known],
+    }
+
+
 def init_from_weights(
-    model: StateTransitionModel, state: dict[str, torch.Tensor], source: str
+    model: StateTransitionModel,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    parent: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load matching tensors into `model` (weights only) and return the init report.
 
     Tensors whose name and shape match are loaded; shape mismatches are skipped (both shapes reported) and keep
     their fresh initialisation, as do tensors missing from the checkpoint; unexpected ones are listed. The
     transformer backbone must load completely: a backbone that does not fit cannot be re-initialised usefully.
+
+    Perturbation columns: when the parent's one-hot vocabulary is known (`parent`, the checkpoint dict of
+    `read_weights`: an upstream run folder or a tahoe-ft manifest) and the child's features are one-hot too
+    (`manifest`, the child's data manifest), `pert_encoder.0.weight` is mapped by name: the columns of shared
+    perturbations are copied, the others keep their fresh initialisation (report: `pert_columns`,
+    `partially_loaded`), whether or not the widths differ.
     """
     own = model.state_dict()
-    loaded, skipped, unexpected, dropped = [], [], [], []
+    loaded, skipped, unexpected, dropped, partial = [], [], [], [], []
     to_load = {}
+    parent_vocab, child_vocab = pert_vocabulary(parent), pert_vocabulary(manifest)
+    columns = None
+    if (
+        parent_vocab is not None
+        and child_vocab is not None
+        and PERT_LAYER in state
+        and PERT_LAYER in own
+        and tuple(state[PERT_LAYER].shape) == (own[PERT_LAYER].shape[0], len(parent_vocab))
+        and own[PERT_LAYER].shape[1] == len(child_vocab)
+    ):
+        parent_shape = list(state[PERT_LAYER].shape)
+        weight, columns = _map_pert_columns(own[PERT_LAYER], state[PERT_LAYER], child_vocab, parent_vocab)
+        state = {**state, PERT_LAYER: weight}  # now the child's shape: loads below
+        if columns["new"] and columns["mapped"]:
+            partial.append(
+                {
+                    "name": PERT_LAYER,
+                    "mapped_columns": len(columns["mapped"]),
+                    "new_columns": len(columns["new"]),
+                }
+            )
     for k, v in state.items():
         if k in DROPPED_UPSTREAM_KEYS:
             dropped.append(k)
@@ -250,9 +352,12 @@ def init_from_weights(
             unexpected.append(k)
         elif tuple(v.shape) != tuple(own[k].shape):
             skipped.append({"name": k, "checkpoint_shape": list(v.shape), "model_shape": list(own[k].shape)})
+        elif columns is not None and k == PERT_LAYER and not columns["mapped"]:  # no shared perturbation
+            skipped.append({"name": k, "checkpoint_shape": parent_shape, "model_shape": list(own[k].shape)})
         else:
             to_load[k] = v
-            loaded.append(k)
+            if not (partial and k == PERT_LAYER):
+                loaded.append(k)
     missing = [k for k in own if k not in state]
     bad_backbone = [s["name"] for s in skipped if module_of(s["name"]) == "transformer_backbone"]
     bad_backbone += [k for k in missing if module_of(k) == "transformer_backbone"]
@@ -267,22 +372,28 @@ def init_from_weights(
     by_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for k in loaded:
         by_module[module_of(k)]["loaded"] += 1
+    for p in partial:
+        by_module[module_of(p["name"])]["partially_loaded"] += 1
     for s in skipped:
         by_module[module_of(s["name"])]["skipped_shape"] += 1
     for k in missing:
         by_module[module_of(k)]["missing"] += 1
     for k in unexpected:
         by_module[module_of(k)]["unexpected"] += 1
-    reinit_modules = sorted({module_of(k) for k in reinit})
+    reinit_modules = sorted({module_of(k) for k in reinit} | {module_of(p["name"]) for p in partial})
+    folder = (parent or {}).get(RUN_FOLDER)
     return {
         "source": source,
+        "checkpoint": str(folder.checkpoint) if folder is not None else source,
         "loaded": loaded,
+        "partially_loaded": partial,
         "skipped_shape": skipped,
         "missing": missing,
         "unexpected": unexpected,
         "dropped": dropped,
         "reinitialised": reinit,
         "reinitialised_modules": reinit_modules,
+        "pert_columns": columns,
         "by_module": {m: dict(c) for m, c in sorted(by_module.items())},
     }
 
@@ -290,11 +401,19 @@ def init_from_weights(
 def format_report(report: dict[str, Any]) -> str:
     """A few human lines for the console."""
     lines = [f"init_from {report['source']}: {len(report['loaded'])} tensors loaded"]
+    if report.get("checkpoint") not in (None, report["source"]):
+        lines[0] += f" (checkpoint {report['checkpoint']})"
     for m, c in report["by_module"].items():
         lines.append("  " + m + ": " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     for s in report["skipped_shape"]:
         lines.append(
             f"  re-initialised {s['name']}: checkpoint {s['checkpoint_shape']} vs model {s['model_shape']}"
+        )
+    cols = report.get("pert_columns")
+    if cols is not None:
+        lines.append(
+            f"  {PERT_LAYER}: {len(cols['mapped'])} perturbation columns mapped by name, {len(cols['new'])} new "
+            f"(re-initialised: {', '.join(cols['new'][:8])}{' ...' if len(cols['new']) > 8 else ''})"
         )
     if report["unexpected"]:
         lines.append(f"  unexpected (not in this model, ignored): {len(report['unexpected'])} tensors")

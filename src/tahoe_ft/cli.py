@@ -4,7 +4,7 @@ Python API (`tahoe_ft.api`), print the result. Nothing else happens here.
     tahoe-ft train +experiment=0906 trainer.max_steps=200
     tahoe-ft train -m +experiment=0905 optim.lr=1e-4,3e-4     (a Hydra sweep)
     tahoe-ft predict ckpt=best-val.pt
-    tahoe-ft eval | compare | reproduce | export | check
+    tahoe-ft eval | compare | reproduce | export | export-state | check
 
 Bad input is reported as one line (`error: ...`) with exit status 2; set TAHOE_FT_DEBUG=1 (or
 HYDRA_FULL_ERROR=1) for the traceback.
@@ -22,7 +22,7 @@ from typing import Any
 
 from tahoe_ft.errors import UserError
 
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,check} [key=value ...]
+USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-state,check} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
   predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
@@ -30,6 +30,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,check} [
   compare    all evaluated runs:         tahoe-ft compare
   reproduce  the whole case study:       tahoe-ft reproduce
   export     a VCC submission (.vcc):    tahoe-ft export exp=0908
+  export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
 
 Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0908.
@@ -91,6 +92,12 @@ def _export(cfg, args: list[str]) -> None:
     _print({"submission": str(api.export(**dataclasses.asdict(cfg)))})
 
 
+def _export_state(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    _print({"run_folder": str(api.export_state(**dataclasses.asdict(cfg)))})
+
+
 def _check(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
@@ -104,6 +111,7 @@ COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
     "compare": _compare,
     "reproduce": _reproduce,
     "export": _export,
+    "export-state": _export_state,
     "check": _check,
 }
 

@@ -8,7 +8,9 @@ rounds predict through their gene decoder, so every round is scored in gene spac
 
 Everything comes from the checkpoint: the architecture from its hparams and the data settings (genes,
 perturbation features, held-out groups, columns, transform) from its manifest; only the cells are read, through
-`CellCatalog.from_manifest`, from the data file(s) recorded there (or `data_path=`).
+`CellCatalog.from_manifest`, from the data file(s) recorded there (or `data_path=`). An upstream `state tx train`
+run folder has no manifest: genes and perturbations come from its `var_dims.pkl` / `pert_onehot_map.pt`, columns
+from its `config.yaml`, the held-out groups from its split TOML (or `split_toml=`), the cells from `data_path=`.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ def resolve_checkpoint(
 ) -> tuple[Path, Path]:
     """(checkpoint path, run directory that receives the predictions).
 
-    `ckpt`: a path or `run:EXP/FILE` (used as is; run directory default: two levels above it), or a bare file
-    name looked up in `<run_dir>/checkpoints/` (default: the newest run of `exp` holding it, under `runs_dir`).
+    `ckpt`: a path or `run:EXP/FILE` (used as is; run directory default: two levels above it, or the folder
+    itself for an upstream run folder), or a bare file name looked up in `<run_dir>/checkpoints/` (default: the
+    newest run of `exp` holding it, under `runs_dir`).
     """
     ckpt = str(ckpt)
     if RUN_REF.match(ckpt) or "/" in ckpt or os.sep in ckpt:
         path = resolve_ref(ckpt, runs_dir)
-        return path, Path(run_dir) if run_dir else path.parent.parent
+        return path, Path(run_dir) if run_dir else path if path.is_dir() else path.parent.parent
     run = Path(run_dir) if run_dir else newest_training_run(runs_dir, exp, need=f"checkpoints/{ckpt}")
     path = run / "checkpoints" / ckpt
     if not path.is_file():
@@ -90,10 +93,20 @@ def predict_sets(model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch
         b = torch.from_numpy(basal[start : start + s]).to(device)[None]  # [1, s, D_in]
         p = pert_vec.to(device).expand(1, b.shape[1], -1)  # [1, s, P]
         y = model.forward_sets(p, b)  # [1, s, D_out]
-        if getattr(model, "gene_decoder", None) is not None:
+        if decodes(model):
             y = model.decode(y)  # [1, s, G]: embedding rounds are scored in gene space
         out.append(y[0].float().cpu().numpy())
     return np.concatenate(out, axis=0)
+
+
+def decodes(model) -> bool:
+    """Whether predictions go through the gene decoder: with embedding input, as `state tx infer` decides.
+    An HVG-mode upstream checkpoint (embed_key None, or X_hvg with output_space gene) carries a decoder that
+    was never trained (its batches have no counts), which must not be used."""
+    hp = model.hparams
+    key, space = hp.get("embed_key"), hp.get("output_space")
+    trained = key is not None and not (key == "X_hvg" and space == "gene")
+    return getattr(model, "gene_decoder", None) is not None and trained
 
 
 def draw_basal(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
@@ -115,6 +128,7 @@ def predict(
     out_dir: str | Path | None = None,
     split: str = "test",
     data_path: str | Path | Sequence[str | Path] | None = None,
+    split_toml: str | Path | None = None,
     max_controls: int = 2000,
     seed: int = 0,
     device: str = "auto",
@@ -124,14 +138,22 @@ def predict(
     Writes `pred.h5ad`, `real.h5ad` and `predict.json` into `out_dir` (default: the run directory, two levels
     above the checkpoint). Cells are read from the files in the checkpoint's manifest, or `data_path`.
     `max_controls` real control cells per (dataset, cell type) go into both files; `seed` fixes every draw.
+    `split_toml`: the held-out groups of an upstream run folder (default: its config's toml_config_path).
     """
     ckpt_path = Path(ckpt)
     run_dir = Path(out_dir) if out_dir is not None else ckpt_path.parent.parent
     model = load_checkpoint(ckpt_path)
     manifest = model.manifest
-    if not manifest:
-        raise UserError(f"{ckpt_path} has no data manifest; predict needs a tahoe-ft checkpoint")
-    m = Manifest.from_dict(manifest)
+    if not manifest and model.run_folder is not None:  # an upstream run folder: its vocabulary and split
+        m = model.run_folder.manifest(
+            model.hparams, data_paths=data_path, split_toml=split_toml, decoded=decodes(model)
+        )
+    elif not manifest:
+        raise UserError(
+            f"{ckpt_path} has no data manifest; predict needs a tahoe-ft checkpoint or an upstream run folder"
+        )
+    else:
+        m = Manifest.from_dict(manifest)
     dev = _device(device)
     model.to(dev)
     catalog = CellCatalog.from_manifest(m, data_paths=data_path)
@@ -189,7 +211,7 @@ def predict(
     write_json_atomic(
         run_dir / "predict.json",
         {
-            "checkpoint": str(ckpt_path.resolve()),
+            "checkpoint": str(Path(model.checkpoint_path).resolve()),
             "checkpoint_step": model.checkpoint_info.get("step"),
             "split": split,
             "n_groups": len(groups),

@@ -58,14 +58,16 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
     key = str(hp["transformer_backbone_key"]).lower()
     if key != "llama":
         raise UserError(
-            f"{source}: backbone '{hp['transformer_backbone_key']}' is not supported (only llama); GPT2 ST "
-            "checkpoints computed causal attention by accident under sdpa and cannot be reproduced faithfully"
+            f"{source}: backbone '{hp['transformer_backbone_key']}' is not supported (only llama): GPT2 ST "
+            "checkpoints computed causal attention by accident under sdpa and cannot be reproduced faithfully; "
+            "fine-tune a Llama ST checkpoint (state model=state), or run this one with upstream state"
         )
     kwargs = dict(hp["transformer_backbone_kwargs"])
     if kwargs.get("bidirectional_attention") is False:
         raise UserError(
-            f"{source}: trained with bidirectional_attention=false (causal attention with RoPE); tahoe-ft computes "
-            "the bidirectional, position-free ST only"
+            f"{source}: Llama backbone trained with bidirectional_attention=false (causal attention with RoPE); "
+            "tahoe-ft computes the bidirectional, position-free ST only: use a checkpoint trained with "
+            "transformer_backbone_kwargs.bidirectional_attention=true, or run this one with upstream state"
         )
     if "bidirectional_attention" not in kwargs:
         log.warning(
@@ -92,3 +94,66 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
     if out["decoder_cfg"] is None:
         out["gene_dim"] = None
     return out
+
+
+# our loss name -> upstream's (model.kwargs.loss, distributional_loss)
+_UPSTREAM_LOSS = {
+    "energy": ("energy", "energy"),
+    "sinkhorn": ("sinkhorn", "energy"),
+    "mse": ("mse", "energy"),
+}
+
+
+def upstream_hparams(hp: dict[str, Any], manifest: Any, config: dict[str, Any] | None) -> dict[str, Any]:
+    """`hyper_parameters` of an upstream checkpoint for tahoe-ft model hparams (the inverse of
+    `translate_hparams`): what `StateTransitionPerturbationModel(**hyper_parameters)` needs to rebuild the
+    same network, in plain python values. `config` (the run's resolved config) supplies the loss, optimiser
+    and loader settings upstream also records; absent, upstream's defaults are written."""
+    config = config or {}
+    loss_cfg = config.get("loss") or {}
+    loss, distributional = _UPSTREAM_LOSS.get(str(loss_cfg.get("name", "energy")), ("energy", "energy"))
+    kwargs = dict(hp["transformer_backbone_kwargs"])
+    kwargs["bidirectional_attention"] = True  # 0.11.x: without it upstream builds a causal Llama with RoPE
+    kwargs.setdefault("hidden_size", int(hp["hidden_dim"]))
+    kwargs.setdefault("max_position_embeddings", int(hp["cell_set_len"]))
+    kwargs.setdefault("use_cache", False)
+    decoder = hp.get("decoder_cfg")
+    return {
+        "input_dim": int(hp["input_dim"]),
+        "hidden_dim": int(hp["hidden_dim"]),
+        "output_dim": int(hp["output_dim"]),
+        "pert_dim": int(hp["pert_dim"]),
+        "batch_dim": hp.get("batch_dim"),
+        "gene_dim": decoder["gene_dim"] if decoder else None,
+        "hvg_dim": len(manifest.gene_names),
+        "dropout": float(hp["dropout"]),
+        "lr": float((config.get("optim") or {}).get("lr", 1e-4)),
+        "control_pert": manifest.control_pert,
+        "embed_key": hp.get("embed_key"),
+        "output_space": hp["output_space"],
+        "gene_names": [str(g) for g in manifest.gene_names],
+        "batch_size": int((config.get("data") or {}).get("batch_size", 16)),
+        "decoder_cfg": dict(decoder) if decoder else None,
+        # with no decoder upstream must not rebuild one from decoder_cfg in on_load_checkpoint
+        "gene_decoder_bool": decoder is not None,
+        "predict_residual": bool(hp["predict_residual"]),
+        "loss": loss,
+        "distributional_loss": distributional,
+        "blur": float(loss_cfg.get("blur", 0.05)),
+        "decoder_weight": float(loss_cfg.get("decoder_weight", 1.0)),
+        "transformer_backbone_key": "llama",
+        "transformer_backbone_kwargs": kwargs,
+        "n_encoder_layers": int(hp["n_encoder_layers"]),
+        "n_decoder_layers": int(hp["n_decoder_layers"]),
+        "activation": str(hp["activation"]),
+        "cell_set_len": int(hp["cell_set_len"]),
+        "use_basal_projection": bool(hp["use_basal_projection"]),
+        "batch_encoder": bool(hp["batch_encoder"]),
+        "basal_mapping_strategy": str((config.get("data") or {}).get("basal_mapping", "random")),
+        "confidence_token": False,
+        "use_batch_token": False,
+        "batch_predictor": False,
+        "mask_attn": False,
+        "freeze_pert_backbone": False,
+        "init_from": None,
+    }

@@ -1,0 +1,735 @@
+"""Upstream `state tx train` run folders, read (`pretrained=`, `init_from=`, `predict`, `load_checkpoint`) and
+written (`tahoe-ft export-state`).
+
+A run folder is what `state tx train` leaves in `<output_dir>/<name>/`:
+
+    config.yaml          the resolved Hydra config (data.kwargs: columns, control label, embed_key, split TOML)
+    var_dims.pkl         a pickled dict: input/output/pert/batch dims, gene_names, pert_names
+    pert_onehot_map.pt   a torch file: {perturbation name: one-hot (or feature) vector}
+    checkpoints/*.ckpt   Lightning checkpoints of StateTransitionPerturbationModel (best, last, final)
+
+Reading never runs code from the folder. `var_dims.pkl` and `pert_onehot_map.pt` are unpickled by
+`SafeUnpickler`, which rebuilds only dicts, lists, tuples, strings, numbers and numeric/string numpy values
+(their dtype from its type code alone, the values from raw bytes) and, in a torch file, tensors; anything
+else a pickle names (`os.system`, `builtins.open`, `eval`, ...) is refused with one line. `config.yaml` is read
+with `yaml.safe_load`; the checkpoint with `tahoe_ft.checkpoint.safe_load` (`weights_only=True`).
+
+Writing (`export_state`) turns a tahoe-ft checkpoint into such a folder, which arc-state's
+`StateTransitionPerturbationModel.load_from_checkpoint` and `state tx infer --model-dir` accept: plain python
+values only (no numpy scalars, no OmegaConf), upstream parameter names, and the zeroed `embed_tokens` table
+that upstream's Llama backbone creates (its strict load needs it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import shutil
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tahoe_ft.errors import UserError
+from tahoe_ft.fileio import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FOLDER_FILES = ("config.yaml", "var_dims.pkl", "pert_onehot_map.pt")
+# which checkpoint of a folder is used, in order; otherwise the newest *.ckpt
+CHECKPOINT_PREFERENCE = ("best.ckpt", "final.ckpt")
+EXPORT_CHECKPOINT = "final.ckpt"  # what `state tx infer` reads when no --checkpoint is given
+# transformers' LlamaConfig.vocab_size: the rows of upstream's unused, zeroed embed_tokens table
+LLAMA_VOCAB_DEFAULT = 32000
+
+
+# -----------------------------------------------------------------------------------------------------
+# the restricted unpickler
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle needs something that is not plain data."""
+
+
+# numpy kinds rebuilt from raw bytes: bool, signed/unsigned int, float, complex, unicode and byte strings
+_NUMPY_KINDS = "biufcUS"
+_MAX_DEPTH = 64
+
+
+class _Dtype:
+    """Stands in for `numpy.dtype(code, align, copy)` + its pickled state; only the type code and byte order
+    are used, so a crafted state cannot add fields, object members or flags."""
+
+    def __init__(self, code: Any = None, align: Any = False, copy: Any = True):
+        if not isinstance(code, str):
+            raise RefusedPickle(f"numpy dtype from {type(code).__name__}")
+        try:
+            dt = np.dtype(code)
+        except TypeError:
+            raise RefusedPickle(f"numpy dtype {code!r}") from None
+        if dt.kind not in _NUMPY_KINDS or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+            raise RefusedPickle(f"numpy dtype {code!r} (only numbers and strings)")
+        self.dtype = dt
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not isinstance(state, tuple) or len(state) < 5:
+            raise RefusedPickle("numpy dtype state")
+        order, extra = state[1], state[2:5]
+        if order not in ("<", ">", "|", "=") or any(x is not None for x in extra):
+            raise RefusedPickle("numpy dtype with fields or sub-arrays")
+        if len(state) > 5 and state[5] not in (-1, self.dtype.itemsize):
+            raise RefusedPickle("numpy dtype with a foreign item size")
+        if order in "<>" and self.dtype.byteorder not in ("|",):
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _NdarrayClass:
+    """Stands in for the `numpy.ndarray` class (only as `_reconstruct`'s first argument)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise RefusedPickle("numpy.ndarray called directly")
+
+
+class _Array:
+    """Stands in for `numpy._core.multiarray._reconstruct(ndarray, shape, typecode)` + its state; the array is
+    rebuilt from its raw bytes by `_materialize`."""
+
+    def __init__(self, cls: Any = None, shape: Any = None, typecode: Any = None):
+        if not (isinstance(cls, type) and issubclass(cls, _NdarrayClass)):
+            raise RefusedPickle("numpy array of a subclass")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, shape, dtype, is_fortran, rawdata)
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise RefusedPickle("numpy array state")
+        _, shape, dtype, fortran, raw = state
+        self.array = _array_from_bytes(raw, dtype, shape, "F" if fortran else "C")
+
+
+def _array_from_bytes(raw: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    if isinstance(dtype, _Dtype):
+        dtype = dtype.dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
+        raise RefusedPickle("numpy array of objects")
+    if not isinstance(raw, bytes | bytearray):
+        raise RefusedPickle("numpy array whose data is not raw bytes")
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise RefusedPickle("numpy array shape")
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        raise RefusedPickle("numpy array whose data does not fit its shape")
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _scalar(dtype: Any, data: Any) -> Any:
+    """`numpy._core.multiarray.scalar(dtype, raw bytes)` -> the python number or string."""
+    if not isinstance(dtype, _Dtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise RefusedPickle("numpy scalar")
+    return np.frombuffer(data, dtype=dtype.dtype)[0].item()
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
+    """`numpy._core.numeric._frombuffer` (pickle protocol 5 arrays)."""
+    if order not in ("C", "F"):
+        raise RefusedPickle("numpy array order")
+    return _array_from_bytes(buf, dtype, shape, order)
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """`_codecs.encode(text, "latin1")`: how pickle protocol 2 (`torch.save`) spells a bytes object."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise RefusedPickle("_codecs.encode other than latin1 text -> bytes")
+    return text.encode("latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    out: dict[tuple[str, str], Any] = {
+        ("numpy", "dtype"): _Dtype,
+        ("numpy", "ndarray"): _NdarrayClass,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy >= 2 / numpy 1.x names
+        out[mod, "scalar"] = _scalar
+        out[mod, "_reconstruct"] = _Array
+    for mod in ("numpy._core.numeric", "numpy.core.numeric"):
+        out[mod, "_frombuffer"] = _frombuffer
+    return out
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, tuples, strings, numbers and numeric/string numpy arrays and
+    scalars (rebuilt from their raw bytes, never through numpy's own unpickling). Every other global a pickle
+    names raises `RefusedPickle` before anything is called."""
+
+    extra_globals: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = {**_numpy_globals(), **self.extra_globals}
+        if (module, name) not in allowed:
+            raise RefusedPickle(f"{module}.{name}")
+        obj = allowed[module, name]
+        # a fresh object per lookup: a pickle's BUILD may set attributes on what GLOBAL gave it, and must
+        # not reach a shared class or function (e.g. torch's _rebuild_tensor_v2.__defaults__)
+        if isinstance(obj, type):
+            return type(obj.__name__, (obj,), {})
+        return lambda *args, **kwargs: obj(*args, **kwargs)
+
+
+def _torch_globals() -> dict[tuple[str, str], Any]:
+    import collections
+
+    import torch._utils
+
+    # the functions torch's own weights-only loader allows for plain tensors
+    return {
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+
+class _TorchFileUnpickler(SafeUnpickler):
+    """`SafeUnpickler` plus plain tensors, for `torch.load(pickle_module=...)` (torch supplies the storages)."""
+
+    extra_globals = _torch_globals()
+
+
+def _torch_pickle_module() -> types.ModuleType:
+    mod = types.ModuleType("tahoe_ft_safe_pickle")
+    mod.Unpickler = _TorchFileUnpickler  # type: ignore[attr-defined]
+    mod.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+    mod.load = lambda f, **kw: _TorchFileUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+    return mod
+
+
+def _materialize(obj: Any, depth: int = 0) -> Any:
+    """Stand-ins -> numpy arrays / dtypes; containers rebuilt (a cycle or absurd nesting is refused)."""
+    if depth > _MAX_DEPTH:
+        raise RefusedPickle("nesting deeper than 64 levels")
+    if isinstance(obj, _Array):
+        if obj.array is None:
+            raise RefusedPickle("numpy array without data")
+        return obj.array
+    if isinstance(obj, _Dtype):
+        return obj.dtype
+    if isinstance(obj, dict):
+        return {_materialize(k, depth + 1): _materialize(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_materialize(v, depth + 1) for v in obj)
+    return obj
+
+
+def _refused(path: Path, what: str, exc: Exception) -> UserError:
+    return UserError(
+        f"{path} needs {str(exc) or type(exc).__name__} to unpickle, which is refused (only numbers, strings, "
+        f"lists, dicts, numpy arrays{' and tensors' if what == 'torch' else ''}); is it from a state tx train run?"
+    )
+
+
+def read_pickle(path: str | os.PathLike) -> Any:
+    """A `.pkl` of plain data (`var_dims.pkl`) through `SafeUnpickler`; one `UserError` line otherwise."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            return _materialize(SafeUnpickler(fh).load())
+    except RefusedPickle as exc:
+        raise _refused(path, "pickle", exc) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(
+            f"{path} is truncated or not a pickle ({type(exc).__name__}: {exc}); use another folder"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+
+
+def read_torch_data(path: str | os.PathLike) -> Any:
+    """A torch file of plain data and tensors (`pert_onehot_map.pt`, whose keys upstream stores as numpy
+    strings) through `SafeUnpickler` (no code runs); one `UserError` line otherwise."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_torch_pickle_module())
+        return _materialize(obj)
+    except RefusedPickle as exc:
+        raise _refused(path, "torch", exc) from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is truncated or not a torch file ({first}); use another folder") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+
+
+# -----------------------------------------------------------------------------------------------------
+# reading a run folder
+
+
+def pick_checkpoint(folder: Path) -> Path:
+    """`checkpoints/best.ckpt`, else `final.ckpt`, else the newest `*.ckpt` of the folder."""
+    ckdir = folder / "checkpoints"
+    for name in CHECKPOINT_PREFERENCE:
+        if (ckdir / name).is_file():
+            return ckdir / name
+    found = sorted(ckdir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckdir.is_dir() else []
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise UserError(f"run folder {folder} has no checkpoints/*.ckpt; is the training finished?")
+    return found[-1]
+
+
+@dataclass
+class RunFolder:
+    """A `state tx train` run folder, read safely: its checkpoint, config, dims and vocabulary."""
+
+    path: Path
+    checkpoint: Path
+    config: dict[str, Any]
+    var_dims: dict[str, Any]
+    pert_names: list[str]  # sorted by one-hot column (or sorted names for feature vectors)
+    pert_matrix: torch.Tensor  # float32 [n_perts, pert_dim], row i = pert_names[i]
+    onehot: bool  # pert_matrix is the identity: column j of pert_encoder.0 is pert_names[j]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> RunFolder:
+        """Read the folder (`checkpoint`: which .ckpt; default `pick_checkpoint`)."""
+        import yaml
+
+        folder = Path(path)
+        missing = [f for f in FOLDER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise UserError(
+                f"{folder} is not a state tx train run folder (no {', '.join(missing)}); "
+                "give the folder that holds config.yaml, var_dims.pkl, pert_onehot_map.pt and checkpoints/"
+            )
+        ckpt = Path(checkpoint) if checkpoint is not None else pick_checkpoint(folder)
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(
+                f"{folder / 'config.yaml'} is not valid YAML ({str(exc).splitlines()[0]})"
+            ) from None
+        if not isinstance(config, dict):
+            raise UserError(f"{folder / 'config.yaml'} is not a mapping; is it a state tx train config?")
+        var_dims = read_pickle(folder / "var_dims.pkl")
+        if not isinstance(var_dims, dict) or "pert_dim" not in var_dims:
+            raise UserError(f"{folder / 'var_dims.pkl'} is not cell-load's var_dims dict (no pert_dim)")
+        names, matrix, onehot = _pert_vocabulary(folder / "pert_onehot_map.pt", var_dims)
+        log.info("upstream run folder %s: checkpoint %s, %d perturbations", folder, ckpt.name, len(names))
+        return cls(folder, ckpt, config, var_dims, names, matrix, onehot)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: str | os.PathLike) -> RunFolder | None:
+        """The run folder a `.ckpt` sits in (`<folder>/checkpoints/x.ckpt`), or None."""
+        p = Path(ckpt)
+        folder = p.parent.parent
+        if p.parent.name == "checkpoints" and all((folder / f).is_file() for f in FOLDER_FILES):
+            return cls.open(folder, checkpoint=p)
+        return None
+
+    @property
+    def data_kwargs(self) -> dict[str, Any]:
+        data = self.config.get("data") or {}
+        return dict(data.get("kwargs") or {}) if isinstance(data, dict) else {}
+
+    @property
+    def gene_names(self) -> list[str] | None:
+        names = self.var_dims.get("gene_names")
+        return [str(g) for g in names] if names is not None else None
+
+    def columns(self) -> dict[str, Any]:
+        """pert/cell-type/batch columns and the control label, as `state tx train` used them."""
+        kw = self.data_kwargs
+        missing = [k for k in ("pert_col", "cell_type_key", "control_pert") if not kw.get(k)]
+        if missing:
+            raise UserError(
+                f"{self.path / 'config.yaml'} has no data.kwargs {missing}; is it a state tx train config?"
+            )
+        control = str(kw["control_pert"])
+        if kw["pert_col"] == "drugname_drugconc":  # what state tx train forces for Tahoe
+            control = "[('DMSO_TF', 0.0, 'uM')]"
+        return {
+            "pert_col": str(kw["pert_col"]),
+            "control_pert": control,
+            "cell_type_col": str(kw["cell_type_key"]),
+            "batch_col": kw.get("batch_col") or None,
+        }
+
+    def manifest(
+        self,
+        hparams: dict[str, Any],
+        *,
+        data_paths: Any = None,
+        split_toml: str | os.PathLike | None = None,
+        decoded: bool,
+    ):
+        """A tahoe-ft `Manifest` for predicting with this folder's model on the screens of its split TOML.
+
+        The held-out groups come from `split_toml`, else the folder's `data.kwargs.toml_config_path`; the cells
+        from `data_paths`, else the TOML's `[datasets]`. `decoded`: the model predicts through its gene decoder
+        (then the gene names must match the decoder's width, else the main output's).
+        """
+        from tahoe_ft.data import CellCatalog, Manifest
+        from tahoe_ft.data.splits import toml_split_bits
+
+        cols = self.columns()
+        genes = self.gene_names
+        width = hparams["decoder_cfg"]["gene_dim"] if decoded else hparams["output_dim"]
+        if hparams.get("output_space") == "embedding" or (hparams.get("embed_key") and not decoded):
+            raise UserError(
+                f"{self.path}: the model predicts {hparams.get('embed_key')} embeddings without a gene decoder "
+                "(output_space embedding); tahoe-ft predict writes gene space only"
+            )
+        if genes is None or len(genes) != width:
+            raise UserError(
+                f"{self.path / 'var_dims.pkl'} lists {0 if genes is None else len(genes)} gene names but the model "
+                f"predicts {width} genes (upstream does not save the HVG names of HVG models); "
+                "predict needs the model's own gene list"
+            )
+        toml = self._split_toml(split_toml, data_paths)
+        paths, names = [], []
+        for ds, files in toml.datasets.items():
+            paths += files
+            names += [ds] * len(files)
+        cat = CellCatalog(
+            paths,
+            names,
+            input_transform="log1p",  # upstream reads X as stored
+            embed_key=hparams.get("embed_key"),
+            genes=genes,
+            **cols,
+        )
+        cat._set_split_bits(toml_split_bits(cat, toml), yield_controls=True)
+        splits = cat.splits
+        onehot_src = "onehot" if self.onehot else str(self.path / "pert_onehot_map.pt")
+        return Manifest(
+            gene_names=genes,
+            encoder="se600m" if hparams.get("embed_key") else "raw_expression",
+            embed_key=hparams.get("embed_key"),
+            input_dim=int(hparams["input_dim"]),
+            pert_names=list(self.pert_names),
+            pert_features={"source": onehot_src, "sha256": None},
+            pert_matrix=self.pert_matrix.clone(),
+            cell_types=list(cat.cell_types),
+            batches=list(cat.batches) if cat.batches is not None else None,
+            input_transform="log1p",
+            cell_set_len=int(hparams["cell_set_len"]),
+            splits={"val": splits["val"], "test": splits["test"]},
+            data_paths=list(cat.data_paths),
+            datasets=list(cat.datasets),
+            held_out=cat.held_out(),
+            **cols,
+        )
+
+    def _split_toml(self, split_toml: str | os.PathLike | None, data_paths: Any):
+        """The parsed split TOML; with `data_paths`, those files replace the TOML's [datasets] entries."""
+        import tomllib
+
+        from tahoe_ft.data.inputs import parse_split_toml
+
+        src = split_toml or self.data_kwargs.get("toml_config_path")
+        if not src or not Path(src).is_file():
+            where = (
+                f"its toml_config_path {src} is not readable"
+                if src
+                else "its config.yaml names no split TOML"
+            )
+            raise UserError(
+                f"run folder {self.path}: {where}; give split_toml=<cell-load split TOML> (and data_path=)"
+            )
+        if data_paths is None:
+            return parse_split_toml(src)
+        files = [Path(p) for p in ([data_paths] if isinstance(data_paths, str | os.PathLike) else data_paths)]
+        try:
+            doc = tomllib.loads(Path(src).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"cannot parse split TOML {src} ({exc}); fix its syntax") from None
+        datasets = list((doc.get("datasets") or {}).keys())
+        if len(datasets) != 1:
+            try:
+                return parse_split_toml(src)  # several datasets: their own files
+            except UserError:
+                raise UserError(
+                    f"split TOML {src} names {len(datasets)} datasets; with data_path= give a TOML whose "
+                    "[datasets] point at your files (split_toml=)"
+                ) from None
+        # one dataset: the given files are it (the TOML's own paths may be on another machine)
+        return _parse_with_files(src, datasets[0], files)
+
+
+def _parse_with_files(src: str | os.PathLike, dataset: str, files: list[Path]):
+    """`parse_split_toml` of `src` with its one dataset's files replaced by `files` (which must exist)."""
+    import tempfile
+    import tomllib
+
+    from tahoe_ft.data.inputs import parse_split_toml
+
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"data file {f} not found; check data_path=")
+    doc = tomllib.loads(Path(src).read_text())
+    doc["datasets"] = {dataset: [str(f.resolve()) for f in files]}
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "split.toml"
+        p.write_text(_toml_text(doc))
+        return parse_split_toml(p)
+
+
+def _pert_vocabulary(path: Path, var_dims: dict[str, Any]) -> tuple[list[str], torch.Tensor, bool]:
+    """(names, matrix rows, one-hot?) of `pert_onehot_map.pt`; for one-hot maps, names are in column order."""
+    mapping = read_torch_data(path)
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"{path} is not a non-empty dict perturbation -> vector; is it from state tx train?")
+    vecs = {}
+    for k, v in mapping.items():
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            raise UserError(f"{path}: entry {k!r} is not a 1-D tensor; is it from state tx train?")
+        vecs[str(k)] = v.detach().float()
+    widths = {v.shape[0] for v in vecs.values()}
+    if len(widths) != 1:
+        raise UserError(f"{path}: vectors of different widths {sorted(widths)}")
+    width = widths.pop()
+    if int(var_dims["pert_dim"]) != width:
+        raise UserError(
+            f"{path}: vectors of width {width} but var_dims.pkl says pert_dim {var_dims['pert_dim']}"
+        )
+    onehot = all(((v == 0) | (v == 1)).all() and v.sum() == 1 for v in vecs.values())
+    if onehot:
+        cols = {n: int(v.argmax()) for n, v in vecs.items()}
+        onehot = len(set(cols.values())) == len(cols) == width
+    names = sorted(vecs, key=lambda n: cols[n]) if onehot else sorted(vecs)
+    return names, torch.stack([vecs[n] for n in names]), onehot
+
+
+# -----------------------------------------------------------------------------------------------------
+# writing a run folder (tahoe-ft export-state)
+
+
+def _toml_text(doc: dict[str, Any]) -> str:
+    """A cell-load split TOML ([datasets], [training], [zeroshot], [fewshot."ds.CT"]) as text."""
+
+    def q(s: Any) -> str:
+        return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def val(v: Any) -> str:
+        return "[" + ", ".join(q(x) for x in v) + "]" if isinstance(v, list | tuple) else q(v)
+
+    lines = []
+    for section in ("datasets", "training", "zeroshot"):
+        if doc.get(section):
+            lines.append(f"[{section}]")
+            lines += [f"{q(k)} = {val(v)}" for k, v in doc[section].items()]
+            lines.append("")
+    for key, table in (doc.get("fewshot") or {}).items():
+        lines.append(f"[fewshot.{q(key)}]")
+        lines += [f"{s} = {val(table.get(s, []))}" for s in ("val", "test")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def split_toml_of(manifest: Any) -> str:
+    """The manifest's held-out groups as a cell-load split TOML (one [fewshot] section per dataset.cell type)."""
+    datasets: dict[str, list[str]] = {}
+    for ds, p in zip(
+        manifest.datasets or [Path(x).stem for x in manifest.data_paths], manifest.data_paths, strict=True
+    ):
+        datasets.setdefault(ds, []).append(str(Path(p).resolve()))
+    fewshot: dict[str, dict[str, list[str]]] = {}
+    if manifest.held_out is not None:
+        for e in manifest.held_out:
+            table = fewshot.setdefault(f"{e['dataset']}.{e['cell_type']}", {"val": [], "test": []})
+            table[e["split"]].append(e["pert"])
+    else:  # older manifests: the perturbations are out in every cell type
+        for ds in datasets:
+            for ct in manifest.cell_types:
+                fewshot[f"{ds}.{ct}"] = {s: list(manifest.splits.get(s, [])) for s in ("val", "test")}
+    doc = {
+        "datasets": {k: v[0] if len(v) == 1 else v for k, v in datasets.items()},
+        "training": {k: "train" for k in datasets},
+        "fewshot": {k: {s: sorted(v[s]) for s in ("val", "test")} for k, v in sorted(fewshot.items())},
+    }
+    head = "# cell-load style split, written by tahoe-ft export-state from the checkpoint's held-out groups\n"
+    return head + _toml_text(doc)
+
+
+def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the tahoe-ft checkpoint `ckpt` as an upstream run folder `out_dir` (which must not exist).
+
+    Files: `config.yaml`, `var_dims.pkl`, `pert_onehot_map.pt`, `cell_type_onehot_map.torch`,
+    `batch_onehot_map.torch` (with a batch column), `split.toml` (the held-out groups), `tahoe_ft_export.json`
+    and `checkpoints/final.ckpt` (a Lightning checkpoint of `StateTransitionPerturbationModel`). The folder
+    is built under a temporary name beside `out_dir` and renamed into place when complete.
+    """
+    import json
+
+    import yaml
+
+    from tahoe_ft.checkpoint import model_from_weights, read_weights
+    from tahoe_ft.data import Manifest
+    from tahoe_ft.model import DROPPED_UPSTREAM_KEYS
+    from tahoe_ft.upstream import upstream_hparams
+
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        raise UserError(f"{out} already exists; export-state never overwrites a folder: choose another out=")
+    src = Path(ckpt)
+    if src.is_dir():
+        raise UserError(
+            f"{src} is a folder; export-state takes a tahoe-ft checkpoint file (e.g. best-val.pt)"
+        )
+    state, hparams, obj = read_weights(src)
+    raw_manifest = obj.get("manifest") or (obj.get("hyper_parameters") or {}).get("manifest")
+    if hparams is None or not raw_manifest:
+        raise UserError(
+            f"{src} is not a tahoe-ft checkpoint with a data manifest (best-val.pt, step-N.pt or last.ckpt); "
+            "an upstream checkpoint already is a state tx train file"
+        )
+    if hparams.get("head_skip") and hparams.get("predict_residual") and hparams.get("output_space") == "all":
+        raise UserError(
+            f"{src} has the tahoe-ft-only head skip path (model.head_skip=true), which upstream's ST does not "
+            "compute; export a model trained with model.head_skip=false"
+        )
+    model = model_from_weights(state, hparams, src)
+    m = Manifest.from_dict(raw_manifest)
+    hp = model.hparams
+    config = obj.get("config") or {}
+    up_hp = upstream_hparams(hp, m, config)
+
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    (table,) = DROPPED_UPSTREAM_KEYS
+    vocab = int(hp["transformer_backbone_kwargs"].get("vocab_size", LLAMA_VOCAB_DEFAULT))
+    sd = {table: torch.zeros(vocab, int(hp["hidden_dim"])), **sd}  # upstream: zeroed, frozen, never used
+    lightning_version = _lightning_version()
+    checkpoint = {
+        "epoch": 0,
+        "global_step": int(obj.get("step") or 0),
+        "pytorch-lightning_version": lightning_version,
+        "state_dict": sd,
+        "loops": {},
+        "callbacks": {},
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "hparams_name": "kwargs",
+        "hyper_parameters": up_hp,
+    }
+    var_dims = {
+        "input_dim": int(hp["input_dim"]),
+        "gene_dim": len(m.gene_names),
+        "hvg_dim": len(m.gene_names),
+        "output_dim": int(hp["output_dim"]),
+        "pert_dim": int(hp["pert_dim"]),
+        "gene_names": [str(g) for g in m.gene_names],
+        "batch_dim": hp.get("batch_dim") or (len(m.batches) if m.batches else None),
+        "pert_names": [str(p) for p in m.pert_names],
+    }
+    pert_map = {str(p): m.pert_matrix[i].clone() for i, p in enumerate(m.pert_names)}
+
+    def onehot(names: list[str]) -> dict[str, torch.Tensor]:
+        eye = torch.eye(len(names))
+        return {str(n): eye[i].clone() for i, n in enumerate(names)}
+
+    final_path = out.resolve()
+    up_config = _upstream_config(hp, m, config, up_hp, final_path)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        (tmp / "checkpoints").mkdir(parents=True)
+        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(up_config, sort_keys=False))
+        with atomic_path(tmp / "var_dims.pkl", suffix=".pkl") as p, open(p, "wb") as fh:
+            pickle.dump(var_dims, fh)
+        with atomic_path(tmp / "pert_onehot_map.pt", suffix=".pt") as p:
+            torch.save(pert_map, p)
+        with atomic_path(tmp / "cell_type_onehot_map.torch", suffix=".torch") as p:
+            torch.save(onehot(m.cell_types), p)
+        if m.batches:
+            with atomic_path(tmp / "batch_onehot_map.torch", suffix=".torch") as p:
+                torch.save(onehot(m.batches), p)
+        atomic_write_text(tmp / "split.toml", split_toml_of(m))
+        info = {
+            "source": str(src.resolve()),
+            "experiment": obj.get("experiment"),
+            "step": obj.get("step"),
+            "val_loss": obj.get("val_loss"),
+            "manifest": m.to_dict(include_pert_matrix=False),
+        }
+        atomic_write_text(tmp / "tahoe_ft_export.json", json.dumps(info, indent=2, default=str))
+        with atomic_path(tmp / "checkpoints" / EXPORT_CHECKPOINT, suffix=".ckpt") as p:
+            torch.save(checkpoint, p)
+        os.rename(tmp, out)  # fails if out appeared meanwhile (a non-empty folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote upstream run folder %s (checkpoints/%s)", out, EXPORT_CHECKPOINT)
+    return out
+
+
+def _lightning_version() -> str:
+    try:
+        import lightning
+
+        return str(lightning.__version__)
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return "2.0.0"
+
+
+def _upstream_config(
+    hp: dict[str, Any], m: Any, config: dict[str, Any], up_hp: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    """config.yaml in the shape `state tx train` writes (the keys `state tx infer` and readers use)."""
+    data_cfg = config.get("data") or {}
+    dec = hp.get("decoder_cfg") or {}
+    return {
+        "data": {
+            "name": "PerturbationDataModule",
+            "kwargs": {
+                "toml_config_path": str(folder / "split.toml"),
+                "embed_key": hp.get("embed_key"),
+                "output_space": hp["output_space"],
+                "pert_rep": "onehot",
+                "basal_mapping_strategy": up_hp["basal_mapping_strategy"],
+                "should_yield_control_cells": True,
+                "batch_col": m.batch_col,
+                "pert_col": m.pert_col,
+                "cell_type_key": m.cell_type_col,
+                "control_pert": m.control_pert,
+                "perturbation_features_file": (
+                    None if m.pert_features.get("source") == "onehot" else str(m.pert_features.get("source"))
+                ),
+                "num_workers": int(data_cfg.get("num_workers", 0) or 0),
+            },
+        },
+        "model": {
+            "name": "state",
+            "checkpoint": None,
+            "kwargs": {
+                "cell_set_len": int(hp["cell_set_len"]),
+                "hidden_dim": int(hp["hidden_dim"]),
+                "n_encoder_layers": int(hp["n_encoder_layers"]),
+                "n_decoder_layers": int(hp["n_decoder_layers"]),
+                "predict_residual": bool(hp["predict_residual"]),
+                "use_basal_projection": bool(hp["use_basal_projection"]),
+                "batch_encoder": bool(hp["batch_encoder"]),
+                "activation": hp["activation"],
+                "dropout": float(hp["dropout"]),
+                "loss": up_hp["loss"],
+                "distributional_loss": up_hp["distributional_loss"],
+                "blur": up_hp["blur"],
+                "decoder_weight": up_hp["decoder_weight"],
+                "decoder_hidden_dims": list(dec.get("hidden_dims", [])) or None,
+                "decoder_dropout": dec.get("dropout"),
+                "residual_decoder": bool(dec.get("residual_decoder", False)),
+                "gene_decoder_bool": up_hp["gene_decoder_bool"],
+                "transformer_backbone_key": "llama",
+                "transformer_backbone_kwargs": dict(up_hp["transformer_backbone_kwargs"]),
+                "init_from": None,
+            },
+        },
+        "training": {"batch_size": up_hp["batch_size"], "lr": up_hp["lr"]},
+        "name": folder.name,
+        "output_dir": str(folder.parent),
+        "use_wandb": False,
+    }
