@@ -57,7 +57,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     # parent weights: weights only, never its optimizer, schedule or step
     parent_path = resolve_ref(cfg.init_from, cfg.runs_dir) if cfg.init_from and not cfg.resume else None
-    parent_state, parent_hp, _ = read_weights(parent_path) if parent_path else (None, None, None)
+    parent_state, parent_hp, parent = read_weights(parent_path) if parent_path else (None, None, None)
 
     dm = training_data(cfg)
     position = epoch_position(session.last_ckpt) if session.last_ckpt else None  # (epoch, batches, step)
@@ -71,7 +71,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
     if parent_state is not None:
-        report = init_from_weights(module.model, parent_state, str(parent_path))
+        # one-hot perturbation columns are mapped by name when both vocabularies are known
+        report = init_from_weights(
+            module.model, parent_state, str(parent_path), parent=parent, manifest=manifest
+        )
         session.write_init_report(report)
         log.info(format_report(report))
 
