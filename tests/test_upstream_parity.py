@@ -420,7 +420,8 @@ def screen_batch(folder, screen, *, n_sets: int = 3, seed: int = 0) -> dict:
     import anndata as ad
     import numpy as np
 
-    from tahoe_ft.upstream_folder import RunFolder, read_torch_data
+    from tahoe_ft.safe_pickle import read_torch_data
+    from tahoe_ft.upstream_folder import RunFolder
 
     rf = RunFolder.open(folder)
     kw = rf.data_kwargs
@@ -857,7 +858,7 @@ def test_safe_unpickler_refuses_callables(tmp_path, target):
     import pickle
 
     from tahoe_ft.errors import UserError
-    from tahoe_ft.upstream_folder import read_pickle
+    from tahoe_ft.safe_pickle import read_pickle
 
     module, name = target
     marker = tmp_path / "pwned"
@@ -876,7 +877,7 @@ def test_safe_unpickler_reads_plain_data_and_refuses_object_arrays(tmp_path):
     import numpy as np
 
     from tahoe_ft.errors import UserError
-    from tahoe_ft.upstream_folder import read_pickle
+    from tahoe_ft.safe_pickle import read_pickle
 
     good = {
         "input_dim": np.int64(60), "x": np.float32(0.5), "flag": np.bool_(True), "name": np.str_("GENE1"),
@@ -911,7 +912,7 @@ class _CraftedDtype:
 
 def test_safe_unpickler_build_cannot_change_shared_objects(tmp_path):
     """BUILD with a slot state setattr()s on what GLOBAL returned: it only reaches a throwaway copy."""
-    from tahoe_ft import upstream_folder as uf
+    from tahoe_ft import safe_pickle as uf
     from tahoe_ft.errors import UserError
 
     before = (uf._Dtype.__setstate__, uf._scalar.__defaults__)
