@@ -39,3 +39,27 @@ def test_derangement_moves_every_perturbation():
     assert sorted(d) == sorted(names) and sorted(d.values()) == sorted(names)
     assert all(k != v for k, v in d.items())
     assert d == derangement(names, seed=0) and derangement(["P0"]) == {}
+
+
+def test_shuffle_test_drops_for_a_predictor_that_uses_the_perturbation(tmp_path):
+    """Scored by the same cell-eval call: true per-perturbation effects vs the same effects given to the wrong
+    perturbations (a model that uses its input, then shuffled) drop; one effect for all does not."""
+    from tahoe_ft.evaluation import score_predictions
+    from test_baselines import counts_screen, split
+
+    a = counts_screen()
+    train, real = split(a, {("A", f"G{i}") for i in range(6)})
+    real = real[(real.obs["cell_type"] == "A").to_numpy()].copy()
+    perts = real.obs["target_gene"].astype(str).to_numpy()
+    d = derangement(sorted(set(perts) - {CTRL}))
+    uses = real.copy()  # the observed cells themselves: a predictor that uses the perturbation perfectly
+    shuffled = real.copy()
+    for p, q in d.items():
+        src = np.asarray(real.X[perts == q])
+        shuffled.X[perts == p] = src[np.arange((perts == p).sum()) % len(src)]
+    kw = dict(
+        pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type", de_cache_dir=tmp_path / "c"
+    )
+    s_uses = score_predictions(uses, real, train, tmp_path / "uses", **kw)
+    s_shuf = score_predictions(shuffled, real, train, tmp_path / "shuf", **kw)
+    assert s_uses.avg_score - s_shuf.avg_score > 0.2

@@ -215,3 +215,27 @@ def test_eval_full_profile(study, tmp_path):
     # 2 test perturbations per cell type: too few for cell-eval's Leiden clustering, skipped and recorded
     assert "clustering_agreement" not in score.metrics
     assert all(ct.skipped_metrics == ["clustering_agreement"] for ct in score.per_celltype.values())
+
+
+def test_shuffle_and_collapse_diagnostics(study, tmp_path):
+    """eval reports the shuffle test and collapse; a model that ignores its perturbation drops by exactly 0."""
+    run = _latest(study, "0906")
+    score = json.loads((run / "eval" / "score.json").read_text())
+    assert set(score["diagnostics"]) == {"collapse", "shuffle"}
+    shuffle = score["diagnostics"]["shuffle"]
+    assert shuffle["drop"] == pytest.approx(score["avg_score"] - shuffle["avg_score"])
+    pred, shuffled = ad.read_h5ad(run / "pred.h5ad"), ad.read_h5ad(run / "pred_shuffled.h5ad")
+    assert pred.obs.equals(shuffled.obs) and not np.array_equal(_dense(pred.X), _dense(shuffled.X))
+    # the same weights with the perturbation's input layer zeroed: the features cannot reach the model
+    ck = torch.load(run / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
+    ck["state_dict"]["pert_encoder.0.weight"].zero_()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ck, tmp_path / "checkpoints" / "best-val.pt")
+    tahoe_ft.predict(tmp_path / "checkpoints" / "best-val.pt")
+    blind = tahoe_ft.evaluate(tmp_path, runs_dir=study, baselines=False)
+    a, b = ad.read_h5ad(tmp_path / "pred.h5ad"), ad.read_h5ad(tmp_path / "pred_shuffled.h5ad")
+    assert np.array_equal(_dense(a.X), _dense(b.X))
+    assert blind.diagnostics["shuffle"]["drop"] == 0.0
+    c = blind.diagnostics["collapse"]
+    assert c["pred_effect_corr"] > 0.99  # one effect for every perturbation, unlike the real cells
+    assert c["real_effect_corr"] < c["pred_effect_corr"]

@@ -30,6 +30,7 @@ _API = (
     "check",
     "load_checkpoint",
     "compose",
+    "export_state",
 )
 
 __all__ = ["UserError", "__version__", *_API]

@@ -65,8 +65,10 @@ def predict(
     max_controls: int = 2000,
     seed: int = 0,
     device: str = "auto",
+    shuffle: bool = True,
 ) -> Path:
-    """Predict the held-out perturbations with a checkpoint; returns the run directory that holds pred.h5ad.
+    """Predict the held-out perturbations with a checkpoint; returns the run directory that holds pred.h5ad
+    (and, with `shuffle`, pred_shuffled.h5ad for eval's shuffle test).
 
     `ckpt`: a path, `run:EXP/FILE`, or a bare file name looked up in `run_dir/checkpoints/` (default run: the
     newest training run, of `exp` if given); or an upstream `state tx train` run folder (with `data_path=` and,
@@ -88,6 +90,7 @@ def predict(
         max_controls=max_controls,
         seed=seed,
         device=device,
+        shuffle=shuffle,
     )
 
 
@@ -225,9 +228,36 @@ def evaluate(
             ),
         )
         score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=panel["notes"])
+    diagnostics = _diagnostics(score, pred, real, train, run_dir, labels, common)
+    if diagnostics or score.baselines is not None:
+        score = dataclasses.replace(score, diagnostics=diagnostics)
         atomic_write_text(run_dir / "eval" / "score.json", score.to_json())
     log.info("score %s: avg_score %.4f (leaderboard %.2f)", run_dir, score.avg_score, score.leaderboard_score)
     return score
+
+
+def _diagnostics(score, pred: Path, real: Path, train, run_dir: Path, labels: dict, common: dict) -> dict:
+    """Collapse of the predicted effects, and the shuffle test when predict wrote pred_shuffled.h5ad."""
+    import anndata as ad
+
+    from tahoe_ft.evaluation import score_predictions
+    from tahoe_ft.evaluation.diagnostics import collapse
+
+    out: dict[str, Any] = {
+        "collapse": collapse(
+            ad.read_h5ad(pred), ad.read_h5ad(real), celltype_col=common["celltype_col"], **labels
+        )
+    }
+    shuffled = pred.with_name("pred_shuffled.h5ad")
+    if shuffled.is_file():
+        s = score_predictions(shuffled, real, train, run_dir / "eval" / "shuffled", **labels, **common)
+        out["shuffle"] = {
+            "avg_score": s.avg_score,
+            "metrics": s.to_dict()["metrics"],
+            "drop": score.avg_score - s.avg_score,
+            "note": "the same basal cells, each held-out perturbation predicted with another's features",
+        }
+    return out
 
 
 def export(

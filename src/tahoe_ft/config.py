@@ -280,6 +280,9 @@ class PredictConfig:
     max_controls: int = 2000
     seed: int = 0
     device: str = "auto"
+    # also predict every held-out group with another held-out perturbation's features (pred_shuffled.h5ad):
+    # eval's shuffle test of whether the score owes anything to the perturbation
+    shuffle: bool = True
 
 
 @dataclass

@@ -29,6 +29,7 @@ from rich.progress import Progress
 from tahoe_ft.checkpoint import load_checkpoint
 from tahoe_ft.data import CellCatalog, GroupKey, Manifest
 from tahoe_ft.errors import UserError
+from tahoe_ft.evaluation.diagnostics import derangement
 from tahoe_ft.fileio import atomic_path
 from tahoe_ft.runs import RUN_REF, list_runs, resolve_ref, write_json_atomic
 
@@ -132,6 +133,7 @@ def predict(
     max_controls: int = 2000,
     seed: int = 0,
     device: str = "auto",
+    shuffle: bool = True,
 ) -> Path:
     """Predict the held-out groups of `split` with the checkpoint `ckpt`; return the output directory.
 
@@ -139,6 +141,8 @@ def predict(
     above the checkpoint). Cells are read from the files in the checkpoint's manifest, or `data_path`.
     `max_controls` real control cells per (dataset, cell type) go into both files; `seed` fixes every draw.
     `split_toml`: the held-out groups of an upstream run folder (default: its config's toml_config_path).
+    `shuffle`: also write `pred_shuffled.h5ad`, every group predicted from the same basal cells with the
+    features of another held-out perturbation (`evaluation.diagnostics.derangement`), for eval's shuffle test.
     """
     ckpt_path = Path(ckpt)
     run_dir = Path(out_dir) if out_dir is not None else ckpt_path.parent.parent
@@ -164,7 +168,7 @@ def predict(
     pert_index = {p: i for i, p in enumerate(m.pert_names)}
     rng = np.random.default_rng(seed)
 
-    pred_blocks, real_rows, labels = [], [], []
+    pred_blocks, real_rows, labels, basal_rows = [], [], [], []
     with Progress(transient=True) as bar:
         task = bar.add_task(f"predict {split}", total=len(groups))
         for key in groups:
@@ -173,9 +177,8 @@ def predict(
                 raise UserError(
                     f"perturbation '{key.pert}' is not in the checkpoint's manifest; it cannot be predicted"
                 )
-            basal = catalog.read_input(
-                draw_basal(rng, catalog.controls(key.dataset, key.cell_type), rows.size)
-            )
+            basal_rows.append(draw_basal(rng, catalog.controls(key.dataset, key.cell_type), rows.size))
+            basal = catalog.read_input(basal_rows[-1])
             pred_blocks.append(predict_sets(model, m.pert_matrix[pert_index[key.pert]], basal, dev))
             real_rows.append(rows)
             labels += [(key.pert, key.cell_type)] * rows.size
@@ -205,7 +208,18 @@ def predict(
     real = ad.AnnData(X=np.vstack([real_x, ctrl_x]), obs=obs.copy(), var=var.copy())
     for a, kind in ((pred, "prediction"), (real, "observed")):
         a.uns["tahoe_ft"] = {"kind": kind, "checkpoint": str(ckpt_path), "split": split}
-    for a, name in ((real, "real.h5ad"), (pred, "pred.h5ad")):
+    written = [(real, "real.h5ad"), (pred, "pred.h5ad")]
+    derange = derangement(sorted({k.pert for k in groups})) if shuffle else {}
+    if derange:  # same basal cells, another held-out perturbation's features (the main draws are untouched)
+        blocks = [
+            predict_sets(model, m.pert_matrix[pert_index[derange[key.pert]]], catalog.read_input(rows), dev)
+            for key, rows in zip(groups, basal_rows, strict=True)
+        ]
+        shuffled_x = np.clip(np.concatenate(blocks).astype(np.float32), 0.0, PRED_MAX)
+        shuffled = ad.AnnData(X=np.vstack([shuffled_x, ctrl_x]), obs=obs.copy(), var=var.copy())
+        shuffled.uns["tahoe_ft"] = {"kind": "prediction, perturbation features shuffled", "shuffle": derange}
+        written.append((shuffled, "pred_shuffled.h5ad"))
+    for a, name in written:
         with atomic_path(run_dir / name, suffix=".h5ad") as tmp:
             a.write_h5ad(tmp)
     write_json_atomic(
@@ -223,6 +237,7 @@ def predict(
             "cell_type_col": m.cell_type_col,
             "data_paths": list(catalog.data_paths),
             "seed": seed,
+            "shuffle": derange,
         },
     )
     log.info(

@@ -108,6 +108,9 @@ class Score:
     # leaderboard_score, metrics, normalized}; and why a baseline is absent (or how it was built)
     baselines: dict[str, dict[str, Any]] | None = None
     baseline_notes: dict[str, str] | None = None
+    # does the score owe anything to the perturbation (the shuffle test), and has the model collapsed
+    # (`evaluation.diagnostics`)
+    diagnostics: dict[str, Any] | None = None
 
     @property
     def leaderboard_score(self) -> float:
@@ -150,6 +153,8 @@ class Score:
                 for name, b in self.baselines.items()
             }
             out["baseline_notes"] = dict(self.baseline_notes or {})
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics
         return out
 
     def to_json(self) -> str:
@@ -179,6 +184,7 @@ class Score:
             per_celltype=None if per_ct is None else {ct: cls.from_dict(v) for ct, v in per_ct.items()},
             baselines=d.get("baselines"),
             baseline_notes=d.get("baseline_notes"),
+            diagnostics=d.get("diagnostics"),
         )
 
     @classmethod
