@@ -169,9 +169,8 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     df = df.sort_values(["avg_score", "experiment", "run"], ascending=[False, True, True], na_position="last")
     df = df.reset_index(drop=True)
     df.attrs["run_dirs"] = df.pop("_dir").tolist()
-    for c in ("best_step", "steps"):
-        if df[c].notna().all():
-            df[c] = df[c].astype("int64")
+    for c in ("best_step", "steps"):  # whole numbers, blank for baseline rows
+        df[c] = df[c].astype("Int64")
     return df
 
 
