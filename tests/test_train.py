@@ -286,14 +286,19 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert all(v.dtype == torch.float32 for v in sd.values())
 
 
+def _tiny_hparams(width: int) -> dict:
+    """A one-layer ST over `width` genes (in and out), one-hot over 3 perturbations, sets of 4."""
+    return {"input_dim": width, "output_dim": width, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
+            "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
+            "cell_set_len": 4, "transformer_backbone_key": "llama",
+            "transformer_backbone_kwargs": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                            "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
+
+
 def test_loss_is_float32_under_autocast():
     from tahoe_ft.training.module import STLightningModule
 
-    hp = {"input_dim": 6, "output_dim": 6, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
-          "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
-          "cell_set_len": 4, "transformer_backbone_key": "llama",
-          "transformer_backbone_kwargs": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                          "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
+    hp = _tiny_hparams(6)
     cfg = {"loss": {"name": "energy", "blur": 0.05, "decoder_weight": 1.0}, "optim": {}, "sched": {}, "freeze": {},
            "max_steps": 1}  # fmt: skip
     m = STLightningModule(hp, cfg)
@@ -362,11 +367,7 @@ def test_api_trains_from_a_config_built_by_hand(tmp_path):
 def test_set_mean_term_changes_the_gradient_only_when_weighted():
     from tahoe_ft.training.module import STLightningModule
 
-    hp = {"input_dim": 12, "output_dim": 12, "pert_dim": 3, "hidden_dim": 8, "n_encoder_layers": 2,
-          "n_decoder_layers": 2, "predict_residual": True, "output_space": "all", "embed_key": None,
-          "cell_set_len": 4, "transformer_backbone_key": "llama",
-          "transformer_backbone_kwargs": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                          "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
+    hp = _tiny_hparams(12)
     g = torch.Generator().manual_seed(0)
     batch = {"pert_emb": torch.eye(3)[torch.tensor([0, 2])][:, None].expand(2, 4, 3).contiguous(),
              "ctrl_cell_emb": torch.rand(2, 4, 12, generator=g), "pert_cell_emb": torch.rand(2, 4, 12, generator=g) + 1}  # fmt: skip

@@ -314,6 +314,12 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=6)
     for ax in flat[len(rounds) + 1 :]:
         ax.axis("off")
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_path(path, suffix=".png") as tmp:
@@ -420,9 +426,4 @@ def _plot_summary(summary: pd.DataFrame, path: Path) -> None:
             b.set_edgecolor("0.3")
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{_SHORT[name]} (mean ± sd; * = baseline)", fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)

@@ -1,5 +1,6 @@
 """Upstream `state tx train` run folders, read (`pretrained=`, `init_from=`, `predict`, `load_checkpoint`) and
-written (`tahoe-ft export-state`).
+written (`tahoe-ft export-state`). (Slightly over 500 lines: reading and writing share the folder's layout and
+its hparams mapping, and are kept in one place so the two stay mirror images.)
 
 A run folder is what `state tx train` leaves in `<output_dir>/<name>/`:
 
