@@ -398,3 +398,18 @@ def test_se600m_round_can_choose_best_val_on_the_gene_space_decoder_loss(tmp_pat
     assert {s for s, _ in dec} == {s for s, _ in main}  # both logged at every validation
     with pytest.raises(UserError, match="needs a gene decoder"):
         train(tmp_path, "0905", "init_from=null", "checkpoint.monitor=decoder")
+
+
+def test_head_skip_follows_a_loaded_head_and_the_config_for_a_fresh_one():
+    """The skip path changes what a head computes, so a head loaded from a parent keeps the parent's choice
+    (an upstream checkpoint, which records none, has no skip); a re-initialised head takes model.head_skip."""
+    from tahoe_ft.training.recipe import _head_skip
+
+    dims = {"input_dim": 50, "output_dim": 50}
+    upstream_same = {"input_dim": 50, "output_dim": 50}  # no head_skip key: upstream's function
+    assert _head_skip(True, upstream_same, dims) is False
+    assert _head_skip(True, {**upstream_same, "head_skip": True}, dims) is True
+    assert _head_skip(False, {**upstream_same, "head_skip": True}, dims) is True
+    embedding_parent = {"input_dim": 64, "output_dim": 64, "head_skip": False}  # 0905 from an SE600M base
+    assert _head_skip(True, embedding_parent, dims) is True
+    assert _head_skip(False, embedding_parent, dims) is False

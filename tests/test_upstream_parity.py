@@ -592,7 +592,7 @@ def finetuned(upstream_runs, tmp_path_factory):
     snap = _initial_weights()
     args = train_args(
         root, "0905", f"pretrained={upstream_runs['raw_all']}", "data.demo.n_perts=10", "data.demo.n_genes=50",
-        "data.pert_features=null",
+        "data.pert_features=null", "model.head_skip=false",  # exported to upstream below: upstream's head
     )  # fmt: skip
     run_dir = tahoe_ft.train(tahoe_ft.compose("train", args), callbacks=[snap])
     return run_dir, snap.state
@@ -656,7 +656,7 @@ def se600m_child(upstream_root):
 
     return train(
         upstream_root / "se600m", "0826", "pretrained=null", "model.batch_encoder=true", "data.batch_col=batch",
-        "model.use_basal_projection=false",
+        "model.use_basal_projection=false", "model.head_skip=false",
     )  # fmt: skip
 
 

@@ -151,6 +151,7 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
                 ", ".join(differs),
             )
         hp.update({k: parent[k] for k in ARCH_KEYS if k in parent})
+        hp["head_skip"] = _head_skip(m.head_skip, parent, dims)
     enc = cfg.encoder
     decoder_cfg = None
     if enc.decoder is not None:
@@ -178,6 +179,17 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
         cell_set_len=m.cell_set_len,
     )
     return hp
+
+
+def _head_skip(wanted: bool, parent: dict[str, Any], dims: dict[str, Any]) -> bool:
+    """The skip path changes what a head computes (out = x + f(x) instead of f(x)), so it follows the parent
+    whenever the parent's output head loads (same input and output widths); a re-initialised head (the
+    raw-expression rounds from an embedding-space parent) takes `model.head_skip`. A parent that does not
+    record it (an upstream `state tx train` checkpoint) has no skip path."""
+    same_widths = parent.get("input_dim") == dims["input_dim"] and parent.get("output_dim") == dims["output_dim"]
+    if same_widths:
+        return bool(parent.get("head_skip", False))
+    return bool(wanted)
 
 
 def training_settings(cfg: TrainConfig) -> dict[str, Any]:
