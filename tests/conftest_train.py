@@ -15,7 +15,7 @@ TINY_DEMO = [
     "data.demo.pretrain_ctrl=60", "data.demo.n_pretrain_cell_types=2", "data.demo.n_val_perts=2",
     "data.demo.n_test_perts=2",
 ]  # fmt: skip
-RAW_ROUNDS = {"0905", "0906", "0907", "0908"}
+RAW_ROUNDS = {"0905", "0906", "0907", "0907aux", "0908"}
 TINY_MODEL = [
     "model.hidden_dim=32", "model.cell_set_len=8", "model.backbone.num_hidden_layers=2",
     "model.backbone.num_attention_heads=4", "model.backbone.num_key_value_heads=2", "model.backbone.head_dim=8",

@@ -16,7 +16,7 @@ import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
 from tahoe_ft.config import compose
 
-ROUNDS = ["0826", "0901", "0905", "0906", "0907", "0908"]
+ROUNDS = ["0826", "0901", "0905", "0906", "0907", "0907aux", "0908"]
 
 
 def _dense(x):
@@ -110,7 +110,7 @@ def test_every_round_scored_and_compared(study):
         assert all(r[col] != "" for r in rows if r["kind"] == "round"), col
     assert (study / "compare.png").stat().st_size > 10_000
     summary = json.loads((study / "reproduce.json").read_text())
-    assert [s["stage"] for s in summary["stages"]][:7] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
+    assert [s["stage"] for s in summary["stages"]][:8] == [f"train {e}" for e in ["pretrain", *ROUNDS]]
 
 
 @pytest.mark.skipif(

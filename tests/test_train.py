@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -413,3 +414,68 @@ def test_head_skip_follows_a_loaded_head_and_the_config_for_a_fresh_one():
     embedding_parent = {"input_dim": 64, "output_dim": 64, "head_skip": False}  # 0905 from an SE600M base
     assert _head_skip(True, embedding_parent, dims) is True
     assert _head_skip(False, embedding_parent, dims) is False
+
+
+def test_aux_term_changes_the_gradient_only_when_weighted_and_never_the_prediction():
+    """loss.aux_weight: the aux head's energy distance to the cells' embedding is added with its weight (0: the
+    gradient is exactly the rest of the loss's); the prediction is the same with or without the head."""
+    from tahoe_ft.training.module import STLightningModule
+
+    hp = {**_tiny_hparams(12), "aux_dim": 5}
+    g = torch.Generator().manual_seed(0)
+    batch = {"pert_emb": torch.eye(3)[torch.tensor([0, 2])][:, None].expand(2, 4, 3).contiguous(),
+             "ctrl_cell_emb": torch.rand(2, 4, 12, generator=g), "pert_cell_emb": torch.rand(2, 4, 12, generator=g) + 1,
+             "pert_cell_aux": torch.randn(2, 4, 5, generator=g)}  # fmt: skip
+
+    def run(weight, term="loss", aux=True):
+        torch.manual_seed(0)
+        loss = {
+            "name": "energy",
+            "blur": 0.05,
+            "decoder_weight": 1.0,
+            "mean_weight": 1.0,
+            "aux_weight": weight,
+        }
+        m = STLightningModule({**hp, "aux_dim": 5 if aux else None}, {"loss": loss, "optim": {}, "sched": {},
+                              "freeze": {}, "max_steps": 1})  # fmt: skip
+        m.eval()
+        losses = m._losses(batch)
+        losses[term].backward()
+        grads = {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}
+        return losses, grads, m
+
+    (l0, g0, m0), (l1, g1, _) = run(0.0), run(0.5)
+    assert l0["aux_loss"] > 0 and torch.equal(l0["aux_loss"], l1["aux_loss"])  # logged either way
+    assert torch.allclose(l1["loss"], l0["loss"] + 0.5 * l1["aux_loss"])
+    assert all(torch.equal(g0[n], g1[n]) for n in g0 if n.startswith(("project_out", "final_down_then_up")))
+    assert not torch.allclose(g0["transformer_backbone.norm.weight"], g1["transformer_backbone.norm.weight"])
+    assert "aux_head.0.weight" in g1 and not g0["aux_head.0.weight"].any()
+    (_, _, plain) = run(0.0, aux=False)
+    same = {k: v for k, v in m0.model.state_dict().items() if not k.startswith("aux_head")}
+    plain.model.load_state_dict(same)
+    with torch.no_grad():
+        assert torch.equal(m0.model.forward_sets(batch["pert_emb"], batch["ctrl_cell_emb"]),
+                           plain.model.forward_sets(batch["pert_emb"], batch["ctrl_cell_emb"]))  # fmt: skip
+
+
+def test_aux_round_learns_x_state_from_the_cells_and_export_drops_its_head(tmp_path):
+    """0907aux trains in gene space with X_state as the auxiliary target: both losses logged, the head saved in
+    the checkpoint (predictions stay genes-wide), export-state leaves it out; a screen without the key is one
+    clear line."""
+    import tahoe_ft
+    from tahoe_ft.checkpoint import read_weights
+
+    run_dir = train(tmp_path, "0907aux", "init_from=null", "model.head_skip=false", steps=6, val_every=3)
+    rows = metrics(run_dir)
+    aux = [v for _, v in column(rows, "train/aux_loss")]
+    assert aux and all(math.isfinite(v) and v > 0 for v in aux)
+    assert column(rows, "val/aux_loss")
+    state, hp, _ = read_weights(run_dir / "checkpoints" / "best-val.pt")
+    n_genes = hp["output_dim"]
+    assert hp["aux_dim"] and hp["aux_dim"] < n_genes and hp["embed_key"] is None
+    assert any(k.startswith("aux_head.") for k in state)
+    folder = tahoe_ft.export_state(run_dir / "checkpoints" / "best-val.pt", out=tmp_path / "exported")
+    exported = torch.load(next((folder / "checkpoints").glob("*.ckpt")), weights_only=False)
+    assert not any("aux_head" in k for k in exported["state_dict"])
+    with pytest.raises(UserError, match=r"loss.aux_key='X_nope'.*not found"):
+        train(tmp_path, "0907aux", "init_from=null", "loss.aux_key=X_nope")

@@ -33,7 +33,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-s
   export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
 
-Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0908.
+Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
 
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}

@@ -140,6 +140,11 @@ class LossConfig:
     # total += mean_weight * mean_loss; 0 = the study's loss. 10 was chosen on the validation perturbations of
     # Papalexi's 4 folds (val/mean_loss lower in every fold than with 0; README "Choosing the defaults")
     mean_weight: float = 10.0
+    # an auxiliary target (the study's recommendation 1: SE600M as a signal, not the input): obsm key of an
+    # embedding of each cell (e.g. X_state) that a small head predicts from the backbone's hidden state in a
+    # gene-space round; total += aux_weight * energy(head(h), obsm[aux_key]), logged as train/aux_loss
+    aux_key: str | None = None
+    aux_weight: float = 0.0
 
 
 @dataclass
@@ -323,10 +328,12 @@ class ReproduceConfig:
     step_scale: float = 0.05
     # rounds trained in order; each resolves its parent by name (run:EXP/best-val.pt)
     experiments: list = field(
-        default_factory=lambda: ["pretrain", "0826", "0901", "0905", "0906", "0907", "0908"]
+        default_factory=lambda: ["pretrain", "0826", "0901", "0905", "0906", "0907", "0907aux", "0908"]
     )
     # rounds predicted and scored with cell-eval
-    evaluate: list = field(default_factory=lambda: ["0826", "0901", "0905", "0906", "0907", "0908"])
+    evaluate: list = field(
+        default_factory=lambda: ["0826", "0901", "0905", "0906", "0907", "0907aux", "0908"]
+    )
     # extra overrides passed to every `train` (e.g. ["logger=csv"])
     train_overrides: list = field(default_factory=list)
     profile: str = "vcc"

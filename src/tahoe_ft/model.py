@@ -49,6 +49,7 @@ MODULE_GROUPS = (
     "project_out",
     "final_down_then_up",
     "batch_encoder",
+    "aux_head",
 )
 
 # Upstream keys that we deliberately do not create (zeroed, frozen, unused by the forward pass).
@@ -114,6 +115,10 @@ OPTIONAL_HPARAMS: dict[str, Any] = {
     # final_down_then_up, whose last layer and project_out's start at zero, so a fresh gene-space head
     # predicts the basal cells unchanged at step 0 instead of squeezing them through a D/8 bottleneck
     "head_skip": False,
+    # tahoe-ft only: width of an auxiliary head that predicts each cell's embedding (e.g. SE600M X_state)
+    # from the backbone's hidden state, for the auxiliary loss (loss.aux_key); None = no such head. Training
+    # only: predictions never use it, and export-state drops it.
+    "aux_dim": None,
 }
 
 OUTPUT_SPACES = ("all", "gene", "embedding")
@@ -516,6 +521,8 @@ class StateTransitionModel(nn.Module):
                 nn.init.zeros_(last.bias)
         self.batch_dim: int | None = hp["batch_dim"] if hp["batch_encoder"] else None
         self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
+        aux_dim = hp["aux_dim"]
+        self.aux_head = build_mlp(H, int(aux_dim), H, 2, dropout, act) if aux_dim else None
 
         embed_key = hp["embed_key"]
         self.apply_relu = embed_key in (None, "X_hvg") or self.gene_decoder is None
@@ -523,9 +530,15 @@ class StateTransitionModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def forward_sets(
-        self, pert: torch.Tensor, basal: torch.Tensor, batch_idx: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Predict perturbed cells for B sets: pert [B,S,P], basal [B,S,D_in], batch_idx [B,S] -> [B,S,D_out]."""
+        self,
+        pert: torch.Tensor,
+        basal: torch.Tensor,
+        batch_idx: torch.Tensor | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Predict perturbed cells for B sets: pert [B,S,P], basal [B,S,D_in], batch_idx [B,S] -> [B,S,D_out]
+        (and the backbone's hidden states [B,S,H] with `return_hidden`, for the auxiliary head)."""
         if pert.dim() != 3 or basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(
                 f"forward_sets expects pert [B,S,P] and basal [B,S,D_in] with matching B,S; "
@@ -552,7 +565,7 @@ class StateTransitionModel(nn.Module):
             out = self.project_out(h)
         if self.apply_relu:
             out = F.relu(out)
-        return out  # [B,S,D_out]
+        return (out, h) if return_hidden else out  # [B,S,D_out]
 
     def forward(self, batch: Mapping[str, torch.Tensor], padded: bool = True) -> torch.Tensor:
         """Upstream's forward: flat [B*S,·] (or [B,S,·]) inputs -> flat predictions [B*S, D_out].

@@ -1,7 +1,7 @@
 """The case study in one call (`tahoe-ft reproduce`, `tahoe_ft.reproduce`).
 
-demo data -> pretrain (the ST-Tahoe stand-in) -> 0826 -> 0901 and 0905 -> 0906 -> 0907 -> 0908 -> predict ->
-eval (with the baseline panel and the data ceiling) -> compare. Every stage is the Python API call a user
+demo data -> pretrain (the ST-Tahoe stand-in) -> 0826 -> 0901 and 0905 -> 0906 -> 0907 (and 0907aux) -> 0908
+-> predict -> eval (with the baseline panel and the data ceiling) -> compare. Every stage is the Python API call a user
 would make (`tahoe_ft.train(compose("train", ["+experiment=0906"]))`, `tahoe_ft.predict(exp="0906")`, ...), so
 the runs it leaves behind are ordinary runs, each with its own wandb run; parents are resolved by name.
 

@@ -352,7 +352,7 @@ def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     from tahoe_ft.checkpoint import model_from_weights, read_weights
     from tahoe_ft.data import Manifest
-    from tahoe_ft.model import DROPPED_UPSTREAM_KEYS
+    from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, module_of
     from tahoe_ft.upstream import upstream_hparams
 
     out = Path(out_dir)
@@ -381,7 +381,12 @@ def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     config = obj.get("config") or {}
     up_hp = upstream_hparams(hp, m, config)
 
-    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    # the auxiliary head (loss.aux_key) only served training: upstream has no such module, predictions skip it
+    sd = {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if module_of(k) != "aux_head"
+    }
     (table,) = DROPPED_UPSTREAM_KEYS
     vocab = int(hp["transformer_backbone_kwargs"].get("vocab_size", LLAMA_VOCAB_DEFAULT))
     sd = {table: torch.zeros(vocab, int(hp["hidden_dim"])), **sd}  # upstream: zeroed, frozen, never used

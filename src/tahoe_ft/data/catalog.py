@@ -337,6 +337,17 @@ class CellCatalog:
     def n_cells(self) -> int:
         return int(self.offsets[-1])
 
+    def check_obsm(self, key: str, what: str) -> None:
+        """Every file has a finite `obsm[key]` of one width (an auxiliary target named by config key `what`)."""
+        for s in self.screens:
+            if not s.has_obsm(key):
+                raise UserError(
+                    f"{what}='{key}': obsm['{key}'] not found in {s.path} (obsm keys: "
+                    f"{', '.join(s.obsm_keys) or 'none'}); compute the embedding first or set {what}=null"
+                )
+            check_obsm_values(s, key)
+        check_obsm_widths(self.screens, key)
+
     @property
     def input_dim(self) -> int:
         """Width of the model's input: genes, or `obsm[embed_key]`."""

@@ -29,6 +29,8 @@ class PerturbationDataModule(L.LightningDataModule):
     `embed_key=None`: input and target are log1p gene expression over the evaluator's genes
     (raw_expression encoder). `embed_key="X_state"`: input and target are `obsm["X_state"]` rows, and
     with `need_counts` the batch also carries `pert_cell_counts` (gene expression, for the decoder).
+    `aux_key` (e.g. "X_state" in a gene-space round): the batch also carries `pert_cell_aux`, the target cells'
+    `obsm[aux_key]` rows, for the auxiliary loss (`loss.aux_key`).
 
     Splits: listed val/test perturbations (few-shot) and held-out cell types (zero-shot) take those
     cells out of training. Control cells are shared: every split draws basal controls from the same
@@ -44,6 +46,7 @@ class PerturbationDataModule(L.LightningDataModule):
         need_counts: bool,
         cell_set_len: int,
         seed: int,
+        aux_key: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         debug_rows: bool = False,
@@ -54,6 +57,7 @@ class PerturbationDataModule(L.LightningDataModule):
         self.need_counts = bool(need_counts) and embed_key is not None
         self.cell_set_len = int(cell_set_len)
         self.seed = int(seed)
+        self.aux_key = aux_key
         self.rank, self.world_size = rank, world_size
         self.debug_rows = debug_rows
         self._catalog: CellCatalog | None = None
@@ -68,6 +72,8 @@ class PerturbationDataModule(L.LightningDataModule):
         c = self.cfg
         self._check_options()
         catalog = CellCatalog.open(c, embed_key=self.embed_key)
+        if self.aux_key is not None:
+            catalog.check_obsm(self.aux_key, "loss.aux_key")
         self.pert_matrix_np, self.pert_features = build_features(
             catalog,
             c.pert_features,
@@ -77,7 +83,11 @@ class PerturbationDataModule(L.LightningDataModule):
         )
         self._build_plans(catalog)
         self.dataset = SetDataset(
-            catalog, self.pert_matrix_np, need_counts=self.need_counts, debug_rows=self.debug_rows
+            catalog,
+            self.pert_matrix_np,
+            need_counts=self.need_counts,
+            aux_key=self.aux_key,
+            debug_rows=self.debug_rows,
         )
         self._check_memory(self._dims(catalog))
         self._catalog = catalog
@@ -161,7 +171,11 @@ class PerturbationDataModule(L.LightningDataModule):
     def _check_memory(self, d: dict[str, int | None]) -> None:
         c = self.cfg
         per_cell = (
-            d["input_dim"] + d["output_dim"] + (d["gene_dim"] if self.need_counts else 0) + d["pert_dim"]
+            d["input_dim"]
+            + d["output_dim"]
+            + (d["gene_dim"] if self.need_counts else 0)
+            + (d["aux_dim"] or 0)
+            + d["pert_dim"]
         )
         batch_bytes = c.batch_size * self.cell_set_len * per_cell * 4
         in_flight = (c.num_workers * c.prefetch_factor if c.num_workers > 0 else 0) + 2
@@ -226,6 +240,7 @@ class PerturbationDataModule(L.LightningDataModule):
             "pert_dim": int(self.pert_matrix_np.shape[1]),
             "gene_dim": len(cat.gene_names),
             "batch_dim": len(cat.batches) if cat.batches is not None else None,
+            "aux_dim": cat.screens[0].obsm_dim(self.aux_key) if self.aux_key is not None else None,
         }
 
     @property

@@ -22,6 +22,7 @@ class Batch(TypedDict, total=False):
     ctrl_cell_emb: torch.Tensor  # float32 [B, S, D_in]: basal control cells
     pert_cell_emb: torch.Tensor  # float32 [B, S, D_out]: observed perturbed cells
     pert_cell_counts: torch.Tensor  # float32 [B, S, G]: embedding input only, the targets in gene space
+    pert_cell_aux: torch.Tensor  # float32 [B, S, E]: the targets' obsm[loss.aux_key] (auxiliary loss only)
     batch: torch.Tensor  # int64 [B, S]: batch index (data.batch_col set)
     pert_name: list[str]  # [B]
     cell_type: list[str]  # [B]
@@ -41,12 +42,19 @@ class SetDataset(Dataset):
     """
 
     def __init__(
-        self, catalog: CellCatalog, pert_matrix: np.ndarray, *, need_counts: bool, debug_rows: bool = False
+        self,
+        catalog: CellCatalog,
+        pert_matrix: np.ndarray,
+        *,
+        need_counts: bool,
+        aux_key: str | None = None,
+        debug_rows: bool = False,
     ) -> None:
         self.reader = catalog.reader
         self.offsets = self.reader.offsets
         self.embed_key = self.reader.embed_key
         self.need_counts = need_counts
+        self.aux_key = aux_key
         self.pert_matrix = pert_matrix  # float32 [n_perts, P]; row i = pert_names[i]
         self.pert_names = list(catalog.pert_names)
         self.cell_types = list(catalog.cell_types)
@@ -64,7 +72,12 @@ class SetDataset(Dataset):
         files = np.array([d.file for d in descs])
         pert_rows = np.stack([d.pert_rows for d in descs]).astype(np.int64)
         ctrl_rows = np.stack([d.ctrl_rows for d in descs]).astype(np.int64)
-        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"pert": [], "ctrl": [], "counts": []}
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+            "pert": [],
+            "ctrl": [],
+            "counts": [],
+            "aux": [],
+        }
         for f in np.unique(files).tolist():
             sel = np.flatnonzero(files == f)
             p = (pert_rows[sel] - self.offsets[f]).reshape(-1)
@@ -74,6 +87,8 @@ class SetDataset(Dataset):
             parts["ctrl"].append((sel, both[p.size :]))
             if self.embed_key is not None and self.need_counts:
                 parts["counts"].append((sel, self.reader.expression(f, p)))
+            if self.aux_key is not None:
+                parts["aux"].append((sel, self.reader.screens[f].read_obsm_rows(self.aux_key, p)))
 
         def assemble(chunks: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
             if len(chunks) == 1:
@@ -95,6 +110,8 @@ class SetDataset(Dataset):
         }
         if parts["counts"]:
             batch["pert_cell_counts"] = assemble(parts["counts"])
+        if parts["aux"]:
+            batch["pert_cell_aux"] = assemble(parts["aux"])
         if self.batch_of_row is not None:
             batch["batch"] = torch.from_numpy(self.batch_of_row[pert_rows].astype(np.int64))
         batch["pert_name"] = [self.pert_names[d.pert] for d in descs]

@@ -75,6 +75,9 @@ class STLightningModule(L.LightningModule):
         # weight of the set-mean term: MSE between the predicted and the observed mean of each set, in gene
         # space (the pseudobulk that MAE and PDS score, on which the energy distance has little grip)
         self.mean_weight = float(loss_cfg.get("mean_weight", 0.0))
+        # the auxiliary target (loss.aux_key, e.g. SE600M X_state): the aux head's prediction from the
+        # backbone's hidden state against the target cells' embedding, by the same set distance
+        self.aux_weight = float(loss_cfg.get("aux_weight", 0.0))
         self.has_decoder = getattr(self.model, "gene_decoder", None) is not None
         self.set_len = int(hparams["cell_set_len"])
         monitor = train_cfg.get("monitor", "main")
@@ -91,11 +94,11 @@ class STLightningModule(L.LightningModule):
         )
 
     # -- forward -------------------------------------------------------------------------------
-    def _predict_sets(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _predict_sets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         pert = batch["pert_emb"]  # [B,S,P]
         basal = batch["ctrl_cell_emb"]  # [B,S,D_in]
         batch_idx = batch.get("batch") if self.model.hparams.get("batch_encoder") else None
-        return self.model.forward_sets(pert, basal, batch_idx)  # [B,S,D_out]
+        return self.model.forward_sets(pert, basal, batch_idx, return_hidden=True)  # [B,S,D_out], [B,S,H]
 
     def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean over sets of the set distance, always in float32: under bf16 autocast the energy distance's
@@ -104,7 +107,7 @@ class STLightningModule(L.LightningModule):
             return torch.nanmean(self.loss_fn(pred.float(), target.float()))
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        pred = self._predict_sets(batch)
+        pred, hidden = self._predict_sets(batch)
         target = batch["pert_cell_emb"].reshape_as(pred)
         main = self._distance(pred, target)
         out = {"main_loss": main, "loss": main}
@@ -119,6 +122,10 @@ class STLightningModule(L.LightningModule):
             out["mean_loss"] = F.mse_loss(genes.float().mean(dim=1), observed.float().mean(dim=1))
         if self.mean_weight > 0:
             out["loss"] = out["loss"] + self.mean_weight * out["mean_loss"]
+        if self.model.aux_head is not None and "pert_cell_aux" in batch:
+            aux_pred = self.model.aux_head(hidden)  # [B,S,E]
+            out["aux_loss"] = self._distance(aux_pred, batch["pert_cell_aux"].reshape_as(aux_pred))
+            out["loss"] = out["loss"] + self.aux_weight * out["aux_loss"]
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -131,6 +138,8 @@ class STLightningModule(L.LightningModule):
             # the weight the loss really used (upstream silently ignored its config key)
             self.log("train/decoder_weight", self.decoder_weight, batch_size=n_sets)
         self.log("train/mean_loss", losses["mean_loss"], batch_size=n_sets)
+        if "aux_loss" in losses:
+            self.log("train/aux_loss", losses["aux_loss"], batch_size=n_sets)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -143,6 +152,8 @@ class STLightningModule(L.LightningModule):
         if "decoder_loss" in losses:
             self.log("val/decoder_loss", losses["decoder_loss"], batch_size=n_sets, sync_dist=True)
         self.log("val/mean_loss", losses["mean_loss"], batch_size=n_sets, sync_dist=True)
+        if "aux_loss" in losses:
+            self.log("val/aux_loss", losses["aux_loss"], batch_size=n_sets, sync_dist=True)
 
     # -- optimizer -------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
 from tahoe_ft.config import TrainConfig, as_dict
 from tahoe_ft.data import PerturbationDataModule
+from tahoe_ft.errors import UserError
 from tahoe_ft.runs import resolve_ref
 from tahoe_ft.training.callbacks import (
     CheckpointPolicy,
@@ -110,9 +111,19 @@ def training_data(cfg: TrainConfig) -> PerturbationDataModule:
         need_counts=cfg.encoder.decoder is not None,
         cell_set_len=cfg.model.cell_set_len,
         seed=cfg.seed,
+        aux_key=_aux_key(cfg),
     )
     dm.setup("fit")
     return dm
+
+
+def _aux_key(cfg: TrainConfig) -> str | None:
+    """The auxiliary target's obsm key when the auxiliary loss is on (loss.aux_key with aux_weight > 0)."""
+    if cfg.loss.aux_weight < 0:
+        raise UserError(f"loss.aux_weight={cfg.loss.aux_weight} must be >= 0")
+    if cfg.loss.aux_weight > 0 and not cfg.loss.aux_key:
+        raise UserError("loss.aux_weight > 0 needs loss.aux_key (e.g. loss.aux_key=X_state)")
+    return cfg.loss.aux_key if cfg.loss.aux_weight > 0 else None
 
 
 def _manifest(dm: PerturbationDataModule, cfg: TrainConfig) -> dict[str, Any]:
@@ -171,6 +182,7 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
         pert_dim=dims["pert_dim"],
         gene_dim=dims["gene_dim"] if decoder_cfg else None,
         batch_dim=dims.get("batch_dim"),
+        aux_dim=dims.get("aux_dim"),
         batch_encoder=bool(m.batch_encoder and dims.get("batch_dim")),
         embed_key=enc.embed_key,
         output_space=enc.output_space,
@@ -186,7 +198,9 @@ def _head_skip(wanted: bool, parent: dict[str, Any], dims: dict[str, Any]) -> bo
     whenever the parent's output head loads (same input and output widths); a re-initialised head (the
     raw-expression rounds from an embedding-space parent) takes `model.head_skip`. A parent that does not
     record it (an upstream `state tx train` checkpoint) has no skip path."""
-    same_widths = parent.get("input_dim") == dims["input_dim"] and parent.get("output_dim") == dims["output_dim"]
+    same_widths = (
+        parent.get("input_dim") == dims["input_dim"] and parent.get("output_dim") == dims["output_dim"]
+    )
     if same_widths:
         return bool(parent.get("head_skip", False))
     return bool(wanted)
