@@ -1,8 +1,10 @@
-"""Predicted sets: random draws of basal control cells, as training sets are."""
+"""Predicted sets: random draws of basal control cells, as training sets are; predict streams its blocks."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from tahoe_ft.prediction import draw_basal
 
@@ -22,3 +24,113 @@ def test_basal_sets_mix_replicates_of_a_file_stored_by_replicate():
 def test_basal_draws_repeat_cells_only_when_the_pool_is_smaller():
     rows = draw_basal(np.random.default_rng(0), np.arange(10), 25)
     assert rows.size == 25 and set(rows) <= set(range(10))
+
+
+# -- streamed prediction == the in-memory path it replaced -------------------------------------------------
+
+
+def _in_memory_reference(ckpt, out, shuffle):
+    """predict as it was before streaming (tahoe-ft 9d4247b): every block predicted set by set with
+    `predict_sets`, the matrices concatenated and stacked in memory, then written with `write_h5ad`."""
+    import anndata as ad
+    import pandas as pd
+
+    from tahoe_ft.checkpoint import load_checkpoint
+    from tahoe_ft.data import CellCatalog, Manifest
+    from tahoe_ft.evaluation.diagnostics import derangement
+    from tahoe_ft.prediction import PRED_MAX, _prediction_order, predict_sets
+
+    model = load_checkpoint(ckpt)
+    m = Manifest.from_dict(model.manifest)
+    dev = torch.device("cpu")
+    catalog = CellCatalog.from_manifest(m)
+    cells = catalog.groups("test")
+    groups = _prediction_order(cells)
+    pert_index = {p: i for i, p in enumerate(m.pert_names)}
+    rng = np.random.default_rng(0)
+    pred_blocks, real_rows, labels, basal_rows = [], [], [], []
+    for key in groups:
+        rows = cells[key]
+        basal_rows.append(draw_basal(rng, catalog.controls(key.dataset, key.cell_type), rows.size))
+        pred_blocks.append(
+            predict_sets(model, m.pert_matrix[pert_index[key.pert]], catalog.read_input(basal_rows[-1]), dev)
+        )
+        real_rows.append(rows)
+        labels += [(key.pert, key.cell_type)] * rows.size
+    pred_x = np.clip(np.concatenate(pred_blocks).astype(np.float32), 0.0, PRED_MAX)
+    real_x = catalog.read_expression(np.concatenate(real_rows))
+    ctrl_rows, ctrl_labels = [], []
+    for ct, ds in sorted({(k.cell_type, k.dataset) for k in groups}):
+        pool = catalog.controls(ds, ct)
+        pick = np.sort(rng.choice(pool, size=min(pool.size, 2000), replace=False))
+        ctrl_rows.append(pick)
+        ctrl_labels += [(m.control_pert, ct)] * pick.size
+    ctrl_x = catalog.read_expression(np.concatenate(ctrl_rows))
+    obs = pd.DataFrame(labels + ctrl_labels, columns=[m.pert_col, m.cell_type_col])
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    obs = obs.astype("category")
+    var = pd.DataFrame(index=pd.Index(m.gene_names))
+    files = {
+        "pred.h5ad": ad.AnnData(np.vstack([pred_x, ctrl_x]), obs=obs.copy(), var=var.copy()),
+        "real.h5ad": ad.AnnData(np.vstack([real_x, ctrl_x]), obs=obs.copy(), var=var.copy()),
+    }
+    derange = derangement(sorted({k.pert for k in groups})) if shuffle else {}
+    if derange:
+        blocks = [
+            predict_sets(model, m.pert_matrix[pert_index[derange[k.pert]]], catalog.read_input(rows), dev)
+            for k, rows in zip(groups, basal_rows, strict=True)
+        ]
+        x = np.clip(np.concatenate(blocks).astype(np.float32), 0.0, PRED_MAX)
+        files["pred_shuffled.h5ad"] = ad.AnnData(np.vstack([x, ctrl_x]), obs=obs.copy(), var=var.copy())
+    for name, a in files.items():
+        a.write_h5ad(out / name)
+    return files
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A raw-expression round and an embedding round (X_state in, gene decoder out), 2 steps each."""
+    from conftest_train import train
+
+    root = tmp_path_factory.mktemp("predict")
+    return {exp: train(root, exp, "init_from=null", steps=2, val_every=2) for exp in ("0905", "0901")}
+
+
+@pytest.mark.parametrize("exp", ["0905", "0901"])
+def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
+    tiny_runs, tmp_path, monkeypatch, exp
+):
+    """Blocks of 2 sets (sets of 8), group tails read together across groups: every file equals, value for
+    value, what the in-memory path wrote; no read asks for more than a block of cells."""
+    import anndata as ad
+
+    import tahoe_ft.prediction as prediction
+    from tahoe_ft.data import CellCatalog
+
+    monkeypatch.setattr(prediction, "BLOCK_CELLS", 16)
+    biggest = []
+    for name in ("read_input", "read_expression"):
+        orig = getattr(CellCatalog, name)
+
+        def spy(self, rows, _orig=orig):
+            biggest.append(len(rows))
+            return _orig(self, rows)
+
+        monkeypatch.setattr(CellCatalog, name, spy)
+    ckpt = tiny_runs[exp] / "checkpoints" / "best-val.pt"
+    out = prediction.predict(ckpt, out_dir=tmp_path / "streamed", device="cpu", shuffle=True)
+    assert max(biggest) <= 16
+    monkeypatch.undo()
+    (tmp_path / "ref").mkdir()
+    want = _in_memory_reference(ckpt, tmp_path / "ref", shuffle=True)
+    assert set(want) == {"pred.h5ad", "real.h5ad", "pred_shuffled.h5ad"}
+    for name, ref in want.items():
+        got = ad.read_h5ad(out / name)
+        assert got.X.dtype == np.float32 and not got.obs.empty
+        np.testing.assert_array_equal(got.X, ref.X, err_msg=name)
+        assert got.obs.equals(ref.obs) and list(got.var_names) == list(ref.var_names)
+        read_back = ad.read_h5ad(tmp_path / "ref" / name)  # anndata reads both files alike
+        assert type(read_back.X) is type(got.X) and read_back.obs.equals(got.obs)
+    # several sets per forward pass: the same predictions up to float32 rounding (BLAS summation order)
+    fast = prediction.predict(ckpt, out_dir=tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3)
+    np.testing.assert_allclose(ad.read_h5ad(fast / "pred.h5ad").X, want["pred.h5ad"].X, rtol=0, atol=1e-5)
