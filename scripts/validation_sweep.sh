@@ -19,6 +19,8 @@ PY
 CONFIGS=(
   "base           model.head_skip=false loss.mean_weight=0 data.pert_features=onehot trainer.max_steps=300 trainer.val_check_interval=100"
   "coex           model.head_skip=true loss.mean_weight=0 data.pert_features=coexpression trainer.max_steps=300 trainer.val_check_interval=100"
+  "coexm          model.head_skip=true loss.mean_weight=1 data.pert_features=coexpression trainer.max_steps=300 trainer.val_check_interval=100"
+  "pcam           model.head_skip=true loss.mean_weight=1 data.pert_features=pca trainer.max_steps=300 trainer.val_check_interval=100"
   "coex1k         model.head_skip=true loss.mean_weight=0 data.pert_features=coexpression trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
   "coex1km        model.head_skip=true loss.mean_weight=10 data.pert_features=coexpression trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
   "pca1k          model.head_skip=true loss.mean_weight=0 data.pert_features=pca trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
