@@ -22,6 +22,7 @@ from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
 from tahoe_ft.config import TrainConfig, as_dict
 from tahoe_ft.data import PerturbationDataModule
 from tahoe_ft.errors import UserError
+from tahoe_ft.memory import floor_line
 from tahoe_ft.runs import resolve_ref
 from tahoe_ft.training.callbacks import (
     CheckpointPolicy,
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), training_settings(cfg))
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
     freezer.check(module.model)
+    log.info(floor_line(module.model, cfg, dm.dims))  # weights + gradients + AdamW state + batches in flight
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
     if parent_state is not None:
