@@ -59,7 +59,8 @@ def content_sha256(a: ad.AnnData, cols: list[str]) -> str:
     return h.hexdigest()
 
 
-def _key(**parts: Any) -> str:
+def cache_key(**parts: Any) -> str:
+    """A short, stable name for a cache entry: the sha256 of its parts as sorted JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -88,7 +89,7 @@ class DECache:
         celltype: str | None,
     ) -> str:
         """The key of everything cached for one real side (one cell type of it, with `celltype`)."""
-        return _key(
+        return cache_key(
             format=_CACHE_FORMAT,
             data=real_sha,
             cell_eval=versions["cell-eval"],
@@ -117,7 +118,7 @@ class DECache:
 
     def baseline(self, real_key: str, profile: str, *, train_sha: str | None, celltype: str | None) -> Path:
         """Where the baseline aggregate table for these training cells is (or goes)."""
-        return self.baseline_dir(real_key, profile) / f"{_key(train=train_sha, celltype=celltype)}.csv"
+        return self.baseline_dir(real_key, profile) / f"{cache_key(train=train_sha, celltype=celltype)}.csv"
 
     def newest_baseline(self, real_key: str, profile: str) -> Path | None:
         """The newest cached baseline table for this real side (any training set), None if there is none."""

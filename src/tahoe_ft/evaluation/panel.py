@@ -21,7 +21,7 @@ import polars as pl
 
 from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
 from tahoe_ft.evaluation.ceiling import CEILING_PROFILE, ceiling_agg
-from tahoe_ft.evaluation.de_cache import _key, content_sha256, link_or_copy
+from tahoe_ft.evaluation.de_cache import cache_key, content_sha256, link_or_copy
 from tahoe_ft.evaluation.score import Score, score_predictions, versions
 from tahoe_ft.fileio import atomic_path, atomic_write_text
 
@@ -53,7 +53,7 @@ def score_panel(
     outdir = Path(outdir)
     settings = settings or PanelSettings()
     cols = [pert_col] + ([celltype_col] if celltype_col else [])
-    key = _key(
+    key = cache_key(
         format=_PANEL_FORMAT,
         real=content_sha256(real, cols),
         train=content_sha256(train, cols),
