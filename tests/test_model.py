@@ -248,7 +248,7 @@ def test_build_mlp_layout():
 
 
 def test_module_groups():
-    model = make_model(batch_encoder=True, batch_dim=3)
+    model = make_model(batch_encoder=True, batch_dim=3, aux_dim=4)  # every optional group present
     groups = {module_of(k) for k in model.state_dict()}
     assert groups == set(MODULE_GROUPS)
     assert module_of("transformer_backbone.layers.0.mlp.up_proj.weight") == "transformer_backbone"
@@ -556,3 +556,53 @@ def test_fresh_head_with_skip_predicts_the_basal_cells_at_step_0():
     ((skip.forward_sets(pert, basal) - basal - 1.0) ** 2).mean().backward()
     opt.step()
     assert (skip.eval().forward_sets(pert, basal) - basal).abs().mean() > 1e-3
+
+
+def _energy_from_differences(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The textbook formula: every distance from the explicit difference x_i - y_j (geomloss's 1e-8 clamp)."""
+
+    def mean_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a[:, :, None, :] - b[:, None, :, :]).pow(2).sum(-1).clamp_min(1e-8).sqrt().mean((1, 2))
+
+    return mean_dist(x, y) - 0.5 * mean_dist(x, x) - 0.5 * mean_dist(y, y)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_energy_loss_matches_the_straightforward_formula_at_gene_width(seed):
+    """The training loss (squared norms summed once, the self terms' doubled gradient taken on the set means) at a
+    gene-space width with log1p-like sparse cells. Tolerances: float64 agrees with the explicit-difference formula
+    to 1e-10; float32 agrees with it to 1e-4 relative in the loss and in the gradients' norm (float32 round-off of
+    |a|^2 - 2<a,b> + |b|^2, geomloss's too), and with geomloss in float32 to 1e-5 (its own arithmetic, summed in
+    another order) and 5e-5 in the gradients."""
+    from tahoe_ft.loss import energy_distance
+
+    geomloss = pytest.importorskip("geomloss")
+    g = torch.Generator().manual_seed(seed)
+
+    def cells(*shape: int) -> torch.Tensor:
+        counts = torch.poisson(torch.full(shape, 2.0), generator=g)
+        return torch.log1p(1 + counts) * (torch.rand(shape, generator=g) < 0.1)
+
+    x0, y0 = cells(3, 24, 2000), cells(3, 20, 2000)
+
+    def loss_and_grads(fn, dtype):
+        x = x0.to(dtype, copy=True).requires_grad_()  # a fresh leaf per call: no gradient accumulates
+        y = y0.to(dtype, copy=True).requires_grad_()
+        loss = fn(x, y)
+        loss.sum().backward()
+        return loss.detach().double(), x.grad.double(), y.grad.double()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    exact = loss_and_grads(_energy_from_differences, torch.float64)
+    ours64 = loss_and_grads(energy_distance, torch.float64)
+    for got, want in zip(ours64, exact, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    ours = loss_and_grads(energy_distance, torch.float32)
+    torch.testing.assert_close(ours[0], exact[0], rtol=1e-4, atol=0.0)
+    assert rel(ours[1], exact[1]) < 1e-4 and rel(ours[2], exact[2]) < 1e-4
+    theirs = loss_and_grads(geomloss.SamplesLoss("energy"), torch.float32)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=0.0)
+    assert rel(ours[1], theirs[1]) < 5e-5 and rel(ours[2], theirs[2]) < 5e-5
+    assert ours[1].abs().sum() > 0 and ours[2].abs().sum() > 0

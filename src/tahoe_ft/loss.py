@@ -1,7 +1,7 @@
 """Distributional losses between sets of cells, one value per set.
 
-`energy_distance` is an exact re-implementation of geomloss's `SamplesLoss("energy")` (tensorized
-backend, uniform weights), the loss upstream ST trains with. For x [B,N,D] and y [B,M,D], with
+`energy_distance` is geomloss's `SamplesLoss("energy")` (tensorized backend, uniform weights), the loss
+upstream ST trains with, computed with geomloss's float32 arithmetic. For x [B,N,D] and y [B,M,D], with
 d(a,b) = sqrt(max(|a|^2 - 2<a,b> + |b|^2, 1e-8)):
 
     loss[b] = - 0.5 * mean_{i,j} d(x_i, x_j) - 0.5 * mean_{i,j} d(y_i, y_j) + mean_{i,j} d(x_i, y_j)
@@ -11,6 +11,13 @@ which is half the classical energy distance (up to the 1e-8 clamp, which makes t
 self-interaction terms are differentiated through their first argument only, with the gradient
 doubled; for a symmetric kernel that is the exact gradient, and it avoids differentiating sqrt at
 the clamped diagonal twice.
+
+Without geomloss's repeated work: each squared norm |x_i|^2, |y_j|^2 is summed once (geomloss sums each
+three times, once per term it appears in), and the gradient is doubled on the [B] set means rather than on
+the [B,S,D] inputs (geomloss's `x + (x - x.detach())` makes two input-sized copies per self term, ~18 MB
+each for 4 sets x 64 cells x 18,080 genes). The distance matrices are geomloss's own values; only the final
+means are summed in another order. scripts/bench_vcc_train.py times this against geomloss's formula and
+tests/test_model.py pins the two together.
 
 `sinkhorn` delegates to geomloss (imported lazily) and `mse` is a per-set mean squared error.
 """
@@ -32,12 +39,10 @@ def _double_grad(x: torch.Tensor) -> torch.Tensor:
     return x + (x - x.detach())
 
 
-def _distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise euclidean distances [B,N,D] x [B,M,D] -> [B,N,M], computed exactly as geomloss does."""
-    xx = (x * x).sum(-1).unsqueeze(2)  # [B,N,1]
-    xy = torch.matmul(x, y.permute(0, 2, 1))  # [B,N,M]
-    yy = (y * y).sum(-1).unsqueeze(1)  # [B,1,M]
-    return torch.sqrt(torch.clamp_min(xx - 2 * xy + yy, _CLAMP))
+def _distances(sq_a: torch.Tensor, gram: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [B,N,M] from squared norms [B,N], [B,M] and the Gram matrix <a_i, b_j> [B,N,M],
+    in geomloss's order: sqrt(clamp_min(|a|^2 - 2<a,b> + |b|^2, 1e-8))."""
+    return torch.sqrt(torch.clamp_min(sq_a.unsqueeze(2) - 2 * gram + sq_b.unsqueeze(1), _CLAMP))
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,17 +60,15 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"energy_distance: different numbers of sets, {x.shape[0]} and {y.shape[0]}")
-    B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    a = torch.full((B, N), 1.0 / N, dtype=x.dtype, device=x.device)  # uniform weights [B,N]
-    b = torch.full((B, M), 1.0 / M, dtype=y.dtype, device=y.device)  # [B,M]
-
-    k_xx = -_distances(_double_grad(x), x.detach())  # [B,N,N]
-    k_yy = -_distances(_double_grad(y), y.detach())  # [B,M,M]
-    k_xy = -_distances(x, y)  # [B,N,M]
-    a_x = (k_xx @ a.unsqueeze(-1)).squeeze(-1)  # [B,N]
-    b_y = (k_yy @ b.unsqueeze(-1)).squeeze(-1)  # [B,M]
-    b_x = (k_xy @ b.unsqueeze(-1)).squeeze(-1)  # [B,N]
-    loss = 0.5 * (a * a_x).sum(1) + 0.5 * (b * b_y).sum(1) - (a * b_x).sum(1)  # [B]
+    sq_x = (x * x).sum(-1)  # |x_i|^2 [B,N], once for both terms it appears in
+    sq_y = (y * y).sum(-1)  # |y_j|^2 [B,M]
+    x_, y_ = x.detach(), y.detach()
+    # self terms: differentiated through the first argument only (the second is detached) ...
+    d_xx = _distances(sq_x, x @ x_.transpose(1, 2), sq_x.detach()).mean((1, 2))  # [B]
+    d_yy = _distances(sq_y, y @ y_.transpose(1, 2), sq_y.detach()).mean((1, 2))  # [B]
+    d_xy = _distances(sq_x, x @ y.transpose(1, 2), sq_y).mean((1, 2))  # [B]
+    # ... with that gradient doubled, on the [B] means (the same chain rule as doubling it on x and y)
+    loss = d_xy - 0.5 * _double_grad(d_xx) - 0.5 * _double_grad(d_yy)  # [B]
     return loss[0] if single else loss
 
 
