@@ -18,8 +18,11 @@ from tahoe_ft.demo import (
     CONTROL_DRUG,
     CONTROL_PERT,
     FILES,
+    KNOCKDOWN_LOG2FC,
+    PAPALEXI_OUTSIDE_PC_SHARE,
     DemoSpec,
     generate_demo,
+    load_state_map,
     spec_hash,
     tiny_spec,
 )
@@ -29,6 +32,28 @@ from tahoe_ft.errors import UserError
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
     return generate_demo(tmp_path_factory.mktemp("demo"), tiny_spec())
+
+
+# big enough for the biology's statistics (disjoint module pools, 40 cells per group), still a few seconds;
+# X_state keeps 10 of 300 genes, about the default's 64 of 2,000
+SMALL = dict(
+    n_genes=300, n_cell_types=2, n_perts=24, cells_per_pert=40, n_ctrl=150, n_programs=6, state_dim=10,
+    pert_feature_dim=16, n_drugs=6, pretrain_cells_per_drug=20, pretrain_ctrl=100, n_pretrain_cell_types=1,
+    n_val_perts=2, n_test_perts=6,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, Path]:
+    return generate_demo(tmp_path_factory.mktemp("small"), DemoSpec(**SMALL))
+
+
+@pytest.fixture(scope="module")
+def small_data(small):
+    a = ad.read_h5ad(small["screen"])
+    with np.load(small["truth"]) as t:
+        truth = {k: t[k] for k in t.files}
+    return a, truth
 
 
 @pytest.fixture(scope="module")
@@ -171,20 +196,38 @@ def test_files_and_obs(demo, screen, pretrain):
     assert len(other) == spec.n_perts * spec.n_cell_types
 
 
-def test_pert_features(demo, screen, truth):
+def test_pert_features(demo, screen):
     spec = tiny_spec()
     feats = torch.load(demo["pert_features"], weights_only=True)
     perts = set(screen.obs["target_gene"].cat.categories)
     assert set(feats) == perts
     assert all(v.dtype == torch.float32 and v.shape == (spec.pert_feature_dim,) for v in feats.values())
     assert torch.count_nonzero(feats[CONTROL_PERT]) == 0
-    # features carry the perturbation's program weights: a linear map recovers them well
-    names = truth["screen_perts"].tolist()
-    f = np.stack([feats[n].numpy() for n in names])
-    w = truth["screen_program_weights"]
-    coef, *_ = np.linalg.lstsq(np.c_[f, np.ones(len(f))], w, rcond=None)
-    resid = w - np.c_[f, np.ones(len(f))] @ coef
-    assert 1 - (resid**2).sum() / ((w - w.mean(0)) ** 2).sum() > 0.8
+
+
+def test_features_relate_perturbations_through_their_regulons(small, small_data):
+    """Targets with overlapping regulons (one module) get similar feature vectors, unrelated ones do not.
+
+    Measured on SMALL (seed 0): mean cosine 0.8 within a module, ~0 across modules; regulon overlap
+    (Jaccard) ~0.6 within a module, 0 across.
+    """
+    _, truth = small_data
+    feats = torch.load(small["pert_features"], weights_only=True)
+    f = np.stack([feats[p].numpy() for p in truth["screen_perts"]]).astype(np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    cos = f @ f.T
+    m = truth["screen_de_mask"].astype(int)
+    inter = m @ m.T
+    jaccard = inter / (m.sum(1)[:, None] + m.sum(1)[None, :] - inter)
+    off = ~np.eye(len(f), dtype=bool)
+    overlap, disjoint = off & (jaccard > 0.3), off & (jaccard == 0)
+    assert overlap.sum() >= len(f) and disjoint.sum() >= len(f)
+    assert cos[overlap].mean() > 0.5
+    assert abs(cos[disjoint].mean()) < 0.2
+    assert np.corrcoef(cos[off], jaccard[off])[0, 1] > 0.6
+    # the overlap is the module: its targets share the module's gene pool
+    same = truth["screen_modules"][:, None] == truth["screen_modules"][None, :]
+    assert jaccard[same & off].min() > jaccard[~same].max()
 
 
 def test_splits(demo, screen, pretrain):
@@ -234,47 +277,132 @@ def test_drug_effects_are_visible(pretrain):
     assert max(shifts) > 2 * noise
 
 
-def test_x_state_is_lossy_but_keeps_cell_types(screen, truth):
-    """Decoding the 16-d X_state back to the 60 genes loses much of the sparse, single-gene signal.
+def _halves(x: np.ndarray, pert, ct, p: str, c: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Split-half pseudobulk deltas of group (c, p): two independent noisy copies of its effect."""
+    ctrl = rng.permutation(np.flatnonzero((pert == CONTROL_PERT) & (ct == c)))
+    rows = rng.permutation(np.flatnonzero((pert == p) & (ct == c)))
+    (ca, cb), (ra, rb) = np.array_split(ctrl, 2), np.array_split(rows, 2)
+    return x[ra].mean(0) - x[ca].mean(0), x[rb].mean(0) - x[cb].mean(0)
 
-    Measured on the tiny spec (seeds 0-4): cell-level R^2 of the DE genes 0.44-0.56 (0.55 at seed 0; a
-    16-d PCA of X itself reaches ~0.64, count noise caps both); the decoded knock-down keeps 38-49% of the
-    observed one (0.42 at seed 0); per-perturbation mean DE shifts R^2 0.44-0.80. On the default spec
-    (64-d state of 2,000 genes) the decode keeps only ~18% of the knock-down. A lossless state would
-    give ~1 for the pseudo-bulk numbers, so the bounds below fail if X_state stops being lossy.
+
+def test_x_state_is_the_pca_of_control_cells(small, small_data):
+    """X_state = the top principal axes of the control cells (screen + drug set) + small noise: it keeps the
+    control cells' main axes of variation (cell types, programs) and loses the held-out perturbations'
+    gene-specific effects (their DE genes).
+
+    Measured on SMALL, seeds 0-3: the axes keep 0.30-0.49 of the control cells' variance (count noise is most
+    of the rest; a random 10-d subspace keeps 0.03), all of the cell types' mean differences, and 0.05-0.10 of
+    the held-out DE genes' squared effect (0.36-0.58 of the whole effect, programs included).
     """
-    x = screen.X.toarray()
-    s = screen.obsm["X_state"]
-    a = np.c_[s, np.ones(len(s))]
-    coef, *_ = np.linalg.lstsq(a, x, rcond=None)
-    xhat = a @ coef
-    de = truth["screen_de_mask"].any(0)
+    a, truth = small_data
+    pre = ad.read_h5ad(small["pretrain"])
+    smap = load_state_map(small["truth"])
+    v = smap.components
+    np.testing.assert_allclose(v.T @ v, np.eye(v.shape[1]), atol=1e-6)
+    # every cell's X_state is its projection plus small isotropic noise
+    for adata in (a, pre):
+        s = adata.obsm["X_state"].astype(np.float64)
+        resid = s - smap.encode(adata.X)
+        np.testing.assert_allclose(resid.std(0), smap.noise_sd, rtol=0.25)
+        assert (smap.noise_sd < 0.1 * s.std(0)).all()
+    # the axes are the control cells' principal axes: their variances are the top eigenvalues
+    ctrl = np.concatenate(
+        [
+            adata.X[(adata.obs[col] == c).to_numpy()].toarray()
+            for adata, col, c in ((a, "target_gene", CONTROL_PERT), (pre, "drug", CONTROL_DRUG))
+        ]
+    ).astype(np.float64)
+    ctrl -= ctrl.mean(0)
+    ev = np.linalg.eigvalsh(ctrl.T @ ctrl)[::-1]
+    proj = ((ctrl @ v) ** 2).sum(0)
+    # (the generator's subspace iteration is exact where the spectrum has gaps, ~0.5% off in its flat tail)
+    np.testing.assert_allclose(np.sort(proj)[::-1][:3], ev[:3], rtol=1e-4)
+    assert proj.sum() > 0.99 * ev[: v.shape[1]].sum()
+    kept_ctrl = proj.sum() / ev.sum()
 
-    def r2(obs, pred):
-        return 1 - ((obs - pred) ** 2).sum() / ((obs - obs.mean(0)) ** 2).sum()
+    x = a.X.toarray().astype(np.float64)
+    pert, ct = a.obs["target_gene"].to_numpy(), a.obs["cell_type"].to_numpy()
+    means = np.stack([x[(pert == CONTROL_PERT) & (ct == c)].mean(0) for c in np.unique(ct)])
+    means -= means.mean(0)
+    kept_ct = ((means @ v) ** 2).sum() / (means**2).sum()
+    test = _split(small["split"])["fewshot"]["screen.CT0"]["test"]
+    de = dict(zip(truth["screen_perts"], truth["screen_de_mask"], strict=True))
+    rng = np.random.default_rng(0)
+    kept = np.zeros(4)
+    for c in np.unique(ct):
+        for p in test:
+            da, db = _halves(x, pert, ct, p, c, rng)
+            dam, dbm = da * de[p], db * de[p]
+            kept += [(da @ v) @ (db @ v), da @ db, (dam @ v) @ (dbm @ v), dam @ dbm]
+    kept_effect, kept_de = kept[0] / kept[1], kept[2] / kept[3]
+    assert kept_ct > 0.95
+    assert kept_ctrl > 5 * v.shape[1] / a.n_vars
+    assert kept_de < 0.25 and kept_ctrl > kept_de + 0.15
+    assert kept_effect < 0.75
 
-    assert r2(x[:, de], xhat[:, de]) < 0.7
+    # ... and cell types are linearly separable in X_state
+    s = np.c_[a.obsm["X_state"], np.ones(a.n_obs)]
+    codes = a.obs["cell_type"].cat.codes.to_numpy()
+    w, *_ = np.linalg.lstsq(s, np.eye(codes.max() + 1)[codes], rcond=None)
+    assert ((s @ w).argmax(1) == codes).mean() > 0.9
 
-    pert, ct = screen.obs["target_gene"].to_numpy(), screen.obs["cell_type"].to_numpy()
-    kd_obs, kd_dec, de_obs, de_dec = [], [], [], []
+
+@pytest.fixture(scope="module")
+def default_demo(tmp_path_factory) -> dict[str, Path]:
+    return generate_demo(tmp_path_factory.mktemp("default"), DemoSpec())
+
+
+def test_effects_lie_outside_the_control_pcs_as_in_the_real_screen(default_demo):
+    """On the default demo (64 axes of 2,000 genes, Papalexi's 10 of 299), the share of the perturbations'
+    squared effect outside X_state's axes is Papalexi's 0.63, within 0.12.
+
+    The generator sizes each program part to that share to first order; measured (split halves) at seeds
+    0-2: 0.66, 0.62, 0.57. (Small panels stay above it: the program part is capped at its nominal size.)
+    """
+    a = ad.read_h5ad(default_demo["screen"])
+    with np.load(default_demo["truth"]) as t:
+        perts = t["screen_perts"]
+    v = load_state_map(default_demo["truth"]).components
+    x = a.X.toarray().astype(np.float64)
+    pert, ct = a.obs["target_gene"].to_numpy(), a.obs["cell_type"].to_numpy()
+    rng = np.random.default_rng(0)
+    inside = total = 0.0
+    for c in np.unique(ct):
+        for p in perts:
+            da, db = _halves(x, pert, ct, p, c, rng)
+            inside += (da @ v) @ (db @ v)
+            total += da @ db
+    assert abs((1 - inside / total) - PAPALEXI_OUTSIDE_PC_SHARE) < 0.12
+
+
+def test_knockdown_size_is_the_real_screens(default_demo):
+    """Designed knock-downs lie in Papalexi's range (log2FC -2.32 to -0.42); observed ones too, up to sampling
+    noise, with a median near Papalexi's (-0.49; the demo's lognormal fit has median -0.72).
+
+    Measured on the default demo, seeds 0-2: observed medians -0.79, -0.90, -0.77, 91-95% of the measurable
+    groups within the range +- 0.3. (Small panels knock down harder, median to -1.2: their program parts are
+    large beside the panel.)
+    """
+    a = ad.read_h5ad(default_demo["screen"])
+    with np.load(default_demo["truth"]) as t:
+        truth = {k: t[k] for k in ("screen_perts", "screen_knockdown_log2fc")}
+    lo, hi = KNOCKDOWN_LOG2FC
+    kd = truth["screen_knockdown_log2fc"]
+    assert ((kd >= lo - 1e-9) & (kd <= hi + 1e-9)).all()
+    lin = np.expm1(a.X.toarray().astype(np.float64))
+    pert, ct = a.obs["target_gene"].to_numpy(), a.obs["cell_type"].to_numpy()
+    genes = {g: i for i, g in enumerate(a.var_names)}
+    observed = []
     for c in np.unique(ct):
         ctrl = (pert == CONTROL_PERT) & (ct == c)
-        for i, (p, g) in enumerate(zip(truth["screen_perts"], truth["screen_targets"], strict=True)):
-            m = (pert == p) & (ct == c)
-            d_obs, d_dec = x[m].mean(0) - x[ctrl].mean(0), xhat[m].mean(0) - xhat[ctrl].mean(0)
-            kd_obs.append(d_obs[g])
-            kd_dec.append(d_dec[g])
-            de_obs.append(d_obs[truth["screen_de_mask"][i]])
-            de_dec.append(d_dec[truth["screen_de_mask"][i]])
-    assert np.mean(kd_dec) / np.mean(kd_obs) < 0.6
-    de_obs, de_dec = np.concatenate(de_obs), np.concatenate(de_dec)
-    assert 1 - ((de_obs - de_dec) ** 2).sum() / (de_obs**2).sum() < 0.9
-
-    # ... while cell types stay linearly separable in X_state
-    codes = screen.obs["cell_type"].cat.codes.to_numpy()
-    onehot = np.eye(codes.max() + 1)[codes]
-    w, *_ = np.linalg.lstsq(a, onehot, rcond=None)
-    assert ((a @ w).argmax(1) == codes).mean() > 0.9
+        for p in truth["screen_perts"]:
+            base = lin[ctrl, genes[p]].mean()
+            if base >= 1.0:  # measurable: at least one normalised count per cell in the controls
+                observed.append(np.log2(lin[(pert == p) & (ct == c), genes[p]].mean() / base))
+    observed = np.array(observed)
+    assert observed.size >= len(truth["screen_perts"])
+    assert np.mean((observed >= lo - 0.3) & (observed <= hi + 0.3)) >= 0.85
+    assert -1.1 < np.median(observed) < -0.45
 
 
 # --- papalexi -----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tahoe_ft.config import CheckConfig, ReproduceConfig, TrainConfig, compose
+from tahoe_ft.config import CheckConfig, DemoCheckConfig, ReproduceConfig, TrainConfig, compose
 from tahoe_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ __all__ = [
     "check",
     "compare",
     "compose",
+    "demo_check",
     "evaluate",
     "export",
     "export_state",
@@ -140,6 +141,30 @@ def check(config: CheckConfig) -> dict[str, Any]:
         }
     summary["batches_per_epoch"] = {"train": len(dm.train_dataloader()), "val": len(dm.val_dataloader())}
     return summary
+
+
+def demo_check(config: DemoCheckConfig | None = None) -> dict[str, Any]:
+    """The oracles of `tahoe_ft.demo_check` on the demo of `config.demo` for every seed of `config.seeds`; writes
+    the figures to `config.out` (JSON) and returns them (`tahoe_ft.demo_check.report` renders them as text)."""
+    import dataclasses
+
+    from tahoe_ft.demo_check import demo_check as _demo_check
+    from tahoe_ft.fileio import atomic_write_text
+
+    config = config or DemoCheckConfig()
+    out = Path(config.out)
+    spec = dataclasses.asdict(config.demo) if dataclasses.is_dataclass(config.demo) else dict(config.demo)
+    result = _demo_check(
+        list(config.seeds),
+        spec,
+        Path(config.paths.data_cache),
+        Path(config.work_dir) if config.work_dir else out.with_suffix(""),
+        num_threads=config.num_threads,
+        per_cell_type=config.per_cell_type,
+    )
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    log.info("demo-check figures -> %s", out)
+    return result
 
 
 def _newest_training_run(runs_dir: str | os.PathLike, exp: str | None, need: str) -> Path:

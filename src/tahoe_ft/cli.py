@@ -4,7 +4,7 @@ Python API (`tahoe_ft.api`), print the result. Nothing else happens here.
     tahoe-ft train +experiment=0906 trainer.max_steps=200
     tahoe-ft train -m +experiment=0905 optim.lr=1e-4,3e-4     (a Hydra sweep)
     tahoe-ft predict ckpt=best-val.pt
-    tahoe-ft eval | compare | reproduce | export | export-state | check
+    tahoe-ft eval | compare | reproduce | export | export-state | check | demo-check
 
 Bad input is reported as one line (`error: ...`) with exit status 2; set TAHOE_FT_DEBUG=1 (or
 HYDRA_FULL_ERROR=1) for the traceback.
@@ -22,7 +22,7 @@ from typing import Any
 
 from tahoe_ft.errors import UserError
 
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-state,check} [key=value ...]
+USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-state,check,demo-check} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
   predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
@@ -32,6 +32,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-s
   export     a VCC submission (.vcc):    tahoe-ft export exp=0908
   export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
+  demo-check oracles on the demo data:   tahoe-ft demo-check seeds=[0,1,2]
 
 Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
@@ -104,6 +105,13 @@ def _check(cfg, args: list[str]) -> None:
     print(json.dumps(api.check(cfg), indent=2))
 
 
+def _demo_check(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+    from tahoe_ft.demo_check import report
+
+    print(report(api.demo_check(cfg)))
+
+
 COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
     "train": _train,
     "predict": _predict,
@@ -113,6 +121,7 @@ COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
     "export": _export,
     "export-state": _export_state,
     "check": _check,
+    "demo-check": _demo_check,
 }
 
 

@@ -383,6 +383,22 @@ class CheckConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class DemoCheckConfig:
+    # generator seeds: the demo is generated (or reused from paths.data_cache) once per seed; >= 2 for a spread
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    # the demo's size (as data.demo.* of the other commands); its seed comes from `seeds`, so leave demo.seed
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    # the figures as JSON (written atomically)
+    out: str = "runs/demo-check.json"
+    # cell-eval's files, one folder per seed; null = beside `out` (runs/demo-check/)
+    work_dir: str | None = None
+    num_threads: int = 2
+    # score each cell type separately and average, as eval does
+    per_cell_type: bool = True
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 # -- composition (the CLI, `reproduce` and notebooks that want a round's experiment file) -------------------
 
 SCHEMAS: dict[str, type] = {
@@ -394,6 +410,7 @@ SCHEMAS: dict[str, type] = {
     "export": ExportConfig,
     "export-state": ExportStateConfig,
     "check": CheckConfig,
+    "demo-check": DemoCheckConfig,
 }
 
 
