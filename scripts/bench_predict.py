@@ -14,8 +14,11 @@ Nearly every perturbation is held out as test, so both predict (nearly) the same
 went through the model / wall time of the whole command (start-up included); peak memory = the process tree's
 summed PSS, sampled from /proc every 0.1 s, and the exact peak RSS of the command's process (wait4).
 
-    PYTHONPATH=src .venv/bin/python scripts/bench_predict.py --quick     # 4,000 cells: a few minutes on 2 cores
-    PYTHONPATH=src .venv/bin/python scripts/bench_predict.py             # 20,000 cells x 18,080 genes
+    PYTHONPATH=src .venv/bin/python scripts/bench_predict.py --quick     # 4,000 cells, 2 runs each: ~4 min
+    PYTHONPATH=src .venv/bin/python scripts/bench_predict.py             # 20,000 cells x 18,080 genes, 3 runs
+
+On a shared, loaded box add `--threads 1`: two OpenMP threads competing with other jobs for 2 cores make every
+forward pass many times slower, for both commands alike.
 
 Needs arc-state (the [parity] extra) for `state tx infer`; without it only tahoe-ft is timed.
 `scripts/bench_memory.py` reuses the file writer and the measured-command runner from here.
