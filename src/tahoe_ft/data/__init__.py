@@ -17,7 +17,6 @@ Row ids that leave this package are *global*: the files in `data_paths` order, c
 """
 
 from tahoe_ft.data.catalog import CellCatalog, GroupKey
-from tahoe_ft.data.datamodule import PerturbationDataModule
 from tahoe_ft.data.dataset import Batch, SetDataset, identity_collate
 from tahoe_ft.data.h5screen import H5Screen
 from tahoe_ft.data.inputs import (
@@ -54,3 +53,12 @@ __all__ = [
     "parse_split_toml",
     "read_gene_list",
 ]
+
+
+def __getattr__(name: str):
+    # the data module imports Lightning (~10 s on a loaded box); predict, eval and check never need it
+    if name == "PerturbationDataModule":
+        from tahoe_ft.data.datamodule import PerturbationDataModule
+
+        return PerturbationDataModule
+    raise AttributeError(f"module 'tahoe_ft.data' has no attribute {name!r}")

@@ -205,6 +205,10 @@ class STLightningModule(L.LightningModule):
             lr=float(optim_cfg["lr"]),
             betas=tuple(optim_cfg["betas"]),
             eps=float(optim_cfg["eps"]),
+            # one fused kernel per group instead of a per-tensor loop: at 18,080 genes on CPU no +0.45 GiB
+            # spike of temporaries per step and ~5x faster (BENCHMARKS.md), equal to 4e-9 after 5 steps.
+            # Not under mixed precision: Lightning's AMP plugin refuses gradient clipping with a fused optimizer
+            fused=bool(self.train_cfg.get("fused_optimizer", False)),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

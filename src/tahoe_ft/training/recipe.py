@@ -217,6 +217,7 @@ def training_settings(cfg: TrainConfig) -> dict[str, Any]:
         "freeze": dataclasses.asdict(cfg.freeze),
         "max_steps": cfg.trainer.max_steps,
         "monitor": cfg.checkpoint.monitor,
+        "fused_optimizer": "mixed" not in str(cfg.trainer.precision),
     }
 
 
