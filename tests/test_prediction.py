@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tahoe_ft.errors import UserError
 from tahoe_ft.prediction import draw_basal
 
 
@@ -134,3 +135,11 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
     # several sets per forward pass: the same predictions up to float32 rounding (BLAS summation order)
     fast = prediction.predict(ckpt, out_dir=tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3)
     np.testing.assert_allclose(ad.read_h5ad(fast / "pred.h5ad").X, want["pred.h5ad"].X, rtol=0, atol=1e-5)
+    # bfloat16 autocast: the same cells, predictions close to float32 (bf16 keeps 8 bits of mantissa), not equal
+    half = prediction.predict(ckpt, out_dir=tmp_path / "bf16", device="cpu", shuffle=False, precision="bf16")
+    got = ad.read_h5ad(half / "pred.h5ad").X
+    ref = want["pred.h5ad"].X
+    assert got.shape == ref.shape and not np.array_equal(got, ref)
+    assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
+    with pytest.raises(UserError, match="precision='fp8'"):
+        prediction.predict(ckpt, out_dir=tmp_path / "bad", device="cpu", precision="fp8")

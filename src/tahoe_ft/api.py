@@ -67,6 +67,8 @@ def predict(
     seed: int = 0,
     device: str = "auto",
     shuffle: bool = True,
+    sets_per_pass: int = 1,
+    precision: str = "32",
 ) -> Path:
     """Predict the held-out perturbations with a checkpoint; returns the run directory that holds pred.h5ad
     (and, with `shuffle`, pred_shuffled.h5ad for eval's shuffle test).
@@ -92,6 +94,8 @@ def predict(
         seed=seed,
         device=device,
         shuffle=shuffle,
+        sets_per_pass=sets_per_pass,
+        precision=precision,
     )
 
 
