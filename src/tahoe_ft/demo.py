@@ -293,7 +293,7 @@ def _network(rng: np.random.Generator, s: DemoSpec, targets: np.ndarray, express
     g, p = s.n_genes, s.n_perts
     n_modules = max(1, round(p / MODULE_SIZE))
     module_of = rng.permutation(np.arange(p) % n_modules)
-    lo, hi = (min(v, max(2, g // 20)) for v in DE_GENES_RANGE)
+    lo, hi = (min(v, max(6, g // 20)) for v in DE_GENES_RANGE)
     # a module's pool: MODULE_SHARE of a regulon size, shared by all its targets; each target adds private genes
     pool_sizes = np.maximum(1, np.round(MODULE_SHARE * rng.integers(lo, hi + 1, n_modules))).astype(int)
     n_private = np.round((1.0 - MODULE_SHARE) * rng.integers(lo, hi + 1, p)).astype(int)
