@@ -88,9 +88,11 @@ DOSES_UM = (0.1, 1.0, 10.0)  # drug doses (uM); effect magnitude follows a Hill 
 
 # The regulatory network: each screened target regulates a small regulon (DE genes); targets come in modules
 # (pathways) whose regulons share genes and effect directions, so a held-out target's siblings predict part
-# of its effect. Rank: one regulon per target and cell type, beyond `state_dim` and outside the main axes of
-# control variation (programs), which is what `X_state` keeps.
-DE_GENES_RANGE = (20, 60)  # regulon size (clipped to n_genes // 20: small panels keep small regulons)
+# of its effect. Gene-specific and spread out: the default screen's 40 targets x 3 cell types need ~20
+# directions for 90% of their squared effect, ~35 for 95% (of at most 120; the modules that make held-out
+# targets predictable also tie them together), and those directions are not the control cells' main axes
+# (programs, cell types), which are what `X_state` keeps.
+DE_GENES_RANGE = (20, 60)  # regulon size (at most max(6, n_genes // 20): small panels keep small regulons)
 DE_EFFECT_SD = 1.0  # regulon effect per gene (natural-log fold change)
 MODULE_SIZE = 4  # screened targets per module (on average)
 MODULE_SHARE = 0.8  # share of a regulon in its module's gene pool, common to the module's targets
@@ -100,7 +102,8 @@ CT_ONLY_FRACTION = 0.1  # extra cell-type-only DE genes, as a fraction of the re
 REGULON_EXPRESSED = 0.5  # regulon genes come from this most expressed share of the panel (visible DE genes)
 PROGRAM_OWN_SD = 0.1  # a target's own program shift on top of its module's (module directions are N(0, 1))
 # pert_features.pt: the mean embedding of a target's regulon genes, where a module's pool genes lie within
-# NEIGHBOUR_SPREAD (relative) of their module's vector, plus FEATURE_NOISE (relative) noise
+# NEIGHBOUR_SPREAD (relative) of their module's vector, times the downstream strength, plus FEATURE_NOISE
+# (relative) noise
 NEIGHBOUR_SPREAD = 0.5
 FEATURE_NOISE = 0.2
 
@@ -627,9 +630,9 @@ def _pert_features(rng: np.random.Generator, s: DemoSpec, truth: dict[str, Any])
     """ESM2 stand-in: a noisy embedding of each target's network neighbourhood (its regulon).
 
     Genes get random vectors, those of one module's pool close to a module vector (as a network embedding
-    places a pathway's genes together); a target's feature is the mean vector of its regulon genes plus
-    noise. Targets with overlapping regulons (one module) thus get similar vectors; the features see the
-    network, not the size of the effect in this screen.
+    places a pathway's genes together); a target's feature is the mean vector of its regulon genes, times the
+    strength of its edges (its downstream strength: a weighted network, as a perturbation atlas gives), plus
+    noise. Targets with overlapping regulons (one module) thus get similar vectors, weak ones short vectors.
     """
     import torch
 
@@ -695,11 +698,13 @@ plus small gene-level differences; small per-gene batch shifts; per-cell library
 negative-binomial counts (dispersion {DISPERSION_RANGE[0]}-{DISPERSION_RANGE[1]}).
 
 Perturbations: a sparse regulatory network. Each target gene (an expressed gene of the panel) regulates a
-regulon of {DE_GENES_RANGE[0]}-{DE_GENES_RANGE[1]} genes (the DE genes); targets come in modules of about {MODULE_SIZE} whose
-regulons share a gene pool ({MODULE_SHARE:.0%} of a regulon) and its directions; every effect has a cell-type-specific part.
-A perturbation also moves 1-3 programs of its module, sized so that {OUTSIDE_PC_SHARE:.0%} of its squared effect
-(knock-down + regulon) lies outside the programs. A quarter of the perturbations act weakly beyond their
-target. Drugs move programs with a dose-response (Hill) magnitude.
+regulon of {DE_GENES_RANGE[0]}-{DE_GENES_RANGE[1]} expressed genes (the DE genes; fewer on small panels); targets come in modules of about
+{MODULE_SIZE} whose regulons share a gene pool ({MODULE_SHARE:.0%} of a regulon) and its directions; every effect has a
+cell-type-specific part. A perturbation also moves 1-3 programs of its module, sized (at most to their nominal
+size) so that, to first order, {OUTSIDE_PC_SHARE:.0%} of its expected log1p effect lies outside the `X_state` axes.
+Effects are normalised fold changes (normalize_total's shift is taken out), so a knock-down is seen at its
+drawn size. A quarter of the perturbations act weakly beyond their target. Drugs move programs with a
+dose-response (Hill) magnitude.
 
 Set from the real Papalexi et al. 2021 THP-1 CRISPR-KO screen shipped with tahoe-ft (measured by
 `scripts/papalexi_demo_facts.py`): the target's knock-down, log2FC of mean normalised expression drawn
@@ -709,9 +714,9 @@ knock-out's effect outside the top control principal components, {PAPALEXI_OUTSI
 with an effect above noise, top 10 PCs of 299 genes: the default demo's 64 of 2,000).
 
 `pert_features.pt` (ESM2 stand-in): a noisy embedding of each target's network neighbourhood (the mean
-vector of its regulon genes, the genes of one module lying close together), so targets with overlapping
-regulons (one module) get similar vectors: a held-out perturbation is related to training ones through its
-network neighbourhood. `X_state` (SE600M stand-in): the top {spec.state_dim} principal components of the
+vector of its regulon genes, the genes of one module lying close together, times the target's downstream
+strength), so targets with overlapping regulons (one module) get similar vectors: a held-out perturbation is
+related to training ones through its network neighbourhood. `X_state` (SE600M stand-in): the top {spec.state_dim} principal components of the
 log1p expression of the control cells of both data sets, every cell projected, plus isotropic noise ({STATE_NOISE_SD} of the
 median component's sd); it keeps programs and cell types, the main axes of variation among cells, and loses most of
 the knock-downs and regulons. `tahoe-ft demo-check` measures how much.
