@@ -228,7 +228,15 @@ def test_shuffle_and_collapse_diagnostics(study, tmp_path):
     assert pred.obs.equals(shuffled.obs) and not np.array_equal(_dense(pred.X), _dense(shuffled.X))
     # the same weights with the perturbation's input layer zeroed: the features cannot reach the model
     ck = torch.load(run / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
-    ck["state_dict"]["pert_encoder.0.weight"].zero_()
+    sd = ck["state_dict"]
+    sd["pert_encoder.0.weight"].zero_()
+    # and one large effect for every perturbation (+5 on half the genes, through project_out's last bias): with
+    # the head skip a blinded model's own effect is small, and its groups would differ by basal sampling alone
+    last = max(
+        (k for k in sd if k.startswith("project_out.") and k.endswith(".bias")),
+        key=lambda k: int(k.split(".")[1]),
+    )
+    sd[last] += 5.0 * (torch.arange(sd[last].numel()) % 2).float()
     (tmp_path / "checkpoints").mkdir()
     torch.save(ck, tmp_path / "checkpoints" / "best-val.pt")
     tahoe_ft.predict(tmp_path / "checkpoints" / "best-val.pt")

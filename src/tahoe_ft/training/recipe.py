@@ -121,6 +121,8 @@ def training_data(cfg: TrainConfig) -> PerturbationDataModule:
 
 def _aux_key(cfg: TrainConfig) -> str | None:
     """The auxiliary target's obsm key when the auxiliary loss is on (loss.aux_key with aux_weight > 0)."""
+    if not hasattr(cfg, "loss"):  # `tahoe-ft check` opens the data as train would, without a loss
+        return None
     if cfg.loss.aux_weight < 0:
         raise UserError(f"loss.aux_weight={cfg.loss.aux_weight} must be >= 0")
     if cfg.loss.aux_weight > 0 and not cfg.loss.aux_key:
