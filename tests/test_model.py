@@ -569,11 +569,11 @@ def _energy_from_differences(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_energy_loss_matches_the_straightforward_formula_at_gene_width(seed):
-    """The training loss (squared norms summed once, the self terms' doubled gradient taken on the set means) at a
-    gene-space width with log1p-like sparse cells. Tolerances: float64 agrees with the explicit-difference formula
-    to 1e-10; float32 agrees with it to 1e-4 relative in the loss and in the gradients' norm (float32 round-off of
-    |a|^2 - 2<a,b> + |b|^2, geomloss's too), and with geomloss in float32 to 1e-5 (its own arithmetic, summed in
-    another order) and 5e-5 in the gradients."""
+    """The training loss (squared norms summed once, the self terms' doubled gradient taken on the set means)
+    at a gene-space width with log1p-like sparse cells. Tolerances: float64 agrees with the explicit-difference
+    formula to 1e-10; float32 agrees with it to 1e-4 relative in the loss and in the gradients' norm (float32
+    round-off of |a|^2 - 2<a,b> + |b|^2, geomloss's too), and with geomloss in float32 to 1e-5 (its own
+    arithmetic, summed in another order) and 5e-5 in the gradients."""
     from tahoe_ft.loss import energy_distance
 
     geomloss = pytest.importorskip("geomloss")
