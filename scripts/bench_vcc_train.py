@@ -557,6 +557,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run the CLI commands this many rounds (pooled)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the step")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data and run folders here")
+    ap.add_argument(
+        "--keep-runs", action="store_true", help="keep each run's folder (checkpoints: ~3 GB a run)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     a = ap.parse_args()
     n_cells = a.cells or (3000 if a.quick else 20000)
@@ -612,6 +615,10 @@ def main() -> None:
                     cmd = tahoe_cmd(h5, toml, out, steps, val_every, extra)
                 r = run_measured(cmd, out / "command.log", hook, timeout=3600)
                 done[key].append(r)
+                if not a.keep_runs:  # each run's checkpoints hold ~1 GB of weights and optimizer state
+                    for child in out.iterdir():
+                        if child.name not in ("command.log", "command.steps"):
+                            shutil.rmtree(child) if child.is_dir() else child.unlink()
                 print(
                     f"({key}) {label}, round {rep + 1}: {statistics.median(r['step_s']):.2f} s/step, CPU "
                     f"{statistics.median(r['step_cpu_s']):.2f} s/step ({len(r['step_s'])} intervals), peak PSS "
