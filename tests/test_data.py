@@ -119,7 +119,14 @@ def global_labels(screens, names=("a", "b")) -> pd.DataFrame:
 
 def test_batch_contract_expression(screens):
     dm = make_dm(ab(screens), batch_size=4, val_perts=["P1"])
-    assert dm.dims == {"input_dim": 30, "output_dim": 30, "pert_dim": 7, "gene_dim": 30, "batch_dim": 2}
+    assert dm.dims == {
+        "input_dim": 30,
+        "output_dim": 30,
+        "pert_dim": 7,
+        "gene_dim": 30,
+        "batch_dim": 2,
+        "aux_dim": None,
+    }
     batch = next(iter(dm.train_dataloader()))
     B, S = 4, 5
     assert batch["pert_emb"].shape == (B, S, 7) and batch["pert_emb"].dtype == torch.float32
