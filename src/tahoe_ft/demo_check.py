@@ -239,7 +239,7 @@ def check_seed(
 
     # the panel's own ceiling scoring (against the normaliser tables a score leaves behind), reused so that the
     # ceiling here is the one `eval` reports; private there, as nothing else needed it
-    from tahoe_ft.evaluation.panel import _ceiling, _normaliser_tables
+    from tahoe_ft.evaluation.panel import normaliser_tables, score_ceiling
 
     scr = _load_screen(files)
     genes = {g: i for i, g in enumerate(scr.real.var_names)}
@@ -262,8 +262,10 @@ def check_seed(
     groups = _groups(scr.real)
     decoded = {k: intercept + scr.state_real[rows] @ coef for k, rows in groups.items()}
     out: dict[str, Any] = {"decode_true_state": score(_prediction(scr.real, decoded), "decode_true_state")}
-    tables = _normaliser_tables(work / "decode_true_state", out["decode_true_state"]["_score"])
-    ceil = _ceiling(scr.real, tables, work / "ceiling", PERT_COL, CONTROL_PERT, celltype_col, num_threads)
+    tables = normaliser_tables(work / "decode_true_state", out["decode_true_state"]["_score"])
+    ceil = score_ceiling(
+        scr.real, tables, work / "ceiling", PERT_COL, CONTROL_PERT, celltype_col, num_threads
+    )
     out["ceiling"] = {"avg_score": ceil["avg_score"], "metrics": ceil["metrics"]}
 
     # (b) ridges from the perturbation features, gene space vs X_state decoded

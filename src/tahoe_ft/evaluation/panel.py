@@ -124,8 +124,8 @@ def _compute(
             pred.write_h5ad(tmp)
         score = score_predictions(pred, real, train, cache / name, **common)
         entries[name] = _entry(score)
-        tables = tables or _normaliser_tables(cache / name, score)
-    entries["ceiling"] = _ceiling(
+        tables = tables or normaliser_tables(cache / name, score)
+    entries["ceiling"] = score_ceiling(
         real, tables, cache / "ceiling", pert_col, control_pert, celltype_col, num_threads
     )
     notes = dict(panel.notes)
@@ -137,7 +137,7 @@ def _compute(
     )
 
 
-def _normaliser_tables(outdir: Path, score: Score) -> dict[str | None, pl.DataFrame]:
+def normaliser_tables(outdir: Path, score: Score) -> dict[str | None, pl.DataFrame]:
     """The cell-mean baseline's aggregate table per cell type (None: all cells), as scoring left it."""
     cts = list(score.per_celltype) if score.per_celltype else [None]
     return {
@@ -148,7 +148,7 @@ def _normaliser_tables(outdir: Path, score: Score) -> dict[str | None, pl.DataFr
     }
 
 
-def _ceiling(
+def score_ceiling(
     real: ad.AnnData,
     tables: dict[str | None, pl.DataFrame],
     outdir: Path,
