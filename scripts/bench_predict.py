@@ -53,6 +53,7 @@ ISSUE_MODEL = [
     "model.head_skip=false",  # upstream's head: export-state writes only what state tx infer can run
 ]  # fmt: skip
 SAMPLE_SECONDS = 0.1
+FAST_SETS_PER_PASS = 16
 
 
 # -- the screen -------------------------------------------------------------------------------------------
@@ -247,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shuffle", action="store_true", help="tahoe-ft also writes pred_shuffled.h5ad")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every command")
     ap.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temp dir)")
+    ap.add_argument(
+        "--fast", action="store_true",
+        help="also time `tahoe-ft predict precision=bf16 sets_per_pass=16` in the same run",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     args.cells = args.cells or (4000 if args.quick else 20000)
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -275,6 +280,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"run_dir={work / 'tahoe-pred'}", "device=cpu", f"shuffle={str(args.shuffle).lower()}",
             ),
         }  # fmt: skip
+        if args.fast:  # the same command, bf16 autocast and 16 sets per forward pass (its own output folder)
+            commands["tahoe-ft predict bf16"] = [
+                *commands["tahoe-ft predict"][:-3], f"run_dir={work / 'tahoe-pred-bf16'}", "device=cpu",
+                f"shuffle={str(args.shuffle).lower()}", "precision=bf16", f"sets_per_pass={FAST_SETS_PER_PASS}",
+            ]  # fmt: skip
         if exe is None:
             print("state (arc-state) is not installed: state tx infer skipped")
         else:
@@ -285,32 +295,28 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[Measured]] = {name: [] for name in commands}
         for r in range(args.repeats):  # alternating, so a change in the machine's load hits both sides
             for name, cmd in commands.items():
-                log = work / f"{name.split()[-1]}-{r}.log"
+                log = work / f"{name.replace(' ', '_')}-{r}.log"
                 runs[name].append(check(run_measured(cmd, log, work, env), name, log))
         info = json.loads((work / "tahoe-pred" / "predict.json").read_text())
-        cells = {
-            "tahoe-ft predict": info["n_pred_cells"] * (2 if info["shuffle"] else 1),
-            "state tx infer": args.cells,
-        }
+        n_tahoe = info["n_pred_cells"] * (2 if info["shuffle"] else 1)
+        cells = {"tahoe-ft predict": n_tahoe, "tahoe-ft predict bf16": n_tahoe, "state tx infer": args.cells}
 
         print(
             f"{args.repeats} runs of each, alternating; medians (cells/s = cells through the model / wall s)"
         )
         print(
-            f"{'command':18s} {'cells':>7s} {'wall s':>8s} {'cells/s':>9s} {'peak PSS GiB':>13s} {'peak RSS GiB':>13s}"
+            f"{'command':22s} {'cells':>7s} {'wall s':>8s} {'cells/s':>9s} {'peak PSS GiB':>13s} {'peak RSS GiB':>13s}"
         )
         rate, pss = {}, {}
         for name, ms in runs.items():
             wall = statistics.median([m.wall_s for m in ms])
             rate[name], pss[name] = cells[name] / wall, statistics.median([m.peak_pss_gib for m in ms])
             rss = statistics.median([m.peak_rss_gib for m in ms])
-            print(f"{name:18s} {cells[name]:7d} {wall:8.1f} {rate[name]:9.1f} {pss[name]:13.2f} {rss:13.2f}")
-            print(f"{'':18s} walls: {', '.join(f'{m.wall_s:.1f}' for m in ms)}")
-        if len(runs) == 2:
-            a, b = "tahoe-ft predict", "state tx infer"
-            print(
-                f"tahoe-ft / state tx infer: {rate[a] / rate[b]:.2f}x cells/s, {pss[a] / pss[b]:.2f}x peak PSS"
-            )
+            print(f"{name:22s} {cells[name]:7d} {wall:8.1f} {rate[name]:9.1f} {pss[name]:13.2f} {rss:13.2f}")
+            print(f"{'':22s} walls: {', '.join(f'{m.wall_s:.1f}' for m in ms)}")
+        b = "state tx infer"
+        for a in (a for a in runs if a != b and b in runs):
+            print(f"{a} / {b}: {rate[a] / rate[b]:.2f}x cells/s, {pss[a] / pss[b]:.2f}x peak PSS")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -72,3 +72,37 @@ def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
     # the two folds are different splits: their held-out perturbations differ, so their panels do
     assert c[c["seed"] == 0]["avg_score"].nunique() == 2
     assert (runs / "compare.png").stat().st_size > 5_000
+
+
+def test_reproduce_over_demo_generator_seeds_pools_every_data_set(tmp_path):
+    runs = tmp_path / "runs"
+    data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
+    cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", "evaluate=[0905]", "folds=2",
+                                "data_seeds=[0,1]", *data])  # fmt: skip
+    cfg.train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
+        "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=1",
+    ]  # fmt: skip
+    tahoe_ft.reproduce(cfg, overrides=data)
+    for d in (0, 1):  # each generator seed is its own data set, with its own folds and base model
+        assert sorted(p.name for p in (runs / f"data-{d}").iterdir()) == ["folds", "seed-0"]
+        assert sorted(p.name for p in (runs / f"data-{d}" / "seed-0").iterdir()) == [
+            "fold-0",
+            "fold-1",
+            "pretrain",
+        ]
+    folds = [json.loads((runs / f"data-{d}" / "folds" / "folds.json").read_text()) for d in (0, 1)]
+    assert folds[0]["perturbations"] != folds[1]["perturbations"]  # other biologies, other target genes
+    per_split = pd.read_csv(runs / "compare_splits.csv")
+    assert list(per_split.columns[:3]) == ["data_seed", "seed", "fold"]
+    c = per_split[per_split["experiment"] == "control"]
+    assert sorted(zip(c["data_seed"], c["fold"], strict=True)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    summary = pd.read_csv(runs / "compare.csv")
+    assert (summary["n"] == 4).all()  # 2 data sets x 2 folds, pooled
+
+
+def test_data_seeds_on_a_non_demo_data_set_is_one_line(tmp_path):
+    cfg = compose("reproduce", [f"runs_dir={tmp_path}", "data=papalexi", "data_seeds=[0,1]"])
+    with pytest.raises(tahoe_ft.errors.UserError, match="data_seeds=.*data=papalexi"):
+        tahoe_ft.reproduce(cfg)
+    assert not any(tmp_path.iterdir())

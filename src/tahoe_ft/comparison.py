@@ -372,15 +372,16 @@ def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["avg_score_mean", "experiment"], ascending=[False, True]).reset_index(drop=True)
 
 
-def compare_splits(splits: list[tuple[int, int | None, Path]], out_dir: str | os.PathLike) -> pd.DataFrame:
-    """`splits`: (seed, fold or None, runs_dir of that split's chain). Writes `compare_splits.csv` (every
-    round and baseline of every split), `compare.csv` (mean and sd over splits) and `compare.png`."""
+def compare_splits(splits: list[tuple[dict[str, Any], Path]], out_dir: str | os.PathLike) -> pd.DataFrame:
+    """`splits`: (the split's labels, e.g. {"seed": 0, "fold": 1}, runs_dir of its chain). Writes
+    `compare_splits.csv` (every round and baseline of every split, with the labels as leading columns),
+    `compare.csv` (mean and sd over splits) and `compare.png`."""
     out_dir = Path(out_dir)
     frames = []
-    for seed, fold, runs_dir in splits:
+    for labels, runs_dir in splits:
         df = collect(runs_dir)
-        df.insert(0, "fold", fold if fold is not None else "own")
-        df.insert(0, "seed", seed)
+        for i, (key, value) in enumerate(labels.items()):
+            df.insert(i, key, value)
         frames.append(df)
     per_split = pd.concat(frames, ignore_index=True)
     summary = summarize(per_split)
@@ -388,7 +389,8 @@ def compare_splits(splits: list[tuple[int, int | None, Path]], out_dir: str | os
         per_split.to_csv(tmp, index=False)
     with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
         summary.to_csv(tmp, index=False)
-    _print_summary(summary, title=f"tahoe-ft over {len(splits)} split(s) (fold x seed) in {out_dir}")
+    axes = " x ".join(reversed(list(splits[0][0]))) if splits else "fold x seed"
+    _print_summary(summary, title=f"tahoe-ft over {len(splits)} split(s) ({axes}) in {out_dir}")
     _plot_summary(summary, out_dir / "compare.png")
     return summary
 

@@ -350,6 +350,9 @@ class ReproduceConfig:
     # a fold)
     fold_seed: int = 0
     n_val: int | None = None
+    # the demo's generator seeds (data.demo.seed): each is its own data set with its own folds
+    # (runs_dir/data-D/...), all pooled in compare.csv; empty: the data set as configured
+    data_seeds: list = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

@@ -7,7 +7,8 @@ the runs it leaves behind are ordinary runs, each with its own wandb run; parent
 
 Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.folds`),
 and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the base model (`pretrain`, which
-does not see the screen) is trained once per seed and shared by that seed's folds. `compare.csv` then holds
+does not see the screen) is trained once per seed and shared by that seed's folds. `data_seeds=[...]` repeats
+all of it on demo data sets made with other generator seeds (`runs_dir/data-D/`). `compare.csv` then holds
 every round and every baseline as mean ± sd over the splits (`compare_splits.csv`: each split's rows).
 """
 
@@ -113,10 +114,28 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
     clock = _Clock(console)
     runs = Path(cfg.runs_dir)
     seeds = [int(s) for s in cfg.seeds] or [0]
-    if cfg.folds == 0 and len(seeds) == 1:
+    data_seeds = [int(s) for s in cfg.data_seeds]
+    if data_seeds and cfg.data.name != "demo":
+        from tahoe_ft.errors import UserError
+
+        raise UserError(
+            f"data_seeds={data_seeds} sets the demo generator's seed, but data={cfg.data.name}: "
+            "drop data_seeds, or use data=demo"
+        )
+    if cfg.folds == 0 and len(seeds) == 1 and not data_seeds:
         _chain(cfg, clock, runs, overrides, seed=seeds[0])
     else:
-        _cross_validate(cfg, clock, runs, list(overrides), seeds)
+        from tahoe_ft.comparison import compare_splits
+
+        splits: list[tuple[dict[str, Any], Path]] = []
+        for d in data_seeds or [None]:
+            if d is None:
+                splits += _cross_validate(cfg, clock, runs, list(overrides), seeds)
+            else:
+                over = [*overrides, f"data.demo.seed={d}"]
+                found = _cross_validate(cfg, clock, runs / f"data-{d}", over, seeds, prefix=f"data {d} ")
+                splits += [({"data_seed": d, **labels}, path) for labels, path in found]
+        clock.stage("compare over splits", compare_splits, splits, runs)
     summary = {
         "wall_time_s": round(clock.wall, 1),
         "stages": clock.timings,
@@ -128,10 +147,10 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
 
 
 def _cross_validate(
-    cfg: ReproduceConfig, clock: _Clock, runs: Path, overrides: list[str], seeds: list[int]
-) -> None:
+    cfg: ReproduceConfig, clock: _Clock, runs: Path, overrides: list[str], seeds: list[int], prefix: str = ""
+) -> list[tuple[dict[str, Any], Path]]:
+    """Every (seed, fold) chain on one data set under `runs`; each split's labels and runs dir."""
     from tahoe_ft import api
-    from tahoe_ft.comparison import compare_splits
     from tahoe_ft.folds import make_folds
 
     exps = [experiment_name(e) for e in cfg.experiments]
@@ -144,7 +163,7 @@ def _cross_validate(
         base_runs = runs / f"seed-{seed}"
         shared: list[str] = []
         if BASE in exps:  # the base model does not see the screen: one per seed, shared by the folds
-            _chain(_only(cfg, BASE), clock, base_runs, overrides, seed=seed, prefix=f"seed {seed}: ")
+            _chain(_only(cfg, BASE), clock, base_runs, overrides, seed=seed, prefix=f"{prefix}seed {seed}: ")
             shared = [f"pretrained={(base_runs / BASE / 'latest').resolve() / 'checkpoints' / 'best-val.pt'}"]
         for fold in folds:
             name = "fold-own" if fold is None else f"fold-{fold.index}"
@@ -155,11 +174,11 @@ def _cross_validate(
                 base_runs / name,
                 [*overrides, *split, *shared],
                 seed=seed,
-                prefix=f"seed {seed} {name}: ",
+                prefix=f"{prefix}seed {seed} {name}: ",
                 skip=[BASE],
             )
-            splits.append((seed, None if fold is None else fold.index, base_runs / name))
-    clock.stage("compare over splits", compare_splits, splits, runs)
+            splits.append(({"seed": seed, "fold": "own" if fold is None else fold.index}, base_runs / name))
+    return splits
 
 
 # a fold's TOML is the split: the data set's own split lists must not add to it
