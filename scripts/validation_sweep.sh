@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # How the defaults of model.head_skip, data.pert_features and loss.mean_weight were chosen: on the VALIDATION
-# perturbations of Papalexi's 4 folds (never the test ones). Each configuration trains one gene-space round
+# perturbations of Papalexi's 4 folds (never the test ones); and whether model.target_knockdown should be one.
+# Each configuration trains one gene-space round
 # from scratch per fold, predicts the fold's val perturbations and scores them with the baseline panel; then
-# scripts/validation_table.py prints mean ± sd over folds. Usage: bash scripts/validation_sweep.sh [OUT_DIR]
+# scripts/validation_table.py prints mean ± sd over folds. Usage: [ONLY="a b"] bash scripts/validation_sweep.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="$PWD/.venv/bin/tahoe-ft"
@@ -25,9 +26,14 @@ CONFIGS=(
   "coex1km        model.head_skip=true loss.mean_weight=10 data.pert_features=coexpression trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
   "pca1k          model.head_skip=true loss.mean_weight=0 data.pert_features=pca trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
   "onehot1k       model.head_skip=true loss.mean_weight=0 data.pert_features=onehot trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
+  # the knock-down path (model.target_knockdown), against the defaults it would be added to
+  "pca1km         model.head_skip=true loss.mean_weight=10 data.pert_features=pca trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3"
+  "pca1kmkd       model.head_skip=true loss.mean_weight=10 data.pert_features=pca trainer.max_steps=1000 trainer.val_check_interval=200 optim.lr=1e-3 model.target_knockdown=true"
 )
+# ONLY="name ..." runs just those configurations (the others' finished folds are kept either way)
 for line in "${CONFIGS[@]}"; do
   read -r name rest <<<"$line"
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   for f in 0 1 2 3; do
     rd="$OUT/f$f/$name"
     [ -f "$rd/.done" ] && continue

@@ -126,6 +126,7 @@ def test_batch_contract_expression(screens):
         "gene_dim": 30,
         "batch_dim": 2,
         "aux_dim": None,
+        "target_knockdown": None,  # no knock-down path unless asked
     }
     batch = next(iter(dm.train_dataloader()))
     B, S = 4, 5

@@ -125,6 +125,11 @@ class ModelConfig:
     # is the basal cells at step 0). tahoe-ft only: upstream's head has no skip (false = upstream's function,
     # needed to export a model to upstream state); a head loaded from a parent keeps the parent's choice
     head_skip: bool = True
+    # a learned knock-down of each perturbation's target gene (genetic screens whose perturbations are named
+    # after measured genes): out[target] = log1p(r * expm1(out[target])), r starting at the training cells'
+    # median knock-down. Gene-space rounds only (an embedding round has no target-gene output: ignored there);
+    # tahoe-ft only (export-state refuses it)
+    target_knockdown: bool = False
     batch_encoder: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 

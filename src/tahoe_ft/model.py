@@ -30,6 +30,7 @@ checkpoint importer drops it.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,10 @@ OPTIONAL_HPARAMS: dict[str, Any] = {
     # from the backbone's hidden state, for the auxiliary loss (loss.aux_key); None = no such head. Training
     # only: predictions never use it, and export-state drops it.
     "aux_dim": None,
+    # tahoe-ft only: the initial knock-down ratio of a path that scales each cell's target-gene expression
+    # (linear scale) by a learned ratio, for genetic screens whose targets are measured genes
+    # (model.target_knockdown; the baseline panel's target_knockdown, learned); None = no such path
+    "target_knockdown": None,
 }
 
 OUTPUT_SPACES = ("all", "gene", "embedding")
@@ -473,6 +478,26 @@ class LlamaBidirectional(nn.Module):
 # the model
 
 
+class TargetKnockdown(nn.Module):
+    """Scales the target gene of each cell's perturbation: out[t] = log1p(r * expm1(out[t])), r = exp(log_ratio)
+    learned (initialised from the training screen's median knock-down), other genes untouched. A perturbation
+    whose target is not a measured gene (index -1) passes unchanged. Outputs are log1p expression."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        if not ratio > 0:
+            raise HparamsError(f"target_knockdown={ratio} must be a ratio > 0")
+        self.log_ratio = nn.Parameter(torch.tensor(math.log(ratio)))
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """out `[B,S,G]` log1p expression, target `[B,S]` gene columns (-1: none) -> `[B,S,G]`."""
+        idx = target.clamp(min=0).unsqueeze(-1).long()  # [B,S,1]
+        cur = out.gather(-1, idx).float()  # [B,S,1]
+        scaled = torch.log1p(self.log_ratio.float().exp() * torch.expm1(cur.clamp(min=0)))
+        new = torch.where((target >= 0).unsqueeze(-1), scaled, cur).to(out.dtype)
+        return out.scatter(-1, idx, new)
+
+
 class StateTransitionModel(nn.Module):
     """Upstream's ST model (Llama, bidirectional) with upstream parameter names; see the module docstring."""
 
@@ -523,6 +548,13 @@ class StateTransitionModel(nn.Module):
         self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
         aux_dim = hp["aux_dim"]
         self.aux_head = build_mlp(H, int(aux_dim), H, 2, dropout, act) if aux_dim else None
+        kd = hp["target_knockdown"]
+        if kd is not None and (self.output_space != "all" or self.gene_decoder is not None):
+            raise HparamsError(
+                "target_knockdown needs a gene-space model (output_space 'all', no gene decoder): the target "
+                "gene must be one of the outputs"
+            )
+        self.target_knockdown = TargetKnockdown(float(kd)) if kd is not None else None
 
         embed_key = hp["embed_key"]
         self.apply_relu = embed_key in (None, "X_hvg") or self.gene_decoder is None
@@ -535,10 +567,13 @@ class StateTransitionModel(nn.Module):
         basal: torch.Tensor,
         batch_idx: torch.Tensor | None = None,
         *,
+        target: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict perturbed cells for B sets: pert [B,S,P], basal [B,S,D_in], batch_idx [B,S] -> [B,S,D_out]
-        (and the backbone's hidden states [B,S,H] with `return_hidden`, for the auxiliary head)."""
+        (and the backbone's hidden states [B,S,H] with `return_hidden`, for the auxiliary head). `target`
+        [B,S]: the perturbation's target-gene column per cell (-1: none), for the knock-down path; a model
+        with that path needs it."""
         if pert.dim() != 3 or basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(
                 f"forward_sets expects pert [B,S,P] and basal [B,S,D_in] with matching B,S; "
@@ -565,6 +600,12 @@ class StateTransitionModel(nn.Module):
             out = self.project_out(h)
         if self.apply_relu:
             out = F.relu(out)
+        if self.target_knockdown is not None:
+            if target is None:
+                raise ValueError(
+                    "this model has a target_knockdown path: pass each cell's target-gene column"
+                )
+            out = self.target_knockdown(out, target.reshape(pert.shape[:2]))
         return (out, h) if return_hidden else out  # [B,S,D_out]
 
     def forward(self, batch: Mapping[str, torch.Tensor], padded: bool = True) -> torch.Tensor:
@@ -604,7 +645,9 @@ class StateTransitionModel(nn.Module):
             if one_hot and batch_idx.shape[-1] == self.batch_dim:
                 batch_idx = batch_idx.argmax(-1)
             batch_idx = batch_idx.reshape(shape)  # [B,S]
-        out = self.forward_sets(pert, basal, batch_idx)  # [B,S,D_out]
+        target = batch.get("pert_target")
+        target = target.reshape(shape) if target is not None else None  # [B,S]
+        out = self.forward_sets(pert, basal, batch_idx, target=target)  # [B,S,D_out]
         return out.reshape(-1, self.output_dim)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

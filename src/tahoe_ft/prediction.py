@@ -31,6 +31,7 @@ from rich.progress import Progress
 
 from tahoe_ft.checkpoint import load_checkpoint
 from tahoe_ft.data import CellCatalog, GroupKey, Manifest
+from tahoe_ft.data.features import target_gene_index
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.diagnostics import derangement
 from tahoe_ft.fileio import atomic_path
@@ -92,14 +93,18 @@ def _device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_sets(model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch.device) -> np.ndarray:
-    """Predict one group: basal `[n, D_in]` in sets of <= cell_set_len cells -> genes `[n, G]`."""
+def predict_sets(
+    model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch.device, target: int | None = None
+) -> np.ndarray:
+    """Predict one group: basal `[n, D_in]` in sets of <= cell_set_len cells -> genes `[n, G]` (`target`: the
+    perturbation's target-gene column, -1 for none, for a model with the knock-down path)."""
     s = int(model.hparams["cell_set_len"])
     out = []
     for start in range(0, basal.shape[0], s):
         b = torch.from_numpy(basal[start : start + s]).to(device)[None]  # [1, s, D_in]
         p = pert_vec.to(device).expand(1, b.shape[1], -1)  # [1, s, P]
-        y = model.forward_sets(p, b)  # [1, s, D_out]
+        t = torch.full(b.shape[:2], target, dtype=torch.long, device=device) if target is not None else None
+        y = model.forward_sets(p, b, target=t)  # [1, s, D_out]
         if decodes(model):
             y = model.decode(y)  # [1, s, G]: embedding rounds are scored in gene space
         out.append(y[0].float().cpu().numpy())
@@ -131,17 +136,24 @@ def _prediction_order(keys: Iterable[GroupKey]) -> list[GroupKey]:
 
 @torch.no_grad()
 def predict_batch(
-    model, pert: torch.Tensor, basal: np.ndarray, device: torch.device, precision: str = "32"
+    model,
+    pert: torch.Tensor,
+    basal: np.ndarray,
+    device: torch.device,
+    precision: str = "32",
+    target: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Predict B sets of one length in one forward pass: pert `[B, P]` (one vector per set), basal
     `[B, s, D_in]` -> genes `[B, s, G]` float32. Attention stays within a set, so this is `predict_sets` of
     each set up to float32 rounding: BLAS sums in an order that depends on the matrix height (B*s rows), so
     B > 1 differs from B = 1 in the last bits (~4e-7 at 18,080 genes, MKL); B = 1 gives the same numbers.
-    `precision="bf16"`: the matmuls under bfloat16 autocast (PRECISIONS)."""
+    `precision="bf16"`: the matmuls under bfloat16 autocast (PRECISIONS). `target` `[B]`: each set's
+    target-gene column (-1: none), for a model with the knock-down path."""
     b = torch.from_numpy(basal).to(device)  # [B, s, D_in]
     p = pert.to(device)[:, None, :].expand(-1, b.shape[1], -1)  # [B, s, P]
+    t = target.to(device)[:, None].expand(-1, b.shape[1]) if target is not None else None  # [B, s]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        y = model.forward_sets(p, b)  # [B, s, D_out]
+        y = model.forward_sets(p, b, target=t)  # [B, s, D_out]
         if decodes(model):
             y = model.decode(y)  # [B, s, G]
     return y.float().cpu().numpy()
@@ -296,6 +308,12 @@ def predict(
         raise UserError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
     batches = list(_batches(_sets(basal_rows, perts, shuffled, s), max(1, BLOCK_CELLS // s)))
     pert_matrix = torch.as_tensor(m.pert_matrix)
+    # the knock-down path's target gene follows the perturbation (the shuffle swaps it with the features)
+    pert_target = (
+        torch.from_numpy(target_gene_index(m.pert_names, m.gene_names, m.control_pert))
+        if getattr(model, "target_knockdown", None) is not None
+        else None
+    )
     n_clip = 0
     with ExitStack() as files, Progress(transient=True) as bar:
 
@@ -319,8 +337,11 @@ def predict(
             for a in range(0, len(batch), sets_per_pass):
                 chunk = batch[a : a + sets_per_pass]
                 for x, field in outs:
-                    pert = pert_matrix[[getattr(st, field) for st in chunk]]
-                    y = predict_batch(model, pert, basal[a : a + len(chunk)], dev, str(precision))
+                    which = [getattr(st, field) for st in chunk]
+                    target = pert_target[which] if pert_target is not None else None
+                    y = predict_batch(
+                        model, pert_matrix[which], basal[a : a + len(chunk)], dev, str(precision), target
+                    )
                     if x is pred_x:
                         n_clip += int((y > PRED_MAX).sum() + (y < 0).sum())
                     np.clip(y, 0.0, PRED_MAX, out=y)

@@ -375,6 +375,11 @@ def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             f"{src} has the tahoe-ft-only head skip path (model.head_skip=true), which upstream's ST does not "
             "compute; export a model trained with model.head_skip=false"
         )
+    if hparams.get("target_knockdown") is not None:
+        raise UserError(
+            f"{src} has the tahoe-ft-only target knock-down path (model.target_knockdown=true), which upstream's "
+            "ST does not compute; export a model trained with model.target_knockdown=false"
+        )
     model = model_from_weights(state, hparams, src)
     m = Manifest.from_dict(raw_manifest)
     hp = model.hparams

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tahoe_ft.config import DataConfig
 from tahoe_ft.data.catalog import CellCatalog, as_data_config
 from tahoe_ft.data.dataset import SetDataset, identity_collate, worker_init
-from tahoe_ft.data.features import build_features
+from tahoe_ft.data.features import build_features, target_gene_index, training_knockdown_ratio
 from tahoe_ft.data.manifest import Manifest
 from tahoe_ft.data.sampler import Groups, SetPlan, group_cells
 from tahoe_ft.data.splits import TEST, TRAIN, VAL
@@ -30,7 +30,9 @@ class PerturbationDataModule(L.LightningDataModule):
     (raw_expression encoder). `embed_key="X_state"`: input and target are `obsm["X_state"]` rows, and
     with `need_counts` the batch also carries `pert_cell_counts` (gene expression, for the decoder).
     `aux_key` (e.g. "X_state" in a gene-space round): the batch also carries `pert_cell_aux`, the target cells'
-    `obsm[aux_key]` rows, for the auxiliary loss (`loss.aux_key`).
+    `obsm[aux_key]` rows, for the auxiliary loss (`loss.aux_key`). `target_knockdown` (gene space only): the
+    batch also carries `pert_target`, each set's target-gene column, and `dims["target_knockdown"]` is the
+    training cells' median knock-down ratio, the knock-down path's starting value (model.target_knockdown).
 
     Splits: listed val/test perturbations (few-shot) and held-out cell types (zero-shot) take those
     cells out of training. Control cells are shared: every split draws basal controls from the same
@@ -47,6 +49,7 @@ class PerturbationDataModule(L.LightningDataModule):
         cell_set_len: int,
         seed: int,
         aux_key: str | None = None,
+        target_knockdown: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
         debug_rows: bool = False,
@@ -58,6 +61,8 @@ class PerturbationDataModule(L.LightningDataModule):
         self.cell_set_len = int(cell_set_len)
         self.seed = int(seed)
         self.aux_key = aux_key
+        self.target_knockdown = bool(target_knockdown)
+        self.knockdown_ratio: float | None = None
         self.rank, self.world_size = rank, world_size
         self.debug_rows = debug_rows
         self._catalog: CellCatalog | None = None
@@ -81,12 +86,14 @@ class PerturbationDataModule(L.LightningDataModule):
             dim=c.pert_feature_dim,
             seed=self.seed,
         )
+        pert_target = self._knockdown(catalog) if self.target_knockdown else None
         self._build_plans(catalog)
         self.dataset = SetDataset(
             catalog,
             self.pert_matrix_np,
             need_counts=self.need_counts,
             aux_key=self.aux_key,
+            pert_target=pert_target,
             debug_rows=self.debug_rows,
         )
         self._check_memory(self._dims(catalog))
@@ -103,6 +110,23 @@ class PerturbationDataModule(L.LightningDataModule):
             self.train_plan.n_sets,
             self.val_plan.n_sets,
         )
+
+    def _knockdown(self, catalog: CellCatalog) -> np.ndarray:
+        """Each perturbation's target-gene column, and the training cells' knock-down ratio (its start)."""
+        if self.embed_key is not None:
+            raise UserError(
+                "model.target_knockdown=true needs gene-space input and output (encoder=raw_expression); "
+                f"this round reads obsm['{self.embed_key}']"
+            )
+        ratio, n = training_knockdown_ratio(catalog, self.seed)
+        if ratio is None:
+            raise UserError(
+                "model.target_knockdown=true, but no training perturbation is named after a measured gene "
+                f"(data.pert_col values vs the {len(catalog.gene_names)} var_names); set model.target_knockdown=false"
+            )
+        log.info("target knock-down path: ratio %.3f at the start (median over %d training groups)", ratio, n)
+        self.knockdown_ratio = ratio
+        return target_gene_index(catalog.pert_names, catalog.gene_names, catalog.control_pert)
 
     def _check_options(self) -> None:
         """The loader's options (the catalog checks the data options when it opens)."""
@@ -241,6 +265,7 @@ class PerturbationDataModule(L.LightningDataModule):
             "gene_dim": len(cat.gene_names),
             "batch_dim": len(cat.batches) if cat.batches is not None else None,
             "aux_dim": cat.screens[0].obsm_dim(self.aux_key) if self.aux_key is not None else None,
+            "target_knockdown": self.knockdown_ratio,
         }
 
     @property

@@ -24,6 +24,7 @@ class Batch(TypedDict, total=False):
     pert_cell_counts: torch.Tensor  # float32 [B, S, G]: embedding input only, the targets in gene space
     pert_cell_aux: torch.Tensor  # float32 [B, S, E]: the targets' obsm[loss.aux_key] (auxiliary loss only)
     batch: torch.Tensor  # int64 [B, S]: batch index (data.batch_col set)
+    pert_target: torch.Tensor  # int64 [B, S]: the target gene's column, -1 for none (model.target_knockdown)
     pert_name: list[str]  # [B]
     cell_type: list[str]  # [B]
     pert_rows: torch.Tensor  # int64 [B, S]: global rows of the targets (debug_rows only)
@@ -48,6 +49,7 @@ class SetDataset(Dataset):
         *,
         need_counts: bool,
         aux_key: str | None = None,
+        pert_target: np.ndarray | None = None,
         debug_rows: bool = False,
     ) -> None:
         self.reader = catalog.reader
@@ -56,6 +58,7 @@ class SetDataset(Dataset):
         self.need_counts = need_counts
         self.aux_key = aux_key
         self.pert_matrix = pert_matrix  # float32 [n_perts, P]; row i = pert_names[i]
+        self.pert_target = pert_target  # int64 [n_perts] target-gene columns (-1: none), or None
         self.pert_names = list(catalog.pert_names)
         self.cell_types = list(catalog.cell_types)
         self.batch_of_row = catalog.batch_of
@@ -112,6 +115,10 @@ class SetDataset(Dataset):
             batch["pert_cell_counts"] = assemble(parts["counts"])
         if parts["aux"]:
             batch["pert_cell_aux"] = assemble(parts["aux"])
+        if self.pert_target is not None:
+            batch["pert_target"] = torch.from_numpy(
+                np.ascontiguousarray(np.broadcast_to(self.pert_target[perts][:, None], (B, S)))
+            )
         if self.batch_of_row is not None:
             batch["batch"] = torch.from_numpy(self.batch_of_row[pert_rows].astype(np.int64))
         batch["pert_name"] = [self.pert_names[d.pert] for d in descs]

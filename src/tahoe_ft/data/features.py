@@ -164,3 +164,41 @@ def _mean_expression(
     if rows.size > cap:
         rows = np.sort(rng.choice(rows, cap, replace=False))
     return catalog.read_expression(rows).astype(np.float64).mean(axis=0)
+
+
+# -- the target gene of each perturbation (the knock-down path, model.target_knockdown) ---------------------
+
+
+def target_gene_index(perts: Sequence[str], genes: Sequence[str], control: str) -> np.ndarray:
+    """int64 `[n_perts]`: the column of each perturbation's target gene among `genes` (a genetic screen names
+    a perturbation by its target), -1 for the control and for targets that are not measured genes."""
+    index = {g: i for i, g in enumerate(genes)}
+    return np.array([-1 if p == control else index.get(p, -1) for p in perts], dtype=np.int64)
+
+
+def training_knockdown_ratio(catalog: CellCatalog, seed: int) -> tuple[float | None, int]:
+    """Median over training groups whose target is a measured gene of mean(expm1 target | perturbed) /
+    mean(expm1 target | control cells of the cell type), read from training cells only (the baseline panel's
+    `target_knockdown` ratio, from the same cells the model trains on); and the number of groups."""
+    rng = np.random.default_rng(seed)
+    target = target_gene_index(catalog.pert_names, catalog.gene_names, catalog.control_pert)
+    pert_idx = {p: i for i, p in enumerate(catalog.pert_names)}
+    ctrl_level: dict[tuple[str, str], np.ndarray] = {}
+    ratios = []
+    for key, rows in sorted(catalog.groups("train").items()):
+        g = int(target[pert_idx[key.pert]])
+        if key.pert == catalog.control_pert or g < 0:
+            continue
+        ck = (key.dataset, key.cell_type)
+        if ck not in ctrl_level:
+            ctrl_level[ck] = _mean_linear(catalog, catalog.controls(*ck), MAX_CONTROL_CELLS, rng)
+        base = ctrl_level[ck][g]
+        if base > 0:
+            ratios.append(_mean_linear(catalog, rows, MAX_CELLS_PER_GROUP, rng)[g] / base)
+    return (float(np.median(ratios)) if ratios else None), len(ratios)
+
+
+def _mean_linear(catalog: CellCatalog, rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    if rows.size > cap:
+        rows = np.sort(rng.choice(rows, cap, replace=False))
+    return np.expm1(catalog.read_expression(rows).astype(np.float64)).mean(axis=0)

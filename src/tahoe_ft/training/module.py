@@ -98,7 +98,8 @@ class STLightningModule(L.LightningModule):
         pert = batch["pert_emb"]  # [B,S,P]
         basal = batch["ctrl_cell_emb"]  # [B,S,D_in]
         batch_idx = batch.get("batch") if self.model.hparams.get("batch_encoder") else None
-        return self.model.forward_sets(pert, basal, batch_idx, return_hidden=True)  # [B,S,D_out], [B,S,H]
+        target = batch.get("pert_target") if self.model.target_knockdown is not None else None  # [B,S]
+        return self.model.forward_sets(pert, basal, batch_idx, target=target, return_hidden=True)
 
     def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean over sets of the set distance, always in float32: under bf16 autocast the energy distance's

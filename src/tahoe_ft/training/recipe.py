@@ -114,9 +114,21 @@ def training_data(cfg: TrainConfig) -> PerturbationDataModule:
         cell_set_len=cfg.model.cell_set_len,
         seed=cfg.seed,
         aux_key=_aux_key(cfg),
+        target_knockdown=_target_knockdown(cfg),
     )
     dm.setup("fit")
     return dm
+
+
+def _target_knockdown(cfg: TrainConfig) -> bool:
+    """model.target_knockdown in a gene-space round; an embedding round has no target-gene output."""
+    wanted = bool(getattr(cfg.model, "target_knockdown", False))
+    if wanted and cfg.encoder.embed_key is not None:
+        log.info(
+            "model.target_knockdown ignored: %s predicts embeddings, not the target gene", cfg.encoder.name
+        )
+        return False
+    return wanted
 
 
 def _aux_key(cfg: TrainConfig) -> str | None:
@@ -187,6 +199,7 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
         gene_dim=dims["gene_dim"] if decoder_cfg else None,
         batch_dim=dims.get("batch_dim"),
         aux_dim=dims.get("aux_dim"),
+        target_knockdown=dims.get("target_knockdown"),
         batch_encoder=bool(m.batch_encoder and dims.get("batch_dim")),
         embed_key=enc.embed_key,
         output_space=enc.output_space,
