@@ -143,3 +143,26 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
     assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
     with pytest.raises(UserError, match="precision='fp8'"):
         prediction.predict(ckpt, out_dir=tmp_path / "bad", device="cpu", precision="fp8")
+
+
+def test_a_model_with_a_batch_encoder_predicts_with_each_basal_cells_batch(tmp_path):
+    import anndata as ad
+
+    import tahoe_ft
+    from conftest_train import train
+
+    run = train(tmp_path, "0906", "init_from=null", "model.batch_encoder=true", "data.batch_col=batch",
+                "model.head_skip=false", steps=2,
+                val_every=2)  # fmt: skip
+    ckpt = torch.load(run / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=False)
+    assert ckpt["hparams"]["batch_encoder"] and ckpt["hparams"]["batch_dim"] == 2
+    first = ad.read_h5ad(tahoe_ft.predict("best-val.pt", run_dir=run, shuffle=False) / "pred.h5ad").X.copy()
+    # the batch matters (no head skip: a fresh skip head barely passes the hidden state on after 2 steps):
+    # give the two batches very different embeddings and the prediction changes
+    w = ckpt["state_dict"]["batch_encoder.weight"]
+    ckpt["state_dict"]["batch_encoder.weight"] = torch.stack([w[0] + 5.0, w[1] - 5.0])
+    torch.save(ckpt, run / "checkpoints" / "batches.pt")
+    second = ad.read_h5ad(tahoe_ft.predict("batches.pt", run_dir=run, shuffle=False) / "pred.h5ad").X
+    n_pred = int((ad.read_h5ad(run / "pred.h5ad", backed="r").obs["target_gene"] != "non-targeting").sum())
+    assert first.shape == second.shape
+    assert np.abs(first[:n_pred] - second[:n_pred]).max() > 1e-3

@@ -111,6 +111,27 @@ def predict_sets(
     return np.concatenate(out, axis=0)
 
 
+def _training_batches(model, m: Manifest, catalog: CellCatalog) -> np.ndarray | None:
+    """For a model with a batch encoder: every cell's batch as the index the model trained with (the
+    manifest's `batches`), int64 `[n_cells]`; the basal cells carry their own batch into the prediction."""
+    if getattr(model, "batch_encoder", None) is None:
+        return None
+    if catalog.batch_of is None or not m.batches:
+        raise UserError(
+            "this model has a batch encoder, but the checkpoint's manifest names no batch column; "
+            "predict needs each basal cell's batch (train with data.batch_col set)"
+        )
+    index = {b: i for i, b in enumerate(m.batches)}
+    unseen = [b for b in catalog.batches or [] if b not in index]
+    if unseen:
+        raise UserError(
+            f"batches {unseen[:5]} of the cells to predict were not in training ({len(m.batches)} batches); "
+            "the batch encoder has no embedding for them: predict from a file with the training batches"
+        )
+    lut = np.array([index[b] for b in catalog.batches or []], dtype=np.int64)
+    return lut[catalog.batch_of]
+
+
 def decodes(model) -> bool:
     """Whether predictions go through the gene decoder: with embedding input, as `state tx infer` decides.
     An HVG-mode upstream checkpoint (embed_key None, or X_hvg with output_space gene) carries a decoder that
@@ -142,18 +163,21 @@ def predict_batch(
     device: torch.device,
     precision: str = "32",
     target: torch.Tensor | None = None,
+    batch_idx: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Predict B sets of one length in one forward pass: pert `[B, P]` (one vector per set), basal
     `[B, s, D_in]` -> genes `[B, s, G]` float32. Attention stays within a set, so this is `predict_sets` of
     each set up to float32 rounding: BLAS sums in an order that depends on the matrix height (B*s rows), so
     B > 1 differs from B = 1 in the last bits (~4e-7 at 18,080 genes, MKL); B = 1 gives the same numbers.
     `precision="bf16"`: the matmuls under bfloat16 autocast (PRECISIONS). `target` `[B]`: each set's
-    target-gene column (-1: none), for a model with the knock-down path."""
+    target-gene column (-1: none), for a model with the knock-down path; `batch_idx` `[B, s]`: each basal
+    cell's batch, for a model with a batch encoder."""
     b = torch.from_numpy(basal).to(device)  # [B, s, D_in]
     p = pert.to(device)[:, None, :].expand(-1, b.shape[1], -1)  # [B, s, P]
     t = target.to(device)[:, None].expand(-1, b.shape[1]) if target is not None else None  # [B, s]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        y = model.forward_sets(p, b, target=t)  # [B, s, D_out]
+        bi = batch_idx.to(device) if batch_idx is not None else None
+        y = model.forward_sets(p, b, bi, target=t)  # [B, s, D_out]
         if decodes(model):
             y = model.decode(y)  # [B, s, G]
     return y.float().cpu().numpy()
@@ -314,6 +338,7 @@ def predict(
         if getattr(model, "target_knockdown", None) is not None
         else None
     )
+    batch_of = _training_batches(model, m, catalog)  # None without a batch encoder
     n_clip = 0
     with ExitStack() as files, Progress(transient=True) as bar:
 
@@ -339,8 +364,19 @@ def predict(
                 for x, field in outs:
                     which = [getattr(st, field) for st in chunk]
                     target = pert_target[which] if pert_target is not None else None
+                    bidx = (
+                        torch.from_numpy(np.stack([batch_of[st.basal] for st in chunk]))
+                        if batch_of is not None
+                        else None
+                    )
                     y = predict_batch(
-                        model, pert_matrix[which], basal[a : a + len(chunk)], dev, str(precision), target
+                        model,
+                        pert_matrix[which],
+                        basal[a : a + len(chunk)],
+                        dev,
+                        str(precision),
+                        target,
+                        bidx,
                     )
                     if x is pred_x:
                         n_clip += int((y > PRED_MAX).sum() + (y < 0).sum())
