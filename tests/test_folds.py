@@ -35,16 +35,22 @@ def test_folds_of_a_toml_less_screen_hold_each_perturbation_out_once(tmp_path):
     assert [f.test for f in make_folds(data, 3, tmp_path / "other", seed=1)] != [f.test for f in folds]
 
 
-def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
+def _tiny_reproduce(tmp_path, *keys: str, steps: int = 4):
+    """`tahoe-ft reproduce` of pretrain -> 0905 over 2 folds on the tiny demo, tiny model, `steps` steps."""
     runs = tmp_path / "runs"
     data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
     cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", "evaluate=[0905]", "folds=2",
-                                "seeds=[0,1]", *data])  # fmt: skip
+                                *keys, *data])  # fmt: skip
     cfg.train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
-        "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=2",
+        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", f"sched.warmup_steps={steps // 2}",
     ]  # fmt: skip
     tahoe_ft.reproduce(cfg, overrides=data)
+    return runs
+
+
+def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
+    runs = _tiny_reproduce(tmp_path, "seeds=[0,1]")
     assert sorted(p.name for p in (runs / "seed-0").iterdir()) == ["fold-0", "fold-1", "pretrain"]
     per_split = pd.read_csv(runs / "compare_splits.csv")
     summary = pd.read_csv(runs / "compare.csv")
@@ -75,15 +81,7 @@ def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
 
 
 def test_reproduce_over_demo_generator_seeds_pools_every_data_set(tmp_path):
-    runs = tmp_path / "runs"
-    data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
-    cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", "evaluate=[0905]", "folds=2",
-                                "data_seeds=[0,1]", *data])  # fmt: skip
-    cfg.train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
-        "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=1",
-    ]  # fmt: skip
-    tahoe_ft.reproduce(cfg, overrides=data)
+    runs = _tiny_reproduce(tmp_path, "data_seeds=[0,1]", steps=2)
     for d in (0, 1):  # each generator seed is its own data set, with its own folds and base model
         assert sorted(p.name for p in (runs / f"data-{d}").iterdir()) == ["folds", "seed-0"]
         assert sorted(p.name for p in (runs / f"data-{d}" / "seed-0").iterdir()) == [
