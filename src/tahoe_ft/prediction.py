@@ -111,6 +111,15 @@ def predict_sets(
     return np.concatenate(out, axis=0)
 
 
+def _bf16_linears(model) -> None:
+    """bf16 predict: every `nn.Linear` cast to bfloat16 once, so autocast does not cast each 18,080-wide weight
+    again on every forward pass (measured: ~0.13 s per such cast on one core); norms, embeddings and the
+    knock-down ratio stay float32, and autocast still picks the precision of every other op."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.to(torch.bfloat16)
+
+
 def _training_batches(model, m: Manifest, catalog: CellCatalog) -> np.ndarray | None:
     """For a model with a batch encoder: every cell's batch as the index the model trained with (the
     manifest's `batches`), int64 `[n_cells]`; the basal cells carry their own batch into the prediction."""
@@ -330,6 +339,8 @@ def predict(
         raise UserError(f"sets_per_pass={sets_per_pass} must be >= 1")
     if str(precision) not in PRECISIONS:
         raise UserError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+    if str(precision) == "bf16":
+        _bf16_linears(model)
     batches = list(_batches(_sets(basal_rows, perts, shuffled, s), max(1, BLOCK_CELLS // s)))
     pert_matrix = torch.as_tensor(m.pert_matrix)
     # the knock-down path's target gene follows the perturbation (the shuffle swaps it with the features)
