@@ -274,17 +274,18 @@ def main(argv: list[str] | None = None) -> None:
         folder = train_checkpoint(work, screen, split, args.train_steps, ISSUE_MODEL, args.threads)
 
         exe = state_cli()
-        commands = {
-            "tahoe-ft predict": tahoe_ft(
-                "predict", f"ckpt={folder}", f"data_path={screen}", f"split_toml={split}",
-                f"run_dir={work / 'tahoe-pred'}", "device=cpu", f"shuffle={str(args.shuffle).lower()}",
-            ),
-        }  # fmt: skip
-        if args.fast:  # the same command, bf16 autocast and 16 sets per forward pass (its own output folder)
-            commands["tahoe-ft predict bf16"] = [
-                *commands["tahoe-ft predict"][:-3], f"run_dir={work / 'tahoe-pred-bf16'}", "device=cpu",
-                f"shuffle={str(args.shuffle).lower()}", "precision=bf16", f"sets_per_pass={FAST_SETS_PER_PASS}",
-            ]  # fmt: skip
+        predict = [
+            "predict", f"ckpt={folder}", f"data_path={screen}", f"split_toml={split}", "device=cpu",
+            f"shuffle={str(args.shuffle).lower()}",
+        ]  # fmt: skip
+        commands = {"tahoe-ft predict": tahoe_ft(*predict, f"run_dir={work / 'tahoe-pred'}")}
+        if args.fast:  # the same command, bf16 and 16 sets per forward pass (its own output folder)
+            commands["tahoe-ft predict bf16"] = tahoe_ft(
+                *predict,
+                f"run_dir={work / 'tahoe-pred-bf16'}",
+                "precision=bf16",
+                f"sets_per_pass={FAST_SETS_PER_PASS}",
+            )
         if exe is None:
             print("state (arc-state) is not installed: state tx infer skipped")
         else:

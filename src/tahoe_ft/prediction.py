@@ -178,7 +178,7 @@ def predict_batch(
     `[B, s, D_in]` -> genes `[B, s, G]` float32. Attention stays within a set, so this is `predict_sets` of
     each set up to float32 rounding: BLAS sums in an order that depends on the matrix height (B*s rows), so
     B > 1 differs from B = 1 in the last bits (~4e-7 at 18,080 genes, MKL); B = 1 gives the same numbers.
-    `precision="bf16"`: the matmuls under bfloat16 autocast (PRECISIONS). `target` `[B]`: each set's
+    `precision="bf16"`: under bfloat16 autocast (PRECISIONS; `predict` casts the Linear weights once). `target` `[B]`: each set's
     target-gene column (-1: none), for a model with the knock-down path; `batch_idx` `[B, s]`: each basal
     cell's batch, for a model with a batch encoder."""
     b = torch.from_numpy(basal).to(device)  # [B, s, D_in]
@@ -192,8 +192,8 @@ def predict_batch(
     return y.float().cpu().numpy()
 
 
-# "32": float32 (the reference numbers); "bf16": bfloat16 autocast, several times faster on CPUs with AMX and on
-# GPUs, predictions within ~3e-3 of float32 in log1p expression (tests/test_prediction.py)
+# "32": float32 (the reference numbers); "bf16": bfloat16 Linear weights under autocast, faster on CPUs with AMX and
+# on GPUs; at 18,080 genes max 6.7e-3, mean 5.2e-4 from float32 in log1p expression (BENCHMARKS.md)
 PRECISIONS = ("32", "bf16")
 
 
@@ -372,14 +372,15 @@ def predict(
             basal = catalog.read_input(np.concatenate([st.basal for st in batch])).reshape(len(batch), n, -1)
             for a in range(0, len(batch), sets_per_pass):
                 chunk = batch[a : a + sets_per_pass]
+                # the basal cells' batches: the same for the prediction and its shuffle
+                bidx = (
+                    torch.from_numpy(np.stack([batch_of[st.basal] for st in chunk]))
+                    if batch_of is not None
+                    else None
+                )
                 for x, field in outs:
                     which = [getattr(st, field) for st in chunk]
                     target = pert_target[which] if pert_target is not None else None
-                    bidx = (
-                        torch.from_numpy(np.stack([batch_of[st.basal] for st in chunk]))
-                        if batch_of is not None
-                        else None
-                    )
                     y = predict_batch(
                         model,
                         pert_matrix[which],

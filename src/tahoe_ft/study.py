@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from tahoe_ft.config import ReproduceConfig
+from tahoe_ft.errors import UserError
 from tahoe_ft.runs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
     seeds = [int(s) for s in cfg.seeds] or [0]
     data_seeds = [int(s) for s in cfg.data_seeds]
     if data_seeds and cfg.data.name != "demo":
-        from tahoe_ft.errors import UserError
-
         raise UserError(
             f"data_seeds={data_seeds} sets the demo generator's seed, but data={cfg.data.name}: "
             "drop data_seeds, or use data=demo"

@@ -159,11 +159,13 @@ def _coexpression_embedding(catalog: CellCatalog, k: int, seed: int) -> np.ndarr
 
 
 def _mean_expression(
-    catalog: CellCatalog, rows: np.ndarray, cap: int, rng: np.random.Generator
+    catalog: CellCatalog, rows: np.ndarray, cap: int, rng: np.random.Generator, *, linear: bool = False
 ) -> np.ndarray:
+    """Mean log1p expression of at most `cap` of `rows` (`linear`: the mean of expm1, i.e. on the count scale)."""
     if rows.size > cap:
         rows = np.sort(rng.choice(rows, cap, replace=False))
-    return catalog.read_expression(rows).astype(np.float64).mean(axis=0)
+    x = catalog.read_expression(rows).astype(np.float64)
+    return (np.expm1(x) if linear else x).mean(axis=0)
 
 
 # -- the target gene of each perturbation (the knock-down path, model.target_knockdown) ---------------------
@@ -191,14 +193,10 @@ def training_knockdown_ratio(catalog: CellCatalog, seed: int) -> tuple[float | N
             continue
         ck = (key.dataset, key.cell_type)
         if ck not in ctrl_level:
-            ctrl_level[ck] = _mean_linear(catalog, catalog.controls(*ck), MAX_CONTROL_CELLS, rng)
+            ctrl_level[ck] = _mean_expression(
+                catalog, catalog.controls(*ck), MAX_CONTROL_CELLS, rng, linear=True
+            )
         base = ctrl_level[ck][g]
         if base > 0:
-            ratios.append(_mean_linear(catalog, rows, MAX_CELLS_PER_GROUP, rng)[g] / base)
+            ratios.append(_mean_expression(catalog, rows, MAX_CELLS_PER_GROUP, rng, linear=True)[g] / base)
     return (float(np.median(ratios)) if ratios else None), len(ratios)
-
-
-def _mean_linear(catalog: CellCatalog, rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    if rows.size > cap:
-        rows = np.sort(rng.choice(rows, cap, replace=False))
-    return np.expm1(catalog.read_expression(rows).astype(np.float64)).mean(axis=0)
