@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 from tahoe_ft.evaluation.diagnostics import collapse, derangement
 
@@ -63,3 +64,17 @@ def test_shuffle_test_drops_for_a_predictor_that_uses_the_perturbation(tmp_path)
     s_uses = score_predictions(uses, real, train, tmp_path / "uses", **kw)
     s_shuf = score_predictions(shuffled, real, train, tmp_path / "shuf", **kw)
     assert s_uses.avg_score - s_shuf.avg_score > 0.2
+    # a predictor that ignores the perturbation: every group gets the same cells (the pooled perturbed cells);
+    # shuffled the same way, its score does not move
+    pool = np.asarray(real.X[perts != CTRL])
+    ignores = real.copy()
+    for p in d:
+        ignores.X[perts == p] = pool[np.arange((perts == p).sum()) % len(pool)]
+    ign_shuf = ignores.copy()
+    for p, q in d.items():
+        src = np.asarray(ignores.X[perts == q])
+        ign_shuf.X[perts == p] = src[np.arange((perts == p).sum()) % len(src)]
+    s_ign = score_predictions(ignores, real, train, tmp_path / "ign", **kw)
+    s_ign_shuf = score_predictions(ign_shuf, real, train, tmp_path / "ign_shuf", **kw)
+    assert s_ign.avg_score == pytest.approx(s_ign_shuf.avg_score, abs=1e-9)
+    assert s_uses.avg_score - s_shuf.avg_score > (s_ign.avg_score - s_ign_shuf.avg_score) + 0.2
