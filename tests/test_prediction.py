@@ -145,6 +145,67 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
         prediction.predict(ckpt, out_dir=tmp_path / "bad", device="cpu", precision="fp8")
 
 
+def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
+    """predict precision=bf16 on a CPU with oneDNN's bf16 kernels prepacks every Linear weight once; each
+    pass must give exactly what bf16 nn.Linear layers under autocast give (the path it replaced)."""
+    import copy
+
+    import tahoe_ft.prediction as prediction
+    from tahoe_ft.checkpoint import load_checkpoint
+
+    cpu = torch.device("cpu")
+    if not prediction._packs_bf16(cpu):
+        pytest.skip("this CPU has no oneDNN bf16 kernels: predict keeps bf16 nn.Linear layers")
+    model = load_checkpoint(tiny_runs["0905"] / "checkpoints" / "best-val.pt")
+    plain = copy.deepcopy(model)
+    for mod in plain.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.to(torch.bfloat16)
+    packed = copy.deepcopy(model)
+    prediction._bf16_linears(packed, cpu, rows=2 * int(model.hparams["cell_set_len"]))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, prediction._PackedLinear) for m in packed.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in plain.modules()
+    )
+    g = torch.Generator().manual_seed(0)
+    for n_sets, n_cells in [(2, int(model.hparams["cell_set_len"])), (1, 5)]:  # the hinted height, and not
+        basal = torch.rand(n_sets, n_cells, model.input_dim, generator=g).numpy()
+        pert = torch.eye(model.pert_dim)[:n_sets]
+        want = prediction.predict_batch(plain, pert, basal, cpu, "bf16")
+        got = prediction.predict_batch(packed, pert, basal, cpu, "bf16")
+        np.testing.assert_array_equal(got, want)
+        full = prediction.predict_batch(model, pert, basal, cpu, "32")
+        assert 0 < np.abs(got - full).max() < 0.05 * max(1.0, float(np.abs(full).max()))
+
+
+def test_a_failing_write_stops_predict_and_leaves_the_previous_files(tiny_runs, tmp_path, monkeypatch):
+    """A write that fails on predict's writer thread (here: the third predicted block, as a full disk would)
+    stops the command with that error; the files of the previous predict stay as they were, and no
+    temp file is left."""
+    import tahoe_ft.prediction as prediction
+
+    monkeypatch.setattr(prediction, "BLOCK_CELLS", 16)
+    ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
+    out = tmp_path / "out"
+    prediction.predict(ckpt, out_dir=out, device="cpu", shuffle=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"pred.h5ad", "real.h5ad", "predict.json"} <= set(before)
+    calls = []
+    write = prediction._clip_and_write
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return write(*args)
+
+    monkeypatch.setattr(prediction, "_clip_and_write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        prediction.predict(ckpt, out_dir=out, device="cpu", shuffle=False, seed=1)
+    assert len(calls) == 3  # stopped at the failed block, not after predicting everything
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_model_with_a_batch_encoder_predicts_with_each_basal_cells_batch(tmp_path):
     import anndata as ad
 

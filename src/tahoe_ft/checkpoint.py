@@ -236,10 +236,16 @@ def model_from_weights(
         raise UserError(
             f"checkpoint {path} carries no tahoe-ft hparams; import upstream checkpoints with init_from"
         )
+    # the file's tensors become the parameters (assign): no second copy of the weights is kept. (Built on
+    # the meta device it would skip the random init too, but `torch.device("meta")` imports torch._dynamo:
+    # 2.7 s, against 0.4 s of init at 87 M parameters.)
     model = StateTransitionModel(hparams)
-    state = {k: v for k, v in state.items() if k not in DROPPED_UPSTREAM_KEYS}
+    want = model.state_dict()
+    state = {
+        k: v.to(want[k].dtype) if k in want else v for k, v in state.items() if k not in DROPPED_UPSTREAM_KEYS
+    }
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(
             f"checkpoint {path} does not match its own hparams: {str(exc).splitlines()[0]}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -111,13 +112,43 @@ def predict_sets(
     return np.concatenate(out, axis=0)
 
 
-def _bf16_linears(model) -> None:
-    """bf16 predict: every `nn.Linear` cast to bfloat16 once, so autocast does not cast each 18,080-wide weight
-    again on every forward pass (measured: ~0.13 s per such cast on one core); norms, embeddings and the
-    knock-down ratio stay float32, and autocast still picks the precision of every other op."""
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.to(torch.bfloat16)
+class _PackedLinear(torch.nn.Module):
+    """A bf16 `nn.Linear` for CPU inference whose weight is reordered into oneDNN's blocked layout once
+    (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing pass does); a bf16
+    `nn.Linear` reorders its weight inside every call. The same numbers as the bf16 `nn.Linear`
+    (tests/test_prediction.py), measured 1.3-1.4x faster on the 18,080-wide layers (BENCHMARKS.md)."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int):
+        super().__init__()
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # rows: the expected batch height
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16).contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _packs_bf16(device: torch.device) -> bool:
+    """Whether this CPU runs oneDNN's bf16 kernels (AVX512-BF16 / AMX), where prepacked weights pay."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def _bf16_linears(model: torch.nn.Module, device: torch.device, rows: int) -> None:
+    """bf16 predict: every `nn.Linear` in bfloat16, converted once, so autocast does not cast each 18,080-wide
+    weight again on every forward pass (measured: ~0.13 s per such cast on one core); on a CPU with oneDNN's
+    bf16 kernels also prepacked once (`_PackedLinear`, `rows` per pass). Norms, embeddings and the knock-down
+    ratio stay float32, and autocast still picks the precision of every other op."""
+    pack = _packs_bf16(device)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, _PackedLinear(child, rows) if pack else child.to(torch.bfloat16))
 
 
 def _training_batches(model, m: Manifest, catalog: CellCatalog) -> np.ndarray | None:
@@ -245,6 +276,73 @@ def _dense_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict) -> 
             yield x
 
 
+def _sync(out: h5py.Dataset) -> None:
+    """Flush what was written to `out`'s file onto the disk now, on the writer thread, so the fsync that
+    `atomic_path` does before renaming the file at the end has (almost) nothing left to wait for."""
+    out.file.flush()
+    with open(out.file.filename, "rb") as fh:
+        os.fdatasync(fh.fileno())
+
+
+def _clip_and_write(out: h5py.Dataset, first_rows: list[int], y: np.ndarray) -> int:
+    """Predicted sets `y` `[B, s, G]` clipped to [0, PRED_MAX] into `out`, set i at rows first_rows[i]..,
+    then synced to disk (`_sync`); returns how many values were clipped."""
+    n_clip = int((y > PRED_MAX).sum() + (y < 0).sum())
+    np.clip(y, 0.0, PRED_MAX, out=y)
+    for first, rows in zip(first_rows, y, strict=True):
+        out[first : first + rows.shape[0]] = rows
+    _sync(out)
+    return n_clip
+
+
+class _Background:
+    """predict's I/O threads, so that reads and writes overlap the forward passes: `read(...)` reads the
+    next block ahead, `real(...)` jobs (real.h5ad) run in order on a second thread and `pred(...)` jobs (the
+    predicted blocks) on a third.
+
+    Memory stays bounded: one block is read ahead and at most one predicted block waits to be written
+    while the model computes the next. A failed job's error is raised in the caller at its next `pred`
+    call, or when the block ends; leaving the block (also on an error) waits for every started job first,
+    so no thread writes to a file after the caller has closed or removed it. torch, h5py and scipy release
+    the GIL in their long calls, so on a machine with a spare core the I/O costs little wall time
+    (BENCHMARKS.md).
+    """
+
+    def __init__(self) -> None:
+        self._real = ThreadPoolExecutor(1, thread_name_prefix="tahoe-ft-real")
+        self._pred = ThreadPoolExecutor(1, thread_name_prefix="tahoe-ft-pred")
+        self._read = ThreadPoolExecutor(1, thread_name_prefix="tahoe-ft-read")
+        self._jobs: list[Future] = []
+        self._last_pred: Future | None = None
+
+    def real(self, fn, *args) -> None:
+        self._jobs.append(self._real.submit(fn, *args))
+
+    def read(self, fn, *args) -> Future:
+        """A read ahead: the caller takes its result (one block) before it asks for the next."""
+        return self._read.submit(fn, *args)
+
+    def pred(self, fn, *args) -> Future:
+        for job in self._jobs:  # an error of any job so far stops the caller now
+            if job.done() and job.exception() is not None:
+                raise job.exception()
+        if self._last_pred is not None:
+            self._last_pred.result()  # wait for (and re-raise from) the block before
+        self._last_pred = self._pred.submit(fn, *args)
+        self._jobs.append(self._last_pred)
+        return self._last_pred
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for pool in (self._read, self._real, self._pred):
+            pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            for job in self._jobs:
+                job.result()
+
+
 def _write_rows(outs: list[h5py.Dataset], first: int, read, rows: np.ndarray, block: int) -> None:
     """Cells `rows` (read by `read` in blocks of `block` rows) into rows first.. of every dataset in `outs`."""
     for a in range(0, rows.size, block):
@@ -339,9 +437,11 @@ def predict(
         raise UserError(f"sets_per_pass={sets_per_pass} must be >= 1")
     if str(precision) not in PRECISIONS:
         raise UserError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+    # sets per block: BLOCK_CELLS cells, or one pass's worth when that is more
+    block_sets = max(1, BLOCK_CELLS // s, sets_per_pass)
     if str(precision) == "bf16":
-        _bf16_linears(model)
-    batches = list(_batches(_sets(basal_rows, perts, shuffled, s), max(1, BLOCK_CELLS // s)))
+        _bf16_linears(model, dev, rows=min(block_sets, sets_per_pass) * s)
+    batches = list(_batches(_sets(basal_rows, perts, shuffled, s), block_sets))
     pert_matrix = torch.as_tensor(m.pert_matrix)
     # the knock-down path's target gene follows the perturbation (the shuffle swaps it with the features)
     pert_target = (
@@ -350,8 +450,8 @@ def predict(
         else None
     )
     batch_of = _training_batches(model, m, catalog)  # None without a batch encoder
-    n_clip = 0
-    with ExitStack() as files, Progress(transient=True) as bar:
+    clipped: list[Future] = []  # the pred.h5ad writes: each returns how many values it clipped
+    with ExitStack() as files, Progress(transient=True) as bar, _Background() as bg:
 
         def open_x(name: str, tahoe_uns: dict) -> h5py.Dataset:
             return files.enter_context(
@@ -367,9 +467,21 @@ def predict(
             kind = "prediction, perturbation features shuffled"
             outs.append((open_x("pred_shuffled.h5ad", {"kind": kind, "shuffle": derange}), "shuffled_pert"))
         task = bar.add_task(f"predict {split}", total=len(batches))
-        for batch in batches:
+        # real.h5ad (observed + control cells) is written on one thread while the model runs, and each
+        # predicted block on another, one block behind the model: reads and writes overlap the forward passes
+        bg.real(_write_rows, [real_x], 0, catalog.read_expression, real_rows, BLOCK_CELLS)
+        bg.real(_write_rows, [real_x], n_pred, catalog.read_expression, ctrl, BLOCK_CELLS)
+        bg.real(_sync, real_x)
+        def read_basal(batch: list[_Set]) -> np.ndarray:
+            rows = np.concatenate([st.basal for st in batch])
+            return catalog.read_input(rows).reshape(len(batch), batch[0].basal.size, -1)
+
+        upcoming = bg.read(read_basal, batches[0])  # the next block's basal cells, read ahead
+        for i, batch in enumerate(batches):
             n = batch[0].basal.size
-            basal = catalog.read_input(np.concatenate([st.basal for st in batch])).reshape(len(batch), n, -1)
+            basal = upcoming.result()
+            if i + 1 < len(batches):
+                upcoming = bg.read(read_basal, batches[i + 1])
             for a in range(0, len(batch), sets_per_pass):
                 chunk = batch[a : a + sets_per_pass]
                 # the basal cells' batches: the same for the prediction and its shuffle
@@ -390,14 +502,12 @@ def predict(
                         target,
                         bidx,
                     )
+                    job = bg.pred(_clip_and_write, x, [st.out_row for st in chunk], y)
                     if x is pred_x:
-                        n_clip += int((y > PRED_MAX).sum() + (y < 0).sum())
-                    np.clip(y, 0.0, PRED_MAX, out=y)
-                    for st, rows in zip(chunk, y, strict=True):
-                        x[st.out_row : st.out_row + n] = rows
+                        clipped.append(job)
             bar.advance(task)
-        _write_rows([real_x], 0, catalog.read_expression, real_rows, BLOCK_CELLS)
-        _write_rows([real_x] + [x for x, _ in outs], n_pred, catalog.read_expression, ctrl, BLOCK_CELLS)
+        bg.pred(_write_rows, [x for x, _ in outs], n_pred, catalog.read_expression, ctrl, BLOCK_CELLS)
+    n_clip = sum(job.result() for job in clipped)
     if n_clip:
         log.info("clipped %d predicted values to [0, %g]", n_clip, PRED_MAX)
     write_json_atomic(

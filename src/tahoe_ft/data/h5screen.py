@@ -437,11 +437,15 @@ class ScreenSet:
     def read_global(self, rows: np.ndarray, width: int, *, expression: bool) -> np.ndarray:
         """Global rows as float32 `[n, width]` in the caller's order: expression, or the model's input."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.empty((rows.size, width), dtype=np.float32)
         if rows.size and (rows.min() < 0 or rows.max() >= self.offsets[-1]):
             raise IndexError("global row out of range")
         read = self.expression if expression else self.model_input
         files = np.searchsorted(self.offsets, rows, side="right") - 1
+        if rows.size and (files == files[0]).all():
+            # one file (every single-file screen): its rows as read, without a second [n, width] copy
+            f = int(files[0])
+            return read(f, rows - self.offsets[f])
+        out = np.empty((rows.size, width), dtype=np.float32)
         for f in np.unique(files).tolist():
             sel = np.flatnonzero(files == f)
             out[sel] = read(f, rows[sel] - self.offsets[f])
