@@ -472,13 +472,13 @@ def predict(
         bg.real(_write_rows, [real_x], 0, catalog.read_expression, real_rows, BLOCK_CELLS)
         bg.real(_write_rows, [real_x], n_pred, catalog.read_expression, ctrl, BLOCK_CELLS)
         bg.real(_sync, real_x)
+
         def read_basal(batch: list[_Set]) -> np.ndarray:
             rows = np.concatenate([st.basal for st in batch])
             return catalog.read_input(rows).reshape(len(batch), batch[0].basal.size, -1)
 
         upcoming = bg.read(read_basal, batches[0])  # the next block's basal cells, read ahead
         for i, batch in enumerate(batches):
-            n = batch[0].basal.size
             basal = upcoming.result()
             if i + 1 < len(batches):
                 upcoming = bg.read(read_basal, batches[i + 1])
