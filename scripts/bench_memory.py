@@ -38,6 +38,14 @@ from bench_predict import (  # noqa: E402 - the sibling script, found through th
 
 # 10 perturbations x 2 cell types: ~90 cells per group at N = 2,000, enough for sets of 64
 N_PERTS = 10
+# --model st-tahoe: ST-Tahoe's backbone (hidden 1440, Llama 4 x 12 heads x 120, FFN 4416, sets of 512) with
+# raw expression in and out, one set per step; ~256 M parameters, a floor of ~4 GiB
+ST_TAHOE_MODEL = [
+    "model.hidden_dim=1440", "model.cell_set_len=512", "model.backbone.num_hidden_layers=4",
+    "model.backbone.num_attention_heads=12", "model.backbone.num_key_value_heads=12",
+    "model.backbone.head_dim=120", "model.backbone.intermediate_size=4416", "model.head_skip=false",
+]  # fmt: skip
+MODELS = {"issue": (ISSUE_MODEL, 4), "st-tahoe": (ST_TAHOE_MODEL, 1)}  # model overrides, sets per step
 FLOOR_LINE = re.compile(r"memory floor ([0-9.]+) GiB = (.*)")
 
 
@@ -49,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=0, help="data.num_workers of both runs")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of both runs")
+    ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="issue",
+        help="issue: the issue's 87 M model, 4 sets of 64 per step (default); st-tahoe: ST-Tahoe's size, "
+        "one set of 512 per step (use --cells 20000 or more: groups must hold sets of 512)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temp dir)")
     args = ap.parse_args(argv)
     args.cells = args.cells or (2000 if args.quick else 20000)
@@ -60,7 +75,8 @@ def train_command(work: Path, screen: Path, split: Path, args: argparse.Namespac
     return tahoe_ft(
         "train", "data=custom", f"data.path={screen}", f"data.split_toml={split}",
         f"data.num_workers={args.workers}", f"data.pert_col={PERT_COL}", f"data.cell_type_col={CELL_TYPE_COL}",
-        "data.batch_size=4", "encoder=raw_expression", "init_from=null", *ISSUE_MODEL,
+        f"data.batch_size={MODELS[args.model][1]}", "encoder=raw_expression", "init_from=null",
+        *MODELS[args.model][0],
         f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "checkpoint.save_last=false",
         f"runs_dir={work / 'runs'}",
@@ -99,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((n, m, floor, parts))
             screen.unlink()  # the 10 N file can be large
 
-        print(f"tahoe-ft train, {args.steps} steps, batch 4 x 64 cells, data.num_workers={args.workers}, "
+        overrides, sets = MODELS[args.model]
+        set_len = next(o for o in overrides if o.startswith("model.cell_set_len=")).split("=")[1]
+        print(f"tahoe-ft train, model {args.model}, {args.steps} steps, batch {sets} x {set_len} cells, "
+              f"data.num_workers={args.workers}, "
               f"threads {args.threads or 'torch default'}")  # fmt: skip
         print(
             f"{'cells':>8s} {'wall s':>7s} {'peak PSS GiB':>13s} {'peak RSS GiB':>13s} {'floor GiB':>10s} {'PSS / floor':>12s}"
