@@ -310,6 +310,39 @@ def test_loss_is_float32_under_autocast():
     assert torch.allclose(got, m._distance(a, b), rtol=1e-6)
 
 
+def test_no_forward_pass_holds_the_previous_steps_gradients(tmp_path):
+    """The gradients are freed right after each optimizer step (`STLightningModule.optimizer_step`), so no
+    forward pass holds a stale full set of them (at ST-Tahoe's size they made the run's peak); every step
+    still gets its gradients and moves the weights."""
+    import lightning as L
+
+    class Grads(L.Callback):
+        def __init__(self):
+            self.held_at_start, self.had_before_step, self.moved = [], [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.held_at_start.append(any(p.grad is not None for p in pl_module.parameters()))
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.had_before_step.append(
+                all(p.grad is not None for p in pl_module.parameters() if p.requires_grad)
+            )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = list(pl_module.parameters())
+            self.moved.append(
+                any(not torch.equal(a, b.detach()) for a, b in zip(self.before, now, strict=True))
+            )
+
+    cb = Grads()
+    tahoe_ft.train(
+        compose("train", train_args(tmp_path, "0905", "init_from=null", steps=4, val_every=4)), callbacks=[cb]
+    )
+    assert cb.held_at_start == [False] * 4
+    assert cb.had_before_step == [True] * 4 and cb.moved == [True] * 4
+
+
 def test_trains_with_dataloader_workers_like_without(tmp_path):
     """num_workers=2 (workers only read rows) trains on exactly the batches of num_workers=0, across epochs."""
     seen = {}

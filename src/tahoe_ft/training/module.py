@@ -157,6 +157,14 @@ class STLightningModule(L.LightningModule):
             self.log("val/aux_loss", losses["aux_loss"], batch_size=n_sets, sync_dist=True)
 
     # -- optimizer -------------------------------------------------------------------------------
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning frees them only after the next
+        forward pass (just before its backward), so every forward held a full set of stale gradients: at
+        ST-Tahoe's size that made the run's peak (+0.25 GiB above the backward's; BENCHMARKS.md). The
+        numbers are the same: each backward starts from no gradients either way."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         optim_cfg, sched_cfg, freeze_cfg = (
             self.train_cfg["optim"],
