@@ -9,7 +9,7 @@ timer:
 
   (a) upstream `state tx train`, its default loader (cell-load, 2 workers on this 2-core box)
   (b) upstream at its best setting: `data.kwargs.use_consecutive_loading=true data.kwargs.num_workers=0`
-  (c) `tahoe-ft train data=custom ...` with its defaults (data=custom: 2 workers)
+  (c) `tahoe-ft train data=custom ...` with its defaults (data=custom: 0 workers, chosen by this benchmark)
   (d) the same with `data.num_workers=0`
   (f) the same with `trainer.precision=bf16-mixed` (upstream's CLI calls
       torch.set_float32_matmul_precision("medium"), which on a CPU with AMX runs its fp32 matmuls in bf16;
@@ -588,7 +588,7 @@ def main() -> None:
             "up",
             ["data.kwargs.use_consecutive_loading=true", "data.kwargs.num_workers=0"],
         ),
-        "c": ("`tahoe-ft train data=custom` (its defaults: 2 workers)", "ours", []),
+        "c": ("`tahoe-ft train data=custom` (its defaults: 0 workers)", "ours", []),
         "d": ("same, `data.num_workers=0`", "ours", ["data.num_workers=0"]),
         "f": (
             "same, `data.num_workers=0 trainer.precision=bf16-mixed`", "ours",
