@@ -157,6 +157,42 @@ def test_cell_level_baselines_draw_basal_cells_of_the_same_cell_type(name):
     assert np.asarray(pred.X[rows]).std(axis=0).mean() > 0.1  # cells, not one repeated mean vector
 
 
+def test_the_panel_is_the_same_in_every_process():
+    """The panel's basal draws do not depend on Python's string hashing (PYTHONHASHSEED differs per process):
+    the same inputs give the same baseline files in processes with different hash seeds."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import hashlib, sys
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from test_baselines import N_GENES, _panel, screen, split
+        rng = np.random.default_rng(4)
+        cts = ("A", "B", "C", "D", "E", "F")
+        effects = {(ct, p): rng.normal(0, 0.3, N_GENES) for ct in cts for p in ("G1", "G2")}
+        a, _ = screen(effects)
+        train, real = split(a, {(ct, "G1") for ct in cts})
+        pred = _panel(train, real).predictions
+        print(hashlib.sha256(np.asarray(pred["control"].X).tobytes()).hexdigest())
+        """
+    )
+    here = os.path.dirname(__file__)
+    digests = set()
+    for seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code, here], env=env, capture_output=True, text=True, check=True
+        )
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1, digests
+    assert len(next(iter(digests))) == len(hashlib.sha256().hexdigest())
+
+
 # -- scored by cell-eval: the panel against a screen with planted knock-downs ---------------------------------
 
 

@@ -128,9 +128,11 @@ def build_panel(
             "evaluated cell type"
         )
     rng = np.random.default_rng(settings.seed)
-    # basal cells per held-out cell: random draws of that cell type's training controls
+    # basal cells per held-out cell: random draws of that cell type's training controls, cell types in sorted
+    # order (a set's order follows Python's per-process string hashing: the draws, and with them the control
+    # and linear scores, changed from one process to the next)
     basal = np.zeros((real.n_obs, len(genes)))
-    for c in {c for c, _ in groups}:
+    for c in sorted({c for c, _ in groups}):
         rows = np.flatnonzero((cts == c) & ~is_ctrl)
         pool = tr.ctrl_rows[c]
         basal[rows] = pool[rng.integers(0, len(pool), size=rows.size)]
