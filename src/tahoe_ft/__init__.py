@@ -19,8 +19,8 @@ from typing import Any
 
 # torch's CPU allocator backs tensors of >= 2 MiB with transparent huge pages when this is set (read when
 # torch allocates; set here so that the CLI has it before torch is imported). At 18,080 genes every batch,
-# activation and prediction block is tens of MiB: predict took 1.6 M page faults (~6 s of system time on the
-# 20,000-cell benchmark) without it and 0.3 M with it (BENCHMARKS.md). A value the user set is kept.
+# activation and prediction block is tens of MiB: a bf16 predict on the 20,000-cell benchmark took 1.16-1.25 M
+# minor page faults without it and 0.30 M with it (BENCHMARKS.md). A value the user set is kept.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from tahoe_ft.errors import UserError

@@ -210,7 +210,8 @@ def predict_batch(
     `[B, s, D_in]` -> genes `[B, s, G]` float32. Attention stays within a set, so this is `predict_sets` of
     each set up to float32 rounding: BLAS sums in an order that depends on the matrix height (B*s rows), so
     B > 1 differs from B = 1 in the last bits (~4e-7 at 18,080 genes, MKL); B = 1 gives the same numbers.
-    `precision="bf16"`: under bfloat16 autocast (PRECISIONS; `predict` casts the Linear weights once). `target` `[B]`: each set's
+    `precision="bf16"`: under bfloat16 autocast (PRECISIONS; `predict` converts the Linear weights once,
+    `_bf16_linears`). `target` `[B]`: each set's
     target-gene column (-1: none), for a model with the knock-down path; `batch_idx` `[B, s]`: each basal
     cell's batch, for a model with a batch encoder."""
     b = torch.from_numpy(basal).to(device)  # [B, s, D_in]
