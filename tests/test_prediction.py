@@ -227,3 +227,54 @@ def test_a_model_with_a_batch_encoder_predicts_with_each_basal_cells_batch(tmp_p
     n_pred = int((ad.read_h5ad(run / "pred.h5ad", backed="r").obs["target_gene"] != "non-targeting").sum())
     assert first.shape == second.shape
     assert np.abs(first[:n_pred] - second[:n_pred]).max() > 1e-3
+
+
+def test_loading_a_checkpoint_draws_no_random_fills_and_keeps_the_files_weights(tiny_runs):
+    """load_checkpoint builds the model without torch.nn.init's random fills (every parameter is replaced by
+    the file's tensor): torch's random stream is where it was, every weight is the file's, and torch.nn.init
+    is itself again afterwards."""
+    from tahoe_ft.checkpoint import load_checkpoint, read_weights
+
+    ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
+    fills = (torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    model = load_checkpoint(ckpt)
+    assert torch.equal(torch.get_rng_state(), before)  # the fills would have drawn from it
+    state, _, _ = read_weights(ckpt)
+    own = model.state_dict()
+    compared = [k for k in own if k in state]
+    assert len(compared) == len(own)
+    for k in compared:
+        assert torch.equal(own[k], state[k].to(own[k].dtype)), k
+    assert (torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_) == fills
+    layer = torch.nn.Linear(64, 64)  # a layer built afterwards is filled as usual
+    assert layer.weight.abs().max() > 0 and not torch.equal(torch.get_rng_state(), before)
+
+
+def _in_brk_heap(address: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if lo <= address < hi:
+                    return True
+    return False
+
+
+def test_large_buffers_come_from_the_reused_heap_only_while_predict_runs():
+    """Inside predict, a 64 MiB buffer comes from glibc's heap (reused pass after pass) rather than a fresh
+    mmap the kernel must zero; afterwards glibc is back to its defaults and maps such a buffer again."""
+    import platform
+
+    from tahoe_ft.prediction import _reuse_large_blocks
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    n = 16 << 20  # float32 elements: 64 MiB, above glibc's largest mmap threshold (32 MiB)
+    with _reuse_large_blocks():
+        inside = np.ones(n, dtype=np.float32)
+        assert _in_brk_heap(inside.ctypes.data)
+        del inside
+    after = np.ones(n, dtype=np.float32)
+    assert not _in_brk_heap(after.ctypes.data)
