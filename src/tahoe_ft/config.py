@@ -297,7 +297,8 @@ class PredictConfig:
     shuffle: bool = True
     # sets per forward pass (1: the reference numbers; more: faster, equal to ~4e-7) and the precision of the
     # forward pass ("32", or "bf16": bfloat16 Linear weights, prepacked on CPUs with oneDNN bf16 kernels; with
-    # sets_per_pass=16, 2.5-2.6x state tx infer's cells/s at 18,080 genes, max 6.7e-3 from float32; BENCHMARKS.md)
+    # sets_per_pass=16, 2.6x (20,000 cells) to 3.3x (60,000) state tx infer's cells/s at 18,080 genes, max
+    # 6.7e-3 from float32; BENCHMARKS.md)
     sets_per_pass: int = 1
     precision: str = "32"
 
