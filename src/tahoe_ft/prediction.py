@@ -358,10 +358,10 @@ def _reuse_large_blocks() -> Iterator[None]:
     Every [1,024, 18,080] matrix of a pass (the basal cells read, each layer's output, the float32 copy
     written) is 37-74 MiB, above glibc's largest mmap threshold (32 MiB), so by default each one is a fresh
     mmap that the kernel zeroes page by page and unmaps when freed: a bf16 predict spent ~16 % of its
-    samples in the kernel's page clearing (perf). With mmap off and no trimming, the next pass reuses the
-    same memory: measured 14.4-16.7 s against 16.1-18.0 s on 20,000 cells, for +0.37 GiB peak RSS
-    (BENCHMARKS.md). Restored to glibc's defaults afterwards, and what was kept is returned (`malloc_trim`).
-    A no-op on other C libraries."""
+    samples in the kernel's page clearing (perf), 9.7 % with this. With mmap off and no trimming, the next
+    pass reuses the same memory: bf16 on 20,000 cells, 14.7-17.3 s against 16.8-20.4 s (3 alternating runs
+    each), peak RSS 1.20-1.24 against 1.11-1.12 GB (BENCHMARKS.md). Restored to glibc's defaults afterwards,
+    and what was kept is given back (`malloc_trim`). A no-op on other C libraries."""
     libc = None
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
