@@ -159,3 +159,33 @@ def test_same_config_and_seed_give_the_same_run_with_workers(tmp_path):
     assert _csv(runs[0]) == _csv(runs[1])
     a, b = (_tensors(r / "checkpoints" / "best-val.pt") for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_training_with_a_failure_exit_and_keeps_the_checkpoints(tmp_path):
+    """SIGTERM (what a scheduler sends first) ends `tahoe-ft train` with exit status 143, not 0: Lightning turns
+    it into a SystemExit without a code, which would tell a job script the run succeeded. The run is marked
+    failed, its checkpoints load, and resume=true finishes it."""
+    root = tmp_path / "t"
+    proc = subprocess.Popen(
+        _cmd(root), env=_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline, run_dir = time.time() + 120, None
+    while run_dir is None and time.time() < deadline and proc.poll() is None:
+        found = [
+            p for p in (root / "runs" / "pretrain").glob("2*") if (p / "checkpoints" / "last.ckpt").exists()
+        ]
+        run_dir = found[0] if found else None
+        time.sleep(0.1)
+    assert run_dir is not None and proc.poll() is None, "the run ended before it wrote a checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "resume=true" in err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    final = subprocess.run(
+        _cmd(root, "resume=true", f"run_dir={run_dir}"), env=_env(None), capture_output=True, text=True
+    )
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"

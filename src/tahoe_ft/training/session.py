@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,12 +184,21 @@ class RunSession:
         wall0 = float(self.prior.get("wall_time_s") or 0.0)
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             if self.writes:
                 update_run_info(
                     self.run_dir, status="failed", wall_time_s=wall0 + time.perf_counter() - start
                 )
             _finish_wandb(trainer, exit_code=1)
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            if isinstance(exc, SIGTERMException):  # a SystemExit without a code: the process would exit 0
+                log.error(
+                    "training stopped by SIGTERM at step %d: %s is marked failed; continue it with resume=true",
+                    trainer.global_step,
+                    self.run_dir,
+                )
+                raise SystemExit(128 + signal.SIGTERM) from None
             raise
         _finish_wandb(trainer, exit_code=0)
         if not trainer.is_global_zero:
