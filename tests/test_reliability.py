@@ -51,6 +51,19 @@ def _env(slow: float | None) -> dict[str, str]:
     return env
 
 
+def _first_checkpointed_run(root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path | None:
+    """The run folder under root/runs/pretrain once it holds a last.ckpt (None if `proc` ends or time runs out)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = [
+            p for p in (root / "runs" / "pretrain").glob("2*") if (p / "checkpoints" / "last.ckpt").exists()
+        ]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    return None
+
+
 @pytest.mark.timeout(900)
 def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     whole = subprocess.run(
@@ -69,15 +82,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tm
             _cmd(root, *extra), env=_env(0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         # wait until this process has something to lose (a checkpoint), then kill it at a random moment
-        deadline = time.time() + 120
-        while run_dir is None and time.time() < deadline and proc.poll() is None:
-            found = [
-                p
-                for p in (root / "runs" / "pretrain").glob("2*")
-                if (p / "checkpoints" / "last.ckpt").exists()
-            ]
-            run_dir = found[0] if found else None
-            time.sleep(0.1)
+        run_dir = run_dir or _first_checkpointed_run(root, proc)
         if kills % 3 == 2:  # every third kill lands inside a checkpoint write (a temp file not yet renamed)
             deadline = time.time() + 60
             while proc.poll() is None and time.time() < deadline and not _writing(run_dir):
@@ -167,19 +172,14 @@ def test_sigterm_stops_training_with_a_failure_exit_and_keeps_the_checkpoints(tm
     it into a SystemExit without a code, which would tell a job script the run succeeded. The run is marked
     failed, its checkpoints load, and resume=true finishes it."""
     root = tmp_path / "t"
-    proc = subprocess.Popen(
-        _cmd(root), env=_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline, run_dir = time.time() + 120, None
-    while run_dir is None and time.time() < deadline and proc.poll() is None:
-        found = [
-            p for p in (root / "runs" / "pretrain").glob("2*") if (p / "checkpoints" / "last.ckpt").exists()
-        ]
-        run_dir = found[0] if found else None
-        time.sleep(0.1)
-    assert run_dir is not None and proc.poll() is None, "the run ended before it wrote a checkpoint"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "w") as log:  # a file, not a pipe nobody reads while the run writes to it
+        proc = subprocess.Popen(_cmd(root), env=_env(None), stdout=subprocess.DEVNULL, stderr=log)
+        run_dir = _first_checkpointed_run(root, proc)
+        assert run_dir is not None and proc.poll() is None, "the run ended before it wrote a checkpoint"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = log_path.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "resume=true" in err
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
