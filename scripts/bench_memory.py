@@ -6,7 +6,7 @@ out, the issue's model (Llama 2 x 128, 4 heads x 32, FFN 512, sets of 64, `final
 (256 cells per step), `data.num_workers` as given (default 0). Reports each run's peak memory (the process
 tree's summed PSS, sampled from /proc every 0.1 s, and the exact peak RSS of the main process) beside the
 floor `tahoe-ft train` prints at start-up (weights + gradients + AdamW state + batches in flight,
-`tahoe_ft.memory`), and the 10 N / N ratio (flat = 1.0).
+`tahoe_ft.training.memory`), and the 10 N / N ratio (flat = 1.0).
 
     PYTHONPATH=src .venv/bin/python scripts/bench_memory.py --quick    # 2,000 and 20,000 cells, 6 steps
     PYTHONPATH=src .venv/bin/python scripts/bench_memory.py            # 20,000 and 200,000 cells, 40 steps

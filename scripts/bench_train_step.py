@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from tahoe_ft.loss import energy_distance
-from tahoe_ft.model import StateTransitionModel
+from tahoe_ft.model.loss import energy_distance
+from tahoe_ft.model.st import StateTransitionModel
 
 
 def hparams(genes: int, hidden: int, set_len: int, pert_dim: int) -> dict:

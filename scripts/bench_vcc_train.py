@@ -342,8 +342,8 @@ def model_only(n_genes: int, steps: int, seed: int = 0) -> tuple[dict[str, float
     """Median s/step of each variant (interleaved, so a busy box slows them alike) and agreement figures."""
     import torch
 
-    from tahoe_ft.loss import energy_distance
-    from tahoe_ft.model import StateTransitionModel
+    from tahoe_ft.model.loss import energy_distance
+    from tahoe_ft.model.st import StateTransitionModel
 
     torch.manual_seed(seed)
     pert_dim, b, s = MAX_PERTS + 1, SETS_PER_STEP, SET_LEN
@@ -507,8 +507,8 @@ def profile_step(n_genes: int, steps: int) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from tahoe_ft.loss import energy_distance
-    from tahoe_ft.model import StateTransitionModel
+    from tahoe_ft.model.loss import energy_distance
+    from tahoe_ft.model.st import StateTransitionModel
 
     torch.manual_seed(0)
     model = StateTransitionModel(model_hparams(n_genes, MAX_PERTS + 1))

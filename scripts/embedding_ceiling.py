@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from tahoe_ft.checkpoint import load_checkpoint
+from tahoe_ft.checkpoints.io import load_checkpoint
 from tahoe_ft.data import CellCatalog
 from tahoe_ft.evaluation import score_predictions
 from tahoe_ft.prediction import PRED_MAX

@@ -1,7 +1,7 @@
-"""Facts of the real Papalexi screen that set the demo generator's knobs (`tahoe_ft.demo`).
+"""Facts of the real Papalexi screen that set the demo generator's knobs (`tahoe_ft.datasets.demo`).
 
 Measured on the packaged Papalexi et al. 2021 THP-1 CRISPR-KO screen (16,192 cells x 299 genes, raw counts;
-`tahoe_ft.datasets.papalexi_path()`), in log1p(normalize_total 1e4) space as the evaluator sees it:
+`tahoe_ft.datasets.embedded.papalexi_path()`), in log1p(normalize_total 1e4) space as the evaluator sees it:
 
 1. knock-down: for every target that is a measured gene, log2 of mean(normalised target | KO cells) /
    mean(normalised target | non-targeting cells) (the ratio `target_knockdown` uses);
@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from tahoe_ft.datasets import PAPALEXI_CONTROL, papalexi_path
+from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 
 TARGET_SUM = 1e4
 # the default demo's X_state width over its gene count: k = round(299 * 64 / 2000) = 10

@@ -41,7 +41,7 @@ def test_memory_floor_counts_weights_gradients_adamw_and_batches():
     import torch
 
     from tahoe_ft.config import TrainConfig
-    from tahoe_ft.memory import training_floor
+    from tahoe_ft.training.memory import training_floor
 
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5))  # 220 + 105 parameters
     cfg = TrainConfig()

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tahoe_ft.comparison import collect, compare
 from tahoe_ft.errors import UserError
+from tahoe_ft.study.comparison import collect, compare
 
 METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
 COLUMNS = (
@@ -97,7 +97,7 @@ def runs(tmp_path):
 
 def test_collect_table(runs, caplog):
     r, df_b = runs
-    with caplog.at_level("INFO", logger="tahoe_ft.comparison"):
+    with caplog.at_level("INFO", logger="tahoe_ft.study.comparison"):
         df = collect(r)
     assert list(df.columns) == COLUMNS
     assert list(df["experiment"]) == ["0901", "0826", "0905"]  # sorted by avg_score, unevaluated left out

@@ -1,4 +1,4 @@
-"""The synthetic demo data (tahoe_ft.demo), the embedded data sets (tahoe_ft.datasets)."""
+"""The synthetic demo data (tahoe_ft.datasets.demo), the embedded data sets (tahoe_ft.datasets.embedded)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tahoe_ft import datasets
-from tahoe_ft.datasets import PAPALEXI_TEST, PAPALEXI_VAL, demo_dir, ensure_demo, prepare_papalexi
-from tahoe_ft.demo import (
+from tahoe_ft.datasets import embedded as datasets
+from tahoe_ft.datasets.demo import (
     CONTROL_DRUG,
     CONTROL_PERT,
     FILES,
@@ -26,6 +25,7 @@ from tahoe_ft.demo import (
     spec_hash,
     tiny_spec,
 )
+from tahoe_ft.datasets.embedded import PAPALEXI_TEST, PAPALEXI_VAL, demo_dir, ensure_demo, prepare_papalexi
 from tahoe_ft.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""`tahoe-ft demo-check` (tahoe_ft.demo_check): the oracles that say whether the demo holds the case study's
+"""`tahoe-ft demo-check` (tahoe_ft.datasets.demo_check): the oracles that say whether the demo holds the case study's
 mechanism, run before any training."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from tahoe_ft.api import demo_check
 from tahoe_ft.config import DemoCheckConfig, DemoConfig, PathsConfig, compose
-from tahoe_ft.demo_check import fit_decoder, report, ridge_loo, summarize
+from tahoe_ft.datasets.demo_check import fit_decoder, report, ridge_loo, summarize
 from tahoe_ft.errors import UserError
 
 # the demo of tests/test_demo.py's SMALL spec: 300 genes, X_state 10-d (about the default's 64 of 2,000), two

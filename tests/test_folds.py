@@ -11,7 +11,7 @@ import pytest
 import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
 from tahoe_ft.config import compose
-from tahoe_ft.folds import make_folds
+from tahoe_ft.study.folds import make_folds
 
 
 def test_folds_of_a_toml_less_screen_hold_each_perturbation_out_once(tmp_path):

@@ -15,8 +15,8 @@ import scipy.sparse as sp
 import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
 from tahoe_ft.config import compose
-from tahoe_ft.datasets import ensure_demo
-from tahoe_ft.demo import DemoSpec
+from tahoe_ft.datasets.demo import DemoSpec
+from tahoe_ft.datasets.embedded import ensure_demo
 
 CT_DEMO = [a for a in TINY_DEMO if not a.startswith("data.demo.n_cell_types")] + ["data.demo.n_cell_types=3"]
 

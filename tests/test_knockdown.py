@@ -15,7 +15,7 @@ from tahoe_ft.config import DataConfig
 from tahoe_ft.data import CellCatalog
 from tahoe_ft.data.features import target_gene_index, training_knockdown_ratio
 from tahoe_ft.errors import UserError
-from tahoe_ft.model import HparamsError, StateTransitionModel
+from tahoe_ft.model.st import HparamsError, StateTransitionModel
 
 CTRL = "non-targeting"
 RATIO = 0.3  # planted: each perturbation leaves 30 % of its target's expression (linear scale)

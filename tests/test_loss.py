@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.loss import DistributionLoss, energy_distance, mse_per_set
+from tahoe_ft.model.loss import DistributionLoss, energy_distance, mse_per_set
 
 geomloss = pytest.importorskip("geomloss")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.model import (
+from tahoe_ft.model.st import (
     DROPPED_UPSTREAM_KEYS,
     MODULE_GROUPS,
     HparamsError,
@@ -574,7 +574,7 @@ def test_energy_loss_matches_the_straightforward_formula_at_gene_width(seed):
     formula to 1e-10; float32 agrees with it to 1e-4 relative in the loss and in the gradients' norm (float32
     round-off of |a|^2 - 2<a,b> + |b|^2, geomloss's too), and with geomloss in float32 to 1e-5 (its own
     arithmetic, summed in another order) and 5e-5 in the gradients."""
-    from tahoe_ft.loss import energy_distance
+    from tahoe_ft.model.loss import energy_distance
 
     geomloss = pytest.importorskip("geomloss")
     g = torch.Generator().manual_seed(seed)

@@ -36,7 +36,7 @@ def _in_memory_reference(ckpt, out, shuffle):
     import anndata as ad
     import pandas as pd
 
-    from tahoe_ft.checkpoint import load_checkpoint
+    from tahoe_ft.checkpoints.io import load_checkpoint
     from tahoe_ft.data import CellCatalog, Manifest
     from tahoe_ft.evaluation.diagnostics import derangement
     from tahoe_ft.prediction import PRED_MAX, _prediction_order, predict_sets
@@ -151,7 +151,7 @@ def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
     import copy
 
     import tahoe_ft.prediction as prediction
-    from tahoe_ft.checkpoint import load_checkpoint
+    from tahoe_ft.checkpoints.io import load_checkpoint
 
     cpu = torch.device("cpu")
     if not prediction._packs_bf16(cpu):
@@ -233,7 +233,7 @@ def test_loading_a_checkpoint_draws_no_random_fills_and_keeps_the_files_weights(
     """load_checkpoint builds the model without torch.nn.init's random fills (every parameter is replaced by
     the file's tensor): torch's random stream is where it was, every weight is the file's, and torch.nn.init
     is itself again afterwards."""
-    from tahoe_ft.checkpoint import load_checkpoint, read_weights
+    from tahoe_ft.checkpoints.io import load_checkpoint, read_weights
 
     ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
     fills = (torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_)

@@ -496,7 +496,7 @@ def test_aux_round_learns_x_state_from_the_cells_and_export_drops_its_head(tmp_p
     the checkpoint (predictions stay genes-wide), export-state leaves it out; a screen without the key is one
     clear line."""
     import tahoe_ft
-    from tahoe_ft.checkpoint import read_weights
+    from tahoe_ft.checkpoints.io import read_weights
 
     run_dir = train(tmp_path, "0907aux", "init_from=null", "model.head_skip=false", steps=6, val_every=3)
     rows = metrics(run_dir)

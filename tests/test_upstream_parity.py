@@ -16,8 +16,8 @@ import torch
 
 upstream = pytest.importorskip("state.tx.models.state_transition")
 
-from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel  # noqa: E402
-from tahoe_ft.upstream import translate_hparams  # noqa: E402
+from tahoe_ft.checkpoints.upstream_hparams import translate_hparams  # noqa: E402
+from tahoe_ft.model.st import DROPPED_UPSTREAM_KEYS, StateTransitionModel  # noqa: E402
 
 D, P, H, G, S = 40, 12, 48, 30, 8
 
@@ -256,7 +256,7 @@ def test_finetune_from_upstream_checkpoint(tmp_path):
 
 
 def test_gpt2_and_causal_upstream_checkpoints_are_refused(tmp_path):
-    from tahoe_ft.checkpoint import read_weights
+    from tahoe_ft.checkpoints.io import read_weights
     from tahoe_ft.errors import UserError
 
     up = build_upstream()
@@ -362,7 +362,7 @@ def _evil_checkpoint(path, marker, payload_in: str) -> None:
 
 @pytest.mark.parametrize("payload_in", ["hyper_parameters", "state_dict"])
 def test_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path, payload_in):
-    from tahoe_ft.checkpoint import read_weights
+    from tahoe_ft.checkpoints.io import read_weights
     from tahoe_ft.errors import UserError
 
     marker = tmp_path / "pwned"
@@ -377,7 +377,7 @@ def test_numpy_object_dtype_is_refused(tmp_path):
     """Only numeric/bool dtypes are allow-listed: an object-dtype scalar (which could carry anything) is not."""
     import numpy as np
 
-    from tahoe_ft.checkpoint import safe_load
+    from tahoe_ft.checkpoints.io import safe_load
     from tahoe_ft.errors import UserError
 
     path = tmp_path / "obj.ckpt"
@@ -420,8 +420,8 @@ def screen_batch(folder, screen, *, n_sets: int = 3, seed: int = 0) -> dict:
     import anndata as ad
     import numpy as np
 
-    from tahoe_ft.safe_pickle import read_torch_data
-    from tahoe_ft.upstream_folder import RunFolder
+    from tahoe_ft.checkpoints.safe_pickle import read_torch_data
+    from tahoe_ft.checkpoints.upstream_folder import RunFolder
 
     rf = RunFolder.open(folder)
     kw = rf.data_kwargs
@@ -460,7 +460,7 @@ def test_differential_state_tx_train_folder(upstream_runs, screen, config):
     import numpy as np
 
     import tahoe_ft
-    from tahoe_ft.loss import DistributionLoss
+    from tahoe_ft.model.loss import DistributionLoss
 
     folder = upstream_runs[config]
     ckpt = folder / "checkpoints" / "best.ckpt"
@@ -605,8 +605,8 @@ def test_finetune_from_upstream_folder_maps_perturbations_by_name(upstream_runs,
     import json
 
     from conftest_train import column, metrics
-    from tahoe_ft.checkpoint import PERT_LAYER, read_weights
-    from tahoe_ft.upstream_folder import RunFolder
+    from tahoe_ft.checkpoints.io import PERT_LAYER, read_weights
+    from tahoe_ft.checkpoints.upstream_folder import RunFolder
 
     folder = upstream_runs["raw_all"]
     run_dir, initial = finetuned
@@ -713,8 +713,8 @@ def test_export_state_round_trips_through_upstream(finetuned, se600m_child, tmp_
 
 
 def test_export_state_never_overwrites(finetuned, tmp_path, upstream_runs):
+    from tahoe_ft.checkpoints.upstream_folder import export_state
     from tahoe_ft.errors import UserError
-    from tahoe_ft.upstream_folder import export_state
 
     best = finetuned[0] / "checkpoints" / "best-val.pt"
     (tmp_path / "taken").mkdir()
@@ -757,8 +757,8 @@ def test_state_tx_infer_on_exported_folder_matches_tahoe_ft_predict(finetuned, t
     import numpy as np
 
     import tahoe_ft
+    from tahoe_ft.checkpoints.upstream_folder import export_state
     from tahoe_ft.prediction import PRED_MAX, predict_sets
-    from tahoe_ft.upstream_folder import export_state
     from upstream_run import state_cli
 
     run_dir = finetuned[0]
@@ -857,8 +857,8 @@ def test_safe_unpickler_refuses_callables(tmp_path, target):
     """A pickle that names any callable global is refused before the call (hand-written GLOBAL + REDUCE)."""
     import pickle
 
+    from tahoe_ft.checkpoints.safe_pickle import read_pickle
     from tahoe_ft.errors import UserError
-    from tahoe_ft.safe_pickle import read_pickle
 
     module, name = target
     marker = tmp_path / "pwned"
@@ -876,8 +876,8 @@ def test_safe_unpickler_reads_plain_data_and_refuses_object_arrays(tmp_path):
 
     import numpy as np
 
+    from tahoe_ft.checkpoints.safe_pickle import read_pickle
     from tahoe_ft.errors import UserError
-    from tahoe_ft.safe_pickle import read_pickle
 
     good = {
         "input_dim": np.int64(60), "x": np.float32(0.5), "flag": np.bool_(True), "name": np.str_("GENE1"),
@@ -912,7 +912,7 @@ class _CraftedDtype:
 
 def test_safe_unpickler_build_cannot_change_shared_objects(tmp_path):
     """BUILD with a slot state setattr()s on what GLOBAL returned: it only reaches a throwaway copy."""
-    from tahoe_ft import safe_pickle as uf
+    from tahoe_ft.checkpoints import safe_pickle as uf
     from tahoe_ft.errors import UserError
 
     before = (uf._Dtype.__setstate__, uf._scalar.__defaults__)

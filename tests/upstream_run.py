@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tahoe_ft.datasets import ensure_demo
-from tahoe_ft.demo import DemoSpec
+from tahoe_ft.datasets.demo import DemoSpec
+from tahoe_ft.datasets.embedded import ensure_demo
 
 TINY_SPEC = dict(
     n_genes=60, n_cell_types=2, n_batches=2, n_perts=8, cells_per_pert=20, n_ctrl=60, n_programs=4,

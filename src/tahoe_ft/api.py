@@ -49,7 +49,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
 
 def load_checkpoint(path: str | os.PathLike):
     """A tahoe-ft or upstream ST checkpoint as a `StateTransitionModel` in eval mode (`.manifest` attached)."""
-    from tahoe_ft.checkpoint import load_checkpoint as _load
+    from tahoe_ft.checkpoints.io import load_checkpoint as _load
 
     return _load(path)
 
@@ -101,7 +101,7 @@ def predict(
 
 def compare(runs_dir: str | os.PathLike = "runs", out_dir: str | os.PathLike | None = None):
     """Every evaluated run in one table, best first (a DataFrame); writes compare.csv and compare.png."""
-    from tahoe_ft.comparison import compare as _compare
+    from tahoe_ft.study.comparison import compare as _compare
 
     return _compare(runs_dir, out_dir)
 
@@ -111,7 +111,7 @@ def reproduce(config: ReproduceConfig | None = None, *, overrides: Sequence[str]
 
     `overrides` (Hydra syntax, e.g. `["data=papalexi"]`) apply to every round's `train` config.
     """
-    from tahoe_ft.study import reproduce as _reproduce
+    from tahoe_ft.study.reproduce import reproduce as _reproduce
 
     return _reproduce(config or ReproduceConfig(), overrides=overrides)
 
@@ -148,11 +148,11 @@ def check(config: CheckConfig) -> dict[str, Any]:
 
 
 def demo_check(config: DemoCheckConfig | None = None) -> dict[str, Any]:
-    """The oracles of `tahoe_ft.demo_check` on the demo of `config.demo` for every seed of `config.seeds`; writes
-    the figures to `config.out` (JSON) and returns them (`tahoe_ft.demo_check.report` renders them as text)."""
+    """The oracles of `tahoe_ft.datasets.demo_check` on the demo of `config.demo` for every seed of `config.seeds`; writes
+    the figures to `config.out` (JSON) and returns them (`tahoe_ft.datasets.demo_check.report` renders them as text)."""
     import dataclasses
 
-    from tahoe_ft.demo_check import demo_check as _demo_check
+    from tahoe_ft.datasets.demo_check import demo_check as _demo_check
     from tahoe_ft.fileio import atomic_write_text
 
     config = config or DemoCheckConfig()
@@ -207,7 +207,7 @@ def evaluate(
     """
     import dataclasses
 
-    from tahoe_ft.checkpoint import safe_load
+    from tahoe_ft.checkpoints.io import safe_load
     from tahoe_ft.data import CellCatalog
     from tahoe_ft.evaluation import score_predictions
     from tahoe_ft.evaluation.baselines import PanelSettings
@@ -338,8 +338,8 @@ def export_state(
     read; returns the folder. `ckpt` is found as by `predict`; `out` (default `<run_dir>/state-export`) must
     not exist.
     """
+    from tahoe_ft.checkpoints.upstream_folder import export_state as _export_state
     from tahoe_ft.prediction import resolve_checkpoint
-    from tahoe_ft.upstream_folder import export_state as _export_state
 
     path, run = resolve_checkpoint(
         str(ckpt), run_dir=str(run_dir) if run_dir else None, exp=exp, runs_dir=str(runs_dir)

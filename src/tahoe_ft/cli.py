@@ -107,7 +107,7 @@ def _check(cfg, args: list[str]) -> None:
 
 def _demo_check(cfg, args: list[str]) -> None:
     from tahoe_ft import api
-    from tahoe_ft.demo_check import report
+    from tahoe_ft.datasets.demo_check import report
 
     print(report(api.demo_check(cfg)))
 

@@ -23,7 +23,7 @@ from tahoe_ft.errors import UserError
 
 @dataclass
 class DemoConfig:
-    """Size of the generated demo data (`data=demo`); see `tahoe_ft.demo.DemoSpec`."""
+    """Size of the generated demo data (`data=demo`); see `tahoe_ft.datasets.demo.DemoSpec`."""
 
     n_genes: int = 2000
     n_cell_types: int = 3

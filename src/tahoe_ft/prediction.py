@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from tahoe_ft.checkpoint import load_checkpoint
+from tahoe_ft.checkpoints.io import load_checkpoint
 from tahoe_ft.data import CellCatalog, GroupKey, Manifest
 from tahoe_ft.data.features import target_gene_index
 from tahoe_ft.errors import UserError

@@ -19,7 +19,7 @@ def _cache_dir(root) -> Path:
 
 
 def _demo_spec(root):
-    from tahoe_ft.demo import DemoSpec
+    from tahoe_ft.datasets.demo import DemoSpec
 
     data = root.get("data") or {}
     raw = data.get("demo") if hasattr(data, "get") else None
@@ -29,14 +29,14 @@ def _demo_spec(root):
 def _demo(file: str, *, _root_) -> str:
     """Path of a file of the embedded demo data (no side effects: Hydra may resolve mid-composition;
     `materialize` generates the data once the config is complete)."""
-    from tahoe_ft.datasets import demo_dir
+    from tahoe_ft.datasets.embedded import demo_dir
 
     return str(demo_dir(_cache_dir(_root_), _demo_spec(_root_)) / file)
 
 
 def _data(name: str, *, _root_) -> str:
     """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`); see `materialize`."""
-    from tahoe_ft.datasets import papalexi_outputs
+    from tahoe_ft.datasets.embedded import papalexi_outputs
 
     return str(papalexi_outputs(_cache_dir(_root_))[name])
 
@@ -44,11 +44,11 @@ def _data(name: str, *, _root_) -> str:
 def materialize(unresolved: str, cfg) -> None:
     """Generate / prepare the embedded data sets that the final config refers to (first use only)."""
     if "${tahoe_demo:" in unresolved:
-        from tahoe_ft.datasets import ensure_demo
+        from tahoe_ft.datasets.embedded import ensure_demo
 
         ensure_demo(_cache_dir(cfg), _demo_spec(cfg))
     if "${tahoe_data:" in unresolved:
-        from tahoe_ft.datasets import ensure_papalexi
+        from tahoe_ft.datasets.embedded import ensure_papalexi
 
         ensure_papalexi(_cache_dir(cfg))
 

@@ -6,13 +6,15 @@ A run directory is never reused: a new run always gets a fresh timestamped folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_write_text
@@ -106,3 +108,48 @@ def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@dataclass(frozen=True)
+class PredictRecord:
+    """`predict.json`: what `predict` wrote into a run directory, and what `eval` and `export` read back.
+
+    One declaration of the file's fields: `predict` builds one and calls `write`; readers call
+    `PredictRecord.read(run_dir)` (None when the folder has no prediction record, e.g. files from elsewhere).
+    """
+
+    checkpoint: str
+    checkpoint_step: int | None
+    split: str
+    n_groups: int
+    n_pred_cells: int
+    n_control_cells: int
+    n_genes: int
+    pert_col: str
+    control_pert: str
+    cell_type_col: str
+    data_paths: list[str]
+    seed: int
+    # held-out perturbation -> the one whose features predicted it in pred_shuffled.h5ad ({} without shuffle)
+    shuffle: dict[str, str] = field(default_factory=dict)
+
+    FILE: ClassVar[str] = "predict.json"
+
+    def write(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / self.FILE
+        write_json_atomic(path, dataclasses.asdict(self))
+        return path
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> PredictRecord | None:
+        path = Path(run_dir) / cls.FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except (ValueError, TypeError) as exc:
+            raise UserError(
+                f"{path} is not a prediction record ({exc}); run tahoe-ft predict again for this run"
+            ) from None

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from tahoe_ft.checkpoint import atomic_torch_save, weights_payload
+from tahoe_ft.checkpoints.io import atomic_torch_save, weights_payload
 from tahoe_ft.fileio import atomic_path
 from tahoe_ft.runs import update_run_info
 

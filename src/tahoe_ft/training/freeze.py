@@ -13,7 +13,7 @@ from collections import Counter
 import lightning as L
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.model import module_of
+from tahoe_ft.model.st import module_of
 
 log = logging.getLogger(__name__)
 

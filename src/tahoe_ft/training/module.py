@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tahoe_ft.errors import UserError
-from tahoe_ft.loss import DistributionLoss
-from tahoe_ft.model import StateTransitionModel, module_of
+from tahoe_ft.model.loss import DistributionLoss
+from tahoe_ft.model.st import StateTransitionModel, module_of
 
 
 class LRSchedule:

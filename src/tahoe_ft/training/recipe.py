@@ -18,11 +18,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
-from tahoe_ft.checkpoint import format_report, init_from_weights, read_weights
+from tahoe_ft.checkpoints.io import format_report, init_from_weights, read_weights
 from tahoe_ft.config import TrainConfig, as_dict
 from tahoe_ft.data import PerturbationDataModule
 from tahoe_ft.errors import UserError
-from tahoe_ft.memory import floor_line
 from tahoe_ft.runs import resolve_ref
 from tahoe_ft.training.callbacks import (
     CheckpointPolicy,
@@ -32,6 +31,7 @@ from tahoe_ft.training.callbacks import (
     StopOnNonFinite,
 )
 from tahoe_ft.training.freeze import FreezeCallback
+from tahoe_ft.training.memory import floor_line
 from tahoe_ft.training.module import STLightningModule
 from tahoe_ft.training.session import RunSession, epoch_position
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tahoe_ft.checkpoint import safe_load
+from tahoe_ft.checkpoints.io import safe_load
 from tahoe_ft.config import TrainConfig
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_write_text

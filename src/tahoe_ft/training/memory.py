@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tahoe_ft.config import TrainConfig
-from tahoe_ft.model import module_of
+from tahoe_ft.model.st import module_of
 
 # AdamW keeps two moments per trained parameter
 ADAMW_STATES = 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tahoe_ft.demo import DemoSpec, generate_demo, spec_hash
+from tahoe_ft.datasets.demo import DemoSpec, generate_demo, spec_hash
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_path, atomic_write_text
 from tahoe_ft.fileio import sha256_file as _sha256
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "TAHOE_FT_CACHE"
 SHARED_ENV = "TAHOE_FT_SHARED"
 PACKAGE_DATA = Path(__file__).resolve().parent / "assets"  # data files shipped in the wheel
-REPO_ROOT = Path(__file__).resolve().parents[2]  # src/tahoe_ft/datasets.py -> repo root (source checkout)
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/tahoe_ft/datasets/embedded.py -> repo root (source checkout)
 
 PAPALEXI_FILE = "papalexi2021_thp1_crisprko.h5ad"
 PAPALEXI_SHA256 = "0ab7fafcc794e1dba84289fe012c977270a6218846d1ca7eb83d5d9cd0b312c8"
@@ -77,7 +77,7 @@ def demo_dir(cache_dir: Path, spec: DemoSpec) -> Path:
 
 
 def ensure_demo(cache_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
-    """The demo files of ``spec`` (``tahoe_ft.demo.FILES`` keys), generated on first use."""
+    """The demo files of ``spec`` (``tahoe_ft.datasets.demo.FILES`` keys), generated on first use."""
     spec = spec or DemoSpec()
     out = demo_dir(cache_dir, spec)
     with _locked(Path(cache_dir) / f".demo-{spec_hash(spec)}.lock"):
@@ -119,7 +119,7 @@ def papalexi_split(
     if set(val) & set(test):
         raise UserError(f"papalexi split: val and test overlap in {sorted(set(val) & set(test))}")
     lines = [
-        "# Papalexi 2021 THP-1 few-shot split (tahoe_ft.datasets.papalexi_split); controls shared by all splits",
+        "# Papalexi 2021 THP-1 few-shot split (tahoe_ft.datasets.embedded.papalexi_split); controls shared by all splits",
         "[datasets]",
         f"{PAPALEXI_DATASET} = {json.dumps(str(h5ad_path))}",
         "",

@@ -73,7 +73,7 @@ def make_folds(
 def _toml(i: int, k: int, files: dict, sections: list, val: list[str], test: list[str]) -> str:
     q = json.dumps
     lines = [
-        f"# tahoe-ft fold {i} of {k} (tahoe_ft.folds.make_folds); controls are shared by all splits",
+        f"# tahoe-ft fold {i} of {k} (tahoe_ft.study.folds.make_folds); controls are shared by all splits",
         "[datasets]",
     ]
     lines += [f"{ds} = [{', '.join(q(str(Path(f).resolve())) for f in fs)}]" for ds, fs in files.items()]

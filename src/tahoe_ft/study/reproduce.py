@@ -5,7 +5,7 @@ demo data -> pretrain (the ST-Tahoe stand-in) -> 0826 -> 0901 and 0905 -> 0906 -
 would make (`tahoe_ft.train(compose("train", ["+experiment=0906"]))`, `tahoe_ft.predict(exp="0906")`, ...), so
 the runs it leaves behind are ordinary runs, each with its own wandb run; parents are resolved by name.
 
-Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.folds`),
+Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.study.folds`),
 and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the base model (`pretrain`, which
 does not see the screen) is trained once per seed and shared by that seed's folds. `data_seeds=[...]` repeats
 all of it on demo data sets made with other generator seeds (`runs_dir/data-D/`). `compare.csv` then holds
@@ -124,7 +124,7 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
     if cfg.folds == 0 and len(seeds) == 1 and not data_seeds:
         _chain(cfg, clock, runs, overrides, seed=seeds[0])
     else:
-        from tahoe_ft.comparison import compare_splits
+        from tahoe_ft.study.comparison import compare_splits
 
         splits: list[tuple[dict[str, Any], Path]] = []
         for d in data_seeds or [None]:
@@ -150,7 +150,7 @@ def _cross_validate(
 ) -> list[tuple[dict[str, Any], Path]]:
     """Every (seed, fold) chain on one data set under `runs`; each split's labels and runs dir."""
     from tahoe_ft import api
-    from tahoe_ft.folds import make_folds
+    from tahoe_ft.study.folds import make_folds
 
     exps = [experiment_name(e) for e in cfg.experiments]
     folds: list[Any] = [None]

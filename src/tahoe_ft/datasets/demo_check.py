@@ -2,7 +2,7 @@
 
 The study's finding is that a model working in the SE600M embedding and decoding to genes is capped by what
 the embedding keeps, while one working in the evaluator's gene space is not. Three oracles measure that on the
-generated demo (`tahoe_ft.demo`), each with a gene-space side and an embedding side, scored as the rounds are
+generated demo (`tahoe_ft.datasets.demo`), each with a gene-space side and an embedding side, scored as the rounds are
 (`tahoe_ft.evaluation.score_predictions`: cell-eval, normalised against its cell-mean baseline, per cell type):
 
 - (a) representation: the best linear decode of the held-out cells' TRUE ``X_state`` (a ridge X_state -> genes
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tahoe_ft.demo import CELL_TYPE_COL, CONTROL_PERT, PERT_COL, DemoSpec, load_state_map
+from tahoe_ft.datasets.demo import CELL_TYPE_COL, CONTROL_PERT, PERT_COL, DemoSpec, load_state_map
 from tahoe_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def demo_check(
     per_cell_type: bool = True,
 ) -> dict[str, Any]:
     """The oracles on the demo of `spec` for every generator seed (generated, or reused from `cache_dir`)."""
-    from tahoe_ft.datasets import ensure_demo
+    from tahoe_ft.datasets.embedded import ensure_demo
 
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise UserError(f"demo-check needs >= 2 distinct generator seeds for a spread, got {seeds}")

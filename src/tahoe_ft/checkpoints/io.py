@@ -4,7 +4,7 @@
   `torch.load(weights_only=True)`; the architecture is rebuilt from their `hparams`, never from defaults.
 - `last.ckpt`: Lightning's full training state, used only by `resume=true`. `init_from` may also read
   the weights out of one (the `model.` prefix is stripped), never its optimizer or schedule.
-- Upstream `state tx train` checkpoints, alone or as their run folder (`tahoe_ft.upstream_folder`): the folder's
+- Upstream `state tx train` checkpoints, alone or as their run folder (`tahoe_ft.checkpoints.upstream_folder`): the folder's
   checkpoint (best, else final, else the newest) and its perturbation vocabulary, so `init_from` maps the
   perturbation encoder's one-hot columns by name.
 - Every file is written to a temp name in the same folder, flushed and renamed: a kill during a save
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from tahoe_ft.checkpoints.upstream_hparams import is_upstream, translate_hparams
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_path
-from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, StateTransitionModel, module_of
-from tahoe_ft.upstream import is_upstream, translate_hparams
+from tahoe_ft.model.st import DROPPED_UPSTREAM_KEYS, StateTransitionModel, module_of
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     `path` may also be an upstream run folder (its checkpoint is chosen by `pick_checkpoint`); for it, or for
     a `.ckpt` inside one's `checkpoints/`, the file dict carries the `RunFolder` under `RUN_FOLDER`.
     """
-    from tahoe_ft.upstream_folder import RunFolder
+    from tahoe_ft.checkpoints.upstream_folder import RunFolder
 
     path = Path(path)
     if path.is_dir():

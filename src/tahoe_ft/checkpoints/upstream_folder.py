@@ -10,10 +10,10 @@ A run folder is what `state tx train` leaves in `<output_dir>/<name>/`:
     checkpoints/*.ckpt   Lightning checkpoints of StateTransitionPerturbationModel (best, last, final)
 
 Reading never runs code from the folder. `var_dims.pkl` and `pert_onehot_map.pt` are unpickled by
-`tahoe_ft.safe_pickle`, which rebuilds only dicts, lists, tuples, strings, numbers and numeric/string numpy
+`tahoe_ft.checkpoints.safe_pickle`, which rebuilds only dicts, lists, tuples, strings, numbers and numeric/string numpy
 values (from raw bytes) and, in a torch file, tensors; anything else a pickle names (`os.system`,
 `builtins.open`, `eval`, ...) is refused with one line. `config.yaml` is read
-with `yaml.safe_load`; the checkpoint with `tahoe_ft.checkpoint.safe_load` (`weights_only=True`).
+with `yaml.safe_load`; the checkpoint with `tahoe_ft.checkpoints.io.safe_load` (`weights_only=True`).
 
 Writing (`export_state`) turns a tahoe-ft checkpoint into such a folder, which arc-state's
 `StateTransitionPerturbationModel.load_from_checkpoint` and `state tx infer --model-dir` accept: plain python
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
+from tahoe_ft.checkpoints.safe_pickle import read_pickle, read_torch_data
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_path, atomic_write_text
-from tahoe_ft.safe_pickle import read_pickle, read_torch_data
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +350,10 @@ def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     import yaml
 
-    from tahoe_ft.checkpoint import model_from_weights, read_weights
+    from tahoe_ft.checkpoints.io import model_from_weights, read_weights
+    from tahoe_ft.checkpoints.upstream_hparams import upstream_hparams
     from tahoe_ft.data import Manifest
-    from tahoe_ft.model import DROPPED_UPSTREAM_KEYS, module_of
-    from tahoe_ft.upstream import upstream_hparams
+    from tahoe_ft.model.st import DROPPED_UPSTREAM_KEYS, module_of
 
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
