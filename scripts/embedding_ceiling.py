@@ -33,8 +33,8 @@ def main() -> None:
     a = ap.parse_args()
     run_dir = a.run_dir.resolve()
     info = json.loads((run_dir / "predict.json").read_text())
-    model = load_checkpoint(info["checkpoint"])
-    manifest = model.manifest
+    loaded = load_checkpoint(info["checkpoint"])
+    model, manifest = loaded.model, loaded.manifest
     if getattr(model, "gene_decoder", None) is None or not manifest.get("embed_key"):
         raise SystemExit(f"{run_dir} is not an embedding-input round with a gene decoder")
     catalog = CellCatalog.from_manifest(manifest)

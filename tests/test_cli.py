@@ -162,12 +162,13 @@ def test_reproduce_gives_every_round_its_own_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
     cfg = compose(
-        "reproduce", [f"runs_dir={tmp_path / 'runs'}", "experiments=[pretrain,0905,0906]", "evaluate=[0906]"]
+        "reproduce",
+        [f"runs_dir={tmp_path / 'runs'}", "experiments=[pretrain,0905,0906]", "evaluate=[0906]", *data],
     )
     cfg.train_overrides = [a for a in train_args(tmp_path, "0905") if a.split("=")[0] in _RUN_KEYS] + [
         a for a in TINY_MODEL if not a.startswith("encoder.")
     ]
-    tahoe_ft.reproduce(cfg, overrides=data)
+    tahoe_ft.reproduce(cfg)
     for exp in ("pretrain", "0905", "0906"):
         run_dir = (tmp_path / "runs" / exp / "latest").resolve()
         files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -224,3 +225,37 @@ def test_ddp_two_processes_share_one_run(tmp_path):
     info = json.loads((runs[0] / "run.json").read_text())
     assert info["status"] == "finished" and info["steps"] == 4 and info["best_step"] in (2, 4)
     assert (runs[0] / "checkpoints" / "best-val.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "command, override, allowed",
+    [
+        ("train", "data.input_transform=log2", "log1p, counts"),
+        ("train", "data.basal_mapping=plate", "random, batch"),
+        ("train", "loss.name=l1", "energy, sinkhorn, mse"),
+        ("train", "sched.name=step", "cosine, onecycle, constant"),
+        ("train", "checkpoint.monitor=best", "auto, main, decoder"),
+        ("train", "encoder.name=scgpt", "raw_expression, se600m"),
+        ("predict", "precision=fp16", "32, bf16"),
+        ("predict", "split=train", "test, val"),
+        ("eval", "profile=pds", "vcc, full"),
+        ("reproduce", "profile=pds", "vcc, full"),
+    ],
+)
+def test_an_option_outside_its_set_is_one_line_naming_the_key_and_the_choices(command, override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(UserError) as err:
+        compose(command, [override])
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{key}'" in msg and f"'{value}'" in msg and f"[{allowed}]" in msg
+
+
+def test_enum_options_compose_and_are_saved_as_plain_strings():
+    from tahoe_ft.config import as_dict
+
+    assert compose("predict", ["precision=32"]).precision == "32"
+    cfg = compose("train", ["+experiment=0905", "sched.name=onecycle", "data.basal_mapping=batch"])
+    assert cfg.sched.name == "onecycle" and cfg.data.basal_mapping == "batch"
+    saved = as_dict(cfg)
+    assert type(saved["sched"]["name"]) is str and type(saved["checkpoint"]["monitor"]) is str
+    assert json.dumps(saved["data"]["input_transform"]) == '"log1p"'

@@ -404,3 +404,46 @@ def test_prep_submission(tmp_path, screen, monkeypatch):
         assert "apt-get install zstd" in str(e.value) and "brew install zstd" in str(e.value)
         assert "conda install zstd" in str(e.value)
     assert not (tmp_path / "sub2.vcc").exists()
+
+
+# ---- `tahoe-ft eval` on a trained and predicted tiny run
+
+
+def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monkeypatch):
+    """The console gets the round beside its panel and the ceiling; cell-eval's output goes to eval.log;
+    the manifest is read from the checkpoint without its weights, and equals the full load's."""
+    import torch
+
+    import tahoe_ft
+    from conftest_train import train
+    from tahoe_ft import cli
+    from tahoe_ft.checkpoints.io import safe_load
+    from tahoe_ft.config import PredictConfig
+    from tahoe_ft.evaluation.run import read_manifest
+
+    monkeypatch.delenv("TAHOE_FT_VERBOSE", raising=False)
+    run_dir = train(tmp_path, "0905", "init_from=null")
+    runs = tmp_path / "runs"
+    tahoe_ft.predict(PredictConfig(exp="0905", runs_dir=str(runs)))
+    ckpt = run_dir / "checkpoints" / "best-val.pt"
+    full, lazy = safe_load(ckpt)["manifest"], read_manifest(ckpt)
+    assert lazy.keys() == full.keys()
+    assert torch.equal(lazy["pert_matrix"], full["pert_matrix"])
+    assert {k: v for k, v in lazy.items() if k != "pert_matrix"} == {
+        k: v for k, v in full.items() if k != "pert_matrix"
+    }
+    capsys.readouterr()
+    cli.main(["eval", f"runs_dir={runs}", "exp=0905", "num_threads=1"])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert len(lines) < 30, out
+    on_disk = json.loads((run_dir / "eval" / "score.json").read_text())
+    assert f"{on_disk['avg_score']:.4f}" in lines[1]
+    assert set(on_disk["baselines"]) >= {"ceiling", "cell_mean"} and "diagnostics" in on_disk
+    for name in on_disk["baselines"]:
+        assert any(line.split()[0] == name for line in lines[2:]), (name, out)
+    assert lines[-2 if lines[-1].startswith("log:") else -1].endswith(str(run_dir / "eval" / "score.json"))
+    log_file = run_dir / "eval" / "eval.log"
+    assert log_file.is_file()
+    text = log_file.read_text()
+    assert "cell_eval" in text and "Writing aggregate metrics" in text

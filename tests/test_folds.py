@@ -45,7 +45,7 @@ def _tiny_reproduce(tmp_path, *keys: str, steps: int = 4):
         "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", f"sched.warmup_steps={steps // 2}",
     ]  # fmt: skip
-    tahoe_ft.reproduce(cfg, overrides=data)
+    tahoe_ft.reproduce(cfg)
     return runs
 
 
@@ -104,3 +104,35 @@ def test_data_seeds_on_a_non_demo_data_set_is_one_line(tmp_path):
     with pytest.raises(tahoe_ft.errors.UserError, match="data_seeds=.*data=papalexi"):
         tahoe_ft.reproduce(cfg)
     assert not any(tmp_path.iterdir())
+
+
+def test_reproduce_trains_every_round_on_its_typed_data_set(tmp_path):
+    """`tahoe_ft.reproduce(ReproduceConfig(data=DataConfig(...)))` trains every round on that data set, with no
+    Hydra strings for the data (the demo is never generated)."""
+    import shutil
+
+    import anndata as ad
+
+    from tahoe_ft.config import DataConfig, PathsConfig, ReproduceConfig
+    from tahoe_ft.datasets.demo import tiny_spec
+    from tahoe_ft.datasets.embedded import ensure_demo
+
+    screen = tmp_path / "screen.h5ad"
+    shutil.copy(ensure_demo(tmp_path / "gen", tiny_spec())["screen"], screen)
+    perts = sorted(set(ad.read_h5ad(screen, backed="r").obs["target_gene"]) - {"non-targeting"})
+    data = DataConfig(name="custom", path=str(screen), val_perts=perts[:1], test_perts=perts[1:3])
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    steps = [
+        "pretrained=null", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "sched.warmup_steps=1",
+        *[a for a in TINY_MODEL if not a.startswith("encoder.")],
+    ]  # fmt: skip
+    tahoe_ft.reproduce(
+        ReproduceConfig(runs_dir=str(runs), experiments=["0905"], evaluate=[], train_overrides=steps, data=data,
+                        paths=PathsConfig(data_cache=str(cache)))  # fmt: skip
+    )
+    run_dir = (runs / "0905" / "latest").resolve()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["data_paths"] == [str(screen.resolve())]
+    assert manifest["splits"]["test"] == perts[1:3]
+    assert not cache.exists() or not any(cache.glob("demo-*"))

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
-from tahoe_ft.config import compose
+from tahoe_ft.config import EvalConfig, PredictConfig, compose
 from tahoe_ft.datasets.demo import DemoSpec
 from tahoe_ft.datasets.embedded import ensure_demo
 
@@ -49,8 +49,8 @@ def fewshot(tmp_path_factory):
         "trainer.accelerator=cpu", "data.num_workers=0",
     ]  # fmt: skip
     run_dir = tahoe_ft.train(compose("train", args))
-    tahoe_ft.predict("best-val.pt", run_dir=run_dir)
-    score = tahoe_ft.evaluate(run_dir, runs_dir=runs)
+    tahoe_ft.predict(PredictConfig(run_dir=str(run_dir)))
+    score = tahoe_ft.evaluate(EvalConfig(run_dir=str(run_dir), runs_dir=str(runs)))
     return {
         "root": root,
         "run": run_dir,
@@ -122,7 +122,7 @@ def test_no_baseline_reads_a_held_out_cell(fewshot):
     a.write_h5ad(tmp)
     tmp.replace(fewshot["screen"])  # a new file under the same name (readers still open keep the old one)
     shutil.rmtree(fewshot["root"] / "runs" / ".de_cache")  # nothing cached: the panel is built again
-    tahoe_ft.evaluate(run, runs_dir=fewshot["root"] / "runs")
+    tahoe_ft.evaluate(EvalConfig(run_dir=str(run), runs_dir=str(fewshot["root"] / "runs")))
     after = {p.name: ad.read_h5ad(p).X for p in (run / "eval" / "baselines").glob("*.h5ad")}
     assert before.keys() == after.keys() and len(before) == 5
     for name in before:

@@ -11,7 +11,7 @@ import torch
 
 import tahoe_ft
 from conftest_train import train
-from tahoe_ft.config import DataConfig
+from tahoe_ft.config import DataConfig, ExportStateConfig
 from tahoe_ft.data import CellCatalog
 from tahoe_ft.data.features import target_gene_index, training_knockdown_ratio
 from tahoe_ft.errors import UserError
@@ -115,7 +115,10 @@ def test_a_round_learns_the_ratio_and_predict_applies_it(tmp_path):
     # the same checkpoint with the ratio set to ~0: predict must (nearly) zero every held-out target gene
     state[key] = torch.tensor(-30.0)
     torch.save(ckpt, run / "checkpoints" / "zero.pt")
-    pred = ad.read_h5ad(tahoe_ft.predict("zero.pt", run_dir=run, shuffle=False) / "pred.h5ad")
+    from tahoe_ft.config import PredictConfig
+
+    out = tahoe_ft.predict(PredictConfig(ckpt="zero.pt", run_dir=str(run), shuffle=False))
+    pred = ad.read_h5ad(out / "pred.h5ad")
     held = pred.obs["target_gene"].astype(str)
     measured = [p for p in held.unique() if p in set(pred.var_names)]
     assert measured, "the tiny demo's held-out perturbations target measured genes"
@@ -140,4 +143,4 @@ def test_embedding_rounds_ignore_it_and_export_refuses_it(tmp_path):
         val_every=2,
     )
     with pytest.raises(UserError, match="target knock-down path"):
-        tahoe_ft.export_state(kd / "checkpoints" / "best-val.pt")
+        tahoe_ft.export_state(ExportStateConfig(ckpt=str(kd / "checkpoints" / "best-val.pt")))

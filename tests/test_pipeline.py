@@ -14,7 +14,7 @@ import torch
 
 import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
-from tahoe_ft.config import compose
+from tahoe_ft.config import EvalConfig, ExportConfig, PredictConfig, compose
 
 ROUNDS = ["0826", "0901", "0905", "0906", "0907", "0907aux", "0908"]
 
@@ -33,7 +33,7 @@ def study(tmp_path_factory) -> Path:
     data = [f"paths.data_cache={root / 'cache'}", *TINY_DEMO]
     cfg = compose("reproduce", [f"runs_dir={root / 'runs'}", *data])
     cfg.train_overrides = train_overrides
-    tahoe_ft.reproduce(cfg, overrides=data)
+    tahoe_ft.reproduce(cfg)
     return root / "runs"
 
 
@@ -119,7 +119,7 @@ def test_every_round_scored_and_compared(study):
 def test_export_vcc_submission(study):
     import tarfile
 
-    out = tahoe_ft.export(runs_dir=study, exp="0906")
+    out = tahoe_ft.export(ExportConfig(runs_dir=str(study), exp="0906"))
     assert out.name == "submission.prep.vcc" and out.is_file()
     with tarfile.open(out) as tar:
         assert "pred.h5ad.zst" in {Path(m.name).name for m in tar.getmembers()}
@@ -128,7 +128,7 @@ def test_export_vcc_submission(study):
 def test_load_checkpoint_api_takes_upstream_batch_keys(study):
     import tahoe_ft
 
-    model = tahoe_ft.load_checkpoint(_latest(study, "0906") / "checkpoints" / "best-val.pt")
+    model = tahoe_ft.load_checkpoint(_latest(study, "0906") / "checkpoints" / "best-val.pt").model
     assert not model.training
     hp = model.hparams
     s, n_sets = hp["cell_set_len"], 3
@@ -153,8 +153,8 @@ def test_papalexi_trains_predicts_and_scores(tmp_path):
         "data.batch_size=4", "trainer.accelerator=cpu",
     ]  # fmt: skip
     run_dir = tahoe_ft.train(compose("train", args))
-    tahoe_ft.predict(exp="0905", runs_dir=runs)
-    score = tahoe_ft.evaluate(exp="0905", runs_dir=runs)
+    tahoe_ft.predict(PredictConfig(exp="0905", runs_dir=str(runs)))
+    score = tahoe_ft.evaluate(EvalConfig(exp="0905", runs_dir=str(runs)))
     pred = ad.read_h5ad(run_dir / "pred.h5ad")
     assert pred.n_vars == 299
     assert set(pred.obs["target_gene"]) - {"non-targeting"} == {
@@ -189,7 +189,7 @@ def test_predict_needs_only_the_checkpoint_and_the_cells(study, tmp_path):
     try:
         out_dir = tmp_path / "pred"
         out_dir.mkdir()
-        tahoe_ft.predict(ckpt, run_dir=out_dir, runs_dir=study)
+        tahoe_ft.predict(PredictConfig(ckpt=str(ckpt), run_dir=str(out_dir), runs_dir=str(study)))
     finally:
         for p in hidden:
             p.with_name(p.name + ".hidden").rename(p)
@@ -206,7 +206,13 @@ def test_eval_full_profile(study, tmp_path):
     for name in ("pred.h5ad", "real.h5ad", "predict.json"):
         shutil.copy(src / name, tmp_path / name)
     score = tahoe_ft.evaluate(
-        tmp_path, pred=tmp_path / "pred.h5ad", real=tmp_path / "real.h5ad", profile="full", runs_dir=study
+        EvalConfig(
+            run_dir=str(tmp_path),
+            pred=str(tmp_path / "pred.h5ad"),
+            real=str(tmp_path / "real.h5ad"),
+            profile="full",
+            runs_dir=str(study),
+        )
     )
     assert {"mae", "discrimination_score_l1", "overlap_at_N", "pearson_delta", "mse"} <= set(score.metrics)
     assert set(score.baseline) == set(score.metrics)
@@ -239,8 +245,8 @@ def test_shuffle_and_collapse_diagnostics(study, tmp_path):
     sd[last] += 5.0 * (torch.arange(sd[last].numel()) % 2).float()
     (tmp_path / "checkpoints").mkdir()
     torch.save(ck, tmp_path / "checkpoints" / "best-val.pt")
-    tahoe_ft.predict(tmp_path / "checkpoints" / "best-val.pt")
-    blind = tahoe_ft.evaluate(tmp_path, runs_dir=study, baselines=False)
+    tahoe_ft.predict(PredictConfig(ckpt=str(tmp_path / "checkpoints" / "best-val.pt")))
+    blind = tahoe_ft.evaluate(EvalConfig(run_dir=str(tmp_path), runs_dir=str(study), baselines=False))
     a, b = ad.read_h5ad(tmp_path / "pred.h5ad"), ad.read_h5ad(tmp_path / "pred_shuffled.h5ad")
     assert np.array_equal(_dense(a.X), _dense(b.X))
     assert blind.diagnostics["shuffle"]["drop"] == 0.0

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from tahoe_ft.config import PredictConfig
 from tahoe_ft.errors import UserError
 from tahoe_ft.prediction import draw_basal
+
+
+def _config(ckpt, out, **kw) -> PredictConfig:
+    """predict's typed config: the checkpoint file `ckpt`, the predictions into `out`."""
+    return PredictConfig(ckpt=str(ckpt), run_dir=str(out), **kw)
 
 
 def test_basal_sets_mix_replicates_of_a_file_stored_by_replicate():
@@ -39,10 +45,12 @@ def _in_memory_reference(ckpt, out, shuffle):
     from tahoe_ft.checkpoints.io import load_checkpoint
     from tahoe_ft.data import CellCatalog, Manifest
     from tahoe_ft.evaluation.diagnostics import derangement
-    from tahoe_ft.prediction import PRED_MAX, _prediction_order, predict_sets
+    from tahoe_ft.prediction import PRED_MAX, predict_sets
+    from tahoe_ft.prediction.plan import _prediction_order
 
-    model = load_checkpoint(ckpt)
-    m = Manifest.from_dict(model.manifest)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
+    m = Manifest.from_dict(loaded.manifest)
     dev = torch.device("cpu")
     catalog = CellCatalog.from_manifest(m)
     cells = catalog.groups("test")
@@ -106,9 +114,10 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
     import anndata as ad
 
     import tahoe_ft.prediction as prediction
+    import tahoe_ft.prediction.plan as plan
     from tahoe_ft.data import CellCatalog
 
-    monkeypatch.setattr(prediction, "BLOCK_CELLS", 16)
+    monkeypatch.setattr(plan, "BLOCK_CELLS", 16)
     biggest = []
     for name in ("read_input", "read_expression"):
         orig = getattr(CellCatalog, name)
@@ -119,7 +128,7 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
 
         monkeypatch.setattr(CellCatalog, name, spy)
     ckpt = tiny_runs[exp] / "checkpoints" / "best-val.pt"
-    out = prediction.predict(ckpt, out_dir=tmp_path / "streamed", device="cpu", shuffle=True)
+    out = prediction.predict(_config(ckpt, tmp_path / "streamed", device="cpu", shuffle=True))
     assert max(biggest) <= 16
     monkeypatch.undo()
     (tmp_path / "ref").mkdir()
@@ -133,16 +142,16 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
         read_back = ad.read_h5ad(tmp_path / "ref" / name)  # anndata reads both files alike
         assert type(read_back.X) is type(got.X) and read_back.obs.equals(got.obs)
     # several sets per forward pass: the same predictions up to float32 rounding (BLAS summation order)
-    fast = prediction.predict(ckpt, out_dir=tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3)
+    fast = prediction.predict(_config(ckpt, tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3))
     np.testing.assert_allclose(ad.read_h5ad(fast / "pred.h5ad").X, want["pred.h5ad"].X, rtol=0, atol=1e-5)
     # bfloat16 autocast: the same cells, predictions close to float32 (bf16 keeps 8 bits of mantissa), not equal
-    half = prediction.predict(ckpt, out_dir=tmp_path / "bf16", device="cpu", shuffle=False, precision="bf16")
+    half = prediction.predict(_config(ckpt, tmp_path / "bf16", device="cpu", shuffle=False, precision="bf16"))
     got = ad.read_h5ad(half / "pred.h5ad").X
     ref = want["pred.h5ad"].X
     assert got.shape == ref.shape and not np.array_equal(got, ref)
     assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
     with pytest.raises(UserError, match="precision='fp8'"):
-        prediction.predict(ckpt, out_dir=tmp_path / "bad", device="cpu", precision="fp8")
+        prediction.predict(_config(ckpt, tmp_path / "bad", device="cpu", precision="fp8"))
 
 
 def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
@@ -150,13 +159,13 @@ def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
     pass must give exactly what bf16 nn.Linear layers under autocast give (the path it replaced)."""
     import copy
 
-    import tahoe_ft.prediction as prediction
+    import tahoe_ft.prediction.forward as prediction
     from tahoe_ft.checkpoints.io import load_checkpoint
 
     cpu = torch.device("cpu")
     if not prediction._packs_bf16(cpu):
         pytest.skip("this CPU has no oneDNN bf16 kernels: predict keeps bf16 nn.Linear layers")
-    model = load_checkpoint(tiny_runs["0905"] / "checkpoints" / "best-val.pt")
+    model = load_checkpoint(tiny_runs["0905"] / "checkpoints" / "best-val.pt").model
     plain = copy.deepcopy(model)
     for mod in plain.modules():
         if isinstance(mod, torch.nn.Linear):
@@ -183,15 +192,17 @@ def test_a_failing_write_stops_predict_and_leaves_the_previous_files(tiny_runs, 
     stops the command with that error; the files of the previous predict stay as they were, and no
     temp file is left."""
     import tahoe_ft.prediction as prediction
+    import tahoe_ft.prediction.plan as plan
+    import tahoe_ft.prediction.stream as stream
 
-    monkeypatch.setattr(prediction, "BLOCK_CELLS", 16)
+    monkeypatch.setattr(plan, "BLOCK_CELLS", 16)
     ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
     out = tmp_path / "out"
-    prediction.predict(ckpt, out_dir=out, device="cpu", shuffle=False)
+    prediction.predict(_config(ckpt, out, device="cpu", shuffle=False))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"pred.h5ad", "real.h5ad", "predict.json"} <= set(before)
     calls = []
-    write = prediction._clip_and_write
+    write = stream._clip_and_write
 
     def failing(*args):
         calls.append(1)
@@ -199,9 +210,9 @@ def test_a_failing_write_stops_predict_and_leaves_the_previous_files(tiny_runs, 
             raise OSError(28, "No space left on device")
         return write(*args)
 
-    monkeypatch.setattr(prediction, "_clip_and_write", failing)
+    monkeypatch.setattr(stream, "_clip_and_write", failing)
     with pytest.raises(OSError, match="No space left"):
-        prediction.predict(ckpt, out_dir=out, device="cpu", shuffle=False, seed=1)
+        prediction.predict(_config(ckpt, out, device="cpu", shuffle=False, seed=1))
     assert len(calls) == 3  # stopped at the failed block, not after predicting everything
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -217,13 +228,13 @@ def test_a_model_with_a_batch_encoder_predicts_with_each_basal_cells_batch(tmp_p
                 val_every=2)  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=False)
     assert ckpt["hparams"]["batch_encoder"] and ckpt["hparams"]["batch_dim"] == 2
-    first = ad.read_h5ad(tahoe_ft.predict("best-val.pt", run_dir=run, shuffle=False) / "pred.h5ad").X.copy()
+    first = ad.read_h5ad(tahoe_ft.predict(_config("best-val.pt", run, shuffle=False)) / "pred.h5ad").X.copy()
     # the batch matters (no head skip: a fresh skip head barely passes the hidden state on after 2 steps):
     # give the two batches very different embeddings and the prediction changes
     w = ckpt["state_dict"]["batch_encoder.weight"]
     ckpt["state_dict"]["batch_encoder.weight"] = torch.stack([w[0] + 5.0, w[1] - 5.0])
     torch.save(ckpt, run / "checkpoints" / "batches.pt")
-    second = ad.read_h5ad(tahoe_ft.predict("batches.pt", run_dir=run, shuffle=False) / "pred.h5ad").X
+    second = ad.read_h5ad(tahoe_ft.predict(_config("batches.pt", run, shuffle=False)) / "pred.h5ad").X
     n_pred = int((ad.read_h5ad(run / "pred.h5ad", backed="r").obs["target_gene"] != "non-targeting").sum())
     assert first.shape == second.shape
     assert np.abs(first[:n_pred] - second[:n_pred]).max() > 1e-3
@@ -239,9 +250,9 @@ def test_loading_a_checkpoint_draws_no_random_fills_and_keeps_the_files_weights(
     fills = (torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.nn.init.normal_)
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    model = load_checkpoint(ckpt)
+    model = load_checkpoint(ckpt).model
     assert torch.equal(torch.get_rng_state(), before)  # the fills would have drawn from it
-    state, _, _ = read_weights(ckpt)
+    state = read_weights(ckpt).state_dict
     own = model.state_dict()
     compared = [k for k in own if k in state]
     assert len(compared) == len(own)
@@ -267,7 +278,7 @@ def test_large_buffers_come_from_the_reused_heap_only_while_predict_runs():
     mmap the kernel must zero; afterwards glibc is back to its defaults and maps such a buffer again."""
     import platform
 
-    from tahoe_ft.prediction import _reuse_large_blocks
+    from tahoe_ft.prediction.stream import _reuse_large_blocks
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt only")
@@ -278,3 +289,23 @@ def test_large_buffers_come_from_the_reused_heap_only_while_predict_runs():
         del inside
     after = np.ones(n, dtype=np.float32)
     assert not _in_brk_heap(after.ctypes.data)
+
+
+@pytest.mark.parametrize("content", [b"hello\nworld\n", bytes(range(256)) * 3], ids=["text", "bytes"])
+def test_predict_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, content):
+    """`tahoe-ft predict ckpt=<not a checkpoint>`: exit 2 with one line naming the file, no traceback
+    (torch's weights-only reader raises e.g. KeyError on a text file)."""
+    from tahoe_ft import cli
+
+    monkeypatch.delenv("TAHOE_FT_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    path = tmp_path / "run" / "checkpoints" / "notes.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", f"ckpt={path}", "device=cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and str(path) in err and "not a torch file" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]  # nothing written

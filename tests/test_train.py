@@ -13,7 +13,7 @@ import torch
 
 import tahoe_ft
 from conftest_train import TINY_DEMO, column, metrics, train, train_args
-from tahoe_ft.config import compose
+from tahoe_ft.config import ExportStateConfig, compose
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import newest_run
 
@@ -296,12 +296,19 @@ def _tiny_hparams(width: int) -> dict:
                                             "head_dim": 4, "intermediate_size": 16}}  # fmt: skip
 
 
+def _settings(**loss):
+    """The module's settings of a TrainConfig with these loss values, one step."""
+    from tahoe_ft.config import LossConfig, TrainConfig, TrainerConfig
+    from tahoe_ft.training.module import TrainingSettings
+
+    return TrainingSettings.of(TrainConfig(loss=LossConfig(**loss), trainer=TrainerConfig(max_steps=1)))
+
+
 def test_loss_is_float32_under_autocast():
     from tahoe_ft.training.module import STLightningModule
 
     hp = _tiny_hparams(6)
-    cfg = {"loss": {"name": "energy", "blur": 0.05, "decoder_weight": 1.0}, "optim": {}, "sched": {}, "freeze": {},
-           "max_steps": 1}  # fmt: skip
+    cfg = _settings(name="energy", blur=0.05, decoder_weight=1.0)
     m = STLightningModule(hp, cfg)
     a, b = torch.randn(2, 4, 6) + 100.0, torch.randn(2, 4, 6) + 100.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -408,8 +415,7 @@ def test_set_mean_term_changes_the_gradient_only_when_weighted():
 
     def grads(weight, term="loss"):
         torch.manual_seed(0)
-        loss = {"name": "energy", "blur": 0.05, "decoder_weight": 1.0, "mean_weight": weight}
-        m = STLightningModule(hp, {"loss": loss, "optim": {}, "sched": {}, "freeze": {}, "max_steps": 1})
+        m = STLightningModule(hp, _settings(name="energy", blur=0.05, decoder_weight=1.0, mean_weight=weight))
         losses = m._losses(batch)
         losses[term].backward()
         return losses, torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
@@ -462,15 +468,8 @@ def test_aux_term_changes_the_gradient_only_when_weighted_and_never_the_predicti
 
     def run(weight, term="loss", aux=True):
         torch.manual_seed(0)
-        loss = {
-            "name": "energy",
-            "blur": 0.05,
-            "decoder_weight": 1.0,
-            "mean_weight": 1.0,
-            "aux_weight": weight,
-        }
-        m = STLightningModule({**hp, "aux_dim": 5 if aux else None}, {"loss": loss, "optim": {}, "sched": {},
-                              "freeze": {}, "max_steps": 1})  # fmt: skip
+        loss = _settings(name="energy", blur=0.05, decoder_weight=1.0, mean_weight=1.0, aux_weight=weight)
+        m = STLightningModule({**hp, "aux_dim": 5 if aux else None}, loss)
         m.eval()
         losses = m._losses(batch)
         losses[term].backward()
@@ -503,11 +502,14 @@ def test_aux_round_learns_x_state_from_the_cells_and_export_drops_its_head(tmp_p
     aux = [v for _, v in column(rows, "train/aux_loss")]
     assert aux and all(math.isfinite(v) and v > 0 for v in aux)
     assert column(rows, "val/aux_loss")
-    state, hp, _ = read_weights(run_dir / "checkpoints" / "best-val.pt")
+    weights = read_weights(run_dir / "checkpoints" / "best-val.pt")
+    state, hp = weights.state_dict, weights.hparams
     n_genes = hp["output_dim"]
     assert hp["aux_dim"] and hp["aux_dim"] < n_genes and hp["embed_key"] is None
     assert any(k.startswith("aux_head.") for k in state)
-    folder = tahoe_ft.export_state(run_dir / "checkpoints" / "best-val.pt", out=tmp_path / "exported")
+    folder = tahoe_ft.export_state(
+        ExportStateConfig(ckpt=str(run_dir / "checkpoints" / "best-val.pt"), out=str(tmp_path / "exported"))
+    )
     exported = torch.load(next((folder / "checkpoints").glob("*.ckpt")), weights_only=False)
     assert not any("aux_head" in k for k in exported["state_dict"])
     with pytest.raises(UserError, match=r"loss.aux_key='X_nope'.*not found"):

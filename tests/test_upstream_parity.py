@@ -216,7 +216,7 @@ def test_upstream_lightning_checkpoint_loads_with_its_own_architecture(tmp_path)
     _randomize(up)
     path = tmp_path / "best.ckpt"
     _save_lightning_ckpt(up, path)
-    ours = tahoe_ft.load_checkpoint(path)  # weights-only load; OmegaConf hparams allow-listed
+    ours = tahoe_ft.load_checkpoint(path).model  # weights-only load; OmegaConf hparams allow-listed
     assert not ours.training and ours.gene_decoder is not None
     assert ours.hparams["transformer_backbone_kwargs"]["num_key_value_heads"] == 2
     _compare(up, ours, batch_for(3))
@@ -313,7 +313,7 @@ def test_state_tx_train_checkpoint_loads_and_matches_upstream(upstream_run):
     )  # the test may unpickle; the product may not
     assert isinstance(raw["hyper_parameters"]["input_dim"], np.integer)  # what made every real ckpt fail
     assert "numpy._core.multiarray.scalar" in torch.serialization.get_unsafe_globals_in_checkpoint(ckpt)
-    ours = tahoe_ft.load_checkpoint(ckpt)
+    ours = tahoe_ft.load_checkpoint(ckpt).model
     assert type(ours.hparams["input_dim"]) is int and ours.hparams["input_dim"] == 60
     up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(ckpt, weights_only=False).eval()
     g = torch.Generator().manual_seed(0)
@@ -470,6 +470,7 @@ def test_differential_state_tx_train_folder(upstream_runs, screen, config):
     assert isinstance(raw["hyper_parameters"]["pert_dim"], int | np.integer)
     ours = tahoe_ft.load_checkpoint(folder)
     assert ours.checkpoint_path == ckpt  # best.ckpt preferred
+    ours = ours.model  # the model itself from here on
     up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(ckpt, weights_only=False).eval()
     checks = {
         "raw_all": lambda: hasattr(ours, "final_down_then_up") and ours.hparams["embed_key"] is None,
@@ -510,18 +511,23 @@ def test_predict_from_upstream_run_folder_matches_upstream(upstream_runs, screen
     import numpy as np
 
     import tahoe_ft
+    from tahoe_ft.config import PredictConfig
     from tahoe_ft.data import CellCatalog
-    from tahoe_ft.prediction import PRED_MAX, _prediction_order, decodes, draw_basal
+    from tahoe_ft.prediction import PRED_MAX, decodes, draw_basal
+    from tahoe_ft.prediction.plan import _prediction_order
 
     for config in ("raw_all", "x_state_decoder"):
         folder = upstream_runs[config]
-        out = tahoe_ft.predict(str(folder), data_path=str(screen), run_dir=tmp_path / config, device="cpu")
+        cfg = PredictConfig(
+            ckpt=str(folder), data_path=str(screen), run_dir=str(tmp_path / config), device="cpu"
+        )
+        out = tahoe_ft.predict(cfg)
         pred = ad.read_h5ad(out / "pred.h5ad")
         ours = tahoe_ft.load_checkpoint(folder)
         up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(
             folder / "checkpoints" / "best.ckpt", weights_only=False
         ).eval()
-        m = ours.run_folder.manifest(ours.hparams, data_paths=str(screen), decoded=decodes(ours))
+        m = ours.run_folder.manifest(ours.model.hparams, data_paths=str(screen), decoded=decodes(ours.model))
         assert list(pred.var_names) == ours.run_folder.gene_names
         assert {e["pert"] for e in m.held_out if e["split"] == "test"} == {
             "GENE00021",
@@ -531,7 +537,7 @@ def test_predict_from_upstream_run_folder_matches_upstream(upstream_runs, screen
         cells = cat.groups("test")
         rng = np.random.default_rng(0)  # predict's seed: the same draws in the same order
         index = {p: i for i, p in enumerate(m.pert_names)}
-        want, s = [], int(ours.hparams["cell_set_len"])
+        want, s = [], int(ours.model.hparams["cell_set_len"])
         for key in _prediction_order(cells):
             basal = torch.from_numpy(
                 cat.read_input(draw_basal(rng, cat.controls(key.dataset, key.cell_type), cells[key].size))
@@ -544,7 +550,7 @@ def test_predict_from_upstream_run_folder_matches_upstream(upstream_runs, screen
                 }
                 with torch.no_grad():
                     y = up.predict_step(batch, 0, padded=False)
-                y = y["pert_cell_counts_preds"] if decodes(ours) else y["preds"]
+                y = y["pert_cell_counts_preds"] if decodes(ours.model) else y["preds"]
                 want.append(y.reshape(b.shape[0], -1))
         want = torch.cat(want).clamp(0, PRED_MAX)
         _maxdiff(f"{config} predict from folder", torch.from_numpy(np.asarray(pred.X[: want.shape[0]])), want)
@@ -554,6 +560,7 @@ def test_predict_from_run_folder_without_split_toml_is_one_line(upstream_runs, s
     import shutil
 
     import tahoe_ft
+    from tahoe_ft.config import PredictConfig
     from tahoe_ft.errors import UserError
 
     folder = tmp_path / "run"
@@ -563,7 +570,9 @@ def test_predict_from_run_folder_without_split_toml_is_one_line(upstream_runs, s
         cfg.replace("toml_config_path:", "toml_config_path: /gone/split.toml #")
     )
     with pytest.raises(UserError, match=r"toml_config_path /gone/split.toml is not readable.*split_toml="):
-        tahoe_ft.predict(str(folder), data_path=str(screen), run_dir=tmp_path / "p", device="cpu")
+        tahoe_ft.predict(
+            PredictConfig(ckpt=str(folder), data_path=str(screen), run_dir=str(tmp_path / "p"), device="cpu")
+        )
 
 
 # -- fine-tuning from an upstream folder whose perturbations differ --------------------------------------
@@ -612,7 +621,7 @@ def test_finetune_from_upstream_folder_maps_perturbations_by_name(upstream_runs,
     run_dir, initial = finetuned
     report = json.loads((run_dir / "init_report.json").read_text())
     assert report["checkpoint"] == str(folder / "checkpoints" / "best.ckpt")
-    parent_state = read_weights(folder)[0]
+    parent_state = read_weights(folder).state_dict
     parent_perts = RunFolder.open(folder).pert_names
     child = torch.load(run_dir / "checkpoints" / "best-val.pt", weights_only=True)
     child_perts = child["manifest"]["pert_names"]
@@ -689,16 +698,17 @@ def test_export_state_round_trips_through_upstream(finetuned, se600m_child, tmp_
         up = upstream.StateTransitionPerturbationModel.load_from_checkpoint(
             out / "checkpoints" / "final.ckpt", weights_only=True
         ).eval()
+        model = ours.model
         assert up.transformer_backbone.embed_tokens.weight.abs().sum() == 0
         for seed in (0, 1):
-            batch = _random_batch(ours, seed=seed)
+            batch = _random_batch(model, seed=seed)
             with torch.no_grad():
-                got, want = ours(batch), up(batch)
+                got, want = model(batch), up(batch)
                 _maxdiff(f"export {name} forward", got, want)
-                if ours.gene_decoder is not None:
-                    _maxdiff(f"export {name} decoder", ours.decode(got), up.gene_decoder(want))
-        back = tahoe_ft.load_checkpoint(out)
-        for k, v in ours.state_dict().items():
+                if model.gene_decoder is not None:
+                    _maxdiff(f"export {name} decoder", model.decode(got), up.gene_decoder(want))
+        back = tahoe_ft.load_checkpoint(out).model
+        for k, v in model.state_dict().items():
             assert torch.equal(back.state_dict()[k], v), k
         var_dims = pickle.loads((out / "var_dims.pkl").read_bytes())
         assert {type(var_dims[k]) for k in ("input_dim", "output_dim", "pert_dim")} == {int}
@@ -708,12 +718,12 @@ def test_export_state_round_trips_through_upstream(finetuned, se600m_child, tmp_
             kw["pert_col"] == ours.manifest["pert_col"]
             and kw["control_pert"] == ours.manifest["control_pert"]
         )
-    if ours.batch_encoder is not None:
+    if ours.model.batch_encoder is not None:
         assert (out / "batch_onehot_map.torch").is_file()
 
 
 def test_export_state_never_overwrites(finetuned, tmp_path, upstream_runs):
-    from tahoe_ft.checkpoints.upstream_folder import export_state
+    from tahoe_ft.checkpoints.upstream_export import export_state
     from tahoe_ft.errors import UserError
 
     best = finetuned[0] / "checkpoints" / "best-val.pt"
@@ -757,19 +767,22 @@ def test_state_tx_infer_on_exported_folder_matches_tahoe_ft_predict(finetuned, t
     import numpy as np
 
     import tahoe_ft
-    from tahoe_ft.checkpoints.upstream_folder import export_state
+    from tahoe_ft.checkpoints.upstream_export import export_state
+    from tahoe_ft.config import PredictConfig
     from tahoe_ft.prediction import PRED_MAX, predict_sets
     from upstream_run import state_cli
 
     run_dir = finetuned[0]
     best = run_dir / "checkpoints" / "best-val.pt"
     folder = export_state(best, tmp_path / "exported")
-    ours = tahoe_ft.load_checkpoint(best)
-    m = ours.manifest
+    loaded = tahoe_ft.load_checkpoint(best)
+    ours, m = loaded.model, loaded.manifest
 
     # tahoe-ft predict: the exported folder (split from its split.toml) == the original checkpoint
-    a = ad.read_h5ad(tahoe_ft.predict(str(best), run_dir=tmp_path / "a", device="cpu") / "pred.h5ad")
-    b = ad.read_h5ad(tahoe_ft.predict(str(folder), run_dir=tmp_path / "b", device="cpu") / "pred.h5ad")
+    cfg = PredictConfig(ckpt=str(best), run_dir=str(tmp_path / "a"), device="cpu")
+    a = ad.read_h5ad(tahoe_ft.predict(cfg) / "pred.h5ad")
+    cfg = PredictConfig(ckpt=str(folder), run_dir=str(tmp_path / "b"), device="cpu")
+    b = ad.read_h5ad(tahoe_ft.predict(cfg) / "pred.h5ad")
     assert a.obs.equals(b.obs) and list(a.var_names) == list(b.var_names)
     _maxdiff("predict exported folder vs tahoe-ft checkpoint", torch.from_numpy(b.X), torch.from_numpy(a.X))
 
@@ -827,6 +840,7 @@ def test_crafted_run_folder_file_is_refused_and_runs_nothing(upstream_runs, tmp_
     import pickle
 
     import tahoe_ft
+    from tahoe_ft.config import PredictConfig
     from tahoe_ft.errors import UserError
 
     folder = _folder_copy(upstream_runs["raw_all"], tmp_path / "run")
@@ -840,7 +854,11 @@ def test_crafted_run_folder_file_is_refused_and_runs_nothing(upstream_runs, tmp_
         torch.save(
             {"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"pert_dim": evil}}, folder / crafted
         )
-    for load in (tahoe_ft.load_checkpoint, lambda p: tahoe_ft.predict(str(p), run_dir=tmp_path / "p")):
+
+    def predict(p):
+        return tahoe_ft.predict(PredictConfig(ckpt=str(p), run_dir=str(tmp_path / "p")))
+
+    for load in (tahoe_ft.load_checkpoint, predict):
         with pytest.raises(UserError, match="refused") as err:
             load(folder)
         assert "\n" not in str(err.value)

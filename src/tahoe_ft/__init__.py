@@ -4,10 +4,11 @@ Python API (what the CLI calls; typed arguments, see `tahoe_ft.api` and `tahoe_f
 
     import tahoe_ft
     run_dir = tahoe_ft.train(tahoe_ft.compose("train", ["+experiment=0906"]))
-    tahoe_ft.predict("best-val.pt", run_dir=run_dir)
+    tahoe_ft.predict(tahoe_ft.compose("predict", [f"run_dir={run_dir}"]))   # or a config.PredictConfig
     score = tahoe_ft.evaluate(run_dir)
-    model = tahoe_ft.load_checkpoint(run_dir / "checkpoints" / "best-val.pt")   # eval mode
-    out = model(batch, padded=True)   # batch: upstream keys pert_emb, ctrl_cell_emb (, batch)
+    ckpt = tahoe_ft.load_checkpoint(run_dir / "checkpoints" / "best-val.pt")   # a LoadedCheckpoint
+    out = ckpt.model(batch, padded=True)   # eval mode; batch: upstream keys pert_emb, ctrl_cell_emb (, batch)
+    ckpt.manifest, ckpt.step, ckpt.val_loss   # what the file records beside the weights
 
 The API functions are imported on first use, so `import tahoe_ft` (and the CLI's start-up) stays light.
 """

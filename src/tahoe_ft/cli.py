@@ -38,8 +38,6 @@ Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908.
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
 
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}
-# `reproduce` hands the data selection (data=, data.*, paths.*) on to every round it trains
-_REPRODUCE_FORWARD = ("data", "paths")
 
 
 def _print(obj: Any) -> None:
@@ -64,39 +62,45 @@ def _train(cfg, args: list[str]) -> None:
 def _predict(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
-    _print({"run_dir": str(api.predict(**dataclasses.asdict(cfg)))})
+    _print({"run_dir": str(api.predict(cfg))})
 
 
 def _eval(cfg, args: list[str]) -> None:
     from tahoe_ft import api
+    from tahoe_ft.evaluation.logs import quiet_console
+    from tahoe_ft.evaluation.report import score_table
+    from tahoe_ft.evaluation.run import resolve_files
 
-    score = api.evaluate(**dataclasses.asdict(cfg)).to_dict()  # non-finite values as null, as in score.json
-    _print({k: score.get(k) for k in ("pred", "avg_score", "leaderboard_score", "metrics")})
+    files = resolve_files(cfg)  # the run, once: the table names its score.json
+    with quiet_console():  # the libraries' logs go to <run>/eval/eval.log (TAHOE_FT_VERBOSE=1: here too)
+        score = api.evaluate(dataclasses.replace(cfg, run_dir=str(files.run_dir)))
+    eval_dir = files.eval_dir
+    print(score_table(score, eval_dir / "score.json", label=f"round ({files.run_dir.parent.name})"))
+    print(f"log: {eval_dir / 'eval.log'}")
 
 
 def _compare(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
-    api.compare(cfg.runs_dir, cfg.out_dir)
+    api.compare(cfg)
 
 
 def _reproduce(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
-    forward = [a for a in args if a.lstrip("+~").split("=", 1)[0].split(".")[0] in _REPRODUCE_FORWARD]
-    _print(api.reproduce(cfg, overrides=forward))
+    _print(api.reproduce(cfg))  # every round trains on cfg.data (data=..., data.*, paths.*)
 
 
 def _export(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
-    _print({"submission": str(api.export(**dataclasses.asdict(cfg)))})
+    _print({"submission": str(api.export(cfg))})
 
 
 def _export_state(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
-    _print({"run_folder": str(api.export_state(**dataclasses.asdict(cfg)))})
+    _print({"run_folder": str(api.export_state(cfg))})
 
 
 def _check(cfg, args: list[str]) -> None:

@@ -12,35 +12,80 @@ values of the wrong type raise `UserError` with the key's full path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tahoe_ft.datasets.spec import DemoSpec
 from tahoe_ft.errors import UserError
 
+T = TypeVar("T")
 
-@dataclass
-class DemoConfig:
-    """Size of the generated demo data (`data=demo`); see `tahoe_ft.datasets.demo.DemoSpec`."""
+# -- options with a fixed set of values: StrEnums (str() is the value, `== "bf16"` holds); composition rejects
+# any other value with one line naming the key and the allowed values ------------------------------------
 
-    n_genes: int = 2000
-    n_cell_types: int = 3
-    n_batches: int = 2
-    n_perts: int = 40
-    cells_per_pert: int = 60
-    n_ctrl: int = 300
-    n_programs: int = 12
-    state_dim: int = 64
-    pert_feature_dim: int = 32
-    n_drugs: int = 30
-    pretrain_cells_per_drug: int = 60
-    pretrain_ctrl: int = 400
-    n_pretrain_cell_types: int = 3
-    n_val_perts: int = 6
-    n_test_perts: int = 8
-    seed: int = 0
+
+class InputTransform(StrEnum):
+    log1p = "log1p"
+    counts = "counts"
+
+
+class BasalMapping(StrEnum):
+    random = "random"
+    batch = "batch"
+
+
+class EncoderName(StrEnum):
+    raw_expression = "raw_expression"
+    se600m = "se600m"
+
+
+class LossName(StrEnum):
+    energy = "energy"
+    sinkhorn = "sinkhorn"
+    mse = "mse"
+
+
+class SchedName(StrEnum):
+    cosine = "cosine"
+    onecycle = "onecycle"
+    constant = "constant"
+
+
+class Monitor(StrEnum):
+    auto = "auto"
+    main = "main"
+    decoder = "decoder"
+
+
+class Split(StrEnum):
+    test = "test"
+    val = "val"
+
+
+class Profile(StrEnum):
+    vcc = "vcc"
+    full = "full"
+
+
+class _NumberNamedEnum(StrEnum):
+    """An enum whose member names are numbers: `precision=32` on the command line arrives as the int 32."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls.__members__.get(str(value))
+        return None
+
+
+# member names are what OmegaConf matches a value against, so "32" is spelled as a name too
+Precision = _NumberNamedEnum("Precision", {"32": "32", "bf16": "bf16"})
+
+# the demo's size and seed (`data.demo`, demo-check's `demo`): the generator's own spec, declared once
+DemoConfig = DemoSpec
 
 
 @dataclass
@@ -53,7 +98,7 @@ class DataConfig:
     cell_type_col: str = "cell_type"
     batch_col: str | None = None
     # what X holds: "log1p" (normalised, log1p) or "counts" (raw integers; normalised + log1p on read)
-    input_transform: str = "log1p"
+    input_transform: InputTransform = InputTransform.log1p
     # perturbation features (tahoe_ft.data.features): null/onehot, a torch.load-able dict name -> 1-D tensor,
     # pca (target gene's row of the training pseudobulks' principal components), coexpression (of the control
     # cells); or a list of these, concatenated
@@ -73,7 +118,7 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     # "random": basal controls of the same cell type; "batch": same cell type and batch
-    basal_mapping: str = "random"
+    basal_mapping: BasalMapping = BasalMapping.random
     # controls are also training targets (control -> control), as upstream
     yield_controls: bool = True
     # refuse to start when the loader's worst-case resident batches exceed this many GiB
@@ -94,7 +139,7 @@ class DecoderConfig:
 @dataclass
 class EncoderConfig:
     # "se600m" (obsm embedding in, gene decoder out) or "raw_expression" (genes in, genes out)
-    name: str = "raw_expression"
+    name: EncoderName = EncoderName.raw_expression
     embed_key: str | None = None
     output_space: str = "all"
     decoder: DecoderConfig | None = None
@@ -137,13 +182,13 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # "energy" (geomloss SamplesLoss("energy") equivalent), "sinkhorn" or "mse"
-    name: str = "energy"
+    name: LossName = LossName.energy
     blur: float = 0.05
     # weight of the gene-decoder loss (embedding input only): total = main + decoder_weight * decoder
     decoder_weight: float = 1.0
     # weight of the set-mean term (MSE of each set's mean in gene space, logged as train/mean_loss):
     # total += mean_weight * mean_loss; 0 = the study's loss. 10 was chosen on the validation perturbations of
-    # Papalexi's 4 folds (val/mean_loss lower in every fold than with 0; README "Choosing the defaults")
+    # Papalexi's 4 folds (val/mean_loss lower in every fold than with 0; docs/results.md "How the defaults were chosen")
     mean_weight: float = 10.0
     # an auxiliary target (the study's recommendation 1: SE600M as a signal, not the input): obsm key of an
     # embedding of each cell (e.g. X_state) that a small head predicts from the backbone's hidden state in a
@@ -163,7 +208,7 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     # "cosine" (linear warmup then cosine), "onecycle" or "constant" (warmup then flat)
-    name: str = "cosine"
+    name: SchedName = SchedName.cosine
     warmup_steps: int = 100
     # LR at the start of warmup and at the end of the cosine, as fractions of optim.lr
     warmup_start_factor: float = 0.01
@@ -203,7 +248,7 @@ class CheckpointConfig:
     # the validation loss best-val.pt is chosen by: "main" (the study's: the energy distance in the model's
     # own space), "decoder" (the gene-space decoder loss of an SE600M round: what the evaluator scores) or
     # "auto" (decoder when there is one, else main: the default, lesson 1 of the study)
-    monitor: str = "auto"
+    monitor: Monitor = Monitor.auto
 
 
 @dataclass
@@ -251,6 +296,13 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+def _config_error(exc: OmegaConfBaseException) -> UserError:
+    """One line naming the key (an enum's message lists the allowed values)."""
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    return UserError(f"config error at '{key}': {msg}; check the spelling in configs/ or on the command line")
+
+
 def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
     """Merge `cfg` into the structured `schema`; unknown keys or bad types become a UserError."""
     base = OmegaConf.structured(schema)
@@ -261,11 +313,7 @@ def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
         unresolved = OmegaConf.to_yaml(merged)
         OmegaConf.resolve(merged)  # resolve interpolations (and generate demo data) now, once, not mid-run
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or ""
-        msg = str(exc).splitlines()[0]
-        raise UserError(
-            f"config error at '{key}': {msg}; check the spelling in configs/ or on the command line"
-        ) from None
+        raise _config_error(exc) from None
     from tahoe_ft.resolvers import materialize
 
     materialize(unresolved, merged)
@@ -283,7 +331,7 @@ class PredictConfig:
     exp: str | None = None
     runs_dir: str = "runs"
     # which held-out perturbations to predict: "test" or "val"
-    split: str = "test"
+    split: Split = Split.test
     # read the cells from here instead of the paths recorded in the checkpoint's manifest
     data_path: Any = None
     # an upstream run folder's held-out groups (cell-load TOML); default: its config's toml_config_path
@@ -300,7 +348,7 @@ class PredictConfig:
     # sets_per_pass=16, 2.6x (20,000 cells) to 3.3x (60,000) state tx infer's cells/s at 18,080 genes, max
     # 6.7e-3 from float32; BENCHMARKS.md)
     sets_per_pass: int = 1
-    precision: str = "32"
+    precision: Precision = Precision["32"]
 
 
 @dataclass
@@ -312,7 +360,7 @@ class EvalConfig:
     exp: str | None = None
     runs_dir: str = "runs"
     # cell-eval profile: "vcc" (mae, discrimination_score_l1, overlap_at_N) or "full"
-    profile: str = "vcc"
+    profile: Profile = Profile.vcc
     num_threads: int = 2
     # score each cell type separately (cell-eval's --celltype-col) and average
     per_cell_type: bool = True
@@ -347,7 +395,7 @@ class ReproduceConfig:
     )
     # extra overrides passed to every `train` (e.g. ["logger=csv"])
     train_overrides: list = field(default_factory=list)
-    profile: str = "vcc"
+    profile: Profile = Profile.vcc
     num_threads: int = 2
     # cross-validation: 0 = the data set's own split; K >= 2 = every perturbation held out once over K folds
     # (runs_dir/seed-S/fold-K/...; the assignment in runs_dir/folds/); each fold's chain is run per seed
@@ -464,23 +512,75 @@ def check_experiment_overrides(overrides: list[str]) -> None:
                     raise UserError(f"unknown experiment '{v}'; choose one of: {', '.join(experiments())}")
 
 
-def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """`configs/<command>.yaml` composed with `overrides` (Hydra syntax), validated, as the command's typed
-    schema object (e.g. `compose("train", ["+experiment=0906"])` -> `TrainConfig`)."""
+def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
+    """`configs/<command>.yaml` composed with `overrides` by Hydra; not yet validated or resolved."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    overrides = list(overrides)
     register()
     check_experiment_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-            cfg = hydra_compose(config_name=command, overrides=overrides)
+            return hydra_compose(config_name=command, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            raise _config_error(cause) from None  # a bad value for a key (e.g. not one of an enum's)
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise UserError("config: " + "; ".join(lines[:3])) from None
-    return to_object(validate(cfg, SCHEMAS[command]))
+
+
+def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """`configs/<command>.yaml` composed with `overrides` (Hydra syntax), validated, as the command's typed
+    schema object (e.g. `compose("train", ["+experiment=0906"])` -> `TrainConfig`)."""
+    return to_object(validate(_hydra_compose(command, list(overrides)), SCHEMAS[command]))
+
+
+# the keys of a round's config that `compose_round` takes from the typed data, not from Hydra's data group
+ROUND_DATA_KEYS = ("data", "paths")
+
+
+def compose_round(
+    experiment: str, overrides: list[str] | tuple[str, ...], *, data: DataConfig, paths: PathsConfig
+) -> TrainConfig:
+    """A round's TrainConfig on a typed data set: `compose("train", ["+experiment=EXP", *overrides])` with its
+    `data` and `paths` replaced by `data` and `paths` (what `reproduce` trains every round on).
+
+    Precedence for a data key, lowest first: `data`; the experiment file's own `data:` block (a round's recipe:
+    its batch size, and the base model's drug set, which `pretrain` names in full); an explicit `data.KEY=...`
+    or `paths.KEY=...` in `overrides`. A data group (`data=papalexi`) in `overrides` is refused: the data set is
+    `data`.
+    """
+    overrides = list(overrides)
+    copied = []
+    for a in overrides:
+        key = a.lstrip("+~").split("=", 1)[0]
+        if key in ROUND_DATA_KEYS:
+            raise UserError(
+                f"'{a}' selects the data of every round; set the data set itself (reproduce's data=...) instead"
+            )
+        if key.split(".", 1)[0] in ROUND_DATA_KEYS:
+            copied.append(key)
+    cfg = _hydra_compose("train", [f"+experiment={experiment}", *overrides])
+    exp_file = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml"))
+    exp_data = exp_file["data"] if "data" in exp_file else {}
+    data_node = OmegaConf.merge(OmegaConf.structured(data), exp_data)
+    root = OmegaConf.create({"data": data_node, "paths": OmegaConf.structured(paths)})
+    for key in copied:  # Hydra parsed the value; take it from its config
+        OmegaConf.update(root, key, OmegaConf.select(cfg, key, throw_on_missing=False), merge=False)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.update(OmegaConf.to_container(root, resolve=False, enum_to_str=True))
+    return to_object(validate(plain, TrainConfig))
+
+
+def checked(cfg: T) -> T:
+    """A config dataclass built in Python (not composed), validated as composition validates it: a value of the
+    wrong type or outside an option's fixed set is one line naming the key, as on the command line."""
+    try:
+        return OmegaConf.to_object(OmegaConf.structured(cfg))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc) from None
 
 
 def to_object(cfg: DictConfig) -> Any:
@@ -491,4 +591,5 @@ def to_object(cfg: DictConfig) -> Any:
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A config dataclass (or DictConfig) as plain, resolved python containers: what a run saves."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    # enum_to_str: an enum option is saved as its plain string (run config YAML, checkpoints, JSON)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]

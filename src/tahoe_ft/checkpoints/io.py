@@ -7,6 +7,11 @@
 - Upstream `state tx train` checkpoints, alone or as their run folder (`tahoe_ft.checkpoints.upstream_folder`): the folder's
   checkpoint (best, else final, else the newest) and its perturbation vocabulary, so `init_from` maps the
   perturbation encoder's one-hot columns by name.
+- What a read returns is typed: `read_weights` -> `CheckpointWeights` (the tensors, the hparams, the file's
+  other values, the upstream `RunFolder` when there is one); `load_checkpoint` -> `LoadedCheckpoint` (the model
+  in eval mode beside what the file says about it). Nothing is attached to the model.
+- Imports: this module reads run folders (`upstream_folder`); writing one (`upstream_export`) imports this
+  module, never the other way round.
 - Every file is written to a temp name in the same folder, flushed and renamed: a kill during a save
   never leaves a broken file under a final name.
 """
@@ -20,11 +25,13 @@ import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tahoe_ft.checkpoints.upstream_folder import RunFolder
 from tahoe_ft.checkpoints.upstream_hparams import is_upstream, translate_hparams
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_path
@@ -148,55 +155,84 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`; a file that names classes beyond torch's own weights-only set is
+    loaded again with the allow-listed ones (`_ALLOWED_GLOBALS`) only, and refused if it names any other."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        extra = sorted(set(unsafe) - _ALLOWED_GLOBALS)
+        if extra:
+            raise UserError(
+                f"checkpoint {path} needs arbitrary unpickling ({', '.join(extra[:3])}), which is refused; "
+                "re-save it as tensors + plain python values"
+            ) from None
+        with torch.serialization.safe_globals(_config_globals(unsafe)):
+            return _plain(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def safe_load(path: str | Path) -> dict[str, Any]:
     """`torch.load(weights_only=True)` with one clear error for anything that is not a safe checkpoint.
 
     Only tensors, plain python values and (for upstream Lightning checkpoints) OmegaConf containers are
-    unpickled; a file that needs any other class is refused.
+    unpickled; a file that needs any other class is refused. Any file torch cannot read (a text file, random
+    bytes, a truncated download) is a `UserError` of one line, whatever torch's reader raised.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check the path or run:EXPERIMENT/best-val.pt")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            extra = sorted(set(unsafe) - _ALLOWED_GLOBALS)
-            if extra:
-                raise UserError(
-                    f"checkpoint {path} needs arbitrary unpickling ({', '.join(extra[:3])}), which is refused; "
-                    "re-save it as tensors + plain python values"
-                ) from None
-            with torch.serialization.safe_globals(_config_globals(unsafe)):
-                obj = _plain(torch.load(path, map_location="cpu", weights_only=True))
+        obj = _torch_load(path)
+    except UserError:
+        raise
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
         raise UserError(
-            f"checkpoint {path} needs arbitrary unpickling, which is refused ({first}); "
+            f"checkpoint {path} needs arbitrary unpickling, which is refused ({_first_line(exc)}); "
             "re-save it as tensors + plain python values"
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"checkpoint {path} is truncated or not a torch file ({first}); use another checkpoint"
+            f"checkpoint {path} is truncated or not a torch file ({_first_line(exc)}); use another checkpoint"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch's legacy reader fails on foreign bytes with KeyError, ...
+        raise UserError(
+            f"checkpoint {path} is not a torch file ({type(exc).__name__}: {_first_line(exc)}); "
+            "give a tahoe-ft checkpoint (best-val.pt), an upstream .ckpt or a state tx train run folder"
         ) from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
 
 
-RUN_FOLDER = "run_folder"  # read_weights' third value: the upstream RunFolder a checkpoint came from
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """What `read_weights` read: the weights with upstream names, the model hparams (None when the file has
+    none), the whole file dict, the file read, and the upstream `RunFolder` it belongs to (or None)."""
+
+    state_dict: dict[str, torch.Tensor]
+    hparams: dict[str, Any] | None
+    file: dict[str, Any]
+    path: Path
+    run_folder: RunFolder | None = None
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The tahoe-ft data manifest (a dict) the file carries, or None (upstream files have none)."""
+        return self.file.get("manifest") or (self.file.get("hyper_parameters") or {}).get("manifest")
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
-    """(state_dict with upstream names, model hparams or None, the whole file) of any supported checkpoint.
+def read_weights(path: str | Path) -> CheckpointWeights:
+    """The weights, hparams and file of any supported checkpoint.
 
     `path` may also be an upstream run folder (its checkpoint is chosen by `pick_checkpoint`); for it, or for
-    a `.ckpt` inside one's `checkpoints/`, the file dict carries the `RunFolder` under `RUN_FOLDER`.
+    a `.ckpt` inside one's `checkpoints/`, the result carries the `RunFolder`.
     """
-    from tahoe_ft.checkpoints.upstream_folder import RunFolder
-
     path = Path(path)
     if path.is_dir():
         folder: RunFolder | None = RunFolder.open(path)
@@ -226,9 +262,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise UserError(
             f"checkpoint {path} has non-tensor weights (e.g. {bad[0]}); it is not a model checkpoint"
         )
-    if folder is not None:
-        obj = {**obj, RUN_FOLDER: folder}
-    return state, hparams, obj
+    return CheckpointWeights(state, hparams, obj, path, folder)
 
 
 # torch.nn.init's in-place fills, which every layer's constructor calls (Linear: kaiming_uniform_ + uniform_)
@@ -284,38 +318,55 @@ def model_from_weights(
     return model.eval()
 
 
-def load_checkpoint(path: str | Path) -> StateTransitionModel:
-    """Load a tahoe-ft or upstream checkpoint (or an upstream run folder) as a model in eval mode.
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint loaded for use: the model (eval mode) and what the file says about it.
 
-    The architecture comes from the file's `hparams`; the weights must match it exactly. Attached:
-    `.manifest` (tahoe-ft checkpoints), `.run_folder` (upstream folders), `.checkpoint_path` (the file read).
+    `manifest`: the tahoe-ft data manifest as stored (a dict; None for upstream files, whose vocabulary is in
+    `run_folder`); `step`, `val_loss`, `experiment`: as the file recorded them (None when it did not);
+    `checkpoint_path`: the file read (a run folder's chosen `.ckpt`); `run_folder`: the upstream `state tx
+    train` folder the file belongs to, else None.
     """
-    state, hparams, obj = read_weights(path)
-    model = model_from_weights(state, hparams, path)
-    model.manifest = obj.get("manifest") or (obj.get("hyper_parameters") or {}).get("manifest")
-    model.checkpoint_info = {k: obj.get(k) for k in ("step", "val_loss", "experiment")}
-    model.run_folder = obj.get(RUN_FOLDER)
-    model.checkpoint_path = model.run_folder.checkpoint if Path(path).is_dir() else Path(path)
-    return model
+
+    model: StateTransitionModel
+    manifest: dict[str, Any] | None
+    step: int | None
+    val_loss: float | None
+    experiment: str | None
+    checkpoint_path: Path
+    run_folder: RunFolder | None = None
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Load a tahoe-ft or upstream checkpoint (or an upstream run folder): the model in eval mode and its
+    record. The architecture comes from the file's `hparams`; the weights must match it exactly."""
+    weights = read_weights(path)
+    file = weights.file
+    return LoadedCheckpoint(
+        model=model_from_weights(weights.state_dict, weights.hparams, path),
+        manifest=weights.manifest,
+        step=file.get("step"),
+        val_loss=file.get("val_loss"),
+        experiment=file.get("experiment"),
+        checkpoint_path=weights.path,
+        run_folder=weights.run_folder,
+    )
 
 
 PERT_LAYER = "pert_encoder.0.weight"  # [H, P]: one column per one-hot perturbation
 
 
-def pert_vocabulary(source: dict[str, Any] | None) -> list[str] | None:
-    """Perturbation names in one-hot column order of a checkpoint dict (its upstream run folder, or a tahoe-ft
+def pert_vocabulary(source: CheckpointWeights | dict[str, Any] | None) -> list[str] | None:
+    """Perturbation names in one-hot column order of a checkpoint (its upstream run folder, or its tahoe-ft
     manifest) or of a manifest dict; None when unknown or when the features are not one-hot."""
-    if not source:
+    if isinstance(source, CheckpointWeights):
+        if source.run_folder is not None:
+            return list(source.run_folder.pert_names) if source.run_folder.onehot else None
+        source = source.manifest
+    if not source or (source.get("pert_features") or {}).get("source") != "onehot":
         return None
-    folder = source.get(RUN_FOLDER)
-    if folder is not None:
-        return list(folder.pert_names) if folder.onehot else None
-    man = source if "pert_names" in source else source.get("manifest")
-    man = man or (source.get("hyper_parameters") or {}).get("manifest")
-    if not man or (man.get("pert_features") or {}).get("source") != "onehot":
-        return None
-    names = [str(p) for p in man["pert_names"]]
-    mat = torch.as_tensor(man["pert_matrix"], dtype=torch.float32)
+    names = [str(p) for p in source["pert_names"]]
+    mat = torch.as_tensor(source["pert_matrix"], dtype=torch.float32)
     return (
         names if mat.shape == (len(names), len(names)) and torch.equal(mat, torch.eye(len(names))) else None
     )
@@ -338,12 +389,58 @@ def _map_pert_columns(
     }
 
 
+def _map_pert_layer(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    parent: CheckpointWeights | None,
+    manifest: dict[str, Any] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]] | None, list[dict[str, Any]], list[int] | None]:
+    """`state` with the parent's perturbation columns mapped by name onto the child's (when both one-hot
+    vocabularies are known and the layer fits): (state, columns report or None, partially loaded entries,
+    the parent layer's shape or None)."""
+    parent_vocab, child_vocab = pert_vocabulary(parent), pert_vocabulary(manifest)
+    if not (
+        parent_vocab is not None
+        and child_vocab is not None
+        and PERT_LAYER in state
+        and PERT_LAYER in own
+        and tuple(state[PERT_LAYER].shape) == (own[PERT_LAYER].shape[0], len(parent_vocab))
+        and own[PERT_LAYER].shape[1] == len(child_vocab)
+    ):
+        return state, None, [], None
+    parent_shape = list(state[PERT_LAYER].shape)
+    weight, columns = _map_pert_columns(own[PERT_LAYER], state[PERT_LAYER], child_vocab, parent_vocab)
+    partial = []
+    if columns["new"] and columns["mapped"]:
+        partial.append(
+            {"name": PERT_LAYER, "mapped_columns": len(columns["mapped"]), "new_columns": len(columns["new"])}
+        )
+    state = {**state, PERT_LAYER: weight}  # the layer now has the child's shape
+    return state, columns, partial, parent_shape
+
+
+def _count_by_module(
+    loaded: list[str], partial: list[dict], skipped: list[dict], missing: list[str], unexpected: list[str]
+) -> dict[str, dict[str, int]]:
+    by_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for kind, names in (
+        ("loaded", loaded),
+        ("partially_loaded", [p["name"] for p in partial]),
+        ("skipped_shape", [s["name"] for s in skipped]),
+        ("missing", missing),
+        ("unexpected", unexpected),
+    ):
+        for k in names:
+            by_module[module_of(k)][kind] += 1
+    return {m: dict(c) for m, c in sorted(by_module.items())}
+
+
 def init_from_weights(
     model: StateTransitionModel,
     state: dict[str, torch.Tensor],
     source: str,
     *,
-    parent: dict[str, Any] | None = None,
+    parent: CheckpointWeights | None = None,
     manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load matching tensors into `model` (weights only) and return the init report.
@@ -352,36 +449,16 @@ def init_from_weights(
     their fresh initialisation, as do tensors missing from the checkpoint; unexpected ones are listed. The
     transformer backbone must load completely: a backbone that does not fit cannot be re-initialised usefully.
 
-    Perturbation columns: when the parent's one-hot vocabulary is known (`parent`, the checkpoint dict of
-    `read_weights`: an upstream run folder or a tahoe-ft manifest) and the child's features are one-hot too
-    (`manifest`, the child's data manifest), `pert_encoder.0.weight` is mapped by name: the columns of shared
-    perturbations are copied, the others keep their fresh initialisation (report: `pert_columns`,
-    `partially_loaded`), whether or not the widths differ.
+    Perturbation columns: when the parent's one-hot vocabulary is known (`parent`, what `read_weights` read:
+    an upstream run folder or a tahoe-ft manifest) and the child's features are one-hot too (`manifest`, the
+    child's data manifest), `pert_encoder.0.weight` is mapped by name: the columns of shared perturbations are
+    copied, the others keep their fresh initialisation (report: `pert_columns`, `partially_loaded`), whether
+    or not the widths differ.
     """
     own = model.state_dict()
-    loaded, skipped, unexpected, dropped, partial = [], [], [], [], []
+    loaded, skipped, unexpected, dropped = [], [], [], []
     to_load = {}
-    parent_vocab, child_vocab = pert_vocabulary(parent), pert_vocabulary(manifest)
-    columns = None
-    if (
-        parent_vocab is not None
-        and child_vocab is not None
-        and PERT_LAYER in state
-        and PERT_LAYER in own
-        and tuple(state[PERT_LAYER].shape) == (own[PERT_LAYER].shape[0], len(parent_vocab))
-        and own[PERT_LAYER].shape[1] == len(child_vocab)
-    ):
-        parent_shape = list(state[PERT_LAYER].shape)
-        weight, columns = _map_pert_columns(own[PERT_LAYER], state[PERT_LAYER], child_vocab, parent_vocab)
-        state = {**state, PERT_LAYER: weight}  # now the child's shape: loads below
-        if columns["new"] and columns["mapped"]:
-            partial.append(
-                {
-                    "name": PERT_LAYER,
-                    "mapped_columns": len(columns["mapped"]),
-                    "new_columns": len(columns["new"]),
-                }
-            )
+    state, columns, partial, parent_shape = _map_pert_layer(own, state, parent, manifest)
     for k, v in state.items():
         if k in DROPPED_UPSTREAM_KEYS:
             dropped.append(k)
@@ -406,19 +483,8 @@ def init_from_weights(
         )
     model.load_state_dict(to_load, strict=False)
     reinit = sorted({s["name"] for s in skipped} | set(missing))
-    by_module: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for k in loaded:
-        by_module[module_of(k)]["loaded"] += 1
-    for p in partial:
-        by_module[module_of(p["name"])]["partially_loaded"] += 1
-    for s in skipped:
-        by_module[module_of(s["name"])]["skipped_shape"] += 1
-    for k in missing:
-        by_module[module_of(k)]["missing"] += 1
-    for k in unexpected:
-        by_module[module_of(k)]["unexpected"] += 1
     reinit_modules = sorted({module_of(k) for k in reinit} | {module_of(p["name"]) for p in partial})
-    folder = (parent or {}).get(RUN_FOLDER)
+    folder = parent.run_folder if parent is not None else None
     return {
         "source": source,
         "checkpoint": str(folder.checkpoint) if folder is not None else source,
@@ -431,7 +497,7 @@ def init_from_weights(
         "reinitialised": reinit,
         "reinitialised_modules": reinit_modules,
         "pert_columns": columns,
-        "by_module": {m: dict(c) for m, c in sorted(by_module.items())},
+        "by_module": _count_by_module(loaded, partial, skipped, missing, unexpected),
     }
 
 

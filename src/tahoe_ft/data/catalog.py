@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tahoe_ft.config import DataConfig
+from tahoe_ft.config import DataConfig, checked
 from tahoe_ft.data.checks import check_obsm_values, check_obsm_widths, check_values, fmt_list
 from tahoe_ft.data.h5screen import H5Screen, ScreenSet
 from tahoe_ft.data.inputs import SplitToml, parse_split_toml, read_gene_list
@@ -49,7 +49,7 @@ class GroupKey(NamedTuple):
 def as_data_config(cfg: DataConfig | DictConfig | Mapping) -> DataConfig:
     """A `DataConfig` from itself, a Hydra node or a dict (unknown keys and bad types are a `UserError`)."""
     if isinstance(cfg, DataConfig):
-        return cfg
+        return checked(cfg)  # built in Python: its enum options are checked as composition checks them
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -67,10 +67,6 @@ def _columns(source: DataConfig | Manifest) -> dict[str, Any]:
 
 
 def _check_options(c: DataConfig) -> None:
-    if c.input_transform not in ("log1p", "counts"):
-        raise UserError(
-            f"data.input_transform='{c.input_transform}' is not valid; use log1p (normalised) or counts (raw)"
-        )
     if c.split_toml and (c.val_perts or c.test_perts or c.val_cell_types or c.test_cell_types):
         raise UserError(
             "both data.split_toml and data.val_perts/test_perts/val_cell_types/test_cell_types are set; "

@@ -131,8 +131,6 @@ class PerturbationDataModule(L.LightningDataModule):
     def _check_options(self) -> None:
         """The loader's options (the catalog checks the data options when it opens)."""
         c = self.cfg
-        if c.basal_mapping not in ("random", "batch"):
-            raise UserError(f"data.basal_mapping='{c.basal_mapping}' is not valid; use random or batch")
         if c.basal_mapping == "batch" and not c.batch_col:
             raise UserError(
                 "data.basal_mapping=batch needs data.batch_col; set it or use basal_mapping=random"

@@ -51,7 +51,7 @@ class Manifest:
         """
         out: dict[str, Any] = {
             "gene_names": list(self.gene_names),
-            "encoder": self.encoder,
+            "encoder": str(self.encoder),  # a plain str, not the config's StrEnum
             "embed_key": self.embed_key,
             "input_dim": int(self.input_dim),
             "pert_col": self.pert_col,
@@ -63,7 +63,7 @@ class Manifest:
             "pert_matrix": self.pert_matrix.clone(),
             "cell_types": list(self.cell_types),
             "batches": list(self.batches) if self.batches is not None else None,
-            "input_transform": self.input_transform,
+            "input_transform": str(self.input_transform),
             "cell_set_len": int(self.cell_set_len),
             "splits": {k: list(v) for k, v in self.splits.items()},
             "data_paths": list(self.data_paths),

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tahoe_ft.errors import UserError
+from tahoe_ft.datasets.spec import PCA_MAX_CELLS, DemoSpec
 from tahoe_ft.fileio import atomic_path
 from tahoe_ft.fileio import atomic_write_text as _atomic_write_text
 
@@ -128,7 +128,6 @@ OUTSIDE_PC_SHARE = PAPALEXI_OUTSIDE_PC_SHARE
 # X_state: the top `state_dim` principal components of log1p expression of the control cells (the screen's
 # and the drug set's, up to PCA_MAX_CELLS of them), every cell projected, plus isotropic noise of
 # STATE_NOISE_SD x the median kept component's sd
-PCA_MAX_CELLS = 4000
 PCA_POWER_ITERATIONS = 8
 SIZING_BLOCK = 64  # perturbations per step of `_size_programs` (bounds its memory at 18,080 genes)
 SIZING_STEPS = 30  # bisection steps on ln(scale) in [-8, ln PROGRAM_SCALE_MAX]: far below anything visible
@@ -137,43 +136,6 @@ SIZING_STEPS = 30  # bisection steps on ln(scale) in [-8, ln PROGRAM_SCALE_MAX]:
 # the axes (small panels), the share stays higher
 PROGRAM_SCALE_MAX = 1.0
 STATE_NOISE_SD = 0.05
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """Size and seed of the demo data. Defaults are the default demo; tests use tiny sizes."""
-
-    n_genes: int = 2000
-    n_cell_types: int = 3
-    n_batches: int = 2
-    n_perts: int = 40  # genetic perturbations in the screen (targets are genes of the panel)
-    cells_per_pert: int = 60  # per cell type; varies +-50% per (cell type, perturbation)
-    n_ctrl: int = 300  # control cells per cell type
-    n_programs: int = 12  # latent gene programs
-    state_dim: int = 64  # X_state width (SE600M stand-in), lower than n_genes
-    pert_feature_dim: int = 32  # ESM2 stand-in width
-    n_drugs: int = 30  # drug x dose conditions in the pre-training set
-    pretrain_cells_per_drug: int = 60  # per cell line; varies +-50%
-    pretrain_ctrl: int = 400  # DMSO_TF cells per cell line
-    n_pretrain_cell_types: int = 3  # cell lines of the drug set (CL0..)
-    n_val_perts: int = 6
-    n_test_perts: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DemoSpec:
-        """Build a spec from a (possibly partial) dict; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown demo spec keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
-
-    def asdict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 def tiny_spec(**overrides: int) -> DemoSpec:
@@ -185,30 +147,6 @@ def tiny_spec(**overrides: int) -> DemoSpec:
     )  # fmt: skip
     d.update(overrides)
     return DemoSpec(**d)
-
-
-def _validate(s: DemoSpec) -> None:
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise UserError(f"invalid demo spec: {what} (spec {dataclasses.asdict(s)})")
-
-    for f in dataclasses.fields(s):
-        v = getattr(s, f.name)
-        need(isinstance(v, int) and not isinstance(v, bool), f"{f.name} must be an int, got {v!r}")
-    need(s.n_genes >= 20, "n_genes must be >= 20")
-    need(min(s.n_cell_types, s.n_batches, s.n_programs, s.pert_feature_dim) >= 1, "sizes must be >= 1")
-    need(min(s.cells_per_pert, s.n_ctrl, s.pretrain_cells_per_drug, s.pretrain_ctrl) >= 2, "cell counts >= 2")
-    need(1 <= s.n_perts <= s.n_genes // 2, "n_perts must be in [1, n_genes // 2] (targets are panel genes)")
-    need(min(s.n_val_perts, s.n_test_perts) >= 0, "n_val_perts and n_test_perts must be >= 0")
-    need(s.n_val_perts + s.n_test_perts < s.n_perts, "n_val_perts + n_test_perts must be < n_perts")
-    need(1 <= s.state_dim < s.n_genes, "state_dim must be in [1, n_genes)")
-    n_controls = min(PCA_MAX_CELLS, s.n_ctrl * s.n_cell_types + s.pretrain_ctrl * s.n_pretrain_cell_types)
-    need(
-        s.state_dim < n_controls, "state_dim must be below the number of control cells (X_state is their PCA)"
-    )
-    need(s.n_drugs >= 2, "n_drugs must be >= 2 (one is held out for validation)")
-    need(s.n_pretrain_cell_types >= 1, "n_pretrain_cell_types must be >= 1")
-    need(s.seed >= 0, "seed must be >= 0")
 
 
 def _canonical(spec: DemoSpec) -> dict[str, Any]:

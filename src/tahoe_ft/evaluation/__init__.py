@@ -13,6 +13,13 @@ Modules, one job each:
   evaluating many checkpoints against one real file computes them once.
 - `score`: cell-eval's `MetricsEvaluator` on the prediction and on its cell-mean baseline, cell-eval's
   normalisation, per-cell-type scoring, and the `Score` that ``score.json`` holds.
+- `baselines`, `ceiling`, `panel`: the baseline panel and the data ceiling, scored like a round;
+  `diagnostics`: collapse and the shuffle test.
+- `run`: evaluate a run (`evaluate_run(EvalConfig) -> Score`, what `tahoe-ft eval` does): which files, the
+  run's `predict.json`, its training cells (the checkpoint's manifest, read without the weights:
+  `read_manifest`), the score, the panel and the diagnostics, one `score.json`.
+- `logs`: the libraries' logs, warnings and progress bars into `<run>/eval/eval.log`; `report`: the short
+  table `tahoe-ft eval` prints (the round beside its panel and the ceiling).
 - `submission`: the Virtual Cell Challenge submission file (cell-eval's `prep`).
 """
 

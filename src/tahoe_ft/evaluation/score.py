@@ -9,7 +9,8 @@ perturbation), and cell-eval's normalisation against that baseline (`score_agg_m
 The real side's DE table and the baseline's aggregate table come from the cache (`DECache`) when they are
 there. Files written in ``outdir``: cell-eval's ``results.csv``, ``agg_results.csv``, ``pred_de.csv`` and
 ``real_de.csv`` (a hard link to / copy of the cached table when it was reused), ``baseline/`` (the same for
-the baseline, or only ``agg_results.csv`` when the baseline came from the cache) and ``score.json``.
+the baseline, or only ``agg_results.csv`` when the baseline came from the cache) and ``score.json`` (unless
+``write_score=False``).
 """
 
 from __future__ import annotations
@@ -427,8 +428,10 @@ def score_predictions(
     num_threads: int = 2,
     celltype_col: str | None = None,
     de_cache_dir: str | os.PathLike | None = None,
+    write_score: bool = True,
 ) -> Score:
-    """Score predictions against the observed cells with cell-eval; write ``outdir/score.json``.
+    """Score predictions against the observed cells with cell-eval; write ``outdir/score.json`` (unless
+    `write_score` is false: `evaluation.run` writes it once, with the panel and the diagnostics).
 
     pred: predicted cells (log1p, the real control cells copied in); real: observed cells (log1p);
     train: training cells incl. controls (log1p, same genes) for the cell-mean baseline, or None to use
@@ -479,13 +482,14 @@ def score_predictions(
         de_cache_dir=str(cache.root),
         per_celltype=per_ct,
     )
-    atomic_write_text(outdir / "score.json", score.to_json())
+    if write_score:
+        atomic_write_text(outdir / "score.json", score.to_json())
     log.info(
-        "avg_score %.4f (leaderboard %.2f) over %d perturbations -> %s",
+        "avg_score %.4f (leaderboard %.2f) over %d perturbations%s",
         score.avg_score,
         score.leaderboard_score,
         score.n_perts,
-        outdir / "score.json",
+        f" -> {outdir / 'score.json'}" if write_score else "",
     )
     return score
 

@@ -1,9 +1,13 @@
 """The case study in one call (`tahoe-ft reproduce`, `tahoe_ft.reproduce`).
 
 demo data -> pretrain (the ST-Tahoe stand-in) -> 0826 -> 0901 and 0905 -> 0906 -> 0907 (and 0907aux) -> 0908
--> predict -> eval (with the baseline panel and the data ceiling) -> compare. Every stage is the Python API call a user
-would make (`tahoe_ft.train(compose("train", ["+experiment=0906"]))`, `tahoe_ft.predict(exp="0906")`, ...), so
-the runs it leaves behind are ordinary runs, each with its own wandb run; parents are resolved by name.
+-> predict -> eval (with the baseline panel and the data ceiling) -> compare. Every stage is what the Python API
+call a user would make runs (`tahoe_ft.train(compose("train", ["+experiment=0906"]))`,
+`tahoe_ft.predict(PredictConfig(exp="0906"))`, ...), so the runs it leaves behind are ordinary runs, each with its
+own wandb run; parents are resolved by name. Every round trains on the typed `ReproduceConfig.data` (and
+`paths`): its config is `config.compose_round` of the experiment file on that data, so
+`tahoe_ft.reproduce(ReproduceConfig(data=DataConfig(name="custom", path=...)))` trains on that file. This module
+calls the library below the API (`tahoe_ft.api` imports it, not the other way round).
 
 Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.study.folds`),
 and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the base model (`pretrain`, which
@@ -14,15 +18,26 @@ every round and every baseline as mean ± sd over the splits (`compare_splits.cs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from rich.console import Console
 
-from tahoe_ft.config import ReproduceConfig
+from tahoe_ft.config import (
+    DataConfig,
+    DemoConfig,
+    EvalConfig,
+    PathsConfig,
+    PredictConfig,
+    ReproduceConfig,
+    compose_round,
+    config_dir,
+)
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import write_json_atomic
 
@@ -63,53 +78,67 @@ class _Clock:
         return time.perf_counter() - self.t0
 
 
+def _train(exp: str, args: list[str], data: DataConfig, cfg: ReproduceConfig) -> Path:
+    from tahoe_ft.training import train
+
+    return train(compose_round(exp, args, data=data, paths=cfg.paths))
+
+
+def _predict(config: PredictConfig) -> Path:
+    """What `tahoe_ft.predict(config)` does."""
+    from tahoe_ft.prediction import predict
+
+    return predict(config)
+
+
+def _evaluate(config: EvalConfig):
+    """What `tahoe_ft.evaluate(config)` does."""
+    from tahoe_ft.evaluation.run import evaluate_run
+
+    return evaluate_run(config)
+
+
+def _compare(runs_dir: Path):
+    from tahoe_ft.study.comparison import compare
+
+    return compare(runs_dir)
+
+
 def _chain(
     cfg: ReproduceConfig,
     clock: _Clock,
     runs_dir: Path,
-    overrides: Sequence[str],
+    data: DataConfig,
+    overrides: Sequence[str] = (),
     *,
     seed: int,
     prefix: str = "",
     skip: Sequence[str] = (),
 ) -> None:
-    """Train, predict, evaluate and compare one chain of rounds into `runs_dir`."""
-    from tahoe_ft import api
-
+    """Train, predict, evaluate and compare one chain of rounds on `data` into `runs_dir`."""
     for cmd, exp in stages(cfg):
         if exp in skip:
             continue
         label = f"{prefix}{cmd} {exp}".strip()
         if cmd == "train":
-            args = [
-                f"+experiment={exp}",
-                f"step_scale={cfg.step_scale}",
-                f"runs_dir={runs_dir}",
-                f"seed={seed}",
-            ]
-            clock.stage(
-                label, lambda a: api.train(api.compose("train", a)), [*args, *overrides, *cfg.train_overrides]
-            )
+            args = [f"step_scale={cfg.step_scale}", f"runs_dir={runs_dir}", f"seed={seed}"]
+            clock.stage(label, _train, exp, [*args, *overrides, *cfg.train_overrides], data, cfg)
         elif cmd == "predict":
-            clock.stage(label, api.predict, "best-val.pt", exp=exp, runs_dir=runs_dir, seed=seed)
+            clock.stage(label, _predict, PredictConfig(exp=exp, runs_dir=str(runs_dir), seed=seed))
         elif cmd == "eval":
-            clock.stage(
-                label,
-                api.evaluate,
-                exp=exp,
-                runs_dir=runs_dir,
-                profile=cfg.profile,
-                num_threads=cfg.num_threads,
+            config = EvalConfig(
+                exp=exp, runs_dir=str(runs_dir), profile=cfg.profile, num_threads=cfg.num_threads
             )
+            clock.stage(label, _evaluate, config)
         else:
-            clock.stage(label, api.compare, runs_dir)
+            clock.stage(label, _compare, runs_dir)
 
 
-def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run the study in this process; return {"wall_time_s", "stages": [...], "compare_csv"}.
 
-    `overrides` (Hydra syntax: `data=papalexi`, `data.demo.n_genes=...`, `paths.data_cache=...`) go to every
-    round's train config, after `step_scale`, `runs_dir` and `seed` and before `cfg.train_overrides`.
+    Every round trains on `cfg.data` and `cfg.paths` (`config.compose_round`); `cfg.train_overrides` (Hydra
+    syntax) go to every round's train config after `step_scale`, `runs_dir` and `seed`.
     """
     console = Console(stderr=True)
     clock = _Clock(console)
@@ -122,17 +151,17 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
             "drop data_seeds, or use data=demo"
         )
     if cfg.folds == 0 and len(seeds) == 1 and not data_seeds:
-        _chain(cfg, clock, runs, overrides, seed=seeds[0])
+        _chain(cfg, clock, runs, cfg.data, seed=seeds[0])
     else:
         from tahoe_ft.study.comparison import compare_splits
 
         splits: list[tuple[dict[str, Any], Path]] = []
         for d in data_seeds or [None]:
             if d is None:
-                splits += _cross_validate(cfg, clock, runs, list(overrides), seeds)
+                splits += _cross_validate(cfg, clock, runs, cfg.data, seeds)
             else:
-                over = [*overrides, f"data.demo.seed={d}"]
-                found = _cross_validate(cfg, clock, runs / f"data-{d}", over, seeds, prefix=f"data {d} ")
+                data = with_demo_seed(cfg.data, cfg.paths, d)
+                found = _cross_validate(cfg, clock, runs / f"data-{d}", data, seeds, prefix=f"data {d} ")
                 splits += [({"data_seed": d, **labels}, path) for labels, path in found]
         clock.stage("compare over splits", compare_splits, splits, runs)
     summary = {
@@ -145,33 +174,50 @@ def reproduce(cfg: ReproduceConfig, *, overrides: Sequence[str] = ()) -> dict[st
     return summary
 
 
+@dataclasses.dataclass
+class _DataOnly:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    paths: PathsConfig = dataclasses.field(default_factory=PathsConfig)
+
+
+def with_demo_seed(data: DataConfig, paths: PathsConfig, seed: int) -> DataConfig:
+    """The demo data set made with generator seed `seed`: `data.demo.seed` set, and the files that
+    `configs/data/demo.yaml` derives from the spec (`${tahoe_demo:FILE}`) derived again for it."""
+    from tahoe_ft.config import register, to_object, validate
+
+    spec = dataclasses.replace(data.demo or DemoConfig(), seed=seed)
+    group = OmegaConf.to_container(OmegaConf.load(config_dir() / "data" / "demo.yaml"), resolve=False)
+    derived = {k: v for k, v in group.items() if isinstance(v, str) and "${tahoe_demo:" in v}
+    node = OmegaConf.merge(OmegaConf.structured(dataclasses.replace(data, demo=spec)), derived)
+    register()
+    return to_object(validate({"data": node, "paths": OmegaConf.structured(paths)}, _DataOnly)).data
+
+
 def _cross_validate(
-    cfg: ReproduceConfig, clock: _Clock, runs: Path, overrides: list[str], seeds: list[int], prefix: str = ""
+    cfg: ReproduceConfig, clock: _Clock, runs: Path, data: DataConfig, seeds: list[int], prefix: str = ""
 ) -> list[tuple[dict[str, Any], Path]]:
     """Every (seed, fold) chain on one data set under `runs`; each split's labels and runs dir."""
-    from tahoe_ft import api
     from tahoe_ft.study.folds import make_folds
 
     exps = [experiment_name(e) for e in cfg.experiments]
     folds: list[Any] = [None]
     if cfg.folds:
-        data = api.compose("train", ["+experiment=0905", *overrides]).data
         folds = make_folds(data, cfg.folds, runs / "folds", seed=cfg.fold_seed, n_val=cfg.n_val)
     splits = []
     for seed in seeds:
         base_runs = runs / f"seed-{seed}"
         shared: list[str] = []
         if BASE in exps:  # the base model does not see the screen: one per seed, shared by the folds
-            _chain(_only(cfg, BASE), clock, base_runs, overrides, seed=seed, prefix=f"{prefix}seed {seed}: ")
+            _chain(_only(cfg, BASE), clock, base_runs, data, seed=seed, prefix=f"{prefix}seed {seed}: ")
             shared = [f"pretrained={(base_runs / BASE / 'latest').resolve() / 'checkpoints' / 'best-val.pt'}"]
         for fold in folds:
             name = "fold-own" if fold is None else f"fold-{fold.index}"
-            split = [] if fold is None else [f"data.split_toml={fold.toml}", *_NO_LISTS]
             _chain(
                 cfg,
                 clock,
                 base_runs / name,
-                [*overrides, *split, *shared],
+                data if fold is None else fold_data(data, fold.toml),
+                shared,
                 seed=seed,
                 prefix=f"{prefix}seed {seed} {name}: ",
                 skip=[BASE],
@@ -180,11 +226,12 @@ def _cross_validate(
     return splits
 
 
-# a fold's TOML is the split: the data set's own split lists must not add to it
-_NO_LISTS = ["data.val_perts=[]", "data.test_perts=[]", "data.val_cell_types=[]", "data.test_cell_types=[]"]
+def fold_data(data: DataConfig, toml: str) -> DataConfig:
+    """`data` split by a fold's TOML: the data set's own split lists must not add to it."""
+    return dataclasses.replace(
+        data, split_toml=toml, val_perts=[], test_perts=[], val_cell_types=[], test_cell_types=[]
+    )
 
 
 def _only(cfg: ReproduceConfig, exp: str) -> ReproduceConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, experiments=[exp], evaluate=[])

@@ -12,12 +12,22 @@ modules get their own parameter group whose LR is 0 until they are unfrozen, the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from tahoe_ft.config import (
+    FreezeConfig,
+    LossConfig,
+    Monitor,
+    OptimConfig,
+    SchedConfig,
+    TrainConfig,
+    as_dict,
+)
 from tahoe_ft.errors import UserError
 from tahoe_ft.model.loss import DistributionLoss
 from tahoe_ft.model.st import StateTransitionModel, module_of
@@ -60,29 +70,54 @@ class LRSchedule:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass
+class TrainingSettings:
+    """What the LightningModule needs besides the architecture: the typed sections of the round's TrainConfig
+    (no defaults here: every value comes from the config, `TrainingSettings.of(cfg)`)."""
+
+    loss: LossConfig
+    optim: OptimConfig
+    sched: SchedConfig
+    freeze: FreezeConfig
+    max_steps: int  # trainer.max_steps: the schedule's horizon
+    monitor: Monitor  # checkpoint.monitor
+    # one fused AdamW kernel per group; not under mixed precision (Lightning's AMP refuses clipping with it)
+    fused_optimizer: bool
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> TrainingSettings:
+        return cls(
+            loss=cfg.loss,
+            optim=cfg.optim,
+            sched=cfg.sched,
+            freeze=cfg.freeze,
+            max_steps=cfg.trainer.max_steps,
+            monitor=Monitor(cfg.checkpoint.monitor),
+            fused_optimizer="mixed" not in str(cfg.trainer.precision),
+        )
+
+
 class STLightningModule(L.LightningModule):
     """Trains a `StateTransitionModel`. `self.model` holds the upstream-named parameters."""
 
-    def __init__(self, hparams: dict[str, Any], train_cfg: dict[str, Any]):
+    def __init__(self, hparams: dict[str, Any], settings: TrainingSettings):
         super().__init__()
-        # train_cfg: {"loss": {...}, "optim": {...}, "sched": {...}, "freeze": {...}, "max_steps": int}
-        self.save_hyperparameters({"model": hparams, "train": train_cfg})
+        # plain containers (enums as strings) in last.ckpt's hyper_parameters
+        self.save_hyperparameters({"model": hparams, "train": as_dict(settings)})
         self.model = StateTransitionModel(hparams)
-        self.train_cfg = train_cfg
-        loss_cfg = train_cfg["loss"]
-        self.loss_fn = DistributionLoss(loss_cfg["name"], blur=loss_cfg.get("blur", 0.05))
-        self.decoder_weight = float(loss_cfg["decoder_weight"])
+        self.settings = settings
+        loss = settings.loss
+        self.loss_fn = DistributionLoss(str(loss.name), blur=loss.blur)
+        self.decoder_weight = float(loss.decoder_weight)
         # weight of the set-mean term: MSE between the predicted and the observed mean of each set, in gene
         # space (the pseudobulk that MAE and PDS score, on which the energy distance has little grip)
-        self.mean_weight = float(loss_cfg.get("mean_weight", 0.0))
+        self.mean_weight = float(loss.mean_weight)
         # the auxiliary target (loss.aux_key, e.g. SE600M X_state): the aux head's prediction from the
         # backbone's hidden state against the target cells' embedding, by the same set distance
-        self.aux_weight = float(loss_cfg.get("aux_weight", 0.0))
+        self.aux_weight = float(loss.aux_weight)
         self.has_decoder = getattr(self.model, "gene_decoder", None) is not None
         self.set_len = int(hparams["cell_set_len"])
-        monitor = train_cfg.get("monitor", "main")
-        if monitor not in ("main", "decoder", "auto"):
-            raise UserError(f"checkpoint.monitor='{monitor}' is not valid; use main, decoder or auto")
+        monitor = settings.monitor
         if monitor == "decoder" and not self.has_decoder:
             raise UserError(
                 "checkpoint.monitor=decoder needs a gene decoder (encoder=se600m); use main or auto"
@@ -166,58 +201,55 @@ class STLightningModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):
-        optim_cfg, sched_cfg, freeze_cfg = (
-            self.train_cfg["optim"],
-            self.train_cfg["sched"],
-            self.train_cfg["freeze"],
-        )
-        frozen_modules = set(freeze_cfg.get("modules") or [])
-        unfreeze_at = freeze_cfg.get("until_step")
+        st = self.settings
+        optim_cfg, sched_cfg, freeze_cfg = st.optim, st.sched, st.freeze
+        frozen_modules = set(freeze_cfg.modules)
+        unfreeze_at = freeze_cfg.until_step
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             delayed = module_of(name) in frozen_modules and unfreeze_at is not None
             no_decay = p.ndim < 2  # biases and norm weights
             groups.setdefault((delayed, no_decay), []).append(p)
         param_groups, lambdas = [], []
-        max_steps = int(self.train_cfg["max_steps"])
+        max_steps = int(st.max_steps)
         for (delayed, no_decay), params in sorted(groups.items()):
             param_groups.append(
                 {
                     "params": params,
-                    "weight_decay": 0.0 if no_decay else float(optim_cfg["weight_decay"]),
+                    "weight_decay": 0.0 if no_decay else float(optim_cfg.weight_decay),
                     "name": ("unfrozen_later" if delayed else "main") + ("/no_decay" if no_decay else ""),
                 }
             )
             if delayed:
                 lambdas.append(
                     LRSchedule(
-                        sched_cfg["name"],
+                        str(sched_cfg.name),
                         max_steps,
-                        int(freeze_cfg.get("warmup_steps", 0)),
+                        int(freeze_cfg.warmup_steps),
                         0.0,
-                        sched_cfg["min_lr_factor"],
+                        sched_cfg.min_lr_factor,
                         start_step=int(unfreeze_at),
                     )
                 )
             else:
                 lambdas.append(
                     LRSchedule(
-                        sched_cfg["name"],
+                        str(sched_cfg.name),
                         max_steps,
-                        int(sched_cfg["warmup_steps"]),
-                        float(sched_cfg["warmup_start_factor"]),
-                        float(sched_cfg["min_lr_factor"]),
+                        int(sched_cfg.warmup_steps),
+                        float(sched_cfg.warmup_start_factor),
+                        float(sched_cfg.min_lr_factor),
                     )
                 )
         opt = torch.optim.AdamW(
             param_groups,
-            lr=float(optim_cfg["lr"]),
-            betas=tuple(optim_cfg["betas"]),
-            eps=float(optim_cfg["eps"]),
+            lr=float(optim_cfg.lr),
+            betas=tuple(optim_cfg.betas),
+            eps=float(optim_cfg.eps),
             # one fused kernel per group instead of a per-tensor loop: at 18,080 genes on CPU no +0.45 GiB
             # spike of temporaries per step and ~5x faster (BENCHMARKS.md), equal to 4e-9 after 5 steps.
             # Not under mixed precision: Lightning's AMP plugin refuses gradient clipping with a fused optimizer
-            fused=bool(self.train_cfg.get("fused_optimizer", False)),
+            fused=st.fused_optimizer,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

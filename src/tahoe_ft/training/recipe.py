@@ -32,7 +32,7 @@ from tahoe_ft.training.callbacks import (
 )
 from tahoe_ft.training.freeze import FreezeCallback
 from tahoe_ft.training.memory import floor_line
-from tahoe_ft.training.module import STLightningModule
+from tahoe_ft.training.module import STLightningModule, TrainingSettings
 from tahoe_ft.training.session import RunSession, epoch_position
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     # parent weights: weights only, never its optimizer, schedule or step
     parent_path = resolve_ref(cfg.init_from, cfg.runs_dir) if cfg.init_from and not cfg.resume else None
-    parent_state, parent_hp, parent = read_weights(parent_path) if parent_path else (None, None, None)
+    parent = read_weights(parent_path) if parent_path else None
 
     dm = training_data(cfg)
     position = epoch_position(session.last_ckpt) if session.last_ckpt else None  # (epoch, batches, step)
@@ -67,16 +67,17 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         dm.resume_at(*position[:2])
     manifest = _manifest(dm, cfg)
 
-    module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), training_settings(cfg))
+    parent_hp = parent.hparams if parent is not None else None
+    module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), TrainingSettings.of(cfg))
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
     freezer.check(module.model)
     log.info(floor_line(module.model, cfg, dm.dims))  # weights + gradients + AdamW state + batches in flight
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
-    if parent_state is not None:
+    if parent is not None:
         # one-hot perturbation columns are mapped by name when both vocabularies are known
         report = init_from_weights(
-            module.model, parent_state, str(parent_path), parent=parent, manifest=manifest
+            module.model, parent.state_dict, str(parent_path), parent=parent, manifest=manifest
         )
         session.write_init_report(report)
         log.info(format_report(report))
@@ -221,19 +222,6 @@ def _head_skip(wanted: bool, parent: dict[str, Any], dims: dict[str, Any]) -> bo
     if same_widths:
         return bool(parent.get("head_skip", False))
     return bool(wanted)
-
-
-def training_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """What the LightningModule needs besides the architecture: loss, optimizer, schedule, freeze, horizon."""
-    return {
-        "loss": dataclasses.asdict(cfg.loss),
-        "optim": dataclasses.asdict(cfg.optim),
-        "sched": dataclasses.asdict(cfg.sched),
-        "freeze": dataclasses.asdict(cfg.freeze),
-        "max_steps": cfg.trainer.max_steps,
-        "monitor": cfg.checkpoint.monitor,
-        "fused_optimizer": "mixed" not in str(cfg.trainer.precision),
-    }
 
 
 def _loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list:

@@ -1,0 +1,101 @@
+"""Where an evaluation's output goes: everything into `<run>/eval/eval.log`, the console kept for a person.
+
+cell-eval, pdex, polars, anndata and friends log a line per file and per step, warn through `warnings`, and
+draw tqdm bars on stderr: about a thousand lines for one round with its panel. `capture(log_file)` (used by
+`evaluation.run.evaluate_run`) sends all of that to the log file while it runs: a file handler on the root
+logger (INFO, whatever the root level was; the handlers already there keep seeing only what they saw
+before), Python warnings as log records, and `sys.stdout` / `sys.stderr` (prints, progress bars) into the
+file. Logging handlers that were already set up keep writing to the streams they were given.
+
+`quiet_console()` (the CLI's `tahoe-ft eval`) keeps the console to tahoe-ft's own messages: the libraries'
+records, and tahoe-ft's evaluation INFO lines, go to the log file only. `TAHOE_FT_VERBOSE=1` lifts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+VERBOSE_ENV = "TAHOE_FT_VERBOSE"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def verbose() -> bool:
+    """Whether the person asked for the libraries' output on the console (`TAHOE_FT_VERBOSE=1`)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+class _OwnMessages(logging.Filter):
+    """tahoe-ft's records (its evaluation's at WARNING and above) and anything at ERROR or above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        if not record.name.startswith("tahoe_ft"):
+            return False
+        return record.levelno >= logging.WARNING or not record.name.startswith("tahoe_ft.evaluation")
+
+
+@contextlib.contextmanager
+def _filtered(handlers: list[logging.Handler], flt: logging.Filter) -> Iterator[None]:
+    for h in handlers:
+        h.addFilter(flt)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def capture(log_file: str | os.PathLike) -> Iterator[Path]:
+    """Log records (INFO and up), warnings, prints and progress bars of the block go into `log_file`
+    (appended to)."""
+    path = Path(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    old_level = root.level
+    with open(path, "a", buffering=1, encoding="utf-8") as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setLevel(logging.INFO)
+        with contextlib.ExitStack() as stack:
+            if old_level > logging.INFO:  # the existing handlers keep their threshold
+                stack.enter_context(_filtered(before, _AtLeast(old_level)))
+                root.setLevel(logging.INFO)
+            root.addHandler(handler)
+            already = getattr(logging, "_warnings_showwarning", None) is not None
+            logging.captureWarnings(True)
+            try:
+                with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                    yield path
+            finally:
+                if not already:
+                    logging.captureWarnings(False)
+                root.removeHandler(handler)
+                root.setLevel(old_level)
+                stream.flush()
+
+
+@contextlib.contextmanager
+def quiet_console() -> Iterator[None]:
+    """Keep the libraries' log records off the console handlers (they still reach `capture`'s file);
+    nothing changes with `TAHOE_FT_VERBOSE=1`."""
+    if verbose():
+        yield
+        return
+    with _filtered(list(logging.getLogger().handlers), _OwnMessages()):
+        yield

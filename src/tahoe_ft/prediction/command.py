@@ -1,0 +1,54 @@
+"""`predict(config)`: check the arguments, resolve and load the checkpoint, plan, stream, record."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tahoe_ft.checkpoints.io import load_checkpoint
+from tahoe_ft.prediction.forward import prepare_model
+from tahoe_ft.prediction.plan import build_plan, check_arguments
+from tahoe_ft.prediction.resolve import resolve_checkpoint
+from tahoe_ft.prediction.stream import PRED_MAX, write_predictions
+
+if TYPE_CHECKING:
+    from tahoe_ft.config import PredictConfig
+
+log = logging.getLogger(__name__)
+
+
+def predict(config: PredictConfig) -> Path:
+    """Predict the held-out groups of `config.split` with the checkpoint `config.ckpt`; return the output
+    directory (`config.run_dir`, default: the run directory two levels above the checkpoint, or an upstream
+    run folder itself).
+
+    Writes `pred.h5ad`, `real.h5ad` (and, with `shuffle`, `pred_shuffled.h5ad`) and `predict.json`
+    (`runs.PredictRecord`). The arguments that need no file are checked first (`check_arguments`); then the
+    checkpoint is loaded, every draw made (`build_plan`: row numbers only) and the cells read, predicted and
+    written in blocks (`write_predictions`), so memory does not grow with the number of cells predicted.
+    `sets_per_pass` 1 gives exactly the numbers of predicting one set at a time; more is faster on CPU but
+    differs in the last float32 bits (`forward.predict_batch`).
+    """
+    device = check_arguments(config)
+    ckpt, out_dir = resolve_checkpoint(
+        str(config.ckpt),
+        run_dir=str(config.run_dir) if config.run_dir else None,
+        exp=config.exp,
+        runs_dir=str(config.runs_dir),
+    )
+    loaded = load_checkpoint(ckpt)
+    plan = build_plan(loaded, ckpt, out_dir, config)
+    prepare_model(loaded.model, device, plan.precision, rows=plan.rows_per_pass)
+    n_clip = write_predictions(plan, loaded.model, device)
+    if n_clip:
+        log.info("clipped %d predicted values to [0, %g]", n_clip, PRED_MAX)
+    plan.record(loaded).write(plan.out_dir)
+    log.info(
+        "wrote %s and %s (%d groups, %d cells)",
+        plan.out_dir / "pred.h5ad",
+        plan.out_dir / "real.h5ad",
+        len(plan.groups),
+        len(plan.obs),
+    )
+    return plan.out_dir
