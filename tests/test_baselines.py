@@ -137,7 +137,7 @@ def test_no_baseline_reads_a_held_out_cell():
     held = (poisoned.obs["target_gene"] != CTRL).to_numpy()
     poisoned.X[held] = 13.0  # garbage in every held-out cell
     after = _panel(train, poisoned).predictions
-    assert set(before) == set(after) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}
+    assert set(before) == set(after) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}  # no features given: no feature_ridge
     for name in before:
         np.testing.assert_array_equal(before[name].X, after[name].X, err_msg=name)
         assert before[name].obs.equals(real.obs)  # the real file's layout, its controls copied in
@@ -258,3 +258,80 @@ def test_target_knockdown_beats_cell_mean_on_des(scored_panel):
     kd, cm = scored_panel["target_knockdown"]["metrics"], scored_panel["cell_mean"]["metrics"]
     assert kd["overlap_at_N"] > cm["overlap_at_N"] + 0.03
     assert scored_panel["cell_mean"]["avg_score"] == pytest.approx(0.0, abs=0.02)  # it is the normaliser
+
+
+# -- feature_ridge and the re-centred basal cells (issue 20) -----------------------------------------------
+
+
+def _featured_screen(seed=3, n_perts=24, dim=6):
+    """Effects that are a linear map of each perturbation's features (+ a per-cell-type offset), and the
+    features by name; controls included (their row is zeros)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.4, size=(dim, N_GENES))
+    feats = {f"P{i}": rng.normal(size=dim) for i in range(n_perts)}
+    offset = {"A": rng.normal(0, 0.2, N_GENES), "B": rng.normal(0, 0.2, N_GENES)}
+    effects = {(ct, p): f @ w + offset[ct] for p, f in feats.items() for ct in ("A", "B")}
+    feats[CTRL] = np.zeros(dim)
+    a, base = screen(effects, n_cells=80, n_ctrl=200, seed=seed)
+    return a, base, effects, feats
+
+
+HELD = {("A", "P0"), ("B", "P0"), ("B", "P1"), ("A", "P2")}  # P0 held out everywhere
+
+
+def test_feature_ridge_recovers_effects_that_are_linear_in_the_features():
+    a, base, effects, feats = _featured_screen()
+    train, real = split(a, HELD)
+    panel = _panel(train, real, features=feats)
+    assert "leave-one-out" in panel.notes["feature_ridge"]
+    ridge, cm = panel.predictions["feature_ridge"], panel.predictions["cell_mean"]
+    for ct, p in HELD:
+        want = base[ct] + effects[(ct, p)]
+        got = _group_mean(ridge, ct, p)
+        # the planted effect up to the ridge's shrinkage and noise, far closer than the cell mean
+        assert np.abs(got - want).mean() < 0.25 * np.abs(_group_mean(cm, ct, p) - want).mean()
+
+
+def test_feature_ridge_uses_the_rounds_features_and_reads_no_held_out_cell():
+    a, _, _, feats = _featured_screen()
+    train, real = split(a, HELD)
+    before = _panel(train, real, features=feats).predictions["feature_ridge"]
+    # another held-out perturbation's features: its prediction moves, the others' do not
+    moved = {**feats, "P0": feats["P0"] + 2.0}
+    after = _panel(train, real, features=moved).predictions["feature_ridge"]
+    p0 = (real.obs["target_gene"] == "P0").to_numpy()
+    assert np.abs(np.asarray(after.X[p0]) - np.asarray(before.X[p0])).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(after.X[~p0]), np.asarray(before.X[~p0]))
+    # poison the held-out cells: nothing changes
+    poisoned = real.copy()
+    held = (poisoned.obs["target_gene"] != CTRL).to_numpy()
+    poisoned.X[held] = 9.0
+    again = _panel(train, poisoned, features=feats).predictions["feature_ridge"]
+    np.testing.assert_array_equal(np.asarray(again.X), np.asarray(before.X))
+
+
+def test_feature_ridge_is_absent_without_features_and_says_why():
+    a, _, _, feats = _featured_screen()
+    train, real = split(a, HELD)
+    panel = _panel(train, real)
+    assert "feature_ridge" not in panel.predictions and "absent" in panel.notes["feature_ridge"]
+    partial = {k: v for k, v in feats.items() if k != "P0"}
+    panel = _panel(train, real, features=partial)
+    assert "feature_ridge" not in panel.predictions and "P0" in panel.notes["feature_ridge"]
+
+
+def test_recentred_basal_cells_keep_their_deviations_and_take_the_control_mean():
+    a, _, _, _ = _featured_screen()
+    train, real = split(a, HELD)
+    on = _panel(train, real, settings=PanelSettings(recentre_basal=True)).predictions["control"]
+    off = _panel(train, real, settings=PanelSettings(recentre_basal=False)).predictions["control"]
+    for ct, p in HELD:
+        sel = ((real.obs["cell_type"] == ct) & (real.obs["target_gene"] == p)).to_numpy()
+        x_on, x_off = np.asarray(on.X[sel], dtype=np.float64), np.asarray(off.X[sel], dtype=np.float64)
+        ctrl_mean = _group_mean(real, ct, CTRL)
+        # the group's mean is the mean of the real file's controls, which cell-eval takes deltas against
+        # (clipping at 0 aside: these cells are far from it)
+        np.testing.assert_allclose(x_on.mean(axis=0), ctrl_mean, atol=1e-5)
+        assert np.abs(x_off.mean(axis=0) - ctrl_mean).max() > 1e-3  # raw draws carry sampling noise
+        # the same draws, each cell keeping its deviation from the draws' mean
+        np.testing.assert_allclose(x_on - x_on.mean(axis=0), x_off - x_off.mean(axis=0), atol=1e-5)

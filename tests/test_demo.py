@@ -144,6 +144,50 @@ def test_ensure_demo_uses_one_dir_per_spec(tmp_path):
     assert ensure_demo(tmp_path, tiny_spec(seed=2))["screen"].parent != paths["screen"].parent
 
 
+def test_composing_writes_no_data_and_opening_the_data_generates_it(tmp_path):
+    """The schema generates no data: composition only derives the paths; `check` (like `train`) makes them."""
+    import tahoe_ft
+    from conftest_train import TINY_DEMO
+    from tahoe_ft.config import compose
+
+    cache = tmp_path / "cache"
+    cfg = compose("train", ["+experiment=0905", f"paths.data_cache={cache}", *TINY_DEMO])
+    compose("train", ["+experiment=pretrain", "data=papalexi", f"paths.data_cache={cache}"])
+    compose("check", ["data=papalexi", f"paths.data_cache={cache}"])
+    assert not cache.exists()
+    folder = demo_dir(cache.resolve(), cfg.data.demo)
+    assert cfg.data.path == str(folder / FILES["screen"])
+    assert cfg.data.split_toml == str(folder / FILES["split"])
+    summary = tahoe_ft.check(
+        compose("check", [f"paths.data_cache={cache}", *TINY_DEMO, "model.cell_set_len=8"])
+    )
+    assert summary["genes"] == 60 and (folder / FILES["spec"]).exists()
+    mtime = (folder / FILES["screen"]).stat().st_mtime_ns
+    tahoe_ft.check(compose("check", [f"paths.data_cache={cache}", *TINY_DEMO, "model.cell_set_len=8"]))
+    assert (folder / FILES["screen"]).stat().st_mtime_ns == mtime  # made once
+
+
+def test_ensure_files_is_keyed_on_the_paths_not_the_data_name(tmp_path):
+    """`pretrain` names demo files under any data set; a config built by hand from a composed one (no
+    `data.demo`) still names a folder this process derived."""
+    from conftest_train import TINY_DEMO
+    from tahoe_ft.config import DataConfig, compose
+    from tahoe_ft.datasets import ensure_files
+
+    cfg = compose(
+        "train", ["+experiment=pretrain", "data.name=mine", f"paths.data_cache={tmp_path}", *TINY_DEMO]
+    )
+    assert not list(tmp_path.iterdir())
+    ensure_files(cfg.data)
+    assert Path(cfg.data.path).is_file() and Path(cfg.data.split_toml).is_file()
+    other = compose("train", ["+experiment=0905", f"paths.data_cache={tmp_path / 'other'}", *TINY_DEMO]).data
+    # data.demo unset (the default spec): the folder of the tiny spec composed above is still found
+    ensure_files(DataConfig(path=[other.path], gene_list=other.gene_list))
+    assert Path(other.path).is_file() and Path(other.pert_features).is_file()
+    ensure_files(DataConfig(path=str(tmp_path / "mine.h5ad"), pert_features="pca"))  # not ours: nothing made
+    assert not (tmp_path / "mine.h5ad").exists()
+
+
 # --- files and conventions ------------------------------------------------------------------------
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
+import sys
 import tarfile
 
 import anndata as ad
@@ -409,7 +411,7 @@ def test_prep_submission(tmp_path, screen, monkeypatch):
 # ---- `tahoe-ft eval` on a trained and predicted tiny run
 
 
-def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monkeypatch):
+def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monkeypatch, request):
     """The console gets the round beside its panel and the ceiling; cell-eval's output goes to eval.log;
     the manifest is read from the checkpoint without its weights, and equals the full load's."""
     import torch
@@ -433,8 +435,14 @@ def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monk
         k: v for k, v in full.items() if k != "pert_matrix"
     }
     capsys.readouterr()
+    # the CLI's console handler (under pytest, root already has handlers, so the CLI's basicConfig adds none)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger().addHandler(console)
+    request.addfinalizer(lambda: logging.getLogger().removeHandler(console))
     cli.main(["eval", f"runs_dir={runs}", "exp=0905", "num_threads=1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert not [line for line in err.splitlines() if line.startswith("cell_eval")], err[-2000:]
     lines = out.strip().splitlines()
     assert len(lines) < 30, out
     on_disk = json.loads((run_dir / "eval" / "score.json").read_text())
@@ -447,3 +455,9 @@ def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monk
     assert log_file.is_file()
     text = log_file.read_text()
     assert "cell_eval" in text and "Writing aggregate metrics" in text
+
+    # verbose=true: the libraries' records reach the console too (and still the log file)
+    cli.main(["eval", f"runs_dir={runs}", "exp=0905", "num_threads=1", "verbose=true"])
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("cell_eval")], err[-2000:]
+    assert "cell_eval" in log_file.read_text()

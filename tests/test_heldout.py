@@ -91,7 +91,7 @@ def test_eval_finishes_with_the_panel_and_pert_mean_from_the_other_cell_types(fe
     score = fewshot["score"]
     assert 0.0 <= score.avg_score <= 1.0
     assert set(score.per_celltype) == {fewshot["cts"][0]}
-    assert {"control", "cell_mean", "pert_mean", "target_knockdown", "linear", "ceiling"} == set(
+    assert {"control", "cell_mean", "pert_mean", "target_knockdown", "linear", "feature_ridge", "ceiling"} == set(
         score.baselines
     )
     assert score.baselines["cell_mean"]["avg_score"] == pytest.approx(0.0, abs=0.05)  # it is the normaliser
@@ -101,6 +101,7 @@ def test_eval_finishes_with_the_panel_and_pert_mean_from_the_other_cell_types(fe
     assert files == [
         "cell_mean.h5ad",
         "control.h5ad",
+        "feature_ridge.h5ad",
         "linear.h5ad",
         "pert_mean.h5ad",
         "target_knockdown.h5ad",
@@ -124,6 +125,6 @@ def test_no_baseline_reads_a_held_out_cell(fewshot):
     shutil.rmtree(fewshot["root"] / "runs" / ".de_cache")  # nothing cached: the panel is built again
     tahoe_ft.evaluate(EvalConfig(run_dir=str(run), runs_dir=str(fewshot["root"] / "runs")))
     after = {p.name: ad.read_h5ad(p).X for p in (run / "eval" / "baselines").glob("*.h5ad")}
-    assert before.keys() == after.keys() and len(before) == 5
+    assert before.keys() == after.keys() and len(before) == 6  # the panel with feature_ridge
     for name in before:
         np.testing.assert_array_equal(np.asarray(before[name]), np.asarray(after[name]), err_msg=name)

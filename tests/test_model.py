@@ -248,7 +248,8 @@ def test_build_mlp_layout():
 
 
 def test_module_groups():
-    model = make_model(batch_encoder=True, batch_dim=3, aux_dim=4)  # every optional group present
+    # every optional group present
+    model = make_model(batch_encoder=True, batch_dim=3, aux_dim=4, head_skip=True, feature_prior=2)
     groups = {module_of(k) for k in model.state_dict()}
     assert groups == set(MODULE_GROUPS)
     assert module_of("transformer_backbone.layers.0.mlp.up_proj.weight") == "transformer_backbone"

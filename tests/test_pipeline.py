@@ -94,7 +94,7 @@ def test_every_round_scored_and_compared(study):
     # so one panel (pert_mean is absent: the demo holds each perturbation out in every cell type)
     assert sorted(r["experiment"] for r in rows if r["kind"] == "round") == sorted(ROUNDS)
     assert sorted(r["experiment"] for r in rows if r["kind"] == "baseline") == sorted(
-        ["ceiling", "cell_mean", "control", "linear", "target_knockdown"]
+        ["ceiling", "cell_mean", "control", "feature_ridge", "linear", "target_knockdown"]
     )
     scores = [float(r["avg_score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)

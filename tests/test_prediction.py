@@ -36,9 +36,10 @@ def test_basal_draws_repeat_cells_only_when_the_pool_is_smaller():
 # -- streamed prediction == the in-memory path it replaced -------------------------------------------------
 
 
-def _in_memory_reference(ckpt, out, shuffle):
+def _in_memory_reference(ckpt, out, shuffle, recentre=False):
     """predict as it was before streaming (tahoe-ft 9d4247b): every block predicted set by set with
-    `predict_sets`, the matrices concatenated and stacked in memory, then written with `write_h5ad`."""
+    `predict_sets`, the matrices concatenated and stacked in memory, then written with `write_h5ad`.
+    `recentre`: each group's basal cells moved so that their mean is the whole control pool's mean."""
     import anndata as ad
     import pandas as pd
 
@@ -57,16 +58,12 @@ def _in_memory_reference(ckpt, out, shuffle):
     groups = _prediction_order(cells)
     pert_index = {p: i for i, p in enumerate(m.pert_names)}
     rng = np.random.default_rng(0)
-    pred_blocks, real_rows, labels, basal_rows = [], [], [], []
+    real_rows, labels, basal_rows = [], [], []
     for key in groups:
         rows = cells[key]
         basal_rows.append(draw_basal(rng, catalog.controls(key.dataset, key.cell_type), rows.size))
-        pred_blocks.append(
-            predict_sets(model, m.pert_matrix[pert_index[key.pert]], catalog.read_input(basal_rows[-1]), dev)
-        )
         real_rows.append(rows)
         labels += [(key.pert, key.cell_type)] * rows.size
-    pred_x = np.clip(np.concatenate(pred_blocks).astype(np.float32), 0.0, PRED_MAX)
     real_x = catalog.read_expression(np.concatenate(real_rows))
     ctrl_rows, ctrl_labels = [], []
     for ct, ds in sorted({(k.cell_type, k.dataset) for k in groups}):
@@ -75,6 +72,14 @@ def _in_memory_reference(ckpt, out, shuffle):
         ctrl_rows.append(pick)
         ctrl_labels += [(m.control_pert, ct)] * pick.size
     ctrl_x = catalog.read_expression(np.concatenate(ctrl_rows))
+    pred_blocks = []
+    for key, rows in zip(groups, basal_rows, strict=True):
+        basal = catalog.read_input(rows)
+        if recentre:  # on the mean of the control cells written into the files
+            written = np.intersect1d(np.concatenate(ctrl_rows), catalog.controls(key.dataset, key.cell_type))
+            basal = basal - basal.mean(axis=0) + catalog.read_input(written).mean(axis=0)
+        pred_blocks.append(predict_sets(model, m.pert_matrix[pert_index[key.pert]], basal, dev))
+    pred_x = np.clip(np.concatenate(pred_blocks).astype(np.float32), 0.0, PRED_MAX)
     obs = pd.DataFrame(labels + ctrl_labels, columns=[m.pert_col, m.cell_type_col])
     obs.index = [f"cell{i}" for i in range(len(obs))]
     obs = obs.astype("category")
@@ -128,7 +133,9 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
 
         monkeypatch.setattr(CellCatalog, name, spy)
     ckpt = tiny_runs[exp] / "checkpoints" / "best-val.pt"
-    out = prediction.predict(_config(ckpt, tmp_path / "streamed", device="cpu", shuffle=True))
+    out = prediction.predict(
+        _config(ckpt, tmp_path / "streamed", device="cpu", shuffle=True, recentre_basal=False)
+    )
     assert max(biggest) <= 16
     monkeypatch.undo()
     (tmp_path / "ref").mkdir()
@@ -142,16 +149,58 @@ def test_streamed_predict_equals_the_in_memory_path_and_reads_in_blocks(
         read_back = ad.read_h5ad(tmp_path / "ref" / name)  # anndata reads both files alike
         assert type(read_back.X) is type(got.X) and read_back.obs.equals(got.obs)
     # several sets per forward pass: the same predictions up to float32 rounding (BLAS summation order)
-    fast = prediction.predict(_config(ckpt, tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3))
+    fast = prediction.predict(
+        _config(ckpt, tmp_path / "fast", device="cpu", shuffle=False, sets_per_pass=3, recentre_basal=False)
+    )
     np.testing.assert_allclose(ad.read_h5ad(fast / "pred.h5ad").X, want["pred.h5ad"].X, rtol=0, atol=1e-5)
     # bfloat16 autocast: the same cells, predictions close to float32 (bf16 keeps 8 bits of mantissa), not equal
-    half = prediction.predict(_config(ckpt, tmp_path / "bf16", device="cpu", shuffle=False, precision="bf16"))
+    half = prediction.predict(
+        _config(ckpt, tmp_path / "bf16", device="cpu", shuffle=False, precision="bf16", recentre_basal=False)
+    )
     got = ad.read_h5ad(half / "pred.h5ad").X
     ref = want["pred.h5ad"].X
     assert got.shape == ref.shape and not np.array_equal(got, ref)
     assert np.abs(got - ref).max() < 0.05 * max(1.0, float(np.abs(ref).max()))
     with pytest.raises(UserError, match="precision='fp8'"):
         prediction.predict(_config(ckpt, tmp_path / "bad", device="cpu", precision="fp8"))
+
+
+@pytest.mark.parametrize("exp", ["0905", "0901"])
+def test_recentred_predict_moves_each_groups_basal_mean_onto_the_control_mean(tiny_runs, tmp_path, exp):
+    """recentre_basal (the default): each group's basal draws keep their deviations and take the control
+    pool's mean before the model sees them (the in-memory path, re-centred by hand); predict.json says so."""
+    import anndata as ad
+
+    import tahoe_ft.prediction as prediction
+    from tahoe_ft.runs import PredictRecord
+
+    ckpt = tiny_runs[exp] / "checkpoints" / "best-val.pt"
+    out = prediction.predict(_config(ckpt, tmp_path / "on", device="cpu", shuffle=False))
+    (tmp_path / "ref").mkdir()
+    want = _in_memory_reference(ckpt, tmp_path / "ref", shuffle=False, recentre=True)
+    got = ad.read_h5ad(out / "pred.h5ad").X
+    np.testing.assert_allclose(got, want["pred.h5ad"].X, rtol=0, atol=1e-5)
+    raw = _in_memory_reference(ckpt, tmp_path / "ref", shuffle=False, recentre=False)["pred.h5ad"].X
+    assert np.abs(got - raw).max() > 1e-3  # the raw draws give other predictions
+    assert PredictRecord.read(out).recentre_basal is True
+
+
+def test_basal_shifts_put_each_groups_draw_mean_on_the_written_controls_mean(tiny_runs):
+    from tahoe_ft.checkpoints.io import load_checkpoint
+    from tahoe_ft.prediction.plan import basal_shifts, build_plan
+
+    ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
+    loaded = load_checkpoint(ckpt)
+    plan = build_plan(loaded, ckpt, ckpt.parent, PredictConfig(ckpt=str(ckpt), device="cpu"))
+    shifts = basal_shifts(plan)
+    assert shifts.shape == (len(plan.groups), plan.catalog.input_dim) and shifts.dtype == np.float32
+    for g, (key, rows) in enumerate(zip(plan.groups, plan.basal_rows, strict=True)):
+        raw = plan.catalog.read_input(rows).astype(np.float64)
+        moved = raw + shifts[g]
+        written = np.intersect1d(plan.ctrl_rows, plan.catalog.controls(key.dataset, key.cell_type))
+        pool = plan.catalog.read_input(written).astype(np.float64)
+        np.testing.assert_allclose(moved.mean(axis=0), pool.mean(axis=0), atol=1e-5)
+        np.testing.assert_allclose(moved - moved.mean(axis=0), raw - raw.mean(axis=0), atol=1e-5)
 
 
 def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):

@@ -72,7 +72,7 @@ def _eval(cfg, args: list[str]) -> None:
     from tahoe_ft.evaluation.run import resolve_files
 
     files = resolve_files(cfg)  # the run, once: the table names its score.json
-    with quiet_console():  # the libraries' logs go to <run>/eval/eval.log (TAHOE_FT_VERBOSE=1: here too)
+    with quiet_console(cfg.verbose):  # the libraries' logs go to <run>/eval/eval.log (verbose=true: here too)
         score = api.evaluate(dataclasses.replace(cfg, run_dir=str(files.run_dir)))
     eval_dir = files.eval_dir
     print(score_table(score, eval_dir / "score.json", label=f"round ({files.run_dir.parent.name})"))

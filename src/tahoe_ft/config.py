@@ -175,6 +175,12 @@ class ModelConfig:
     # median knock-down. Gene-space rounds only (an embedding round has no target-gene output: ignored there);
     # tahoe-ft only (export-state refuses it)
     target_knockdown: bool = False
+    # a fixed linear prior in gene space: the baseline panel's feature ridge (perturbation features + cell type
+    # -> pseudobulk effect, fitted on the training groups) is added to the head's output, whose last layers
+    # start at zero, so the model predicts the ridge at step 0 and fine-tunes its residual. Fitted by the first
+    # gene-space round of a chain, kept by the rounds after it; gene-space rounds only; tahoe-ft only
+    # (export-state refuses it)
+    feature_prior: bool = False
     batch_encoder: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
@@ -203,6 +209,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # LR multiplier for the modules that init_from re-initialises (those the parent could not give, e.g. a new
+    # perturbation encoder or head) against the transferred ones; 1 = one LR for all (the study's)
+    fresh_lr_factor: float = 1.0
 
 
 @dataclass
@@ -304,19 +313,16 @@ def _config_error(exc: OmegaConfBaseException) -> UserError:
 
 
 def validate(cfg: DictConfig | dict, schema: type) -> DictConfig:
-    """Merge `cfg` into the structured `schema`; unknown keys or bad types become a UserError."""
+    """Merge `cfg` into the structured `schema`; unknown keys or bad types become a UserError. Side-effect free:
+    the embedded data sets a config names are made where they are opened (`tahoe_ft.datasets.ensure_files`)."""
     base = OmegaConf.structured(schema)
     plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     plain = {k: v for k, v in plain.items() if k != "hydra"}
     try:
         merged = OmegaConf.merge(base, plain)
-        unresolved = OmegaConf.to_yaml(merged)
-        OmegaConf.resolve(merged)  # resolve interpolations (and generate demo data) now, once, not mid-run
+        OmegaConf.resolve(merged)  # interpolations now, once, not mid-run (paths only: no data written)
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
-    from tahoe_ft.resolvers import materialize
-
-    materialize(unresolved, merged)
     OmegaConf.set_struct(merged, True)
     return merged
 
@@ -349,6 +355,11 @@ class PredictConfig:
     # 6.7e-3 from float32; BENCHMARKS.md)
     sets_per_pass: int = 1
     precision: Precision = Precision["32"]
+    # re-centre each held-out group's basal draws on the mean of the cell type's control cells written into
+    # the files (what cell-eval takes deltas against) before the model sees them, each cell keeping its
+    # deviation from the draws' mean: the predicted pseudobulk carries no basal sampling noise. false = the raw
+    # draws (the study's). eval's baselines follow the prediction's choice
+    recentre_basal: bool = True
 
 
 @dataclass
@@ -371,6 +382,12 @@ class EvalConfig:
     # the linear baseline (Ahlmann-Eltze et al. 2025): PCA dimension and ridge penalty
     linear_k: int = 10
     linear_ridge: float = 0.1
+    # for predictions without a predict.json (files from elsewhere): re-centre the baselines' basal cells on the
+    # control mean (predict's recentre_basal); with one, the prediction's own choice is followed
+    recentre_basal: bool = True
+    # the libraries' log records (cell-eval, pdex, ...) on the console too, not only in <run>/eval/eval.log
+    # (the environment variable TAHOE_FT_VERBOSE=1 does the same)
+    verbose: bool = False
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""OmegaConf resolvers used in `configs/`: `${scaled:N}` and `${tahoe_demo:FILE}` / `${tahoe_data:NAME}`."""
+"""OmegaConf resolvers used in `configs/`: `${scaled:N}` and `${tahoe_demo:FILE}` / `${tahoe_data:NAME}`.
+
+They compute values and paths only: composing a config writes nothing. The embedded data sets are generated or
+prepared where a data set is opened (`tahoe_ft.datasets.ensure_files`)."""
 
 from __future__ import annotations
 
@@ -27,30 +30,19 @@ def _demo_spec(root):
 
 
 def _demo(file: str, *, _root_) -> str:
-    """Path of a file of the embedded demo data (no side effects: Hydra may resolve mid-composition;
-    `materialize` generates the data once the config is complete)."""
-    from tahoe_ft.datasets.embedded import demo_dir
+    """Path of a file of the embedded demo data. No side effects (Hydra may resolve mid-composition, and
+    composing writes nothing): `tahoe_ft.datasets.ensure_files` generates the data where it is opened."""
+    from tahoe_ft.datasets.embedded import derived_demo_dir
 
-    return str(demo_dir(_cache_dir(_root_), _demo_spec(_root_)) / file)
+    return str(derived_demo_dir(_cache_dir(_root_), _demo_spec(_root_)) / file)
 
 
 def _data(name: str, *, _root_) -> str:
-    """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`); see `materialize`."""
+    """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`, `papalexi_gene_names`);
+    prepared where it is opened (`tahoe_ft.datasets.ensure_files`)."""
     from tahoe_ft.datasets.embedded import papalexi_outputs
 
     return str(papalexi_outputs(_cache_dir(_root_))[name])
-
-
-def materialize(unresolved: str, cfg) -> None:
-    """Generate / prepare the embedded data sets that the final config refers to (first use only)."""
-    if "${tahoe_demo:" in unresolved:
-        from tahoe_ft.datasets.embedded import ensure_demo
-
-        ensure_demo(_cache_dir(cfg), _demo_spec(cfg))
-    if "${tahoe_data:" in unresolved:
-        from tahoe_ft.datasets.embedded import ensure_papalexi
-
-        ensure_papalexi(_cache_dir(cfg))
 
 
 def register() -> None:

@@ -132,6 +132,8 @@ class PredictRecord:
     seed: int
     # held-out perturbation -> the one whose features predicted it in pred_shuffled.h5ad ({} without shuffle)
     shuffle: dict[str, str] = field(default_factory=dict)
+    # basal draws re-centred on the cell type's control mean (records written before this option: False)
+    recentre_basal: bool = False
 
     FILE: ClassVar[str] = "predict.json"
 

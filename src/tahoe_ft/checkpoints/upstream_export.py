@@ -120,6 +120,11 @@ def _check_exportable(src: Path, hparams: dict[str, Any] | None, manifest: dict[
             f"{src} is not a tahoe-ft checkpoint with a data manifest (best-val.pt, step-N.pt or last.ckpt); "
             "an upstream checkpoint already is a state tx train file"
         )
+    if hparams.get("feature_prior") is not None:
+        raise UserError(
+            f"{src} has the tahoe-ft-only feature prior (model.feature_prior=true), which upstream's ST does not "
+            "compute; export a model trained with model.feature_prior=false"
+        )
     if hparams.get("head_skip") and hparams.get("predict_residual") and hparams.get("output_space") == "all":
         raise UserError(
             f"{src} has the tahoe-ft-only head skip path (model.head_skip=true), which upstream's ST does not "

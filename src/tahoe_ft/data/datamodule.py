@@ -243,6 +243,23 @@ class PerturbationDataModule(L.LightningDataModule):
     def cell_types(self) -> list[str]:
         return self.catalog.cell_types
 
+    def feature_ridge(self):
+        """The baseline panel's feature ridge on this data's training groups and perturbation features (a
+        model's feature prior): fitted on `CellCatalog.training_cells` with eval's defaults, as `eval` fits it."""
+        from tahoe_ft.config import EvalConfig
+        from tahoe_ft.evaluation.baselines import fit_feature_ridge_on_cells
+
+        cat = self.catalog
+        train = cat.training_cells(EvalConfig.max_train_cells_per_group, seed=0)
+        features = {p: self.pert_matrix_np[i] for i, p in enumerate(cat.pert_names)}
+        return fit_feature_ridge_on_cells(
+            train,
+            pert_col=cat.pert_col,
+            control_pert=cat.control_pert,
+            celltype_col=cat.cell_type_col,
+            features=features,
+        )
+
     @property
     def batches(self) -> list[str] | None:
         return self.catalog.batches

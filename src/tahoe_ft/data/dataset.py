@@ -27,6 +27,7 @@ class Batch(TypedDict, total=False):
     pert_target: torch.Tensor  # int64 [B, S]: the target gene's column, -1 for none (model.target_knockdown)
     pert_name: list[str]  # [B]
     cell_type: list[str]  # [B]
+    cell_type_idx: torch.Tensor  # int64 [B]: the set's cell type, its index in the catalog's cell_types
     pert_rows: torch.Tensor  # int64 [B, S]: global rows of the targets (debug_rows only)
     ctrl_rows: torch.Tensor  # int64 [B, S]: global rows of the basal controls (debug_rows only)
 
@@ -123,6 +124,7 @@ class SetDataset(Dataset):
             batch["batch"] = torch.from_numpy(self.batch_of_row[pert_rows].astype(np.int64))
         batch["pert_name"] = [self.pert_names[d.pert] for d in descs]
         batch["cell_type"] = [self.cell_types[d.cell_type] for d in descs]
+        batch["cell_type_idx"] = torch.tensor([d.cell_type for d in descs], dtype=torch.int64)
         if self.debug_rows:
             batch["pert_rows"] = torch.from_numpy(pert_rows)
             batch["ctrl_rows"] = torch.from_numpy(ctrl_rows)

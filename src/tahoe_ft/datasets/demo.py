@@ -691,38 +691,65 @@ def generate_demo(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
     paths["spec"].unlink(missing_ok=True)  # the directory is incomplete until spec.json is back
     for stale in out_dir.glob(".*.tmp"):  # left by a killed generator
         stale.unlink()
+    _write_demo(paths, spec)
+    _atomic_write_text(paths["spec"], json.dumps(_canonical(spec), indent=2, sort_keys=True) + "\n")
+    log.info("demo data (spec %s) written to %s", spec_hash(spec), out_dir)
+    return paths
 
+
+@dataclass
+class _Rngs:
+    """The generator's independent streams, one per use, spawned from the spec's seed in this order."""
+
+    bio: np.random.Generator
+    screen: np.random.Generator
+    screen_cells: np.random.Generator
+    pretrain: np.random.Generator
+    pretrain_cells: np.random.Generator
+    features: np.random.Generator
+    split: np.random.Generator
+    state: np.random.Generator
+
+    @classmethod
+    def of(cls, seed: int) -> _Rngs:
+        return cls(*(np.random.default_rng(x) for x in np.random.SeedSequence(seed).spawn(8)))
+
+
+def _held_out(rng: np.random.Generator, s: DemoSpec, truth: dict[str, Any]) -> tuple[list, list, list]:
+    """(val, test) screen perturbations and the pre-training set's validation drugs."""
+    perts = sorted(truth["screen_perts"].tolist())
+    chosen = rng.permutation(len(perts))
+    val = sorted(perts[i] for i in chosen[: s.n_val_perts])
+    test = sorted(perts[i] for i in chosen[s.n_val_perts : s.n_val_perts + s.n_test_perts])
+    drugs = sorted(truth["pretrain_drugs"].tolist())
+    drug_val = sorted(drugs[i] for i in rng.permutation(len(drugs))[: max(1, s.n_drugs // 10)])
+    return val, test, drug_val
+
+
+def _write_demo(paths: dict[str, Path], spec: DemoSpec) -> None:
+    """Every file of ``FILES`` but ``spec.json``: the biology, both designs, the cells, X_state, the features."""
     import torch
 
-    seeds = np.random.SeedSequence(spec.seed).spawn(8)
-    rng_bio, rng_scr, rng_scr_cells, rng_pre, rng_pre_cells, rng_feat, rng_split, rng_state = (
-        np.random.default_rng(x) for x in seeds
-    )
-    bio = _make_biology(rng_bio, spec)
-    screen_design, truth, parts = _screen_design(rng_scr, bio, spec)
-    pre_design, pre_truth = _pretrain_design(rng_pre, bio, spec)
+    rngs = _Rngs.of(spec.seed)
+    bio = _make_biology(rngs.bio, spec)
+    screen_design, truth, parts = _screen_design(rngs.screen, bio, spec)
+    pre_design, pre_truth = _pretrain_design(rngs.pretrain, bio, spec)
     truth.update(pre_truth)
-
-    perts = sorted(truth["screen_perts"].tolist())
-    chosen = rng_split.permutation(len(perts))
-    val = sorted(perts[i] for i in chosen[: spec.n_val_perts])
-    test = sorted(perts[i] for i in chosen[spec.n_val_perts : spec.n_val_perts + spec.n_test_perts])
-    drugs = sorted(truth["pretrain_drugs"].tolist())
-    drug_val = sorted(drugs[i] for i in rng_split.permutation(len(drugs))[: max(1, spec.n_drugs // 10)])
+    val, test, drug_val = _held_out(rngs.split, spec, truth)
 
     # X_state is learned from the control cells of both data sets (the atlas), which are drawn first; the
     # screen's program parts are then sized against its axes, and the perturbed cells drawn
-    pre_counts, pre_x = _simulate(rng_pre_cells, bio, pre_design)
+    pre_counts, pre_x = _simulate(rngs.pretrain_cells, bio, pre_design)
     is_ctrl = screen_design.cond_idx == 0
-    ctrl_counts, ctrl_x = _simulate(rng_scr_cells, bio, _rows(screen_design, is_ctrl))
+    ctrl_counts, ctrl_x = _simulate(rngs.screen_cells, bio, _rows(screen_design, is_ctrl))
     controls = sp.vstack([ctrl_x, pre_x[pre_design.cond_idx == 0]], format="csr")
     with _one_blas_thread():
-        smap = _fit_state_map(rng_state, controls, spec.state_dim)
+        smap = _fit_state_map(rngs.state, controls, spec.state_dim)
         scale = _size_programs(bio, screen_design, parts, smap)
     del controls, parts
     truth["screen_program_weights"] = truth["screen_program_weights"] * scale[:, None]
     truth["screen_effects"] = screen_design.effects
-    pert_counts, pert_x = _simulate(rng_scr_cells, bio, _rows(screen_design, ~is_ctrl))
+    pert_counts, pert_x = _simulate(rngs.screen_cells, bio, _rows(screen_design, ~is_ctrl))
     order = np.argsort(np.concatenate([np.flatnonzero(is_ctrl), np.flatnonzero(~is_ctrl)]), kind="stable")
     scr_counts = sp.vstack([ctrl_counts, pert_counts], format="csr")[order]
     scr_x = sp.vstack([ctrl_x, pert_x], format="csr")[order]
@@ -731,13 +758,13 @@ def generate_demo(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
         ("screen", screen_design, PERT_COL, scr_counts, scr_x),
         ("pretrain", pre_design, DRUG_COL, pre_counts, pre_x),
     ):
-        adata = _to_anndata(design, bio, col, counts, x, _x_state(rng_state, smap, x), spec)
+        adata = _to_anndata(design, bio, col, counts, x, _x_state(rngs.state, smap, x), spec)
         with atomic_path(paths[key], suffix=".h5ad") as tmp:
             adata.write_h5ad(tmp)
         del adata
     del scr_counts, scr_x, pre_counts, pre_x
     with atomic_path(paths["pert_features"], suffix=".pt") as tmp:
-        torch.save(_pert_features(rng_feat, spec, truth), tmp)
+        torch.save(_pert_features(rngs.features, spec, truth), tmp)
     with atomic_path(paths["truth"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh, gene_names=np.array(bio.gene_names), programs=bio.programs.astype(np.float32),
@@ -745,16 +772,20 @@ def generate_demo(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
             state_centre=smap.centre, state_noise_sd=smap.noise_sd,
             screen_cell_type_logit=screen_design.cell_type_logit, **truth,
         )  # fmt: skip
-    _atomic_write_text(paths["gene_names"], "".join(f"{g}\n" for g in bio.gene_names))
-    _atomic_write_text(
-        paths["split"],
-        _split_toml(SCREEN_DATASET, paths["screen"], screen_design.cell_type_names, val, test),
+    _write_texts(
+        paths, bio, spec, screen_design.cell_type_names, pre_design.cell_type_names, (val, test, drug_val)
     )
+
+
+def _write_texts(
+    paths: dict[str, Path], bio: _Biology, spec: DemoSpec, cell_types: list, pre_cell_types: list, held: tuple
+) -> None:
+    """The gene list, both split TOMLs and the README."""
+    val, test, drug_val = held
+    _atomic_write_text(paths["gene_names"], "".join(f"{g}\n" for g in bio.gene_names))
+    _atomic_write_text(paths["split"], _split_toml(SCREEN_DATASET, paths["screen"], cell_types, val, test))
     _atomic_write_text(
         paths["pretrain_split"],
-        _split_toml(PRETRAIN_DATASET, paths["pretrain"], pre_design.cell_type_names, drug_val, []),
+        _split_toml(PRETRAIN_DATASET, paths["pretrain"], pre_cell_types, drug_val, []),
     )
     _atomic_write_text(paths["readme"], _readme(spec, val, test, drug_val))
-    _atomic_write_text(paths["spec"], json.dumps(_canonical(spec), indent=2, sort_keys=True) + "\n")
-    log.info("demo data (spec %s) written to %s", spec_hash(spec), out_dir)
-    return paths

@@ -3,6 +3,9 @@
 - ``ensure_demo(cache_dir, spec)`` generates the demo data once per spec into ``cache_dir/demo-<hash>``,
   under a lock, so concurrent processes (DataLoader workers, DDP ranks, parallel runs) never see a half
   written directory.
+- ``ensure_files(data)`` is what opening a data set calls (training, ``check``, the study's folds): it generates
+  the demo, or prepares Papalexi, when a file the data config names lies in one of their folders and is missing.
+  Composing a config only derives these paths (``tahoe_ft.resolvers``); it never writes data.
 - ``papalexi_path()`` returns the Papalexi et al. 2021 THP-1 CRISPR-KO screen (16,192 cells x 299 genes,
   raw counts; provenance and licence in ``tahoe_ft/assets/PAPALEXI.md``). If the compact copy is shipped in
   the package it is used directly; otherwise ``prepare_papalexi`` converts the shared source file
@@ -18,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +78,17 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def demo_dir(cache_dir: Path, spec: DemoSpec) -> Path:
     """The demo directory of ``spec``: ``cache_dir / "demo-<spec_hash>"``."""
     return Path(cache_dir) / f"demo-{spec_hash(spec)}"
+
+
+# the specs whose demo folders `${tahoe_demo:FILE}` derived in this process, by spec hash: a config built by hand
+# from a composed one (`DataConfig(path=compose(...).data.path)`) names a folder of a spec it no longer carries
+_DERIVED_SPECS: dict[str, DemoSpec] = {}
+
+
+def derived_demo_dir(cache_dir: Path, spec: DemoSpec) -> Path:
+    """``demo_dir(cache_dir, spec)``, remembered so that `ensure_files` can generate it later (no file I/O)."""
+    _DERIVED_SPECS.setdefault(spec_hash(spec), spec)
+    return demo_dir(cache_dir, spec)
 
 
 def ensure_demo(cache_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
@@ -234,6 +249,49 @@ def ensure_papalexi(cache_dir: Path | None = None) -> dict[str, Path]:
 
             _write_gene_names(ad.read_h5ad(packaged).var_names, outs["papalexi_gene_names"])
         return outs
+
+
+# --- the files a data config names -----------------------------------------------------------------
+
+
+def _named_files(value: Any) -> list[Path]:
+    """The paths in a path-valued data key: a str or a list of them (None, and non-str entries, name none)."""
+    if isinstance(value, str) and value:
+        return [Path(value).expanduser()]
+    if isinstance(value, list | tuple):
+        return [p for v in value for p in _named_files(v)]
+    return []
+
+
+def ensure_files(data: Any) -> None:
+    """Generate or prepare the embedded data a data config (`config.DataConfig`) names, where missing.
+
+    Keyed on the paths, not on ``data.name`` (`pretrain` names demo files under any data set): a file of
+    ``data.path`` (one or a list), ``pert_features``, ``gene_list`` or ``split_toml`` in a ``demo-<hash>`` folder
+    of ``data.demo``'s spec (or of a spec this process derived a path for) generates that demo, once, into the
+    folder's parent; a missing file of a ``papalexi`` folder (``_papalexi_outputs``) prepares Papalexi there.
+    Cheap when the data exists: a few ``stat`` calls, no hashing.
+    """
+    spec = data.demo if data.demo is not None else DemoSpec()
+    if isinstance(spec, dict):
+        spec = DemoSpec.from_dict(spec)
+    specs = {**_DERIVED_SPECS, spec_hash(spec): spec}
+    done: set[Path] = set()
+    for key in ("path", "pert_features", "gene_list", "split_toml"):
+        for path in _named_files(getattr(data, key)):
+            folder = path.parent
+            if folder in done:
+                continue
+            digest = folder.name.removeprefix("demo-")
+            if folder.name.startswith("demo-") and digest in specs:
+                if not ((folder / "spec.json").exists() and path.exists()):  # spec.json is written last
+                    ensure_demo(folder.parent, specs[digest])
+                done.add(folder)
+            elif folder.name == "papalexi" and path in _papalexi_outputs(folder).values():
+                # with the packaged copy, the split TOML is rewritten (cheap): it names the copy's current path
+                if not path.exists() or (PACKAGE_DATA / PAPALEXI_FILE).is_file():
+                    ensure_papalexi(folder.parent)
+                    done.add(folder)
 
 
 def papalexi_path(cache_dir: Path | None = None) -> Path:

@@ -15,6 +15,17 @@ cell-eval call and normalisation as the rounds:
 - `linear`: PCA + ridge of Ahlmann-Eltze et al.: gene embedding G = the top-K principal components (gene
   loadings) of the training pseudobulk deltas, a perturbation's embedding = its target gene's row of G (the
   mean row when the target is not measured), `delta ~ b + G W p` fitted by ridge.
+- `feature_ridge`: a ridge from exactly the round's perturbation features (the manifest's `pert_matrix`, one-hot
+  included) and the cell type to the pseudobulk delta, its penalty chosen by leave-one-out over the training
+  groups (`evaluation.feature_ridge`): what fine-tuning must beat to have added anything over a linear map of
+  its own inputs (absent when the run's features are not known).
+
+Basal cells (`control`, `pert_mean`, `linear`, `feature_ridge` add an effect to them) are drawn per held-out cell
+from the cell type's training controls and, by default (`PanelSettings.recentre_basal`, as predict's
+`recentre_basal`), re-centred group by group on the mean of the cell type's control cells in the real file (the
+cells cell-eval takes deltas against): each cell keeps its deviation from the group's draw mean, and the draw
+mean becomes the control mean, so a predicted pseudobulk carries no basal sampling noise (that noise alone cost
+more MAE than the cell mean's whole error on the demo).
 
 Only `obs` and the control cells of the real file are read here, never its perturbed cells: the panel
 cannot see what it is scored on. Values are log1p expression, clipped to [0, PRED_MAX] as predictions are.
@@ -23,26 +34,31 @@ cannot see what it is scored on. Values are log1p expression, clipped to [0, PRE
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from tahoe_ft.evaluation.feature_ridge import FeatureRidge, fit_on_groups
+
 log = logging.getLogger(__name__)
 
-PANEL = ("control", "cell_mean", "pert_mean", "target_knockdown", "linear")
+PANEL = ("control", "cell_mean", "pert_mean", "target_knockdown", "linear", "feature_ridge")
 # cell-eval refuses values >= 15 as "not log1p"; predictions are clipped to [0, 14] as upstream does
 PRED_MAX = 14.0
 
 
 @dataclass(frozen=True)
 class PanelSettings:
-    """Knobs of the panel (config: `eval.linear_k`, `eval.linear_ridge`, `eval.seed`)."""
+    """Knobs of the panel (config: `eval.linear_k`, `eval.linear_ridge`; the seed and the re-centring follow
+    the prediction's `predict.json`)."""
 
     linear_k: int = 10
     linear_ridge: float = 0.1
     seed: int = 0
+    recentre_basal: bool = True
 
 
 @dataclass
@@ -107,8 +123,10 @@ def build_panel(
     control_pert: str,
     celltype_col: str | None,
     settings: PanelSettings | None = None,
+    features: Mapping[str, np.ndarray] | None = None,
 ) -> Panel:
-    """The panel's prediction files for the held-out groups of `real` (only its obs and controls are read)."""
+    """The panel's prediction files for the held-out groups of `real` (only its obs and controls are read);
+    `features`: the round's perturbation features by name (for `feature_ridge`; None leaves it out)."""
     settings = settings or PanelSettings()
     lab = _Labels(pert_col, control_pert, celltype_col)
     genes = [str(g) for g in real.var_names]
@@ -136,12 +154,17 @@ def build_panel(
         rows = np.flatnonzero((cts == c) & ~is_ctrl)
         pool = tr.ctrl_rows[c]
         basal[rows] = pool[rng.integers(0, len(pool), size=rows.size)]
+    if settings.recentre_basal:  # on the mean of the control cells cell-eval takes deltas against
+        for c, p in groups:
+            rows = np.flatnonzero((cts == c) & (perts == p))
+            basal[rows] = recentre(basal[rows], ctrl_x[cts[is_ctrl] == c].mean(axis=0))
 
     notes: dict[str, str] = {}
     effects: dict[str, dict[tuple[str, str], np.ndarray] | None] = {
         "control": {g: np.zeros(len(genes)) for g in groups},
         "pert_mean": _pert_mean(tr, groups, notes),
         "linear": _linear(tr, groups, settings),
+        "feature_ridge": _feature_ridge(tr, groups, features, notes),
     }
     cell_mean = _cell_mean(tr, groups)
     levels: dict[str, dict[tuple[str, str], np.ndarray] | None] = {
@@ -170,6 +193,50 @@ def build_panel(
         pred.uns["tahoe_ft"] = {"kind": "baseline", "baseline": name}
         out[name] = pred
     return Panel(out, notes)
+
+
+def recentre(cells: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """`cells` [n, G] moved so that their mean is `mean`: each cell keeps its deviation from their own mean."""
+    return cells - cells.mean(axis=0, keepdims=True) + mean
+
+
+def _feature_ridge(
+    tr: _Training,
+    groups: list[tuple[str, str]],
+    features: Mapping[str, np.ndarray] | None,
+    notes: dict[str, str],
+) -> dict[tuple[str, str], np.ndarray] | None:
+    if features is None:
+        notes["feature_ridge"] = "absent: the run's perturbation features are not known (no checkpoint manifest)"
+        return None
+    unknown = sorted({p for _, p in groups} - set(features))
+    if unknown:
+        notes["feature_ridge"] = f"absent: no feature row for held-out perturbations {unknown[:5]}"
+        return None
+    ridge = _fit_ridge(tr, features)
+    notes["feature_ridge"] = (
+        f"penalty {ridge.penalty:.4g} by leave-one-out over {len(tr.perturbed())} training groups "
+        f"(LOO MSE {ridge.loo_mse:.4g})"
+    )
+    return {(c, p): ridge.predict(features[p], c) for c, p in groups}
+
+
+def _fit_ridge(tr: _Training, features: Mapping[str, np.ndarray]) -> FeatureRidge:
+    return fit_on_groups({k: tr.delta(*k) for k in tr.perturbed()}, features)
+
+
+def fit_feature_ridge_on_cells(
+    train: ad.AnnData,
+    *,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    features: Mapping[str, np.ndarray],
+) -> FeatureRidge:
+    """The panel's `feature_ridge` fitted on training cells `train` (what `CellCatalog.training_cells` gives):
+    the same fit as the panel's on the same cells, so a model's feature prior starts where the baseline is."""
+    genes = [str(g) for g in train.var_names]
+    return _fit_ridge(_Training(train, _Labels(pert_col, control_pert, celltype_col), genes), features)
 
 
 def _cell_mean(tr: _Training, groups: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:

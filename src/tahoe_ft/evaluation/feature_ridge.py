@@ -35,6 +35,7 @@ class FeatureRidge:
     cell_types: tuple[str, ...]
     penalty: float
     loo_mse: float  # mean squared leave-one-out residual at `penalty` (over groups and genes)
+    n_groups: int  # training groups it was fitted on
 
     def design(self, features: np.ndarray, cell_type: str) -> np.ndarray:
         onehot = np.array([ct == cell_type for ct in self.cell_types], dtype=np.float64)
@@ -78,7 +79,7 @@ def fit_feature_ridge(
     assert best is not None
     err, lam = best
     coef = vt.T @ ((s / (s**2 + lam))[:, None] * uty)  # [F + C, G]
-    return FeatureRidge(center, scale, coef, y_mean, cts, lam, err)
+    return FeatureRidge(center, scale, coef, y_mean, cts, lam, err, n)
 
 
 def fit_on_groups(

@@ -8,7 +8,9 @@ before), Python warnings as log records, and `sys.stdout` / `sys.stderr` (prints
 file. Logging handlers that were already set up keep writing to the streams they were given.
 
 `quiet_console()` (the CLI's `tahoe-ft eval`) keeps the console to tahoe-ft's own messages: the libraries'
-records, and tahoe-ft's evaluation INFO lines, go to the log file only. `TAHOE_FT_VERBOSE=1` lifts it.
+records, and tahoe-ft's evaluation INFO lines, go to the log file only. `tahoe-ft eval verbose=true`
+(`EvalConfig.verbose`; or the environment variable `TAHOE_FT_VERBOSE=1`) lifts it: the records reach the console
+as well, and prints and progress bars stay there (`capture(..., console=True)`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ VERBOSE_ENV = "TAHOE_FT_VERBOSE"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def verbose() -> bool:
-    """Whether the person asked for the libraries' output on the console (`TAHOE_FT_VERBOSE=1`)."""
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+def verbose(asked: bool = False) -> bool:
+    """Whether the person asked for the libraries' output on the console: `asked` (`EvalConfig.verbose`) or
+    `TAHOE_FT_VERBOSE=1`."""
+    return asked or os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
 
 
 class _AtLeast(logging.Filter):
@@ -60,9 +63,9 @@ def _filtered(handlers: list[logging.Handler], flt: logging.Filter) -> Iterator[
 
 
 @contextlib.contextmanager
-def capture(log_file: str | os.PathLike) -> Iterator[Path]:
+def capture(log_file: str | os.PathLike, *, console: bool = False) -> Iterator[Path]:
     """Log records (INFO and up), warnings, prints and progress bars of the block go into `log_file`
-    (appended to)."""
+    (appended to); with `console`, prints and progress bars stay on stdout / stderr instead."""
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -80,7 +83,10 @@ def capture(log_file: str | os.PathLike) -> Iterator[Path]:
             already = getattr(logging, "_warnings_showwarning", None) is not None
             logging.captureWarnings(True)
             try:
-                with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                with contextlib.ExitStack() as streams:
+                    if not console:
+                        streams.enter_context(contextlib.redirect_stdout(stream))
+                        streams.enter_context(contextlib.redirect_stderr(stream))
                     yield path
             finally:
                 if not already:
@@ -91,10 +97,10 @@ def capture(log_file: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def quiet_console() -> Iterator[None]:
+def quiet_console(asked: bool = False) -> Iterator[None]:
     """Keep the libraries' log records off the console handlers (they still reach `capture`'s file);
-    nothing changes with `TAHOE_FT_VERBOSE=1`."""
-    if verbose():
+    nothing changes when `verbose(asked)` (`EvalConfig.verbose`, `TAHOE_FT_VERBOSE=1`)."""
+    if verbose(asked):
         yield
         return
     with _filtered(list(logging.getLogger().handlers), _OwnMessages()):

@@ -10,8 +10,10 @@ round. The ceiling (`ceiling.ceiling_agg`) is normalised against that normaliser
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from tahoe_ft.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-_PANEL_FORMAT = 1
+_PANEL_FORMAT = 2  # 2: feature_ridge, re-centred basal cells
 
 
 def _entry(score: Score) -> dict[str, Any]:
@@ -47,9 +49,11 @@ def score_panel(
     num_threads: int = 2,
     de_cache_dir: str | Path,
     settings: PanelSettings | None = None,
+    features: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """`{"baselines": {name: {avg_score, leaderboard_score, metrics, normalized}}, "notes": {...}}`, with the
-    ceiling as the baseline named "ceiling"; the panel's files under `outdir/baselines/`."""
+    ceiling as the baseline named "ceiling"; the panel's files under `outdir/baselines/`. `features`: the
+    round's perturbation features by name (the feature ridge's inputs; part of the cache key)."""
     outdir = Path(outdir)
     settings = settings or PanelSettings()
     cols = [pert_col] + ([celltype_col] if celltype_col else [])
@@ -58,6 +62,7 @@ def score_panel(
         real=content_sha256(real, cols),
         train=content_sha256(train, cols),
         settings=dataclasses.asdict(settings),
+        features=_features_digest(features),
         profile=profile,
         versions=versions(),
     )
@@ -75,6 +80,7 @@ def score_panel(
             num_threads,
             de_cache_dir,
             settings,
+            features,
         )
     else:
         log.info("reusing the cached baseline panel %s", cache)
@@ -99,6 +105,7 @@ def _compute(
     num_threads: int,
     de_cache_dir: str | Path,
     settings: PanelSettings,
+    features: Mapping[str, np.ndarray] | None,
 ) -> None:
     panel = build_panel(
         train,
@@ -107,6 +114,7 @@ def _compute(
         control_pert=control_pert,
         celltype_col=celltype_col,
         settings=settings,
+        features=features,
     )
     entries: dict[str, Any] = {}
     common = dict(
@@ -135,6 +143,16 @@ def _compute(
     atomic_write_text(
         cache / "panel.json", json.dumps({"baselines": entries, "notes": notes}, indent=2) + "\n"
     )
+
+
+def _features_digest(features: Mapping[str, np.ndarray] | None) -> str | None:
+    if features is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(features):
+        h.update(name.encode() + b"\0")
+        h.update(np.ascontiguousarray(features[name], dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 def normaliser_tables(outdir: Path, score: Score) -> dict[str | None, pl.DataFrame]:

@@ -23,8 +23,10 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tahoe_ft.errors import UserError
-from tahoe_ft.evaluation.logs import capture
+from tahoe_ft.evaluation.logs import capture, verbose
 from tahoe_ft.evaluation.score import Score, score_predictions
 from tahoe_ft.fileio import atomic_write_text
 
@@ -124,7 +126,8 @@ def evaluate_run(config: EvalConfig) -> Score:
     record = _predict_record(files.run_dir)
     files.eval_dir.mkdir(parents=True, exist_ok=True)
     (files.eval_dir / LOG_FILE).unlink(missing_ok=True)  # the log of this evaluation only
-    with capture(files.eval_dir / LOG_FILE):
+    # verbose: prints and progress bars stay on the console (the records reach the log file either way)
+    with capture(files.eval_dir / LOG_FILE, console=verbose(config.verbose)):
         score = _evaluate(config, files, record)
     path = files.eval_dir / "score.json"
     atomic_write_text(path, score.to_json())
@@ -180,10 +183,22 @@ def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None)
                 linear_k=config.linear_k,
                 linear_ridge=config.linear_ridge,
                 seed=record.seed if record is not None else 0,
+                # the baselines' basal cells re-centred as the round's were (predict's recentre_basal)
+                recentre_basal=record.recentre_basal if record is not None else config.recentre_basal,
             ),
+            features=pert_features(manifest),
         )
         score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=panel["notes"])
     return dataclasses.replace(score, diagnostics=diagnostics(score, files, train, labels, common))
+
+
+def pert_features(manifest: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The round's perturbation features by name (the manifest's `pert_matrix` rows): the feature ridge's
+    inputs, exactly what the model was given."""
+    if not manifest:
+        return None
+    matrix = np.asarray(manifest["pert_matrix"], dtype=np.float64)
+    return {str(p): matrix[i] for i, p in enumerate(manifest["pert_names"])}
 
 
 def diagnostics(score: Score, files: RunFiles, train, labels: dict, common: dict) -> dict[str, Any]:

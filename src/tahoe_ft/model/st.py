@@ -51,6 +51,7 @@ MODULE_GROUPS = (
     "final_down_then_up",
     "batch_encoder",
     "aux_head",
+    "feature_prior",
 )
 
 # Upstream keys that we deliberately do not create (zeroed, frozen, unused by the forward pass).
@@ -124,6 +125,10 @@ OPTIONAL_HPARAMS: dict[str, Any] = {
     # (linear scale) by a learned ratio, for genetic screens whose targets are measured genes
     # (model.target_knockdown; the baseline panel's target_knockdown, learned); None = no such path
     "target_knockdown": None,
+    # tahoe-ft only: the number of cell types of a fixed linear prior in gene space (`FeaturePrior`: the
+    # feature ridge of the baseline panel, fitted on the training groups) that the head's output is added to,
+    # so the model fine-tunes the residual of the ridge; None = no prior
+    "feature_prior": None,
 }
 
 OUTPUT_SPACES = ("all", "gene", "embedding")
@@ -498,6 +503,39 @@ class TargetKnockdown(nn.Module):
         return out.scatter(-1, idx, new)
 
 
+class FeaturePrior(nn.Module):
+    """A fixed linear map from a set's perturbation features and cell type to a gene-space effect:
+
+        prior(p, c) = p @ weight + cell_type_bias[c]      p [B,P], c [B] -> [B,G]
+
+    the feature ridge of the baseline panel (`evaluation.feature_ridge`, fitted on the training groups'
+    pseudobulk deltas) with its standardisation folded in. Buffers, not parameters: the prior does not train,
+    the rest of the model learns the residual. Row C of `cell_type_bias` serves a cell type the ridge never
+    saw (the features' part alone)."""
+
+    def __init__(self, pert_dim: int, n_cell_types: int, out_dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(pert_dim, out_dim))
+        self.register_buffer("cell_type_bias", torch.zeros(n_cell_types + 1, out_dim))
+
+    def forward(self, pert: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
+        unseen = self.cell_type_bias.shape[0] - 1
+        idx = torch.where(cell_type < 0, torch.full_like(cell_type, unseen), cell_type).long()
+        return pert.float() @ self.weight + self.cell_type_bias[idx]  # [B,G]
+
+    @torch.no_grad()
+    def set_ridge(self, ridge: Any, cell_types: Sequence[str]) -> None:
+        """Take `ridge` (a fitted `FeatureRidge`), for the model's cell types in the model's order."""
+        n_feat = self.weight.shape[0]
+        coef = torch.as_tensor(ridge.coef / ridge.scale[:, None], dtype=torch.float64)  # [F + C_ridge, G]
+        offset = torch.as_tensor(ridge.intercept - (ridge.center / ridge.scale) @ ridge.coef)  # [G]
+        self.weight.copy_(coef[:n_feat])
+        col = {ct: n_feat + i for i, ct in enumerate(ridge.cell_types)}
+        for i, ct in enumerate([*cell_types, None]):
+            bias = offset + (coef[col[ct]] if ct in col else 0.0)
+            self.cell_type_bias[i].copy_(bias)
+
+
 class StateTransitionModel(nn.Module):
     """Upstream's ST model (Llama, bidirectional) with upstream parameter names; see the module docstring."""
 
@@ -555,6 +593,15 @@ class StateTransitionModel(nn.Module):
                 "gene must be one of the outputs"
             )
         self.target_knockdown = TargetKnockdown(float(kd)) if kd is not None else None
+        n_ct = hp["feature_prior"]
+        if n_ct is not None and not self.head_skip:
+            raise HparamsError(
+                "feature_prior needs the head skip path of a gene-space model (model.head_skip=true, output_space "
+                "'all'): the prior is added to the basal cells there"
+            )
+        self.feature_prior = (
+            FeaturePrior(self.pert_dim, int(n_ct), self.output_dim) if n_ct is not None else None
+        )
 
         embed_key = hp["embed_key"]
         self.apply_relu = embed_key in (None, "X_hvg") or self.gene_decoder is None
@@ -568,12 +615,14 @@ class StateTransitionModel(nn.Module):
         batch_idx: torch.Tensor | None = None,
         *,
         target: torch.Tensor | None = None,
+        cell_type: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict perturbed cells for B sets: pert [B,S,P], basal [B,S,D_in], batch_idx [B,S] -> [B,S,D_out]
         (and the backbone's hidden states [B,S,H] with `return_hidden`, for the auxiliary head). `target`
         [B,S]: the perturbation's target-gene column per cell (-1: none), for the knock-down path; a model
-        with that path needs it."""
+        with that path needs it. `cell_type` [B]: each set's cell type (its index in the manifest's
+        `cell_types`, -1: unseen), for a model with a feature prior."""
         if pert.dim() != 3 or basal.dim() != 3 or pert.shape[:2] != basal.shape[:2]:
             raise ValueError(
                 f"forward_sets expects pert [B,S,P] and basal [B,S,D_in] with matching B,S; "
@@ -591,6 +640,12 @@ class StateTransitionModel(nn.Module):
         h = self.transformer_backbone(seq)  # [B,S,H]
         if self.head_skip:
             x = self.project_out(h) + basal  # [B,S,D]
+            if (
+                self.feature_prior is not None
+            ):  # the ridge's effect of the set's perturbation in its cell type
+                if cell_type is None:
+                    raise ValueError("this model has a feature prior: pass each set's cell type index")
+                x = x + self.feature_prior(pert[:, 0], cell_type.reshape(-1))[:, None, :].to(x.dtype)
             out = x + self.final_down_then_up(x)  # a skip path around the D/8 bottleneck
         elif self.predict_residual and self.output_space == "all":
             out = self.final_down_then_up(self.project_out(h) + basal)  # residual in input space
@@ -647,7 +702,8 @@ class StateTransitionModel(nn.Module):
             batch_idx = batch_idx.reshape(shape)  # [B,S]
         target = batch.get("pert_target")
         target = target.reshape(shape) if target is not None else None  # [B,S]
-        out = self.forward_sets(pert, basal, batch_idx, target=target)  # [B,S,D_out]
+        cell_type = batch.get("cell_type_idx")  # [B] (a model with a feature prior)
+        out = self.forward_sets(pert, basal, batch_idx, target=target, cell_type=cell_type)  # [B,S,D_out]
         return out.reshape(-1, self.output_dim)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tahoe_ft.checkpoints.io import load_checkpoint
 from tahoe_ft.prediction.forward import prepare_model
-from tahoe_ft.prediction.plan import build_plan, check_arguments
+from tahoe_ft.prediction.plan import basal_shifts, build_plan, check_arguments
 from tahoe_ft.prediction.resolve import resolve_checkpoint
 from tahoe_ft.prediction.stream import PRED_MAX, write_predictions
 
@@ -39,6 +39,8 @@ def predict(config: PredictConfig) -> Path:
     )
     loaded = load_checkpoint(ckpt)
     plan = build_plan(loaded, ckpt, out_dir, config)
+    if plan.recentre_basal:
+        plan.basal_shift = basal_shifts(plan)
     prepare_model(loaded.model, device, plan.precision, rows=plan.rows_per_pass)
     n_clip = write_predictions(plan, loaded.model, device)
     if n_clip:

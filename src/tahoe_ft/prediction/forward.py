@@ -35,17 +35,24 @@ def decodes(model) -> bool:
 
 @torch.no_grad()
 def predict_sets(
-    model, pert_vec: torch.Tensor, basal: np.ndarray, device: torch.device, target: int | None = None
+    model,
+    pert_vec: torch.Tensor,
+    basal: np.ndarray,
+    device: torch.device,
+    target: int | None = None,
+    cell_type: int | None = None,
 ) -> np.ndarray:
     """Predict one group: basal `[n, D_in]` in sets of <= cell_set_len cells -> genes `[n, G]` (`target`: the
-    perturbation's target-gene column, -1 for none, for a model with the knock-down path)."""
+    perturbation's target-gene column, -1 for none, for a model with the knock-down path; `cell_type`: the
+    group's cell type index, for a model with a feature prior)."""
     s = int(model.hparams["cell_set_len"])
     out = []
     for start in range(0, basal.shape[0], s):
         b = torch.from_numpy(basal[start : start + s]).to(device)[None]  # [1, s, D_in]
         p = pert_vec.to(device).expand(1, b.shape[1], -1)  # [1, s, P]
         t = torch.full(b.shape[:2], target, dtype=torch.long, device=device) if target is not None else None
-        y = model.forward_sets(p, b, target=t)  # [1, s, D_out]
+        c = torch.tensor([cell_type], device=device) if cell_type is not None else None
+        y = model.forward_sets(p, b, target=t, cell_type=c)  # [1, s, D_out]
         if decodes(model):
             y = model.decode(y)  # [1, s, G]: embedding rounds are scored in gene space
         out.append(y[0].float().cpu().numpy())
@@ -61,6 +68,7 @@ def predict_batch(
     precision: str = "32",
     target: torch.Tensor | None = None,
     batch_idx: torch.Tensor | None = None,
+    cell_type: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Predict B sets of one length in one forward pass: pert `[B, P]` (one vector per set), basal
     `[B, s, D_in]` -> genes `[B, s, G]` float32. Attention stays within a set, so this is `predict_sets` of
@@ -69,13 +77,15 @@ def predict_batch(
     `precision="bf16"`: under bfloat16 autocast (PRECISIONS; `predict` converts the Linear weights once,
     `prepare_model`). `target` `[B]`: each set's
     target-gene column (-1: none), for a model with the knock-down path; `batch_idx` `[B, s]`: each basal
-    cell's batch, for a model with a batch encoder."""
+    cell's batch, for a model with a batch encoder; `cell_type` `[B]`: each set's cell type index, for a model
+    with a feature prior."""
     b = torch.from_numpy(basal).to(device)  # [B, s, D_in]
     p = pert.to(device)[:, None, :].expand(-1, b.shape[1], -1)  # [B, s, P]
     t = target.to(device)[:, None].expand(-1, b.shape[1]) if target is not None else None  # [B, s]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=str(precision) == "bf16"):
         bi = batch_idx.to(device) if batch_idx is not None else None
-        y = model.forward_sets(p, b, bi, target=t)  # [B, s, D_out]
+        c = cell_type.to(device) if cell_type is not None else None
+        y = model.forward_sets(p, b, bi, target=t, cell_type=c)  # [B, s, D_out]
         if decodes(model):
             y = model.decode(y)  # [B, s, G]
     return y.float().cpu().numpy()

@@ -34,12 +34,14 @@ SPLITS = ("test", "val")
 
 
 class _Set(NamedTuple):
-    """One predicted set: its first row in pred.h5ad, its basal rows, its perturbation (and the shuffle's)."""
+    """One predicted set: its first row in pred.h5ad, its basal rows, its perturbation (and the shuffle's),
+    and its group (an index into `PredictionPlan.groups`)."""
 
     out_row: int
     basal: np.ndarray
     pert: int
     shuffled_pert: int
+    group: int
 
 
 @dataclass
@@ -69,6 +71,12 @@ class PredictionPlan:
     pert_matrix: torch.Tensor  # [n_perts, P]
     pert_target: torch.Tensor | None  # per perturbation its target-gene column (knock-down models)
     batch_of: np.ndarray | None  # per cell its training batch index (models with a batch encoder)
+    # per group its cell type's index in the manifest's cell_types (-1: unseen), for a model with a feature prior
+    cell_type_index: torch.Tensor | None = None
+    recentre_basal: bool = False
+    # per group, added to each of its basal cells (input space) so that their mean is the cell type's control
+    # mean: `basal_shifts` (reads cells), filled in before streaming when `recentre_basal`; None: raw draws
+    basal_shift: np.ndarray | None = None  # [n_groups, D_in] float32
 
     @property
     def n_pred(self) -> int:
@@ -100,6 +108,7 @@ class PredictionPlan:
             data_paths=list(self.catalog.data_paths),
             seed=self.seed,
             shuffle=self.shuffle,
+            recentre_basal=self.recentre_basal,
         )
 
 
@@ -201,9 +210,9 @@ def _frames(m: Manifest, labels: list[tuple[str, str]]) -> tuple[pd.DataFrame, p
 def _sets(basal_rows: list[np.ndarray], perts: list[int], shuffled: list[int], s: int) -> list[_Set]:
     """Each group's basal draws cut into sets of <= s cells in draw order, at their rows of the output."""
     out, row = [], 0
-    for rows, p, q in zip(basal_rows, perts, shuffled, strict=True):
+    for g, (rows, p, q) in enumerate(zip(basal_rows, perts, shuffled, strict=True)):
         for a in range(0, rows.size, s):
-            out.append(_Set(row + a, rows[a : a + s], p, q))
+            out.append(_Set(row + a, rows[a : a + s], p, q, g))
         row += rows.size
     return out
 
@@ -278,4 +287,39 @@ def build_plan(
             else None
         ),
         batch_of=_training_batches(model, m, catalog),  # None without a batch encoder
+        cell_type_index=_cell_type_index(model, m, groups),
+        recentre_basal=bool(config.recentre_basal),
     )
+
+
+def _cell_type_index(model, m: Manifest, groups: list[GroupKey]) -> torch.Tensor | None:
+    if getattr(model, "feature_prior", None) is None:
+        return None
+    index = {ct: i for i, ct in enumerate(m.cell_types)}
+    return torch.tensor([index.get(k.cell_type, -1) for k in groups], dtype=torch.int64)
+
+
+def _mean_input(catalog: CellCatalog, rows: np.ndarray, block: int) -> np.ndarray:
+    """The mean model input (log1p genes, or the embedding) of cells `rows`, read `block` rows at a time."""
+    total = None
+    for a in range(0, rows.size, block):
+        part = catalog.read_input(np.sort(rows[a : a + block])).astype(np.float64).sum(axis=0)
+        total = part if total is None else total + part
+    return total / rows.size
+
+
+def basal_shifts(plan: PredictionPlan) -> np.ndarray:
+    """Per held-out group, what moves the mean of its basal draws onto the mean of its (dataset, cell type)'s
+    control cells in the output files (up to `max_controls` of them; cell-eval takes deltas against these):
+    `control mean - draws' mean`, [n_groups, D_in] float32. Each cell keeps its deviation from the draws'
+    mean, so the predicted set keeps its cell-to-cell variation and its pseudobulk loses the sampling noise of
+    the draw. Reads the written controls once and every group's draws once more."""
+    pools: dict[tuple[str, str], np.ndarray] = {}
+    shifts = []
+    for key, rows in zip(plan.groups, plan.basal_rows, strict=True):
+        pool = (key.dataset, key.cell_type)
+        if pool not in pools:  # the control cells written into the files: what cell-eval takes deltas against
+            written = np.intersect1d(plan.ctrl_rows, plan.catalog.controls(*pool))
+            pools[pool] = _mean_input(plan.catalog, written, plan.block_cells)
+        shifts.append(pools[pool] - _mean_input(plan.catalog, rows, plan.block_cells))
+    return np.stack(shifts).astype(np.float32)

@@ -183,7 +183,12 @@ def _predict_block(
             which = [getattr(st, field) for st in chunk]
             target = plan.pert_target[which] if plan.pert_target is not None else None
             pert = plan.pert_matrix[which]
-            y = predict_batch(model, pert, basal[a : a + len(chunk)], device, plan.precision, target, bidx)
+            ct = (
+                plan.cell_type_index[[st.group for st in chunk]] if plan.cell_type_index is not None else None
+            )
+            y = predict_batch(
+                model, pert, basal[a : a + len(chunk)], device, plan.precision, target, bidx, ct
+            )
             job = bg.pred(_clip_and_write, x, [st.out_row for st in chunk], y)
             if i == 0:  # pred.h5ad
                 clipped.append(job)
@@ -221,7 +226,10 @@ def write_predictions(plan: PredictionPlan, model, device: torch.device) -> int:
 
         def read_basal(batch: list[_Set]) -> np.ndarray:
             rows = np.concatenate([st.basal for st in batch])
-            return catalog.read_input(rows).reshape(len(batch), batch[0].basal.size, -1)
+            x = catalog.read_input(rows).reshape(len(batch), batch[0].basal.size, -1)
+            if plan.basal_shift is not None:  # each set's group re-centred on its control mean
+                x += plan.basal_shift[[st.group for st in batch]][:, None, :]
+            return x
 
         upcoming = bg.read(read_basal, batches[0])  # the next block's basal cells, read ahead
         for i, batch in enumerate(batches):

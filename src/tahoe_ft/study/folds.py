@@ -38,7 +38,9 @@ def make_folds(
     test part, so they are never the fold's own test perturbations and training keeps the rest.
     """
     from tahoe_ft.data import CellCatalog
+    from tahoe_ft.datasets import ensure_files
 
+    ensure_files(data)  # the embedded data sets are made where they are opened
     catalog = CellCatalog.open(data, embed_key=None)
     keys = [key for split in ("train", "val", "test") for key in catalog.groups(split)]
     perts = sorted({key.pert for key in keys})

@@ -106,6 +106,9 @@ class STLightningModule(L.LightningModule):
         self.save_hyperparameters({"model": hparams, "train": as_dict(settings)})
         self.model = StateTransitionModel(hparams)
         self.settings = settings
+        # top-level modules that init_from re-initialised (`reinitialised_modules` of the init report): they get
+        # optim.fresh_lr_factor x the LR; set by the recipe before fit (and again from init_report.json on resume)
+        self.fresh_modules: set[str] = set()
         loss = settings.loss
         self.loss_fn = DistributionLoss(str(loss.name), blur=loss.blur)
         self.decoder_weight = float(loss.decoder_weight)
@@ -134,7 +137,10 @@ class STLightningModule(L.LightningModule):
         basal = batch["ctrl_cell_emb"]  # [B,S,D_in]
         batch_idx = batch.get("batch") if self.model.hparams.get("batch_encoder") else None
         target = batch.get("pert_target") if self.model.target_knockdown is not None else None  # [B,S]
-        return self.model.forward_sets(pert, basal, batch_idx, target=target, return_hidden=True)
+        cell_type = batch["cell_type_idx"] if self.model.feature_prior is not None else None  # [B]
+        return self.model.forward_sets(
+            pert, basal, batch_idx, target=target, cell_type=cell_type, return_hidden=True
+        )
 
     def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean over sets of the set distance, always in float32: under bf16 autocast the energy distance's
@@ -205,19 +211,25 @@ class STLightningModule(L.LightningModule):
         optim_cfg, sched_cfg, freeze_cfg = st.optim, st.sched, st.freeze
         frozen_modules = set(freeze_cfg.modules)
         unfreeze_at = freeze_cfg.until_step
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        # modules init_from re-initialised (none without a parent) learn at optim.fresh_lr_factor x the LR
+        factor = float(optim_cfg.fresh_lr_factor)
+        groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             delayed = module_of(name) in frozen_modules and unfreeze_at is not None
             no_decay = p.ndim < 2  # biases and norm weights
-            groups.setdefault((delayed, no_decay), []).append(p)
+            fresh = factor != 1.0 and module_of(name) in self.fresh_modules
+            groups.setdefault((delayed, no_decay, fresh), []).append(p)
         param_groups, lambdas = [], []
         max_steps = int(st.max_steps)
-        for (delayed, no_decay), params in sorted(groups.items()):
+        for (delayed, no_decay, fresh), params in sorted(groups.items()):
             param_groups.append(
                 {
                     "params": params,
                     "weight_decay": 0.0 if no_decay else float(optim_cfg.weight_decay),
-                    "name": ("unfrozen_later" if delayed else "main") + ("/no_decay" if no_decay else ""),
+                    "lr": float(optim_cfg.lr) * (factor if fresh else 1.0),
+                    "name": ("unfrozen_later" if delayed else "main")
+                    + ("/no_decay" if no_decay else "")
+                    + ("/fresh" if fresh else ""),
                 }
             )
             if delayed:

@@ -68,7 +68,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     manifest = _manifest(dm, cfg)
 
     parent_hp = parent.hparams if parent is not None else None
-    module = STLightningModule(build_hparams(cfg, dm.dims, parent_hp), TrainingSettings.of(cfg))
+    hparams = build_hparams(cfg, dm.dims, parent_hp)
+    if _feature_prior(cfg):
+        hparams["feature_prior"] = len(dm.cell_types)
+    module = STLightningModule(hparams, TrainingSettings.of(cfg))
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
     freezer.check(module.model)
     log.info(floor_line(module.model, cfg, dm.dims))  # weights + gradients + AdamW state + batches in flight
@@ -81,6 +84,11 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         )
         session.write_init_report(report)
         log.info(format_report(report))
+        module.fresh_modules = set(report["reinitialised_modules"])
+    elif session.last_ckpt is not None:  # resume: the groups the run's optimizer state was saved with
+        module.fresh_modules = _fresh_modules(run_dir)
+    if module.model.feature_prior is not None and not _prior_loaded(parent, module.model):
+        fit_feature_prior(module.model, dm)
 
     policy = CheckpointPolicy(
         run_dir,
@@ -107,7 +115,11 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
 
 def training_data(cfg: TrainConfig) -> PerturbationDataModule:
-    """The data module `train` uses (also `tahoe-ft check`), opened and validated."""
+    """The data module `train` uses (also `tahoe-ft check`), opened and validated; the embedded data sets it
+    names are generated or prepared first, where missing (`datasets.ensure_files`)."""
+    from tahoe_ft.datasets import ensure_files
+
+    ensure_files(cfg.data)
     dm = PerturbationDataModule(
         cfg.data,
         embed_key=cfg.encoder.embed_key,
@@ -130,6 +142,55 @@ def _target_knockdown(cfg: TrainConfig) -> bool:
         )
         return False
     return wanted
+
+
+def _fresh_modules(run_dir: Path) -> set[str]:
+    """The re-initialised modules of a run's init report (empty when it trained from scratch)."""
+    import json
+
+    path = run_dir / "init_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return set(report.get("reinitialised_modules") or [])
+
+
+def _feature_prior(cfg: TrainConfig) -> bool:
+    """model.feature_prior in a gene-space round (an embedding round's output is not genes: ignored there)."""
+    if cfg.model.feature_prior and cfg.encoder.embed_key is not None:
+        log.info("model.feature_prior ignored: %s predicts embeddings, not genes", cfg.encoder.name)
+        return False
+    return bool(cfg.model.feature_prior)
+
+
+def _prior_loaded(parent, model) -> bool:
+    """Whether the parent checkpoint carried a feature prior that init_from loaded (same shapes): the chain's
+    first prior round fits it, the rounds after it keep the parent's."""
+    if parent is None:
+        return False
+    own = model.state_dict()
+    keys = [k for k in own if k.startswith("feature_prior.")]
+    return all(k in parent.state_dict and parent.state_dict[k].shape == own[k].shape for k in keys)
+
+
+def fit_feature_prior(model, dm: PerturbationDataModule) -> None:
+    """Fit the feature ridge on the training groups (what the baseline panel's `feature_ridge` fits), make it
+    the model's prior, and zero the last layers of the head so that the model predicts `basal + ridge effect`
+    at step 0 and fine-tuning learns the residual."""
+    import torch
+
+    ridge = dm.feature_ridge()
+    model.feature_prior.set_ridge(ridge, dm.cell_types)
+    for last in (
+        [m for m in model.project_out if isinstance(m, torch.nn.Linear)][-1],
+        model.final_down_then_up[-1],
+    ):
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+    log.info(
+        "feature prior: the feature ridge of %d training groups (penalty %.4g by leave-one-out); the head's "
+        "last layers start at zero, so step 0 predicts basal cells + the ridge's effect",
+        ridge.n_groups,
+        ridge.penalty,
+    )
 
 
 def _aux_key(cfg: TrainConfig) -> str | None:
