@@ -151,3 +151,21 @@ def test_a_round_from_a_parent_trains_its_reinitialised_modules_at_the_factor(tm
     assert rows, "the fresh modules' LR is not logged"
     for r in rows:  # the same schedule, 5x the LR
         assert float(r["lr/main/fresh"]) == pytest.approx(5.0 * float(r["lr"]))
+
+
+# -- checkpoint.validate_at_start: the starting weights are measured and are a candidate for best-val.pt -----
+
+
+def test_the_val_loss_curve_starts_at_step_0_and_the_start_can_be_the_best(tmp_path):
+    import json
+
+    from conftest_train import metrics, train
+
+    # lr 0: nothing changes, so the step-0 validation is the best (first) minimum and best-val.pt is from it
+    run = train(tmp_path, "0905", "init_from=null", "optim.lr=0.0", steps=2, val_every=2)
+    vals = [(int(r["step"]), float(r["val_loss"])) for r in metrics(run) if r.get("val_loss")]
+    assert vals[0][0] == 0 and len(vals) >= 2
+    info = json.loads((run / "run.json").read_text())
+    assert info["best_step"] == 0 and info["best_val_loss"] == pytest.approx(vals[0][1])
+    off = train(tmp_path, "0905", "init_from=null", "checkpoint.validate_at_start=false", steps=2, val_every=2)
+    assert all(int(r["step"]) > 0 for r in metrics(off) if r.get("val_loss"))

@@ -178,9 +178,10 @@ class ModelConfig:
     # a fixed linear prior in gene space: the baseline panel's feature ridge (perturbation features + cell type
     # -> pseudobulk effect, fitted on the training groups) is added to the head's output, whose last layers
     # start at zero, so the model predicts the ridge at step 0 and fine-tunes its residual. Fitted by the first
-    # gene-space round of a chain, kept by the rounds after it; gene-space rounds only; tahoe-ft only
-    # (export-state refuses it)
-    feature_prior: bool = False
+    # gene-space round of a chain, kept by the rounds after it; gene-space rounds with the head skip path only;
+    # tahoe-ft only (export-state refuses it). Chosen on the demo's validation perturbations (docs/results.md
+    # "Fine-tuning against a ridge on its own inputs"); false = the study's head
+    feature_prior: bool = True
     batch_encoder: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
@@ -258,6 +259,10 @@ class CheckpointConfig:
     # own space), "decoder" (the gene-space decoder loss of an SE600M round: what the evaluator scores) or
     # "auto" (decoder when there is one, else main: the default, lesson 1 of the study)
     monitor: Monitor = Monitor.auto
+    # validate once before the first step: the starting weights (the parent's, or a feature prior's ridge) are a
+    # candidate for best-val.pt, and the run's val loss curve starts at step 0, so what fine-tuning changed is
+    # measured; false = the first validation after val_check_interval steps (the study's)
+    validate_at_start: bool = True
 
 
 @dataclass

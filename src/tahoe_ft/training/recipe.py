@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
 
     parent_hp = parent.hparams if parent is not None else None
     hparams = build_hparams(cfg, dm.dims, parent_hp)
-    if _feature_prior(cfg):
+    if _feature_prior(cfg, hparams):
         hparams["feature_prior"] = len(dm.cell_types)
     module = STLightningModule(hparams, TrainingSettings.of(cfg))
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
@@ -108,6 +108,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     with session.running(trainer, policy):
         ckpt = str(session.last_ckpt) if session.last_ckpt else None
+        if ckpt is None and cfg.checkpoint.validate_at_start:  # step 0 is a candidate for best-val.pt
+            trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         if policy.last_val_step != trainer.global_step:  # best-val.pt also sees the final weights
             trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)
@@ -153,12 +155,21 @@ def _fresh_modules(run_dir: Path) -> set[str]:
     return set(report.get("reinitialised_modules") or [])
 
 
-def _feature_prior(cfg: TrainConfig) -> bool:
-    """model.feature_prior in a gene-space round (an embedding round's output is not genes: ignored there)."""
-    if cfg.model.feature_prior and cfg.encoder.embed_key is not None:
+def _feature_prior(cfg: TrainConfig, hparams: dict[str, Any]) -> bool:
+    """model.feature_prior in a gene-space round whose head has the skip path (an embedding round's output is
+    not genes; a head without the skip path, e.g. one loaded from an upstream checkpoint, has nowhere to add
+    it): ignored otherwise, with a log line."""
+    if not cfg.model.feature_prior:
+        return False
+    if cfg.encoder.embed_key is not None:
         log.info("model.feature_prior ignored: %s predicts embeddings, not genes", cfg.encoder.name)
         return False
-    return bool(cfg.model.feature_prior)
+    if not (hparams["head_skip"] and hparams["predict_residual"] and hparams["output_space"] == "all"):
+        log.info(
+            "model.feature_prior ignored: the head has no skip path (model.head_skip, or the parent's head)"
+        )
+        return False
+    return True
 
 
 def _prior_loaded(parent, model) -> bool:
