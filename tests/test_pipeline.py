@@ -195,7 +195,10 @@ def test_predict_needs_only_the_checkpoint_and_the_cells(study, tmp_path):
             p.with_name(p.name + ".hidden").rename(p)
     new, old = ad.read_h5ad(out_dir / "pred.h5ad"), ad.read_h5ad(src / "pred.h5ad")
     assert list(new.var_names) == list(old.var_names)
-    assert np.array_equal(_dense(new.X), _dense(old.X))  # same seed, same cells: the same prediction
+    # same seed, same cells: the same prediction, up to float32 rounding (the re-centring shift is added to the
+    # basal cells before the forward pass; this process's earlier work leaves ulp-level differences, 4.8e-7
+    # seen; three predicts in a row here are bit-identical)
+    np.testing.assert_allclose(_dense(new.X), _dense(old.X), rtol=0, atol=1e-5)
 
 
 def test_eval_full_profile(study, tmp_path):
@@ -236,6 +239,8 @@ def test_shuffle_and_collapse_diagnostics(study, tmp_path):
     ck = torch.load(run / "checkpoints" / "best-val.pt", map_location="cpu", weights_only=True)
     sd = ck["state_dict"]
     sd["pert_encoder.0.weight"].zero_()
+    if "feature_prior.weight" in sd:  # and the feature prior's features part (its cell-type part stays)
+        sd["feature_prior.weight"].zero_()
     # and one large effect for every perturbation (+5 on half the genes, through project_out's last bias): with
     # the head skip a blinded model's own effect is small, and its groups would differ by basal sampling alone
     last = max(

@@ -78,7 +78,8 @@ def _in_memory_reference(ckpt, out, shuffle, recentre=False):
         if recentre:  # on the mean of the control cells written into the files
             written = np.intersect1d(np.concatenate(ctrl_rows), catalog.controls(key.dataset, key.cell_type))
             basal = basal - basal.mean(axis=0) + catalog.read_input(written).mean(axis=0)
-        pred_blocks.append(predict_sets(model, m.pert_matrix[pert_index[key.pert]], basal, dev))
+        ct = m.cell_types.index(key.cell_type) if model.feature_prior is not None else None
+        pred_blocks.append(predict_sets(model, m.pert_matrix[pert_index[key.pert]], basal, dev, cell_type=ct))
     pred_x = np.clip(np.concatenate(pred_blocks).astype(np.float32), 0.0, PRED_MAX)
     obs = pd.DataFrame(labels + ctrl_labels, columns=[m.pert_col, m.cell_type_col])
     obs.index = [f"cell{i}" for i in range(len(obs))]
@@ -91,7 +92,13 @@ def _in_memory_reference(ckpt, out, shuffle, recentre=False):
     derange = derangement(sorted({k.pert for k in groups})) if shuffle else {}
     if derange:
         blocks = [
-            predict_sets(model, m.pert_matrix[pert_index[derange[k.pert]]], catalog.read_input(rows), dev)
+            predict_sets(
+                model,
+                m.pert_matrix[pert_index[derange[k.pert]]],
+                catalog.read_input(rows),
+                dev,
+                cell_type=m.cell_types.index(k.cell_type) if model.feature_prior is not None else None,
+            )
             for k, rows in zip(groups, basal_rows, strict=True)
         ]
         x = np.clip(np.concatenate(blocks).astype(np.float32), 0.0, PRED_MAX)
@@ -229,10 +236,13 @@ def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
     for n_sets, n_cells in [(2, int(model.hparams["cell_set_len"])), (1, 5)]:  # the hinted height, and not
         basal = torch.rand(n_sets, n_cells, model.input_dim, generator=g).numpy()
         pert = torch.eye(model.pert_dim)[:n_sets]
-        want = prediction.predict_batch(plain, pert, basal, cpu, "bf16")
-        got = prediction.predict_batch(packed, pert, basal, cpu, "bf16")
+        ct = torch.zeros(
+            n_sets, dtype=torch.int64
+        )  # the sets' cell type (the model's feature prior reads it)
+        want = prediction.predict_batch(plain, pert, basal, cpu, "bf16", cell_type=ct)
+        got = prediction.predict_batch(packed, pert, basal, cpu, "bf16", cell_type=ct)
         np.testing.assert_array_equal(got, want)
-        full = prediction.predict_batch(model, pert, basal, cpu, "32")
+        full = prediction.predict_batch(model, pert, basal, cpu, "32", cell_type=ct)
         assert 0 < np.abs(got - full).max() < 0.05 * max(1.0, float(np.abs(full).max()))
 
 

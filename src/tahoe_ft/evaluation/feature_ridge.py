@@ -37,11 +37,16 @@ class FeatureRidge:
     loo_mse: float  # mean squared leave-one-out residual at `penalty` (over groups and genes)
     n_groups: int  # training groups it was fitted on
 
-    def design(self, features: np.ndarray, cell_type: str) -> np.ndarray:
-        onehot = np.array([ct == cell_type for ct in self.cell_types], dtype=np.float64)
+    def design(self, features: np.ndarray, cell_type: str | None) -> np.ndarray:
+        """The standardised design row; a cell type the ridge never saw (or None) gets the training mean of
+        the cell-type columns, i.e. no cell-type term beyond the intercept."""
+        if cell_type in self.cell_types:
+            onehot = np.array([ct == cell_type for ct in self.cell_types], dtype=np.float64)
+        else:
+            onehot = self.center[-len(self.cell_types) :]
         return (np.concatenate([np.asarray(features, dtype=np.float64), onehot]) - self.center) / self.scale
 
-    def predict(self, features: np.ndarray, cell_type: str) -> np.ndarray:
+    def predict(self, features: np.ndarray, cell_type: str | None) -> np.ndarray:
         return self.intercept + self.design(features, cell_type) @ self.coef
 
 

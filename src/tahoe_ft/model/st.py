@@ -511,7 +511,7 @@ class FeaturePrior(nn.Module):
     the feature ridge of the baseline panel (`evaluation.feature_ridge`, fitted on the training groups'
     pseudobulk deltas) with its standardisation folded in. Buffers, not parameters: the prior does not train,
     the rest of the model learns the residual. Row C of `cell_type_bias` serves a cell type the ridge never
-    saw (the features' part alone)."""
+    saw (no cell-type term: the training mean of the cell-type part)."""
 
     def __init__(self, pert_dim: int, n_cell_types: int, out_dim: int):
         super().__init__()
@@ -531,8 +531,10 @@ class FeaturePrior(nn.Module):
         offset = torch.as_tensor(ridge.intercept - (ridge.center / ridge.scale) @ ridge.coef)  # [G]
         self.weight.copy_(coef[:n_feat])
         col = {ct: n_feat + i for i, ct in enumerate(ridge.cell_types)}
+        # a cell type the ridge never saw: the training mean of the cell-type columns (no cell-type term)
+        mean_ct = torch.as_tensor(ridge.center[n_feat:], dtype=torch.float64) @ coef[n_feat:]
         for i, ct in enumerate([*cell_types, None]):
-            bias = offset + (coef[col[ct]] if ct in col else 0.0)
+            bias = offset + (coef[col[ct]] if ct in col else mean_ct)
             self.cell_type_bias[i].copy_(bias)
 
 
@@ -667,7 +669,8 @@ class StateTransitionModel(nn.Module):
         """Upstream's forward: flat [B*S,·] (or [B,S,·]) inputs -> flat predictions [B*S, D_out].
 
         `padded=True` groups cells into sets of `cell_set_len`; `padded=False` treats all cells as one
-        variable-length set. `batch["batch"]` (only with a batch encoder) may be int indices or one-hot.
+        variable-length set. A model with a feature prior reads `batch["cell_type_idx"]` [B] (each set's cell
+        type, its index in the manifest's `cell_types`); without it the prior's cell-type-free row is used. `batch["batch"]` (only with a batch encoder) may be int indices or one-hot.
         """
         S = self.cell_set_len
         pert, basal = batch["pert_emb"], batch["ctrl_cell_emb"]
@@ -703,6 +706,10 @@ class StateTransitionModel(nn.Module):
         target = batch.get("pert_target")
         target = target.reshape(shape) if target is not None else None  # [B,S]
         cell_type = batch.get("cell_type_idx")  # [B] (a model with a feature prior)
+        if cell_type is None and self.feature_prior is not None:
+            # upstream's keys name no cell type: the prior's cell-type-free row (its features part and the
+            # training mean of the cell-type part); pass batch["cell_type_idx"] [B] for the cell type's own
+            cell_type = torch.full((pert.shape[0],), -1, dtype=torch.int64, device=pert.device)
         out = self.forward_sets(pert, basal, batch_idx, target=target, cell_type=cell_type)  # [B,S,D_out]
         return out.reshape(-1, self.output_dim)
 
