@@ -575,15 +575,8 @@ class StateTransitionModel(nn.Module):
             D = self.output_dim
             self.final_down_then_up = nn.Sequential(nn.Linear(D, D // 8), nn.GELU(), nn.Linear(D // 8, D))
         self.head_skip = bool(hp["head_skip"]) and self.predict_residual and self.output_space == "all"
-        if (
-            self.head_skip
-        ):  # "no change" at step 0: out = x + f(x), f = 0 and x = basal + project_out(h) = basal
-            for last in (
-                [m for m in self.project_out if isinstance(m, nn.Linear)][-1],
-                self.final_down_then_up[-1],
-            ):
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
+        if self.head_skip:  # "no change" at step 0: out = x + f(x), f = 0 and x = basal + project_out(h) = basal
+            self.zero_head_output()
         self.batch_dim: int | None = hp["batch_dim"] if hp["batch_encoder"] else None
         self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
         aux_dim = hp["aux_dim"]
@@ -607,6 +600,17 @@ class StateTransitionModel(nn.Module):
 
         embed_key = hp["embed_key"]
         self.apply_relu = embed_key in (None, "X_hvg") or self.gene_decoder is None
+
+    @torch.no_grad()
+    def zero_head_output(self) -> None:
+        """Zero the last layers of `project_out` and `final_down_then_up`: with the head skip path the model then
+        predicts the basal cells (plus the feature prior's effect, if any) unchanged."""
+        for last in (
+            [m for m in self.project_out if isinstance(m, nn.Linear)][-1],
+            self.final_down_then_up[-1],
+        ):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     # -- forward ------------------------------------------------------------------------------------
 

@@ -186,16 +186,9 @@ def fit_feature_prior(model, dm: PerturbationDataModule) -> None:
     """Fit the feature ridge on the training groups (what the baseline panel's `feature_ridge` fits), make it
     the model's prior, and zero the last layers of the head so that the model predicts `basal + ridge effect`
     at step 0 and fine-tuning learns the residual."""
-    import torch
-
     ridge = dm.feature_ridge()
     model.feature_prior.set_ridge(ridge, dm.cell_types)
-    for last in (
-        [m for m in model.project_out if isinstance(m, torch.nn.Linear)][-1],
-        model.final_down_then_up[-1],
-    ):
-        torch.nn.init.zeros_(last.weight)
-        torch.nn.init.zeros_(last.bias)
+    model.zero_head_output()
     log.info(
         "feature prior: the feature ridge of %d training groups (penalty %.4g by leave-one-out); the head's "
         "last layers start at zero, so step 0 predicts basal cells + the ridge's effect",
