@@ -950,3 +950,62 @@ def test_safe_unpickler_build_cannot_change_shared_objects(tmp_path):
     (tmp_path / "w.pkl").write_bytes(payload[payload.index(b"cnumpy._core") :])
     assert uf.read_pickle(tmp_path / "w.pkl") == {}
     assert (uf._Dtype.__setstate__, uf._scalar.__defaults__) == before
+
+
+def test_tahoe_ft_eval_scores_state_tx_infer_output_with_the_panel(upstream_runs, screen, tmp_path):
+    """`state tx infer` on a real `state tx train` folder's test cells, scored by `tahoe-ft eval` as files from
+    elsewhere: the training cells are the screen minus the folder's split TOML's val/test perturbations
+    (`train=<screen> split_toml=<its TOML>`), so the panel and the ceiling stand beside the prediction."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import anndata as ad
+    from omegaconf import OmegaConf
+
+    from tahoe_ft.data.inputs import parse_split_toml
+    from upstream_run import state_cli
+
+    folder = upstream_runs["raw_all"]
+    kwargs = OmegaConf.load(folder / "config.yaml").data.kwargs
+    toml, pert_col, control = str(kwargs.toml_config_path), str(kwargs.pert_col), str(kwargs.control_pert)
+    cell_type_col = str(kwargs.cell_type_key)
+    test = {p for table in parse_split_toml(toml).fewshot.values() for p in table["test"]}
+    cells = ad.read_h5ad(screen)
+    cells = cells[cells.obs[pert_col].astype(str).isin(test | {control}).to_numpy()].copy()
+    cells.X = _dense(cells.X)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    cmd = [
+        str(state_cli()), "tx", "infer", "--model-dir", str(folder), "--adata", str(tmp_path / "cells.h5ad"),
+        "--pert-col", pert_col, "--output", str(tmp_path / "inferred.h5ad"), "--quiet",
+    ]  # fmt: skip
+    # infer loads the folder's checkpoint with torch.load's default weights_only=True (torch >= 2.6), which
+    # refuses the numpy scalars `state tx train` itself wrote into it: this test's own file, so let it load
+    infer_env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=infer_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("TAHOE_FT_DEBUG", None)
+    args = [
+        f"pred={tmp_path / 'inferred.h5ad'}", f"real={tmp_path / 'cells.h5ad'}", f"train={screen}",
+        f"split_toml={toml}", f"pert_col={pert_col}", f"control_pert={control}", f"cell_type_col={cell_type_col}",
+        f"runs_dir={tmp_path / 'runs'}", "num_threads=1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tahoe_ft.cli", "eval", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    score = json.loads((tmp_path / "eval" / "score.json").read_text())
+    assert {"control", "cell_mean", "linear", "ceiling"} <= set(score["baselines"]), score["baselines"].keys()
+    assert math.isfinite(score["avg_score"]) and math.isfinite(score["baselines"]["ceiling"]["avg_score"])
+    assert "split_toml=" in score["baseline_notes"]["training_cells"]
+    assert proc.stdout.splitlines()[1].split()[0] == "inferred.h5ad"

@@ -31,6 +31,7 @@ from tahoe_ft.config import (
     ExportStateConfig,
     PredictConfig,
     ReproduceConfig,
+    SweepConfig,
     TrainConfig,
     checked,
     compose,
@@ -54,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "predict",
     "reproduce",
+    "sweep",
     "train",
 ]
 
@@ -105,6 +107,19 @@ def reproduce(config: ReproduceConfig | None = None) -> dict[str, Any]:
     from tahoe_ft.study.reproduce import reproduce as _reproduce
 
     return _reproduce(config)
+
+
+def sweep(config: SweepConfig) -> dict[str, Any]:
+    """A recipe search on validation folds (`tahoe-ft sweep`; package `tahoe_ft.sweep`): trials of the space
+    `config.sweep` (rounds, fixed overrides, parameter ranges) trained on the folds of `reproduce folds=K`,
+    scored on their validation perturbations, pruned from their validation losses, in a resumable Optuna study;
+    writes trials.csv, best.yaml and plots into `runs_dir/sweeps/<name>/` and returns a summary (the best
+    trial, the counts, the files; with `final`, the best recipe's reproduce on the folds' test perturbations).
+    """
+    config = checked(config)
+    from tahoe_ft.sweep import run_sweep
+
+    return run_sweep(config)
 
 
 def check(config: CheckConfig) -> dict[str, Any]:
@@ -173,8 +188,8 @@ def evaluate(config: EvalConfig) -> Score:
     `eval/baselines/`) and returns the `Score` (`tahoe_ft.evaluation.run.evaluate_run`).
 
     Default run: the newest one with a prediction (of `config.exp` if given); or `pred=` and `real=` files.
-    Without the run's checkpoint (predict.json names it) there are no training cells: the cell-mean baseline
-    then comes from the cache and the panel is left out.
+    The training cells come from `train=` (with `split_toml=`), else the run's checkpoint (predict.json names
+    it); without either, the cell-mean baseline comes from the cache and the panel is left out.
     """
     config = checked(config)
     from tahoe_ft.evaluation.run import evaluate_run

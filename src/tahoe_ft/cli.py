@@ -4,6 +4,7 @@ Python API (`tahoe_ft.api`), print the result. Nothing else happens here.
     tahoe-ft train +experiment=0906 trainer.max_steps=200
     tahoe-ft train -m +experiment=0905 optim.lr=1e-4,3e-4     (a Hydra sweep)
     tahoe-ft predict ckpt=best-val.pt
+    tahoe-ft sweep +sweep=genespace n_trials=20 folds=4       (an Optuna recipe search)
     tahoe-ft eval | compare | reproduce | export | export-state | check | demo-check
 
 Bad input is reported as one line (`error: ...`) with exit status 2; set TAHOE_FT_DEBUG=1 (or
@@ -22,13 +23,14 @@ from typing import Any
 
 from tahoe_ft.errors import UserError
 
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,export,export-state,check,demo-check} [key=value ...]
+USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,sweep,export,export-state,check,demo-check} [key=value ...]
 
   train      train one round:            tahoe-ft train +experiment=0906
   predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
   eval       score with cell-eval:       tahoe-ft eval
   compare    all evaluated runs:         tahoe-ft compare
   reproduce  the whole case study:       tahoe-ft reproduce
+  sweep      recipe search (Optuna):     tahoe-ft sweep +sweep=genespace n_trials=20 folds=4
   export     a VCC submission (.vcc):    tahoe-ft export exp=0908
   export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
@@ -70,12 +72,16 @@ def _eval(cfg, args: list[str]) -> None:
     from tahoe_ft.evaluation.logs import quiet_console
     from tahoe_ft.evaluation.report import score_table
     from tahoe_ft.evaluation.run import resolve_files
+    from tahoe_ft.runs import PredictRecord
 
     files = resolve_files(cfg)  # the run, once: the table names its score.json
     with quiet_console(cfg.verbose):  # the libraries' logs go to <run>/eval/eval.log (verbose=true: here too)
         score = api.evaluate(dataclasses.replace(cfg, run_dir=str(files.run_dir)))
     eval_dir = files.eval_dir
-    print(score_table(score, eval_dir / "score.json", label=f"round ({files.run_dir.parent.name})"))
+    # a run's prediction is named by its round; files from elsewhere by the prediction's file name
+    ours = PredictRecord.read(files.run_dir) is not None
+    label = f"round ({files.run_dir.parent.name})" if ours else files.pred.name
+    print(score_table(score, eval_dir / "score.json", label=label))
     print(f"log: {eval_dir / 'eval.log'}")
 
 
@@ -89,6 +95,17 @@ def _reproduce(cfg, args: list[str]) -> None:
     from tahoe_ft import api
 
     _print(api.reproduce(cfg))  # every round trains on cfg.data (data=..., data.*, paths.*)
+
+
+def _sweep(cfg, args: list[str]) -> None:
+    from tahoe_ft import api
+
+    space = cfg.sweep
+    if space is not None and not space.name:  # the study is named after its space file (+sweep=NAME)
+        chosen = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("sweep=")]
+        if chosen:
+            cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(space, name=chosen[-1]))
+    _print(api.sweep(cfg))
 
 
 def _export(cfg, args: list[str]) -> None:
@@ -122,6 +139,7 @@ COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
     "eval": _eval,
     "compare": _compare,
     "reproduce": _reproduce,
+    "sweep": _sweep,
     "export": _export,
     "export-state": _export_state,
     "check": _check,

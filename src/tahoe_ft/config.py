@@ -273,6 +273,8 @@ class LoggerConfig:
     wandb_project: str = "tahoe-ft"
     wandb_entity: str | None = None
     wandb_tags: list = field(default_factory=list)
+    # wandb's run group (`tahoe-ft sweep` sets it to sweep-<NAME>, so a study's runs are grouped); null = none
+    wandb_group: str | None = None
 
 
 @dataclass
@@ -375,6 +377,21 @@ class EvalConfig:
     run_dir: str | None = None
     exp: str | None = None
     runs_dir: str = "runs"
+    # obs columns and control label of pred/real/train (as data.pert_col, data.control_pert, data.cell_type_col);
+    # null: predict.json's (beside pred), else target_gene / non-targeting / no cell-type column. A value given
+    # here wins over predict.json
+    pert_col: str | None = None
+    control_pert: str | None = None
+    cell_type_col: str | None = None
+    # predictions from anywhere: the training cells (.h5ad, log1p, real's genes: training perturbations and
+    # controls) for the cell-mean normaliser, the baseline panel and the ceiling; with split_toml (a cell-load
+    # TOML) train is the whole screen and the TOML's val/test perturbations are left out. Unset: the training
+    # cells of the run's checkpoint (predict.json), if any
+    train: str | None = None
+    split_toml: str | None = None
+    # perturbation features for the panel's feature_ridge (a torch.load-able dict name -> 1-D tensor, as
+    # data.pert_features); unset: the run checkpoint's features, if any
+    features: str | None = None
     # cell-eval profile: "vcc" (mae, discrimination_score_l1, overlap_at_N) or "full"
     profile: Profile = Profile.vcc
     num_threads: int = 2
@@ -430,6 +447,72 @@ class ReproduceConfig:
     # the demo's generator seeds (data.demo.seed): each is its own data set with its own folds
     # (runs_dir/data-D/...), all pooled in compare.csv; empty: the data set as configured
     data_seeds: list = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+class SweepObjective(StrEnum):
+    val_loss = "val_loss"
+    val_score = "val_score"
+
+
+class PrunerName(StrEnum):
+    median = "median"
+    halving = "halving"
+    none = "none"
+
+
+@dataclass
+class SweepSpace:
+    """A search space, `configs/sweep/NAME.yaml` (`+sweep=NAME`); the grammar: `tahoe_ft.sweep`."""
+
+    # the study's name: its folder runs_dir/sweeps/NAME and the Optuna study name (default: the file's name)
+    name: str | None = None
+    # the round(s) a trial trains, in order; each resolves its parent by name, as reproduce does
+    rounds: list = field(default_factory=list)
+    # fixed training overrides (Hydra syntax) of every round of every trial
+    overrides: list = field(default_factory=list)
+    # training key -> "float(lo, hi)" | "logfloat(lo, hi)" | "int(lo, hi)" | "int(lo, hi, step)" | "choice(a, ...)"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepConfig:
+    # the search space: +sweep=NAME (configs/sweep/NAME.yaml)
+    sweep: SweepSpace | None = None
+    # finished trials (complete + pruned) the study ends with, counted over every run of the command
+    n_trials: int = 20
+    # validation folds as reproduce folds=K deals them (0: the data set's own split); fold_seed / n_val as there
+    folds: int = 4
+    fold_seed: int = 0
+    n_val: int | None = None
+    # val_loss: mean over folds of the last round's best validation loss (minimised); val_score: cell-eval's
+    # avg_score of the last round's prediction of the validation perturbations, mean over folds (maximised)
+    objective: SweepObjective = SweepObjective.val_loss
+    # an Optuna storage URL (any SQLAlchemy URL); null = sqlite:///<runs_dir>/sweeps/<NAME>/study.db
+    storage: str | None = None
+    # the training seed of every trial, and the sampler's (TPE) unless sampler_seed is set
+    seed: int = 0
+    sampler_seed: int | None = None
+    # pruning from the validation losses a trial logs: median (Optuna's MedianPruner), halving
+    # (SuccessiveHalvingPruner) or none; trials before pruning starts, and reported steps before it prunes
+    pruner: PrunerName = PrunerName.median
+    pruner_startup_trials: int = 2
+    pruner_warmup_steps: int = 0
+    # seconds between a running trial's heartbeats: a trial silent for 4x this long is failed by the next worker
+    heartbeat_s: int = 60
+    # after the study: train the best recipe on the folds and score it once on their test perturbations
+    # (reproduce, into runs_dir/sweeps/NAME/final/)
+    final: bool = False
+    step_scale: float = 0.05
+    # the base model of the first round (init_from: ${pretrained}); run:EXP/FILE resolves under runs_dir
+    pretrained: str | None = "run:pretrain/best-val.pt"
+    # extra overrides of every round (not part of the recipe: e.g. ["logger=csv"])
+    train_overrides: list = field(default_factory=list)
+    runs_dir: str = "runs"
+    # objective=val_score and final=true: cell-eval's profile and threads
+    profile: Profile = Profile.vcc
+    num_threads: int = 2
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -495,6 +578,7 @@ SCHEMAS: dict[str, type] = {
     "export-state": ExportStateConfig,
     "check": CheckConfig,
     "demo-check": DemoCheckConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -532,6 +616,12 @@ def check_experiment_overrides(overrides: list[str]) -> None:
             for v in val.split(","):
                 if v not in experiments():
                     raise UserError(f"unknown experiment '{v}'; choose one of: {', '.join(experiments())}")
+        if key == "sweep" and val:  # `tahoe-ft sweep +sweep=NAME`: a search space in configs/sweep/
+            spaces = sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml"))
+            if val not in spaces:
+                raise UserError(
+                    f"unknown sweep space '{val}'; choose one of: {', '.join(spaces)} (configs/sweep/)"
+                )
 
 
 def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
@@ -551,6 +641,29 @@ def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
             raise _config_error(cause) from None  # a bad value for a key (e.g. not one of an enum's)
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise UserError("config: " + "; ".join(lines[:3])) from None
+    except AssertionError:  # OmegaConf asserts on a key below a null node (data=custom data.demo.seed=1)
+        raise UserError(_below_null(command, overrides)) from None
+
+
+def _below_null(command: str, overrides: list[str]) -> str:
+    """The message for an override of a key whose parent is null in this config (composed with the overrides
+    that select config groups: a data group sets `data.demo` only for data=demo)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    groups = [a for a in overrides if "." not in a.lstrip("+~").split("=", 1)[0]]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
+            cfg = hydra_compose(config_name=command, overrides=groups)
+        for a in overrides:
+            parts = a.lstrip("+~").split("=", 1)[0].split(".")
+            for i in range(1, len(parts)):
+                parent = ".".join(parts[:i])
+                if OmegaConf.select(cfg, parent, throw_on_missing=False) is None:
+                    return f"config: cannot set '{a}': '{parent}' is null with these config groups; drop it"
+    except Exception:  # noqa: BLE001 - only the message is at stake
+        pass
+    return "config: an override sets a key below a null value (e.g. data.demo.* without data=demo); drop it"
 
 
 def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -119,7 +119,7 @@ class RunFolder:
         missing = [k for k in ("pert_col", "cell_type_key", "control_pert") if not kw.get(k)]
         if missing:
             raise UserError(
-                f"{self.path / 'config.yaml'} has no data.kwargs {missing}; is it a state tx train config?"
+                f"{self.path / 'config.yaml'} has no 'data.kwargs' {missing}; is it a state tx train config?"
             )
         control = str(kw["control_pert"])
         if kw["pert_col"] == "drugname_drugconc":  # what state tx train forces for Tahoe

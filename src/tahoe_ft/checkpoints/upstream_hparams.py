@@ -65,9 +65,9 @@ def translate_hparams(hp: dict[str, Any], source: str) -> dict[str, Any]:
     kwargs = dict(hp["transformer_backbone_kwargs"])
     if kwargs.get("bidirectional_attention") is False:
         raise UserError(
-            f"{source}: Llama backbone trained with bidirectional_attention=false (causal attention with RoPE); "
+            f"{source}: Llama backbone trained with 'bidirectional_attention: false' (causal attention with RoPE); "
             "tahoe-ft computes the bidirectional, position-free ST only: use a checkpoint trained with "
-            "transformer_backbone_kwargs.bidirectional_attention=true, or run this one with upstream state"
+            "'transformer_backbone_kwargs.bidirectional_attention: true', or run this one with upstream state"
         )
     if "bidirectional_attention" not in kwargs:
         log.warning(

@@ -34,6 +34,12 @@ from tahoe_ft.data.splits import (
 )
 from tahoe_ft.errors import UserError
 
+# how to fix cells that do not match the checkpoint they are reopened for (predict's data_path=)
+CHECKPOINT_FIX = (
+    "the checkpoint was trained on other data: predict from a file with its genes, obs columns, labels and "
+    "transform (data_path=), or use a checkpoint trained on this one"
+)
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -95,9 +101,10 @@ def _resolve_paths(c: DataConfig) -> tuple[list[Path], list[str], SplitToml | No
 
 
 def _resolve_genes(
-    screens: list[H5Screen], genes: list[str] | None, source: str
+    screens: list[H5Screen], genes: list[str] | None, source: str, fix: str = ""
 ) -> tuple[list[str], list[np.ndarray | None]]:
-    """(gene names, per file the var positions of those genes or None for "all, in file order")."""
+    """(gene names, per file the var positions of those genes or None for "all, in file order"); `fix`: how to
+    fix genes missing from a file (default: data.gene_list or the file)."""
     if genes is not None:
         cols: list[np.ndarray | None] = []
         for s in screens:
@@ -111,7 +118,7 @@ def _resolve_genes(
             if missing:
                 raise UserError(
                     f"{len(missing)} genes of {source} are not in var of {s.path} "
-                    f"({fmt_list(missing)}); fix data.gene_list or the file's var_names"
+                    f"({fmt_list(missing)}); " + (fix or "fix data.gene_list or the file's var_names")
                 )
             amb = [g for g in genes if g in dup]
             if amb:
@@ -174,24 +181,29 @@ class CellCatalog:
         self.screens = [H5Screen(p) for p in paths]
         screens = self.screens
 
+        # `genes` given: the data reopened as a checkpoint saw it (predict, eval), where no data.* key applies
+        ckpt_fix = self._fix = "" if genes is None else CHECKPOINT_FIX
         cols = [pert_col, cell_type_col] + ([batch_col] if batch_col else [])
         for s in screens:
             for col in cols:
                 if not s.has_obs(col):
                     raise UserError(
                         f"obs column '{col}' not found in {s.path} (columns: {fmt_list(s.obs_columns(), 12)}); "
-                        "set data.pert_col / data.cell_type_col / data.batch_col to the right names"
+                        + (
+                            ckpt_fix
+                            or "set data.pert_col / data.cell_type_col / data.batch_col to the right names"
+                        )
                     )
         if genes is not None:
             gene_names, source = list(genes), "the checkpoint's gene list"
         else:
             gene_names = read_gene_list(gene_list) if gene_list else None
             source = f"the gene list {gene_list}"
-        self.gene_names, gene_cols = _resolve_genes(screens, gene_names, source)
+        self.gene_names, gene_cols = _resolve_genes(screens, gene_names, source, ckpt_fix)
         self.reader = ScreenSet(screens, gene_cols, input_transform=input_transform, embed_key=embed_key)
         self.offsets = self.reader.offsets
         for s in screens:
-            check_values(s, input_transform)
+            check_values(s, input_transform, fix=ckpt_fix)
             if embed_key is not None:
                 check_obsm_values(s, embed_key)
         if embed_key is not None:
@@ -218,7 +230,7 @@ class CellCatalog:
             if self.control_pert not in cats or not (codes == cats.index(self.control_pert)).any():
                 raise UserError(
                     f"control label '{self.control_pert}' not found in obs['{self.pert_col}'] of {s.path} "
-                    f"(values: {fmt_list(sorted(set(cats)))}); set data.control_pert"
+                    f"(values: {fmt_list(sorted(set(cats)))}); {self._fix or 'set data.control_pert'}"
                 )
 
         def used(col: str) -> list[str]:

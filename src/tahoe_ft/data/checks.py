@@ -80,14 +80,18 @@ class ValueStats:
                     self.fraction_value = float(flat[i])
 
 
-def check_values(screen: H5Screen, input_transform: str) -> None:
-    """NaN/Inf, negatives, and counts-vs-log1p, on a row sample or (small file, or counts) all of X."""
+def check_values(screen: H5Screen, input_transform: str, *, fix: str = "") -> None:
+    """NaN/Inf, negatives, and counts-vs-log1p, on a row sample or (small file, or counts) all of X; `fix`
+    replaces the advice to change data.input_transform (a checkpoint's transform is fixed)."""
     full = input_transform == "counts" or screen.x_elements() <= FULL_CHECK_ELEMENTS
     stats = (
         screen.scan(want_libsize=input_transform == "counts") if full else screen.sample_stats(VALIDATE_ROWS)
     )
     what = "all values" if full else f"a sample of {min(VALIDATE_ROWS, screen.n_obs)} rows"
     where = f"{screen.path}, X"
+    told = (
+        f"the checkpoint reads {input_transform} values" if fix else f"data.input_transform={input_transform}"
+    )
     if stats.nonfinite_row is not None:
         raise UserError(
             f"X has NaN or Inf values ({where}, row {stats.nonfinite_row}); remove or fix those cells"
@@ -100,12 +104,12 @@ def check_values(screen: H5Screen, input_transform: str) -> None:
     if input_transform == "log1p" and stats.all_integral and stats.max > COUNTS_MAX_THRESHOLD:
         raise UserError(
             f"X looks like raw integer counts ({what} are integers, max {stats.max:g}; {where}) "
-            "but data.input_transform=log1p; set data.input_transform=counts"
+            f"but {told}; {fix or 'set data.input_transform=counts'}"
         )
     if input_transform == "counts" and not stats.all_integral:
         raise UserError(
             f"X has non-integer values (e.g. {stats.fraction_value:g} at row {stats.fraction_row}; {where}) "
-            "but data.input_transform=counts; set data.input_transform=log1p if X is already normalised"
+            f"but {told}; {fix or 'set data.input_transform=log1p if X is already normalised'}"
         )
 
 

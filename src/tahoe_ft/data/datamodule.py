@@ -133,7 +133,7 @@ class PerturbationDataModule(L.LightningDataModule):
         c = self.cfg
         if c.basal_mapping == "batch" and not c.batch_col:
             raise UserError(
-                "data.basal_mapping=batch needs data.batch_col; set it or use basal_mapping=random"
+                "data.basal_mapping=batch needs data.batch_col; set it or use data.basal_mapping=random"
             )
         if self.cell_set_len < 1 or c.batch_size < 1:
             raise UserError(
@@ -213,7 +213,7 @@ class PerturbationDataModule(L.LightningDataModule):
         if resident > c.memory_budget_gb * gib:
             raise UserError(
                 f"the loader would hold ~{resident / gib:.2f} GiB of batches ({in_flight} x {batch_bytes / gib:.3f} GiB: "
-                f"batch_size={c.batch_size} x cell_set_len={self.cell_set_len} x {per_cell} floats/cell), over "
+                f"{c.batch_size} sets x {self.cell_set_len} cells x {per_cell} floats/cell), over "
                 f"data.memory_budget_gb={c.memory_budget_gb}; lower data.batch_size, model.cell_set_len, "
                 "data.num_workers or data.prefetch_factor (or raise data.memory_budget_gb)"
             )

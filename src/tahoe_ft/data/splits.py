@@ -34,15 +34,16 @@ def split_bit(split: str) -> int:
 def _add_perts(
     cat: CellCatalog, split: str, names: Sequence[str], lut: np.ndarray, where: str, known: set[int]
 ) -> None:
-    """Set `split`'s bit in `lut` (per pert code) for the listed perturbations, which must have cells."""
+    """Set `split`'s bit in `lut` (per pert code) for the listed perturbations, which must have cells; `where`
+    names the list (`data.val_perts`, `split TOML [fewshot."ds.ct"] test`)."""
     p_index = {p: i for i, p in enumerate(cat.pert_names)}
     for p in names:
         if p == cat.control_pert:
-            raise UserError(f"{where} {split} lists the control '{p}'; controls are shared, remove it")
+            raise UserError(f"{where} lists the control '{p}'; controls are shared, remove it")
         code = p_index.get(p, -1)
         if code not in known:
             raise UserError(
-                f"{where} {split} lists '{p}', which has no cells in obs['{cat.pert_col}'] "
+                f"{where} lists '{p}', which has no cells in obs['{cat.pert_col}'] "
                 f"({fmt_list(cat.data_paths, 3)}); fix the name or remove it"
             )
         lut[code] |= SPLIT_BITS[split]
@@ -62,7 +63,7 @@ def config_split_bits(
     bits = np.full(cat.n_cells, TRAIN, dtype=np.int8)
     lut = np.zeros(n_p, dtype=np.int8)
     for split, names in (("val", val_perts), ("test", test_perts)):
-        _add_perts(cat, split, list(names), lut, "data", set(range(n_p)))
+        _add_perts(cat, split, list(names), lut, f"data.{split}_perts", set(range(n_p)))
     fb = lut[cat.pert_of]
     bits = np.where(fb > 0, fb, bits)
     zero = np.zeros(n_ct, dtype=np.int8)
@@ -105,7 +106,7 @@ def toml_split_bits(cat: CellCatalog, toml: SplitToml) -> np.ndarray:
         known = set(np.unique(pert_of[in_pairs]).tolist())
         lut = np.zeros(n_p, dtype=np.int8)
         for split in ("val", "test"):
-            _add_perts(cat, split, table[split], lut, f'split TOML [fewshot."{ds}.{ct}"]', known)
+            _add_perts(cat, split, table[split], lut, f'split TOML [fewshot."{ds}.{ct}"] {split}', known)
         fb = lut[pert_of[in_pairs]]
         bits[in_pairs] = np.where(fb > 0, fb, bits[in_pairs])
     for (ds, ct), split in toml.zeroshot.items():

@@ -163,11 +163,11 @@ def sanitize(
     clip_negative: bool,
 ) -> ad.AnnData:
     """A float32, checked, log1p copy of `a` with clean categorical labels (never modifies a non-owned `a`)."""
-    for col in [pert_col] + ([celltype_col] if celltype_col else []):
+    for key, col in [("pert_col", pert_col)] + ([("cell_type_col", celltype_col)] if celltype_col else []):
         if col not in a.obs.columns:
             raise UserError(
                 f"column {col!r} not found in obs of {name} ({where}); columns are {preview(a.obs.columns, 10)}; "
-                f"pass the right column name (pert_col / celltype_col)"
+                f"pass {key}=<the column>"
             )
     if a.X is None:
         raise UserError(f"{name} ({where}) has no X matrix; write the log1p expression into X")
@@ -250,7 +250,7 @@ def check_pair(
     if control_pert not in rp:
         raise UserError(
             f"control {control_pert!r} not found in {pert_col!r} of real ({real_where}){what}; "
-            f"labels are {preview(rp)}; pass the right control_pert"
+            f"labels are {preview(rp)}; pass control_pert=<the control label>"
         )
     if control_pert not in pp:
         raise UserError(

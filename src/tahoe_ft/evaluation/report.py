@@ -52,7 +52,9 @@ def score_table(score: Score, score_json: str | Path | None = None, *, label: st
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     if score.baselines is None:
-        lines.append("(no baseline panel: no training cells for this prediction, or baselines=false)")
+        lines.append(
+            "(no baseline panel: no training cells for this prediction (train=<h5ad>), or baselines=false)"
+        )
     if score_json is not None:
         lines.append(f"score.json: {score_json}")
     return "\n".join(lines)

@@ -3,15 +3,20 @@
 1. Which files: `pred=` and `real=` if given (the run directory: `run_dir=`, else the prediction's folder),
    else `pred.h5ad` / `real.h5ad` of `run_dir=` or of the newest run that holds a prediction (of `exp=`).
 2. What predicted them: the run's `predict.json` (`runs.PredictRecord`): the checkpoint, the label columns
-   and the seed. Without one (files from elsewhere) the labels are the VCC defaults and there are no
-   training cells.
-3. The training cells: the checkpoint's data manifest (`read_manifest`: its weights are not read) re-opens
-   the training data (`CellCatalog.training_cells`).
-4. `score_predictions` on the prediction, `score_panel` (the baseline panel and the ceiling) when there are
-   training cells and `baselines=true`, and the diagnostics (collapse; the shuffle test when predict wrote
-   `pred_shuffled.h5ad`); `<run>/eval/score.json` is written once, with all of it.
+   and the seed. The keys `pert_col=`, `control_pert=`, `cell_type_col=` win over it; without either (files
+   from elsewhere) the labels are the VCC defaults (`target_gene`, `non-targeting`, no cell-type column).
+3. The training cells: `train=<h5ad>` (files from anywhere: training perturbations and controls, or with
+   `split_toml=` the whole screen minus the TOML's val/test perturbations; `read_training_cells`), else the
+   checkpoint's data manifest (`read_manifest`: its weights are not read) re-opens the training data
+   (`CellCatalog.training_cells`). Either way at most `max_train_cells_per_group` cells per group, drawn alike.
+4. `score_predictions` on the prediction, `score_panel` (the baseline panel and the ceiling; `feature_ridge`
+   from `features=` or the checkpoint's features) when there are training cells and `baselines=true`, and the
+   diagnostics (collapse; the shuffle test when predict wrote `pred_shuffled.h5ad`); `<run>/eval/score.json`
+   is written once, with all of it.
 
-While it runs, the libraries' logs, warnings and progress bars go to `<run>/eval/eval.log`
+Every input that only needs obs and var (labels, columns, the training cells and their leak check, the
+features) is checked before `<run>/eval/` is touched: a bad input is one line naming the key to fix, and
+writes nothing. While it runs, the libraries' logs, warnings and progress bars go to `<run>/eval/eval.log`
 (`evaluation.logs.capture`).
 """
 
@@ -26,12 +31,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.evaluation.inputs import preview
 from tahoe_ft.evaluation.logs import capture, verbose
 from tahoe_ft.evaluation.score import Score, score_predictions
 from tahoe_ft.fileio import atomic_write_text
 
 if TYPE_CHECKING:
+    import anndata as ad
+
     from tahoe_ft.config import EvalConfig
+    from tahoe_ft.data.h5screen import H5Screen
     from tahoe_ft.runs import PredictRecord
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,15 @@ class RunFiles:
         return self.run_dir / "eval"
 
 
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """The obs columns and control label of pred, real and train (`cell_type_col` None: no such column)."""
+
+    pert_col: str
+    control_pert: str
+    cell_type_col: str | None
+
+
 def resolve_files(config: EvalConfig) -> RunFiles:
     """The prediction, the real cells and the run directory of `config` (both files must exist)."""
     if config.pred or config.real:
@@ -62,6 +80,9 @@ def resolve_files(config: EvalConfig) -> RunFiles:
             raise UserError("give both pred=<pred.h5ad> and real=<real.h5ad>, or neither (latest prediction)")
         pred, real = Path(config.pred), Path(config.real)
         run_dir = Path(config.run_dir) if config.run_dir else pred.parent
+        for key, p in (("pred", pred), ("real", real)):
+            if not p.is_file():
+                raise UserError(f"{key}={p} not found; pass the path of an .h5ad file")
     else:
         if config.run_dir:
             run_dir = Path(config.run_dir)
@@ -74,6 +95,23 @@ def resolve_files(config: EvalConfig) -> RunFiles:
         if not p.is_file():
             raise UserError(f"{p} not found; run tahoe-ft predict first (or pass pred= and real=)")
     return RunFiles(Path(run_dir), pred, real)
+
+
+def resolve_labels(config: EvalConfig, record: PredictRecord | None) -> Labels:
+    """Each label: the config's key if set (it wins over predict.json), else predict.json's, else the
+    default (`target_gene`, `non-targeting`, no cell-type column)."""
+    out = {}
+    for key, default in (
+        ("pert_col", DEFAULT_PERT_COL),
+        ("control_pert", DEFAULT_CONTROL_PERT),
+        ("cell_type_col", None),
+    ):
+        given = getattr(config, key)
+        recorded = getattr(record, key) if record is not None else None
+        if given is not None and recorded is not None and given != recorded:
+            log.info("%s=%s given; predict.json says %r (the given value is used)", key, given, recorded)
+        out[key] = given if given is not None else recorded if recorded is not None else default
+    return Labels(**out)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -119,16 +157,17 @@ def evaluate_run(config: EvalConfig) -> Score:
     """Score a run's prediction with cell-eval, beside the baseline panel and the data ceiling; write
     `<run>/eval/` (score.json, eval.log, the panel under `eval/baselines/`) and return the `Score`.
 
-    Without the run's checkpoint (predict.json names it) there are no training cells: the cell-mean baseline
-    then comes from the cache and the panel is left out.
+    The training cells come from `train=` (files from anywhere) or the run's checkpoint (predict.json names
+    it); without either the cell-mean baseline comes from the cache and the panel is left out.
     """
     files = resolve_files(config)
     record = _predict_record(files.run_dir)
+    prepared = prepare(config, files, record)  # every bad input is reported here, before eval/ is touched
     files.eval_dir.mkdir(parents=True, exist_ok=True)
     (files.eval_dir / LOG_FILE).unlink(missing_ok=True)  # the log of this evaluation only
     # verbose: prints and progress bars stay on the console (the records reach the log file either way)
     with capture(files.eval_dir / LOG_FILE, console=verbose(config.verbose)):
-        score = _evaluate(config, files, record)
+        score = _evaluate(config, files, record, prepared)
     path = files.eval_dir / "score.json"
     atomic_write_text(path, score.to_json())
     log.info(
@@ -147,24 +186,401 @@ def _predict_record(run_dir: Path) -> PredictRecord | None:
     return PredictRecord.read(run_dir)
 
 
-def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None) -> Score:
+@dataclasses.dataclass
+class Prepared:
+    """The checked inputs of one evaluation besides the two files: labels, the cell-type column it scores
+    by, and the training cells and features given by key (None: the checkpoint's, if any)."""
+
+    labels: Labels
+    celltype_col: str | None
+    train: ad.AnnData | None
+    features: dict[str, np.ndarray] | None
+    train_note: str | None
+
+
+def prepare(config: EvalConfig, files: RunFiles, record: PredictRecord | None) -> Prepared:
+    """The labels resolved; pred's and real's obs checked against them; `train=` read and checked (genes,
+    columns, controls, no held-out group of real in it); `features=` read and checked. Writes nothing."""
+    labels = resolve_labels(config, record)
+    celltype_col = labels.cell_type_col if config.per_cell_type else None
+    real = _obs_file(files.real, "real", labels, celltype_col)
+    pred = _obs_file(files.pred, "pred", labels, celltype_col)
+    real_groups = _real_groups(real, labels, celltype_col)
+    _check_pair(pred, real, labels)
+    genes = [str(g) for g in real.var_names]
+    pred.close()
+    real.close()
+    if config.split_toml and not config.train:
+        raise UserError(
+            f"split_toml={config.split_toml} is given without train=; pass train=<the whole screen> "
+            "(its cells minus the TOML's val/test perturbations are the training cells)"
+        )
+    train, note = None, None
+    if config.train:
+        train, note = read_training_cells(
+            config.train,
+            labels=labels,
+            celltype_col=celltype_col,
+            genes=genes,
+            held_out=real_groups,
+            split_toml=config.split_toml,
+            max_per_group=config.max_train_cells_per_group,
+        )
+    features = None
+    if config.features:
+        has_checkpoint = record is not None and bool(record.checkpoint)
+        if train is None and not has_checkpoint:
+            raise UserError(
+                f"features={config.features} feeds the baseline panel's feature_ridge, which needs training "
+                "cells: pass train=<h5ad> too"
+            )
+        need = {p for _, p in real_groups}
+        if train is not None:
+            need |= set(train.obs[labels.pert_col].astype(str))
+        features = read_features(config.features, need - {labels.control_pert})
+    return Prepared(labels, celltype_col, train, features, note)
+
+
+def _obs_file(path: Path, name: str, labels: Labels, celltype_col: str | None) -> H5Screen:
+    """`path` opened for its obs and var, its label columns and X's values checked (in blocks, as the data
+    checks do: all of X when small, else an even sample of rows; `score_predictions` checks every value)."""
+    from tahoe_ft.data.checks import FULL_CHECK_ELEMENTS, VALIDATE_ROWS
+    from tahoe_ft.data.h5screen import H5Screen
+    from tahoe_ft.evaluation.inputs import one_line
+
+    try:
+        screen = H5Screen(path)
+        stats = screen.scan(want_libsize=False) if screen.x_elements() <= FULL_CHECK_ELEMENTS else None
+        stats = stats or screen.sample_stats(VALIDATE_ROWS)
+    except (OSError, KeyError, ValueError, UserError) as exc:
+        raise UserError(
+            f"{name} file {path} is not a readable AnnData .h5ad ({type(exc).__name__}: {one_line(exc, 120)}); "
+            "write it with AnnData.write_h5ad"
+        ) from None
+    cols = [("pert_col", labels.pert_col)] + ([("cell_type_col", celltype_col)] if celltype_col else [])
+    for key, col in cols:
+        if not screen.has_obs(col):
+            raise UserError(
+                f"{key}={col} is not an obs column of {name} ({path}); its columns are "
+                f"{preview(screen.obs_columns(), 12)}; pass {key}=<the column>"
+            )
+    where = f"{name} ({path})"
+    if stats.nonfinite_row is not None:
+        raise UserError(
+            f"{where} has NaN or infinite values in X (row {stats.nonfinite_row}); fix the model output or the "
+            "file (NaN is never silently replaced by 0 here)"
+        )
+    if stats.negative_row is not None and name != "pred":  # negative predictions are clipped to 0
+        raise UserError(
+            f"{where} has negative values in X (min {stats.negative_min:.3g}); X must be log1p-normalised "
+            "expression (>= 0), not scaled/centred data"
+        )
+    if stats.n and stats.all_integral:
+        raise UserError(
+            f"{where} has integer-valued X (raw counts?), but evaluation expects log1p values: normalise it like "
+            "the real data (normalize_total(target_sum=1e4) then log1p) before evaluating"
+        )
+    if stats.max >= 15.0:
+        raise UserError(
+            f"{where} has values up to {stats.max:.4g} in X, above the log1p range [0, 15); normalise to a fixed "
+            "total and apply log1p (scanpy: normalize_total(target_sum=1e4) then log1p)"
+        )
+    return screen
+
+
+def _check_pair(pred: H5Screen, real: H5Screen, labels: Labels) -> None:
+    """cell-eval's contract on pred and real (genes in order, the same perturbations, the control in both),
+    checked on their obs and var only (`evaluation.inputs.check_pair`'s messages)."""
+    import anndata as ad
+    import pandas as pd
+
+    from tahoe_ft.evaluation.inputs import check_pair
+
+    def light(screen: H5Screen, name: str) -> ad.AnnData:
+        perts = _labels_of(screen, name, "pert_col", labels.pert_col)
+        obs = pd.DataFrame({labels.pert_col: perts}, index=[str(i) for i in range(len(perts))])
+        return ad.AnnData(obs=obs, var=pd.DataFrame(index=[str(g) for g in screen.var_names]))
+
+    check_pair(
+        light(pred, "pred"),
+        light(real, "real"),
+        str(pred.path),
+        str(real.path),
+        pert_col=labels.pert_col,
+        control_pert=labels.control_pert,
+    )
+
+
+def _labels_of(screen: H5Screen, name: str, key: str, col: str) -> np.ndarray:
+    """The values of obs column `col` per cell (strings); a cell without one is an error."""
+    codes, cats = screen.obs_codes(col)
+    missing = int((codes < 0).sum())
+    if missing:
+        raise UserError(
+            f"{missing} cells of {name} ({screen.path}) have no value in obs column {col!r} ({key}=); "
+            "fill in or drop those cells"
+        )
+    return np.asarray(cats, dtype=object)[codes] if len(cats) else np.zeros(0, dtype=object)
+
+
+def _real_groups(real: H5Screen, labels: Labels, celltype_col: str | None) -> set[tuple[str, str]]:
+    """The held-out (cell type, perturbation) groups of real (cell type "" without `celltype_col`); its
+    control label checked."""
+    perts = _labels_of(real, "real", "pert_col", labels.pert_col)
+    if not (perts == labels.control_pert).any():
+        raise UserError(
+            f"control_pert={labels.control_pert} has no cells in obs[{labels.pert_col!r}] of real "
+            f"({real.path}); its labels are {preview(set(perts))}; pass control_pert=<the control label>"
+        )
+    cts = (
+        _labels_of(real, "real", "cell_type_col", celltype_col)
+        if celltype_col
+        else np.full(len(perts), "", dtype=object)
+    )
+    held = perts != labels.control_pert
+    return set(zip(cts[held].tolist(), perts[held].tolist(), strict=True))
+
+
+def read_training_cells(
+    path: str | Path,
+    *,
+    labels: Labels,
+    celltype_col: str | None,
+    genes: list[str],
+    held_out: set[tuple[str, str]],
+    split_toml: str | None = None,
+    max_per_group: int = 500,
+    seed: int = 0,
+) -> tuple[ad.AnnData, str]:
+    """The training cells of `train=<path>` as `CellCatalog.training_cells` gives a run's: at most
+    `max_per_group` cells per (cell type, perturbation) and of each cell type's controls, drawn without
+    replacement by one seeded generator in the same order; log1p X over `genes` (real's, by name); obs with
+    the perturbation (and cell-type) column. With `split_toml` the file is the whole screen and the TOML's
+    val/test perturbations (and zero-shot cell types) are left out first.
+
+    Refused, one line each: a missing column or control label, genes of real that the file lacks, no
+    training perturbation, a cell type of real without training controls, and any training cell of a
+    held-out group of real (`held_out`: (cell type or "", perturbation); training on it would leak the
+    answer). Only obs and var are read before the drawn rows."""
+    import anndata as ad
+    import pandas as pd
+
+    from tahoe_ft.data.h5screen import H5Screen
+    from tahoe_ft.evaluation.inputs import one_line, sanitize
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"train={path} not found; pass the .h5ad of the training cells (or the whole screen)")
+    try:
+        screen = H5Screen(path)
+    except (OSError, KeyError, ValueError, UserError) as exc:
+        raise UserError(
+            f"train={path} is not a readable AnnData .h5ad ({type(exc).__name__}: {one_line(exc, 120)}); "
+            "write it with AnnData.write_h5ad"
+        ) from None
+    name = f"train ({path})"
+    ct_col = labels.cell_type_col if (celltype_col or split_toml) else None
+    for key, col in [("pert_col", labels.pert_col)] + ([("cell_type_col", ct_col)] if ct_col else []):
+        if not screen.has_obs(col):
+            raise UserError(
+                f"{key}={col} is not an obs column of {name}; its columns are "
+                f"{preview(screen.obs_columns(), 12)}; pass {key}=<the column>, or train= a file that has it"
+            )
+    if split_toml and ct_col is None:
+        raise UserError(
+            f"split_toml={split_toml} holds perturbations out per cell type; pass cell_type_col=<the obs column>"
+        )
+    perts = _labels_of(screen, "train", "pert_col", labels.pert_col)
+    cts = (
+        _labels_of(screen, "train", "cell_type_col", ct_col)
+        if ct_col
+        else np.full(len(perts), "", dtype=object)
+    )
+    is_ctrl = perts == labels.control_pert
+    if not is_ctrl.any():
+        raise UserError(
+            f"control_pert={labels.control_pert} has no cells in obs[{labels.pert_col!r}] of {name}; "
+            f"its labels are {preview(set(perts))}; the baselines need the training controls: pass "
+            "control_pert=<the control label>, or train= a file with the controls"
+        )
+    file_genes = [str(g) for g in screen.var_names]
+    cols = None
+    if file_genes != genes:
+        pos = {g: i for i, g in enumerate(file_genes)}
+        missing = [g for g in genes if g not in pos]
+        if missing:
+            raise UserError(
+                f"{name} lacks {len(missing)} of real's {len(genes)} genes {preview(missing)}; pass train= "
+                "cells measured on real's genes (var_names)"
+            )
+        cols = np.array([pos[g] for g in genes], dtype=np.int64)
+        log.info("train: real's %d genes taken by name from the file's %d", len(genes), len(file_genes))
+    keep = np.ones(len(perts), dtype=bool)
+    if split_toml:
+        keep = ~_toml_held_out(split_toml, path, perts, cts, is_ctrl)
+    ct_scored = cts if celltype_col else np.full(len(perts), "", dtype=object)
+    candidates = np.flatnonzero(keep & ~is_ctrl)
+    leak = candidates[
+        [(c, p) in held_out for c, p in zip(ct_scored[candidates], perts[candidates], strict=True)]
+    ]
+    if leak.size:
+        bad = sorted({f"{c}/{p}" if c else p for c, p in zip(ct_scored[leak], perts[leak], strict=True)})
+        where = f"{name} with split_toml={split_toml}" if split_toml else name
+        raise UserError(
+            f"{where} has {leak.size} training cells of real's held-out perturbations {preview(bad)}: "
+            "scoring against them would leak the answer; pass train= without them (or the whole screen "
+            "with split_toml=<its split TOML>)"
+        )
+    if not (keep & ~is_ctrl).any():
+        raise UserError(f"{name} has no perturbed training cells; pass train= with training perturbations")
+    if celltype_col:
+        lacking = sorted({c for c, _ in held_out} - set(cts[keep & is_ctrl].tolist()))
+        if lacking:
+            raise UserError(
+                f"{name} has no {labels.control_pert!r} cells of real's cell types {preview(lacking)}; "
+                "the baselines need training controls of every scored cell type: add them to train="
+            )
+    # CellCatalog.training_cells' draws: groups keyed by the text of (cell type, pert), controls by the
+    # cell type, in sorted key order, one generator
+    kept = np.flatnonzero(keep)
+    frame = pd.DataFrame({"ct": cts[kept], "pert": perts[kept], "row": kept})
+    draws = [
+        (str(c) if p == labels.control_pert else str((c, p)), rows.to_numpy(), p, c)
+        for (c, p), rows in frame.groupby(["ct", "pert"], sort=False)["row"]
+    ]
+    rng = np.random.default_rng(seed)
+    picks, obs_rows = [], []
+    for _, rows, p, c in sorted(draws, key=lambda d: d[0]):
+        pick = np.sort(rng.choice(rows, size=min(rows.size, max_per_group), replace=False))
+        picks.append(pick)
+        obs_rows += [(p, c)] * pick.size
+    x = screen.read_rows(np.concatenate(picks), cols)
+    screen.close()
+    obs = pd.DataFrame(obs_rows, columns=[labels.pert_col, ct_col or "_cell_type"])
+    if ct_col is None:
+        obs = obs.drop(columns="_cell_type")
+    obs.index = [f"train{i}" for i in range(len(obs))]
+    train = ad.AnnData(X=x, obs=obs.astype("category"), var=pd.DataFrame(index=list(genes)))
+    train = sanitize(
+        train,
+        "train",
+        str(path),
+        owned=True,
+        pert_col=labels.pert_col,
+        celltype_col=ct_col,
+        clip_negative=False,
+    )
+    n_groups = len({k for k in zip(cts[keep & ~is_ctrl], perts[keep & ~is_ctrl], strict=True)})
+    note = (
+        f"train={path}"
+        + (f" minus the val/test perturbations of split_toml={split_toml}" if split_toml else "")
+        + f": {train.n_obs} cells ({n_groups} training groups and the controls, at most {max_per_group} per group)"
+    )
+    return train, note
+
+
+def _toml_held_out(
+    toml_path: str, train_path: Path, perts: np.ndarray, cts: np.ndarray, is_ctrl: np.ndarray
+) -> np.ndarray:
+    """Per cell of the screen: held out by the split TOML (its `[fewshot]` val/test perturbations of a cell
+    type, or every perturbed cell of a `[zeroshot]` cell type); controls never are. The TOML's datasets that
+    list `train_path` apply (or its only dataset), as `data.splits.toml_split_bits` reads them."""
+    from tahoe_ft.data.inputs import parse_split_toml
+
+    if not Path(toml_path).is_file():
+        raise UserError(f"split_toml={toml_path} not found; pass the cell-load split TOML of the screen")
+    toml = parse_split_toml(toml_path)
+    target = train_path.resolve()
+    names = [ds for ds, files in toml.datasets.items() if any(f.resolve() == target for f in files)]
+    if not names and len(toml.datasets) == 1:
+        names = list(toml.datasets)
+        log.info(
+            "split_toml: train=%s is not in its [datasets]; its only dataset %s applies", train_path, names[0]
+        )
+    if not names:
+        raise UserError(
+            f"split_toml={toml_path} lists datasets {preview(toml.datasets)}, none of them train={train_path}; "
+            "pass train= the screen file that its [datasets] names"
+        )
+    present_cts = set(cts.tolist())
+    held = np.zeros(len(perts), dtype=bool)
+    for (ds, ct), table in toml.fewshot.items():
+        if ds not in names:
+            continue
+        if ct not in present_cts:
+            raise UserError(
+                f'split_toml={toml_path} [fewshot."{ds}.{ct}"]: train={train_path} has no cells of cell type '
+                f"{ct!r}; pass train= the screen of the TOML (or cell_type_col= the column of its cell types)"
+            )
+        listed = set(table["val"]) | set(table["test"])
+        in_ct = cts == ct
+        unknown = sorted(listed - set(perts[in_ct].tolist()))
+        if unknown:
+            raise UserError(
+                f'split_toml={toml_path} [fewshot."{ds}.{ct}"] lists {preview(unknown)}, which have no cells of '
+                f"{ct!r} in train={train_path}; pass train= the screen of the TOML"
+            )
+        held |= in_ct & np.isin(perts, list(listed))
+    for ds, ct in toml.zeroshot:
+        if ds in names:
+            if ct not in present_cts:
+                raise UserError(
+                    f'split_toml={toml_path} [zeroshot] "{ds}.{ct}": train={train_path} has no cells of cell '
+                    f"type {ct!r}; pass train= the screen of the TOML"
+                )
+            held |= cts == ct
+    return held & ~is_ctrl
+
+
+def read_features(path: str, need: set[str]) -> dict[str, np.ndarray]:
+    """`features=<path>` (a torch.load-able dict name -> 1-D tensor, `data.inputs.load_pert_features`), with
+    a vector for every perturbation in `need` (the training and scored perturbations, control excluded)."""
+    from tahoe_ft.data.inputs import load_pert_features
+
+    if not Path(path).is_file():
+        raise UserError(
+            f"features={path} not found; pass a torch.save'd dict perturbation name -> 1-D tensor"
+        )
+    try:
+        feats, _ = load_pert_features(path)
+    except UserError as exc:
+        raise UserError(f"features={path}: {exc}") from None
+    missing = sorted(need - set(feats))
+    if missing:
+        raise UserError(
+            f"features={path} has no vector for {len(missing)} perturbations {preview(missing)}; add one for "
+            "every training and scored perturbation"
+        )
+    return {k: np.asarray(v, dtype=np.float64) for k, v in feats.items()}
+
+
+def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None, prepared: Prepared) -> Score:
     from tahoe_ft.data import CellCatalog
     from tahoe_ft.evaluation.baselines import PanelSettings
     from tahoe_ft.evaluation.panel import score_panel
 
-    train = None
+    train, note = prepared.train, prepared.train_note
     manifest = read_manifest(record.checkpoint) if record is not None and record.checkpoint else None
-    if manifest:
-        train = CellCatalog.from_manifest(manifest).training_cells(config.max_train_cells_per_group, seed=0)
-    labels = {
-        "pert_col": record.pert_col if record is not None else DEFAULT_PERT_COL,
-        "control_pert": record.control_pert if record is not None else DEFAULT_CONTROL_PERT,
-    }
-    celltype_col = record.cell_type_col if record is not None and config.per_cell_type else None
+    if train is None and manifest:
+        cat = CellCatalog.from_manifest(manifest)
+        train = _relabelled(
+            cat.training_cells(config.max_train_cells_per_group, seed=0), cat, prepared.labels
+        )
+        note = f"the training cells of the checkpoint {record.checkpoint}"
+    features = prepared.features if prepared.features is not None else pert_features(manifest)
+    if prepared.features is not None and train is not None and prepared.train is None:
+        lacking = set(train.obs[prepared.labels.pert_col].astype(str)) - {prepared.labels.control_pert}
+        lacking -= set(prepared.features)
+        if lacking:
+            raise UserError(
+                f"features={config.features} has no vector for {len(lacking)} training perturbations of the "
+                f"checkpoint {preview(lacking)}; add them, or leave features= unset (the checkpoint's features)"
+            )
+    labels = {"pert_col": prepared.labels.pert_col, "control_pert": prepared.labels.control_pert}
     common = dict(
         profile=config.profile,
         num_threads=config.num_threads,
-        celltype_col=celltype_col,
+        celltype_col=prepared.celltype_col,
         de_cache_dir=Path(config.runs_dir) / ".de_cache",
     )
     score = score_predictions(
@@ -186,10 +602,23 @@ def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None)
                 # the baselines' basal cells re-centred as the round's were (predict's recentre_basal)
                 recentre_basal=record.recentre_basal if record is not None else config.recentre_basal,
             ),
-            features=pert_features(manifest),
+            features=features,
         )
-        score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=panel["notes"])
+        notes = {**panel["notes"], "training_cells": note}
+        score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=notes)
     return dataclasses.replace(score, diagnostics=diagnostics(score, files, train, labels, common))
+
+
+def _relabelled(train: ad.AnnData, cat: Any, labels: Labels) -> ad.AnnData:
+    """The checkpoint's training cells (`cat`: its `CellCatalog`) under the labels given by key, where they
+    differ from its data's (pred and real carry those)."""
+    pc = cat.pert_col
+    if cat.control_pert != labels.control_pert:
+        ctrl = {cat.control_pert: labels.control_pert}
+        train.obs[pc] = train.obs[pc].astype(str).replace(ctrl).astype("category")
+    names = {pc: labels.pert_col, cat.cell_type_col: labels.cell_type_col or cat.cell_type_col}
+    train.obs = train.obs.rename(columns={k: v for k, v in names.items() if k != v})
+    return train
 
 
 def pert_features(manifest: dict[str, Any] | None) -> dict[str, np.ndarray] | None:

@@ -134,12 +134,36 @@ def _chain(
             clock.stage(label, _compare, runs_dir)
 
 
+def check_plan(cfg: ReproduceConfig) -> None:
+    """What needs no data, checked before anything is generated, trained or written: `step_scale`, `folds`,
+    the seeds, the rounds' names and every round's train config with `train_overrides` (composed, not run)."""
+    from tahoe_ft.config import experiments
+
+    if not cfg.step_scale > 0:
+        raise UserError(f"step_scale={cfg.step_scale} must be > 0; it multiplies the study's step counts")
+    if cfg.folds < 0 or cfg.folds == 1:
+        raise UserError(f"folds={cfg.folds}: use folds=0 (the data set's own split) or folds >= 2")
+    for key in ("seeds", "data_seeds"):
+        values = list(getattr(cfg, key))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise UserError(f"{key}={values}: give whole numbers >= 0, e.g. {key}=[0,1,2]")
+    known = experiments()
+    for key in ("experiments", "evaluate"):
+        unknown = [experiment_name(e) for e in getattr(cfg, key) if experiment_name(e) not in known]
+        if unknown:
+            raise UserError(f"{key}=[...] names unknown rounds {unknown}; choose from: {', '.join(known)}")
+    for exp in dict.fromkeys(experiment_name(e) for e in cfg.experiments):
+        args = [f"step_scale={cfg.step_scale}", f"runs_dir={cfg.runs_dir}", *cfg.train_overrides]
+        compose_round(exp, args, data=cfg.data, paths=cfg.paths)
+
+
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run the study in this process; return {"wall_time_s", "stages": [...], "compare_csv"}.
 
     Every round trains on `cfg.data` and `cfg.paths` (`config.compose_round`); `cfg.train_overrides` (Hydra
     syntax) go to every round's train config after `step_scale`, `runs_dir` and `seed`.
     """
+    check_plan(cfg)
     console = Console(stderr=True)
     clock = _Clock(console)
     runs = Path(cfg.runs_dir)

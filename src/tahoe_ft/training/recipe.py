@@ -53,6 +53,7 @@ ARCH_KEYS = (
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     """Train one round as configured; return its run directory. `callbacks` are extra Lightning callbacks."""
+    check_steps(cfg)
     L.seed_everything(cfg.seed, workers=True)
     resolved = as_dict(cfg)
     session = RunSession.plan(cfg, resolved)  # new run, resumed run, or a DDP worker joining rank 0's
@@ -114,6 +115,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         if policy.last_val_step != trainer.global_step:  # best-val.pt also sees the final weights
             trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)
     return run_dir
+
+
+def check_steps(cfg: TrainConfig) -> None:
+    """The step counts, before a run directory is made (Lightning would refuse them mid-setup)."""
+    # composition has already scaled the steps (each to at least 1): a step_scale <= 0 is refused here
+    if not cfg.step_scale > 0:
+        raise UserError(f"step_scale={cfg.step_scale} must be > 0; it multiplies the study's step counts")
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps"):
+        if getattr(cfg.trainer, key) < 1:
+            raise UserError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 1")
 
 
 def training_data(cfg: TrainConfig) -> PerturbationDataModule:
@@ -305,6 +316,7 @@ def _loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list:
                 resume="allow",
                 mode=cfg.logger.wandb_mode,
                 tags=list(cfg.logger.wandb_tags),
+                group=cfg.logger.wandb_group,
                 config=as_dict(cfg),
             )
         )

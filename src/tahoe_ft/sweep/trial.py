@@ -1,0 +1,170 @@
+"""One trial: the space's parameters drawn, the rounds trained in order on every fold (ordinary runs under
+`<sweep>/trial-NNNN/fold-K/<round>/<timestamp>/`), the objective computed on the folds' validation
+perturbations only, and the validation losses reported to Optuna's pruner as they are logged.
+
+`TrialReporter` is the Lightning callback: at every validation check it reports `val_loss` (negated when the
+study maximises val_score) at step `offset + global_step`, where fold k's round r has offset
+`(k * n_rounds + r) * stride` so no two checks of a trial share a step, and raises `optuna.TrialPruned` when
+the pruner says so (or when a loss is not finite). optuna_integration's PyTorchLightningPruningCallback is not
+used: it reports at the epoch number, which our step-based runs (one long epoch, several rounds and folds)
+would collide on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from tahoe_ft.config import DataConfig, EvalConfig, PredictConfig, Split, SweepObjective, compose_round
+from tahoe_ft.runs import read_run_info, update_run_info
+from tahoe_ft.study.reproduce import fold_data as _split_by_toml
+from tahoe_ft.sweep.plan import SweepPlan
+from tahoe_ft.sweep.storage import mark_process
+
+log = logging.getLogger(__name__)
+
+
+def fold_name(fold: Any) -> str:
+    return "fold-own" if fold is None else f"fold-{fold.index}"
+
+
+def fold_data(data: DataConfig, fold: Any) -> DataConfig:
+    """The data a trial trains on for `fold` (a `study.folds.Fold`, or None: the data set's own split)."""
+    return data if fold is None else _split_by_toml(data, fold.toml)
+
+
+class TrialReporter(L.Callback):
+    """Reports each validation check's val_loss to the trial; prunes; writes the trial into run.json."""
+
+    def __init__(self, trial: Any, *, offset: int, sign: float, block: dict[str, Any]):
+        self.trial, self.offset, self.sign, self.block = trial, offset, sign, block
+        self.run_dir: Path | None = None
+        self.reported: set[int] = set()
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.run_dir is None:
+            self.run_dir = Path(trainer.default_root_dir)
+            if trainer.is_global_zero:
+                update_run_info(self.run_dir, sweep=self.block)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._prune(f"training loss {float(loss.detach()):g} at step {trainer.global_step}")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val_loss")
+        if val is None:
+            return
+        val = float(val)
+        if not math.isfinite(val):
+            self._prune(f"val_loss {val:g} at step {trainer.global_step}")
+        step = self.offset + trainer.global_step
+        if step in self.reported:
+            return
+        self.reported.add(step)
+        self.trial.report(self.sign * val, step)
+        if self.trial.should_prune():
+            self._prune(f"val_loss {val:.5g} at step {trainer.global_step} (reported step {step})")
+
+    def _prune(self, why: str) -> None:
+        import optuna
+
+        where = f"{self.block['fold']} round {self.block['round']}"
+        raise optuna.TrialPruned(f"pruned in {where}: {why}")
+
+
+class Objective:
+    """`study.optimize`'s function: a trial's mean over folds of the last round's objective value."""
+
+    def __init__(self, plan: SweepPlan, folds: list[Any]):
+        self.plan, self.folds = plan, folds
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        plan, cfg = self.plan, self.plan.cfg
+        mark_process(trial)
+        values = {p.key: p.suggest(trial) for p in plan.params}
+        trial_dir = plan.sweep_dir / f"trial-{trial.number:04d}"
+        sign = -1.0 if plan.direction == "maximize" else 1.0
+        fold_values: list[float] = []
+        run_dirs: list[str] = []
+        for k, fold in enumerate(self.folds):
+            name = fold_name(fold)
+            data = fold_data(cfg.data, fold)
+            run_dir = None
+            for r, exp in enumerate(plan.rounds):
+                tags = [f"sweep:{plan.name}", f"trial-{trial.number}", name]
+                args = plan.train_args(exp, trial_dir / name, values, tags)
+                train_cfg = compose_round(exp, args, data=data, paths=cfg.paths)
+                block = {
+                    "study": plan.name,
+                    "storage": plan.storage_url,
+                    "trial": trial.number,
+                    "fold": name,
+                    "round": exp,
+                    "params": values,
+                    "objective": str(cfg.objective),
+                }
+                offset = (k * len(plan.rounds) + r) * plan.stride
+                reporter = TrialReporter(trial, offset=offset, sign=sign, block=block)
+                try:
+                    run_dir = _train(train_cfg, reporter)
+                finally:  # a pruned or failed round's run is listed too
+                    if reporter.run_dir is not None:
+                        run_dirs.append(str(reporter.run_dir))
+                        trial.set_user_attr("run_dirs", run_dirs)
+            assert run_dir is not None
+            value = self._value(run_dir)
+            if not math.isfinite(value):
+                raise optuna.TrialPruned(f"{name}: objective {value} is not finite")
+            update_run_info(run_dir, sweep={**read_run_info(run_dir).get("sweep", {}), "fold_value": value})
+            fold_values.append(value)
+            trial.set_user_attr("fold_values", fold_values)
+        return float(sum(fold_values) / len(fold_values))
+
+    def _value(self, run_dir: Path) -> float:
+        """val_loss: the run's best (monitored) validation loss; val_score: cell-eval's avg_score of the
+        run's prediction of its validation perturbations (the cell-mean baseline from training cells only)."""
+        cfg = self.plan.cfg
+        if cfg.objective == SweepObjective.val_loss:
+            best = read_run_info(run_dir).get("best_val_loss")
+            return float(best) if best is not None else math.nan
+        from tahoe_ft.evaluation.logs import quiet_console
+        from tahoe_ft.evaluation.run import evaluate_run
+        from tahoe_ft.prediction import predict
+
+        runs = str(cfg.runs_dir)  # the DE cache (runs_dir/.de_cache) is shared by the trials of the folds
+        predict(
+            PredictConfig(run_dir=str(run_dir), runs_dir=runs, split=Split.val, seed=cfg.seed, shuffle=False)
+        )
+        config = EvalConfig(
+            run_dir=str(run_dir),
+            runs_dir=runs,
+            baselines=False,
+            profile=cfg.profile,
+            num_threads=cfg.num_threads,
+        )
+        with quiet_console(False):
+            score = evaluate_run(config)
+        return float(score.avg_score)
+
+
+def _train(train_cfg, reporter: TrialReporter) -> Path:
+    import optuna
+
+    from tahoe_ft.training import train
+
+    try:
+        return train(train_cfg, callbacks=[reporter])
+    except optuna.TrialPruned:
+        if reporter.run_dir is not None:
+            update_run_info(reporter.run_dir, status="pruned")
+        raise
