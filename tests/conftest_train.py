@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import tahoe_ft
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m tahoe_ft.cli ARGS` in a fresh process, without the variables that change its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for key in ("TAHOE_FT_DEBUG", "TAHOE_FT_RUN_DIR", "HYDRA_FULL_ERROR", "TAHOE_FT_VERBOSE"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "tahoe_ft.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
 
 TINY_DEMO = [
     "data.demo.n_genes=60", "data.demo.n_cell_types=2", "data.demo.n_batches=2", "data.demo.n_perts=8",

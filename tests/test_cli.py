@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import tahoe_ft
-from conftest_train import TINY_DEMO, train, train_args
+from conftest_train import TINY_DEMO, cli, train, train_args
 from tahoe_ft.config import compose
 from tahoe_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    env.pop("TAHOE_FT_DEBUG", None)
-    env.pop("TAHOE_FT_RUN_DIR", None)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tahoe_ft.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_experiment_files_carry_the_case_study_values(tmp_path):

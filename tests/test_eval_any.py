@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -19,27 +16,13 @@ import numpy as np
 import pytest
 
 import tahoe_ft
+from conftest_train import cli
 from tahoe_ft.config import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PC, CTRL, CT = "condition", "control", "line"
 LABELS = {"pert_col": PC, "control_pert": CTRL, "cell_type_col": CT}
 ARGS = [f"{k}={v}" for k, v in LABELS.items()]
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m tahoe_ft.cli ARGS` in a fresh process (as tests/test_cli.py runs it)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    for key in ("TAHOE_FT_DEBUG", "TAHOE_FT_RUN_DIR", "HYDRA_FULL_ERROR", "TAHOE_FT_VERBOSE"):
-        env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "tahoe_ft.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

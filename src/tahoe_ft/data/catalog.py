@@ -446,13 +446,8 @@ class CellCatalog:
             rows = ctrl[self.cell_type_of[ctrl] == self.cell_types.index(ct)]
             if rows.size:
                 draws.append((str(ct), rows, self.control_pert, ct))
-        rng = np.random.default_rng(seed)
-        picks, labels = [], []
-        for _, rows, pert, ct in sorted(draws, key=lambda d: d[0]):
-            pick = np.sort(rng.choice(rows, size=min(rows.size, max_per_group), replace=False))
-            picks.append(pick)
-            labels += [(pert, ct)] * pick.size
-        x = self.read_expression(np.concatenate(picks))
+        rows, labels = draw_training_rows(draws, max_per_group, seed)
+        x = self.read_expression(rows)
         obs = pd.DataFrame(labels, columns=[self.pert_col, self.cell_type_col])
         obs.index = [f"train{i}" for i in range(len(obs))]
         obs = obs.astype("category")
@@ -463,6 +458,22 @@ class CellCatalog:
             f"CellCatalog({self.n_cells} cells in {len(self.screens)} file(s), {len(self.gene_names)} genes, "
             f"{len(self.pert_names)} perturbations, {len(self.cell_types)} cell types)"
         )
+
+
+def draw_training_rows(
+    draws: list[tuple[str, np.ndarray, str, str]], max_per_group: int, seed: int
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The training cells that the baselines see: for each (order key, rows, pert, cell type) in the order of
+    the keys, at most `max_per_group` of `rows` drawn without replacement (sorted) by one generator seeded
+    with `seed`. Returns the drawn rows and each row's (pert, cell type). `CellCatalog.training_cells` and
+    `tahoe-ft eval train=` both draw with it, so a run's panel and a file's panel see the same cells."""
+    rng = np.random.default_rng(seed)
+    picks, labels = [], []
+    for _, rows, pert, ct in sorted(draws, key=lambda d: d[0]):
+        pick = np.sort(rng.choice(rows, size=min(rows.size, max_per_group), replace=False))
+        picks.append(pick)
+        labels += [(pert, ct)] * pick.size
+    return np.concatenate(picks), labels
 
 
 def _manifest_datasets(m: Manifest, paths: list[Path]) -> list[str]:

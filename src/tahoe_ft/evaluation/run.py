@@ -365,6 +365,7 @@ def read_training_cells(
     import anndata as ad
     import pandas as pd
 
+    from tahoe_ft.data.catalog import draw_training_rows
     from tahoe_ft.data.h5screen import H5Screen
     from tahoe_ft.evaluation.inputs import one_line, sanitize
 
@@ -448,13 +449,8 @@ def read_training_cells(
         (str(c) if p == labels.control_pert else str((c, p)), rows.to_numpy(), p, c)
         for (c, p), rows in frame.groupby(["ct", "pert"], sort=False)["row"]
     ]
-    rng = np.random.default_rng(seed)
-    picks, obs_rows = [], []
-    for _, rows, p, c in sorted(draws, key=lambda d: d[0]):
-        pick = np.sort(rng.choice(rows, size=min(rows.size, max_per_group), replace=False))
-        picks.append(pick)
-        obs_rows += [(p, c)] * pick.size
-    x = screen.read_rows(np.concatenate(picks), cols)
+    rows, obs_rows = draw_training_rows(draws, max_per_group, seed)
+    x = screen.read_rows(rows, cols)
     screen.close()
     obs = pd.DataFrame(obs_rows, columns=[labels.pert_col, ct_col or "_cell_type"])
     if ct_col is None:

@@ -25,6 +25,7 @@ from tahoe_ft.runs import read_run_info, update_run_info
 from tahoe_ft.study.reproduce import fold_data as _split_by_toml
 from tahoe_ft.sweep.plan import SweepPlan
 from tahoe_ft.sweep.storage import mark_process
+from tahoe_ft.training.callbacks import checked_val_loss
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,9 @@ class TrialReporter(L.Callback):
             self._prune(f"training loss {float(loss.detach()):g} at step {trainer.global_step}")
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        val = trainer.callback_metrics.get("val_loss")
+        val = checked_val_loss(trainer)
         if val is None:
             return
-        val = float(val)
         if not math.isfinite(val):
             self._prune(f"val_loss {val:g} at step {trainer.global_step}")
         step = self.offset + trainer.global_step

@@ -21,6 +21,15 @@ from tahoe_ft.runs import update_run_info
 log = logging.getLogger(__name__)
 
 
+def checked_val_loss(trainer: L.Trainer) -> float | None:
+    """The `val_loss` of the validation check that just ended; None in the sanity check or when none was
+    logged. What every callback that acts on a validation check reads (checkpoints, the sweep's pruner)."""
+    if trainer.sanity_checking:
+        return None
+    val = trainer.callback_metrics.get("val_loss")
+    return None if val is None else float(val)
+
+
 class MetricsCSVLogger(Logger):
     """`<experiment>_metrics.csv`: one row per logging event, one column per metric, blank where absent.
 
@@ -239,12 +248,9 @@ class CheckpointPolicy(L.Callback):
             trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizer, schedule, loops
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        val = trainer.callback_metrics.get("val_loss")
+        val = checked_val_loss(trainer)
         if val is None:
             return
-        val = float(val)
         step = trainer.global_step
         self.last_val_step = step
         if trainer.is_global_zero and math.isfinite(val) and val < self.best_val:
