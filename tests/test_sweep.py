@@ -5,6 +5,7 @@ before writing anything."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -116,6 +117,22 @@ def test_sweep_finishes_n_trials_in_an_sqlite_study_and_prunes_the_bad_range(swe
     assert summary["best"]["number"] == study.best_trial.number
     for png in ("history.png", "importances.png", "slice.png"):
         assert (sweep_dir / png).stat().st_size > 1000, png
+
+
+def test_the_starting_weights_check_is_validated_but_never_judged_by_the_pruner(tmp_path, cache):
+    """checkpoint.validate_at_start: step 0 is a candidate for best-val.pt, but a check of the starting weights
+    says nothing about the recipe's training, so it is not reported (on Papalexi it pruned whole feature
+    sources by 2e-5 before they trained)."""
+    space = {"optim.lr": "logfloat(1e-4, 1e-2)"}
+    cfg = _cfg(tmp_path / "runs", cache, "start", space, "n_trials=1", "pruner=none", steps=6)
+    cfg = dataclasses.replace(cfg, train_overrides=[*cfg.train_overrides, "checkpoint.validate_at_start=true"])
+    (t,) = _study(api.sweep(cfg)).get_trials()
+    assert t.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(t.intermediate_values) == [3, 6, 13, 16]  # fold k at k * 10 + step: steps 3 and 6, not 0
+    for run in t.user_attrs["run_dirs"]:
+        (metrics,) = Path(run).glob("*_metrics.csv")
+        checked = [r["step"] for r in csv.DictReader(metrics.open()) if r.get("val_loss")]
+        assert checked[0] == "0"  # the step-0 check itself still ran
 
 
 def test_a_finished_study_is_continued_not_repeated_and_keeps_its_recipe(swept):
@@ -366,16 +383,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     assert sorted(work.rglob("*")) == before  # no folder, no database, no data
 
 
-@pytest.mark.parametrize("name", ["genespace", "se600m"])
-def test_the_shipped_spaces_compose_with_every_range_end_and_choice(name, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "data"), [("genespace", "demo"), ("se600m", "demo"), ("defaults", "papalexi")]
+)
+def test_the_shipped_spaces_compose_with_every_range_end_and_choice(name, data, tmp_path):
     from tahoe_ft.sweep.plan import make_plan, spaces
 
     assert name in spaces()
-    cfg = compose("sweep", [f"+sweep={name}", "pretrained=null", f"runs_dir={tmp_path / 'runs'}"])
+    cfg = compose("sweep", [f"+sweep={name}", f"data={data}", "pretrained=null", f"runs_dir={tmp_path / 'runs'}"])
     plan = make_plan(cfg)  # every round composed with both ends of every range and every choice
-    assert (
-        plan.name == name and plan.params and plan.rounds == [{"genespace": "0905", "se600m": "0826"}[name]]
-    )
+    rounds = {"genespace": "0905", "se600m": "0826", "defaults": "0905"}
+    assert plan.name == name and plan.params and plan.rounds == [rounds[name]]
     assert not any(tmp_path.iterdir())
 
 

@@ -2,8 +2,9 @@
 `<sweep>/trial-NNNN/fold-K/<round>/<timestamp>/`), the objective computed on the folds' validation
 perturbations only, and the validation losses reported to Optuna's pruner as they are logged.
 
-`TrialReporter` is the Lightning callback: at every validation check it reports `val_loss` (negated when the
-study maximises val_score) at step `offset + global_step`, where fold k's round r has offset
+`TrialReporter` is the Lightning callback: at every validation check after step 0 (a check of the starting
+weights is not a result of the recipe's training) it reports `val_loss` (negated when the study maximises
+val_score) at step `offset + global_step`, where fold k's round r has offset
 `(k * n_rounds + r) * stride` so no two checks of a trial share a step, and raises `optuna.TrialPruned` when
 the pruner says so (or when a loss is not finite). optuna_integration's PyTorchLightningPruningCallback is not
 used: it reports at the epoch number, which our step-based runs (one long epoch, several rounds and folds)
@@ -63,6 +64,10 @@ class TrialReporter(L.Callback):
             return
         if not math.isfinite(val):
             self._prune(f"val_loss {val:g} at step {trainer.global_step}")
+        if trainer.global_step == 0:
+            # the starting weights' check (checkpoint.validate_at_start) judges the start, not the recipe's
+            # training: on Papalexi it pruned one-hot and co-expression trials by 2e-5 before they trained
+            return
         step = self.offset + trainer.global_step
         if step in self.reported:
             return
