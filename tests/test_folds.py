@@ -4,6 +4,7 @@ and baseline reported as mean ± sd over the (fold, seed) splits."""
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -136,3 +137,27 @@ def test_reproduce_trains_every_round_on_its_typed_data_set(tmp_path):
     assert manifest["data_paths"] == [str(screen.resolve())]
     assert manifest["splits"]["test"] == perts[1:3]
     assert not cache.exists() or not any(cache.glob("demo-*"))
+
+
+def test_a_round_that_extends_another_keeps_its_data_block_in_reproduce_and_sweep(tmp_path):
+    """`compose_round` (what reproduce and the sweep train) gives an experiment file that extends another — the
+    sweep's best.yaml, shipped as `defaults-best` — the data keys of the round underneath (0905's batch size),
+    as `tahoe-ft train +experiment=...` does; its own keys and explicit overrides still come last."""
+    from tahoe_ft.config import DataConfig, PathsConfig, compose_round, config_dir
+
+    data = DataConfig(name="custom", path=str(tmp_path / "screen.h5ad"), batch_size=7, pert_features="onehot")
+    paths = PathsConfig(data_cache=str(tmp_path / "cache"))
+    trained = compose("train", ["+experiment=defaults-best", "data=papalexi"])
+    assert trained.data.batch_size == 32 and trained.data.pert_features == "pca"  # what train composes
+    cfg = compose_round("defaults-best", [], data=data, paths=paths)
+    assert cfg.data.batch_size == 32 and cfg.data.pert_features == "pca" and cfg.data.path == data.path
+    assert cfg.model.target_knockdown is True and cfg.freeze.modules == ["transformer_backbone"]
+    assert compose_round("defaults-best", ["data.batch_size=5"], data=data, paths=paths).data.batch_size == 5
+    # a sibling entry (`- 0905`) with _self_ first: the parent's block wins over the file's own
+    target = config_dir() / "experiment" / f"zz-extends-{os.getpid()}.yaml"
+    target.write_text("# @package _global_\ndefaults:\n  - _self_\n  - 0905\ndata:\n  batch_size: 3\n")
+    try:
+        assert compose_round(target.stem, [], data=data, paths=paths).data.batch_size == 32
+        assert compose("train", [f"+experiment={target.stem}"]).data.batch_size == 32
+    finally:
+        target.unlink()

@@ -36,7 +36,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,sweep,export,ex
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
   demo-check oracles on the demo data:   tahoe-ft demo-check seeds=[0,1,2]
 
-Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908.
+Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908; defaults-best (the Papalexi sweep's 0905).
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
 
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}

@@ -592,7 +592,7 @@ def config_dir() -> Path:
 
 
 def experiments() -> list[str]:
-    """The rounds in `configs/experiment/` (pretrain, 0826, ..., 0908)."""
+    """The experiment files in `configs/experiment/` (pretrain, 0826, ..., 0908, defaults-best)."""
     return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
 
@@ -676,14 +676,37 @@ def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
 ROUND_DATA_KEYS = ("data", "paths")
 
 
+def experiment_data(experiment: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `data:` block an experiment file sets, its own and that of the experiment files it extends
+    (`defaults: [/experiment/0905, _self_]`, as a sweep's best.yaml does), merged in Hydra's order: the
+    defaults list in turn, `_self_` where it stands (last when not listed)."""
+    if experiment in _seen:
+        raise UserError(f"experiment '{experiment}' extends itself: {' -> '.join((*_seen, experiment))}")
+    spec = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml"))
+    entries = list(spec.get("defaults") or [])
+    if "_self_" not in entries:
+        entries.append("_self_")
+    merged = OmegaConf.create({})
+    for entry in entries:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, spec.get("data") or {})
+        elif isinstance(entry, str) and entry.lstrip("/").startswith("experiment/"):
+            parent = entry.lstrip("/").split("/", 1)[1]
+            merged = OmegaConf.merge(merged, experiment_data(parent, (*_seen, experiment)))
+        elif isinstance(entry, str) and "/" not in entry:  # a sibling in the experiment group: `- 0905`
+            merged = OmegaConf.merge(merged, experiment_data(entry, (*_seen, experiment)))
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]
+
+
 def compose_round(
     experiment: str, overrides: list[str] | tuple[str, ...], *, data: DataConfig, paths: PathsConfig
 ) -> TrainConfig:
     """A round's TrainConfig on a typed data set: `compose("train", ["+experiment=EXP", *overrides])` with its
     `data` and `paths` replaced by `data` and `paths` (what `reproduce` trains every round on).
 
-    Precedence for a data key, lowest first: `data`; the experiment file's own `data:` block (a round's recipe:
-    its batch size, and the base model's drug set, which `pretrain` names in full); an explicit `data.KEY=...`
+    Precedence for a data key, lowest first: `data`; the experiment file's `data:` block with those of the files
+    it extends (`experiment_data`: a round's recipe: its batch size, and the base model's drug set, which
+    `pretrain` names in full); an explicit `data.KEY=...`
     or `paths.KEY=...` in `overrides`. A data group (`data=papalexi`) in `overrides` is refused: the data set is
     `data`.
     """
@@ -698,9 +721,7 @@ def compose_round(
         if key.split(".", 1)[0] in ROUND_DATA_KEYS:
             copied.append(key)
     cfg = _hydra_compose("train", [f"+experiment={experiment}", *overrides])
-    exp_file = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml"))
-    exp_data = exp_file["data"] if "data" in exp_file else {}
-    data_node = OmegaConf.merge(OmegaConf.structured(data), exp_data)
+    data_node = OmegaConf.merge(OmegaConf.structured(data), experiment_data(experiment))
     root = OmegaConf.create({"data": data_node, "paths": OmegaConf.structured(paths)})
     for key in copied:  # Hydra parsed the value; take it from its config
         OmegaConf.update(root, key, OmegaConf.select(cfg, key, throw_on_missing=False), merge=False)
