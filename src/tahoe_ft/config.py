@@ -676,12 +676,11 @@ def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
 ROUND_DATA_KEYS = ("data", "paths")
 
 
-def experiment_data(experiment: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def experiment_data(experiment: str) -> dict[str, Any]:
     """The `data:` block an experiment file sets, its own and that of the experiment files it extends
     (`defaults: [/experiment/0905, _self_]`, as a sweep's best.yaml does), merged in Hydra's order: the
-    defaults list in turn, `_self_` where it stands (last when not listed)."""
-    if experiment in _seen:
-        raise UserError(f"experiment '{experiment}' extends itself: {' -> '.join((*_seen, experiment))}")
+    defaults list in turn, `_self_` where it stands (last when not listed). Called after Hydra has composed
+    the same file, which refuses a cycle."""
     spec = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml"))
     entries = list(spec.get("defaults") or [])
     if "_self_" not in entries:
@@ -692,9 +691,9 @@ def experiment_data(experiment: str, _seen: tuple[str, ...] = ()) -> dict[str, A
             merged = OmegaConf.merge(merged, spec.get("data") or {})
         elif isinstance(entry, str) and entry.lstrip("/").startswith("experiment/"):
             parent = entry.lstrip("/").split("/", 1)[1]
-            merged = OmegaConf.merge(merged, experiment_data(parent, (*_seen, experiment)))
+            merged = OmegaConf.merge(merged, experiment_data(parent))
         elif isinstance(entry, str) and "/" not in entry:  # a sibling in the experiment group: `- 0905`
-            merged = OmegaConf.merge(merged, experiment_data(entry, (*_seen, experiment)))
+            merged = OmegaConf.merge(merged, experiment_data(entry))
     return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
