@@ -19,6 +19,7 @@ COLUMNS = (
     + [f"norm_{m}" for m in METRICS]
     + [f"base_{m}" for m in METRICS]
     + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
+    + ["val_first", "val_change", "unbiased_first", "unbiased_best", "unbiased_change"]
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,3 +151,28 @@ def test_missing_or_unevaluated_runs_dir(tmp_path):
     with pytest.raises(UserError, match="no evaluated runs.*tahoe-ft eval first"):
         compare(r)
     assert collect(r).empty and list(collect(r).columns) == COLUMNS
+
+
+def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
+    """val_change: best / first - 1 of val_loss; unbiased_*: val/unbiased_loss at the first and at the best
+    val_loss (not at its own minimum); runs without the column get NaN."""
+    r = tmp_path / "runs"
+    d, _ = _run(r, "0905", "2026-07-03_10-00-00", avg=0.12, decoder=False)
+    rows = [
+        {"step": 0, "val_loss": 1.50, "val/unbiased_loss": 0.060},
+        {"step": 0, "train/loss": 2.0},
+        {"step": 20, "val_loss": 1.47, "val/unbiased_loss": 0.030},
+        {"step": 30, "train/loss": 1.0},
+        {"step": 40, "val_loss": 1.48, "val/unbiased_loss": 0.020},  # its minimum, not the best val_loss
+    ]
+    pd.DataFrame(rows).to_csv(d / "0905_metrics.csv", index=False)
+    _run(r, "0906", "2026-07-04_10-00-00", avg=0.10, decoder=False)  # the fixture's curve: no unbiased column
+    df = collect(r).set_index("experiment")
+    got = df.loc["0905"]
+    assert got["val_first"] == pytest.approx(1.50)
+    assert got["val_change"] == pytest.approx(1.47 / 1.50 - 1)
+    assert got["unbiased_first"] == pytest.approx(0.060) and got["unbiased_best"] == pytest.approx(0.030)
+    assert got["unbiased_change"] == pytest.approx(-0.5)
+    other = df.loc["0906"]
+    assert other["val_first"] == pytest.approx(1.8) and other["val_change"] == pytest.approx(1.8 / 41 / 1.8 - 1)
+    assert math.isnan(other["unbiased_first"]) and math.isnan(other["unbiased_change"])

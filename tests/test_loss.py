@@ -107,3 +107,53 @@ def test_distribution_loss_options():
     assert sk.shape == (2,) and (sk > 0).all()
     with pytest.raises(UserError, match="unknown loss"):
         DistributionLoss("wasserstein")
+
+
+def test_unbiased_energy_matches_the_pairwise_definition():
+    from tahoe_ft.model.loss import unbiased_energy_distance
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 7, 5, generator=g, dtype=torch.float64), torch.randn(3, 11, 5, generator=g, dtype=torch.float64) + 0.3
+    want = []
+    for b in range(3):
+        cross = torch.cdist(x[b], y[b]).mean()
+        dxx = torch.cdist(x[b], x[b])
+        dyy = torch.cdist(y[b], y[b])
+        self_x = dxx.sum() / (7 * 6)  # the diagonal is 0 in cdist: the sum runs over i != j
+        self_y = dyy.sum() / (11 * 10)
+        want.append(cross - 0.5 * self_x - 0.5 * self_y)
+    torch.testing.assert_close(unbiased_energy_distance(x, y), torch.stack(want), rtol=1e-9, atol=1e-9)
+    # the training loss is above it by the self terms' diagonal share: V - U = 0.5 (U_xx - V_xx) + 0.5 (U_yy - V_yy)
+    v = energy_distance(x, y)
+    gap = 0.5 * (torch.cdist(x, x).sum((1, 2)) / 42 - torch.cdist(x, x).mean((1, 2))) + 0.5 * (
+        torch.cdist(y, y).sum((1, 2)) / 110 - torch.cdist(y, y).mean((1, 2))
+    )
+    assert (gap > 0).all()
+    # (up to the clamp: the loss counts each self-distance as 1e-4, i.e. 0.5 (1e-4/N + 1e-4/M) = 1.2e-5 here)
+    torch.testing.assert_close(v - unbiased_energy_distance(x, y), gap, rtol=0, atol=2e-5)
+
+
+def test_unbiased_energy_is_zero_on_average_for_a_perfect_sampler_where_the_loss_is_not():
+    """Sets drawn from one distribution: the training loss (V-statistic) averages delta/S > 0 (delta: the
+    mean distance between two cells), the unbiased form averages 0; a shifted prediction is above 0."""
+    from tahoe_ft.model.loss import unbiased_energy_distance
+
+    g = torch.Generator().manual_seed(0)
+    sets, s, d = 400, 16, 50
+    x, y = torch.randn(sets, s, d, generator=g), torch.randn(sets, s, d, generator=g)
+    u = unbiased_energy_distance(x, y)
+    se = u.std() / sets**0.5
+    assert abs(u.mean().item()) < 3 * se.item()
+    delta = torch.cdist(y[:50].reshape(-1, d), x[:50].reshape(-1, d)).mean().item()  # ~ sqrt(2 d)
+    v = energy_distance(x, y)
+    assert v.mean().item() == pytest.approx(delta / s, rel=0.05)
+    shifted = unbiased_energy_distance(x + 0.5, y).mean().item()
+    assert shifted > 10 * se.item()
+    assert unbiased_energy_distance(x + 1.0, y).mean().item() > shifted
+
+
+def test_unbiased_energy_refuses_sets_of_one_cell():
+    from tahoe_ft.model.loss import unbiased_energy_distance
+
+    with pytest.raises(ValueError, match=">= 2 cells"):
+        unbiased_energy_distance(torch.zeros(1, 1, 3), torch.zeros(1, 4, 3))

@@ -147,6 +147,19 @@ def test_best_val_is_min_of_metrics_csv(chain):
         assert ck["manifest"]["gene_names"] and ck["hparams"]["cell_set_len"] == 8
 
 
+def test_every_validation_logs_the_unbiased_loss_below_val_loss(chain):
+    """val/unbiased_loss: the monitored energy distance without the self terms' diagonal, logged beside every
+    val_loss (embedding rounds: of the decoder's gene-space loss, which is their val_loss), and below it."""
+    _, runs = chain
+    for exp, run_dir in runs.items():
+        rows = metrics(run_dir)
+        vals, unbiased = dict(column(rows, "val_loss")), dict(column(rows, "val/unbiased_loss"))
+        assert set(unbiased) == set(vals) and len(vals) >= 2, exp
+        for step, v in vals.items():
+            assert unbiased[step] < v, (exp, step)
+            assert unbiased[step] > -0.5 * v, (exp, step)  # the same scale of distance, not a different metric
+
+
 class _Crash(L.Callback):
     def __init__(self, at: int):
         self.at = at

@@ -75,6 +75,33 @@ def _last_value(df: pd.DataFrame | None, col: str) -> float:
     return float(vals.iloc[-1]) if len(vals) else math.nan
 
 
+def _validation_change(df: pd.DataFrame | None) -> dict[str, float]:
+    """What fine-tuning did to the validation loss, from a run's metrics: ``val_first`` (the first validation,
+    step 0 with checkpoint.validate_at_start), ``val_change`` (best / first - 1), ``unbiased_first``,
+    ``unbiased_best`` (``val/unbiased_loss`` at the first validation and at the best ``val_loss``) and
+    ``unbiased_change`` ((best - first) / |first|). NaN where the metrics lack them."""
+    out = dict.fromkeys(_VAL_COLUMNS, math.nan)
+    if df is None or "val_loss" not in df.columns:
+        return out
+    val = pd.to_numeric(df["val_loss"], errors="coerce")
+    rows = val.dropna()
+    if rows.empty:
+        return out
+    first, best = rows.index[0], rows.idxmin()
+    out["val_first"] = float(rows[first])
+    out["val_change"] = float(rows[best] / rows[first] - 1.0) if rows[first] else math.nan
+    if "val/unbiased_loss" in df.columns:
+        unbiased = pd.to_numeric(df["val/unbiased_loss"], errors="coerce")
+        u_first, u_best = float(unbiased[first]), float(unbiased[best])
+        out.update(unbiased_first=u_first, unbiased_best=u_best)
+        out["unbiased_change"] = (u_best - u_first) / abs(u_first) if u_first else math.nan
+    return out
+
+
+#: what fine-tuning did to the validation loss (`_validation_change`), one column each
+_VAL_COLUMNS = ["val_first", "val_change", "unbiased_first", "unbiased_best", "unbiased_change"]
+
+
 def _run_dirs(runs_dir: Path) -> list[Path]:
     """``<experiment>/<run>/`` directories; skips `latest` pointers and hidden folders (.de_cache, .multirun)."""
     out = []
@@ -106,7 +133,8 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     `eval` scored beside the rounds: one row per distinct baseline, `experiment` = its name), avg_score,
     leaderboard_score, the metrics (mae, discrimination_score_l1, overlap_at_N, plus any other metric a run's
     profile gave), ``norm_<metric>``, ``base_<metric>``, best_val_loss, best_step, final_decoder_loss (last
-    non-empty ``train/decoder_loss``), steps, wall_time_s. Sorted by avg_score descending. Empty (with these
+    non-empty ``train/decoder_loss``), steps, wall_time_s and what training did to the validation loss
+    (`_validation_change`). Sorted by avg_score descending. Empty (with these
     columns) when nothing is evaluated.
     """
     runs_dir = Path(runs_dir)
@@ -148,6 +176,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
             final_decoder_loss=_last_value(metrics_df, "train/decoder_loss"),
             steps=_num(info.get("steps")),
             wall_time_s=_num(info.get("wall_time_s")),
+            **_validation_change(metrics_df),
         )
         row["_dir"] = str(run_dir)
         rows.append(row)
@@ -164,6 +193,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         + [f"norm_{m}" for m in names]
         + [f"base_{m}" for m in names]
         + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
+        + _VAL_COLUMNS
     )
     df = pd.DataFrame(rows, columns=columns + ["_dir"])
     df = df.sort_values(["avg_score", "experiment", "run"], ascending=[False, True, True], na_position="last")
@@ -212,6 +242,8 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         "overlap_at_N": "DES",
         "best_val_loss": "best val",
         "best_step": "@step",
+        "val_change": "val Δ %",
+        "unbiased_change": "unbiased Δ %",
         "final_decoder_loss": "dec loss",
         "steps": "steps",
         "wall_time_s": "wall s",
@@ -230,6 +262,8 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
                 cells.append("(baseline)")
             elif c == "leaderboard_score":
                 cells.append("-" if math.isnan(v) else f"{v:.1f}")
+            elif c in ("val_change", "unbiased_change"):
+                cells.append("-" if pd.isna(v) else f"{100 * float(v):.1f}")
             elif c in ("best_step", "steps", "wall_time_s"):
                 cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
             else:
@@ -350,7 +384,7 @@ def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 # -- over folds and seeds ------------------------------------------------------------------------------------
 
 #: the numbers summarised over folds and seeds (mean and sd of each)
-SUMMARY = ["avg_score", *METRICS, *(f"norm_{m}" for m in METRICS)]
+SUMMARY = ["avg_score", *METRICS, *(f"norm_{m}" for m in METRICS), "val_change", "unbiased_change"]
 
 
 def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
@@ -400,11 +434,14 @@ def _print_summary(summary: pd.DataFrame, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title + " - mean ± sd")
-    for name in ("entry", "n", "avg", "MAE", "PDS", "DES"):
+    for name in ("entry", "n", "avg", "MAE", "PDS", "DES", "val Δ %", "unbiased Δ %"):
         table.add_column(name, justify="left" if name == "entry" else "right", no_wrap=True)
     for _, r in summary.iterrows():
         label = r["experiment"] + (" (baseline)" if r["kind"] != "round" else "")
         cells = [f"{r[f'{c}_mean']:.3f} ± {r[f'{c}_sd']:.3f}" for c in ("avg_score", *METRICS)]
+        for c in ("val_change", "unbiased_change"):  # rounds only; older summaries lack them
+            m, sd = r.get(f"{c}_mean", math.nan), r.get(f"{c}_sd", math.nan)
+            cells.append("-" if pd.isna(m) else f"{100 * m:.1f} ± {100 * sd:.1f}")
         table.add_row(label, str(r["n"]), *cells, style=None if r["kind"] == "round" else "italic")
     Console(width=max(Console().width, 120)).print(table)
 

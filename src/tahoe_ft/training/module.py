@@ -29,7 +29,7 @@ from tahoe_ft.config import (
     as_dict,
 )
 from tahoe_ft.errors import UserError
-from tahoe_ft.model.loss import DistributionLoss
+from tahoe_ft.model.loss import DistributionLoss, unbiased_energy_distance
 from tahoe_ft.model.st import StateTransitionModel, module_of
 
 
@@ -148,17 +148,28 @@ class STLightningModule(L.LightningModule):
         with torch.autocast(device_type=pred.device.type, enabled=False):
             return torch.nanmean(self.loss_fn(pred.float(), target.float()))
 
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _unbiased(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over sets of the unbiased energy distance (`unbiased_energy_distance`, float64)."""
+        return torch.nanmean(unbiased_energy_distance(pred, target)).float()
+
+    def _losses(self, batch: dict[str, Any], unbiased: bool = False) -> dict[str, torch.Tensor]:
+        """The losses of one batch; with `unbiased` (validation, energy loss) also `unbiased_<main|decoder>_loss`:
+        the same distance without the self terms' diagonal, 0 on average for a perfect sampler."""
+        unbiased = unbiased and self.loss_fn.name == "energy"
         pred, hidden = self._predict_sets(batch)
         target = batch["pert_cell_emb"].reshape_as(pred)
         main = self._distance(pred, target)
         out = {"main_loss": main, "loss": main}
+        if unbiased:
+            out["unbiased_main_loss"] = self._unbiased(pred, target)
         genes, observed = pred, target  # gene space: the raw-expression rounds' own output
         if self.has_decoder and "pert_cell_counts" in batch:
             genes = self.model.decode(pred)  # [B,S,G]
             observed = batch["pert_cell_counts"].reshape_as(genes)
             dec = self._distance(genes, observed)
             out["decoder_loss"] = dec
+            if unbiased:
+                out["unbiased_decoder_loss"] = self._unbiased(genes, observed)
             out["loss"] = main + self.decoder_weight * dec
         with torch.autocast(device_type=genes.device.type, enabled=False):  # logged whatever its weight
             out["mean_loss"] = F.mse_loss(genes.float().mean(dim=1), observed.float().mean(dim=1))
@@ -185,12 +196,17 @@ class STLightningModule(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self._losses(batch)
+        losses = self._losses(batch, unbiased=self.set_len >= 2)
         n_sets = batch["pert_emb"].shape[0]
         # val_loss: the value best-val.pt is chosen by (checkpoint.monitor): the main loss (the study's choice),
         # or the gene-space decoder loss that matches the evaluator (embedding rounds)
         self.log("val_loss", losses[self._monitor], prog_bar=True, batch_size=n_sets, sync_dist=True)
         self.log("val/main_loss", losses["main_loss"], batch_size=n_sets, sync_dist=True)
+        if f"unbiased_{self._monitor}" in losses:
+            # val_loss without its sampling floor: what fine-tuning can remove of it (compare's unbiased_change)
+            self.log(
+                "val/unbiased_loss", losses[f"unbiased_{self._monitor}"], batch_size=n_sets, sync_dist=True
+            )
         if "decoder_loss" in losses:
             self.log("val/decoder_loss", losses["decoder_loss"], batch_size=n_sets, sync_dist=True)
         self.log("val/mean_loss", losses["mean_loss"], batch_size=n_sets, sync_dist=True)
