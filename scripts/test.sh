@@ -10,4 +10,5 @@ if ! command -v zstd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get
   (apt-get update -qq && apt-get install -y -qq zstd) >/dev/null 2>&1 || echo "zstd not installed; its test is skipped"
 fi
 .venv/bin/ruff check src tests scripts
+.venv/bin/ruff format --check src tests scripts
 exec .venv/bin/python -m pytest -q "$@"

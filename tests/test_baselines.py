@@ -137,7 +137,9 @@ def test_no_baseline_reads_a_held_out_cell():
     held = (poisoned.obs["target_gene"] != CTRL).to_numpy()
     poisoned.X[held] = 13.0  # garbage in every held-out cell
     after = _panel(train, poisoned).predictions
-    assert set(before) == set(after) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}  # no features given: no feature_ridge
+    assert (
+        set(before) == set(after) == {"control", "cell_mean", "pert_mean", "target_knockdown", "linear"}
+    )  # no features given: no feature_ridge
     for name in before:
         np.testing.assert_array_equal(before[name].X, after[name].X, err_msg=name)
         assert before[name].obs.equals(real.obs)  # the real file's layout, its controls copied in

@@ -17,7 +17,6 @@ from tahoe_ft.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def test_experiment_files_carry_the_case_study_values(tmp_path):
     expect = {  # steps, lr, batch, decoder weight, frozen, parent
         "0826": (8000, 3e-4, 32, 0.5, True, "${pretrained}"),

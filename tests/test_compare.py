@@ -174,5 +174,7 @@ def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
     assert got["unbiased_first"] == pytest.approx(0.060) and got["unbiased_best"] == pytest.approx(0.030)
     assert got["unbiased_change"] == pytest.approx(-0.5)
     other = df.loc["0906"]
-    assert other["val_first"] == pytest.approx(1.8) and other["val_change"] == pytest.approx(1.8 / 41 / 1.8 - 1)
+    assert other["val_first"] == pytest.approx(1.8) and other["val_change"] == pytest.approx(
+        1.8 / 41 / 1.8 - 1
+    )
     assert math.isnan(other["unbiased_first"]) and math.isnan(other["unbiased_change"])

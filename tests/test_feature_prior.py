@@ -44,7 +44,9 @@ def test_a_fresh_model_predicts_the_basal_cells_plus_the_ridges_effect():
     cell_type = torch.tensor([1, 0, 2])  # "a", "b", and "c" (a cell type the ridge never saw)
     with torch.no_grad():
         out = model.forward_sets(
-            torch.as_tensor(pert, dtype=torch.float32)[:, None, :].expand(-1, 4, -1), basal, cell_type=cell_type
+            torch.as_tensor(pert, dtype=torch.float32)[:, None, :].expand(-1, 4, -1),
+            basal,
+            cell_type=cell_type,
         )
     for i, ct in enumerate(["a", "b", "c"]):
         want = basal[i].double().numpy() + ridge.predict(pert[i], ct)
@@ -70,25 +72,37 @@ def test_a_round_with_the_prior_starts_at_the_panels_feature_ridge_and_keeps_it_
     from tahoe_ft.evaluation.baselines import fit_feature_ridge_on_cells
     from tahoe_ft.evaluation.run import pert_features, read_manifest
 
-    run = train(tmp_path, "0905", "init_from=null", "model.feature_prior=true", "optim.lr=0.0", steps=2, val_every=2)
+    run = train(
+        tmp_path, "0905", "init_from=null", "model.feature_prior=true", "optim.lr=0.0", steps=2, val_every=2
+    )
     ckpt = run / "checkpoints" / "best-val.pt"
     loaded = load_checkpoint(ckpt)
     m = Manifest.from_dict(loaded.manifest)
     # the ridge exactly as eval fits the panel's feature_ridge
     manifest = read_manifest(ckpt)
-    train_cells = CellCatalog.from_manifest(manifest).training_cells(EvalConfig.max_train_cells_per_group, seed=0)
+    train_cells = CellCatalog.from_manifest(manifest).training_cells(
+        EvalConfig.max_train_cells_per_group, seed=0
+    )
     feats = pert_features(manifest)
     ridge = fit_feature_ridge_on_cells(
-        train_cells, pert_col=m.pert_col, control_pert=m.control_pert, celltype_col=m.cell_type_col, features=feats
+        train_cells,
+        pert_col=m.pert_col,
+        control_pert=m.control_pert,
+        celltype_col=m.cell_type_col,
+        features=feats,
     )
     model = loaded.model
     rng = np.random.default_rng(0)
     for p in m.splits["test"]:
         for i, ct in enumerate(m.cell_types):
             with torch.no_grad():
-                prior = model.feature_prior(torch.as_tensor(feats[p], dtype=torch.float32)[None], torch.tensor([i]))
+                prior = model.feature_prior(
+                    torch.as_tensor(feats[p], dtype=torch.float32)[None], torch.tensor([i])
+                )
             np.testing.assert_allclose(prior[0].double().numpy(), ridge.predict(feats[p], ct), atol=1e-4)
-            basal = torch.as_tensor(rng.uniform(1.0, 2.0, size=(1, 8, len(m.gene_names))), dtype=torch.float32)
+            basal = torch.as_tensor(
+                rng.uniform(1.0, 2.0, size=(1, 8, len(m.gene_names))), dtype=torch.float32
+            )
             pert = torch.as_tensor(feats[p], dtype=torch.float32).expand(1, 8, -1)
             with torch.no_grad():
                 out = model.forward_sets(pert, basal, cell_type=torch.tensor([i]))
@@ -127,7 +141,10 @@ def test_fresh_modules_get_their_own_lr_and_nothing_else_changes():
     # factor 1: the groups (and so the optimizer state of older runs) are exactly as before
     one = _module(1.0)
     one.fresh_modules = {"pert_encoder"}
-    assert [g["name"] for g in one.configure_optimizers()["optimizer"].param_groups] == ["main", "main/no_decay"]
+    assert [g["name"] for g in one.configure_optimizers()["optimizer"].param_groups] == [
+        "main",
+        "main/no_decay",
+    ]
 
 
 def test_a_round_from_a_parent_trains_its_reinitialised_modules_at_the_factor(tmp_path):
@@ -167,5 +184,7 @@ def test_the_val_loss_curve_starts_at_step_0_and_the_start_can_be_the_best(tmp_p
     assert vals[0][0] == 0 and len(vals) >= 2
     info = json.loads((run / "run.json").read_text())
     assert info["best_step"] == 0 and info["best_val_loss"] == pytest.approx(vals[0][1])
-    off = train(tmp_path, "0905", "init_from=null", "checkpoint.validate_at_start=false", steps=2, val_every=2)
+    off = train(
+        tmp_path, "0905", "init_from=null", "checkpoint.validate_at_start=false", steps=2, val_every=2
+    )
     assert all(int(r["step"]) > 0 for r in metrics(off) if r.get("val_loss"))

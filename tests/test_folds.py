@@ -129,8 +129,14 @@ def test_reproduce_trains_every_round_on_its_typed_data_set(tmp_path):
         *[a for a in TINY_MODEL if not a.startswith("encoder.")],
     ]  # fmt: skip
     tahoe_ft.reproduce(
-        ReproduceConfig(runs_dir=str(runs), experiments=["0905"], evaluate=[], train_overrides=steps, data=data,
-                        paths=PathsConfig(data_cache=str(cache)))  # fmt: skip
+        ReproduceConfig(
+            runs_dir=str(runs),
+            experiments=["0905"],
+            evaluate=[],
+            train_overrides=steps,
+            data=data,
+            paths=PathsConfig(data_cache=str(cache)),
+        )  # fmt: skip
     )
     run_dir = (runs / "0905" / "latest").resolve()
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -91,9 +91,15 @@ def test_eval_finishes_with_the_panel_and_pert_mean_from_the_other_cell_types(fe
     score = fewshot["score"]
     assert 0.0 <= score.avg_score <= 1.0
     assert set(score.per_celltype) == {fewshot["cts"][0]}
-    assert {"control", "cell_mean", "pert_mean", "target_knockdown", "linear", "feature_ridge", "ceiling"} == set(
-        score.baselines
-    )
+    assert {
+        "control",
+        "cell_mean",
+        "pert_mean",
+        "target_knockdown",
+        "linear",
+        "feature_ridge",
+        "ceiling",
+    } == set(score.baselines)
     assert score.baselines["cell_mean"]["avg_score"] == pytest.approx(0.0, abs=0.05)  # it is the normaliser
     # the test perturbation is training data in the two other cell types: pert_mean transfers its effect
     assert score.baselines["pert_mean"]["avg_score"] > score.baselines["control"]["avg_score"]

@@ -113,7 +113,10 @@ def test_unbiased_energy_matches_the_pairwise_definition():
     from tahoe_ft.model.loss import unbiased_energy_distance
 
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(3, 7, 5, generator=g, dtype=torch.float64), torch.randn(3, 11, 5, generator=g, dtype=torch.float64) + 0.3
+    x, y = (
+        torch.randn(3, 7, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 11, 5, generator=g, dtype=torch.float64) + 0.3,
+    )
     want = []
     for b in range(3):
         cross = torch.cdist(x[b], y[b]).mean()

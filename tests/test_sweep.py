@@ -125,7 +125,9 @@ def test_the_starting_weights_check_is_validated_but_never_judged_by_the_pruner(
     sources by 2e-5 before they trained)."""
     space = {"optim.lr": "logfloat(1e-4, 1e-2)"}
     cfg = _cfg(tmp_path / "runs", cache, "start", space, "n_trials=1", "pruner=none", steps=6)
-    cfg = dataclasses.replace(cfg, train_overrides=[*cfg.train_overrides, "checkpoint.validate_at_start=true"])
+    cfg = dataclasses.replace(
+        cfg, train_overrides=[*cfg.train_overrides, "checkpoint.validate_at_start=true"]
+    )
     (t,) = _study(api.sweep(cfg)).get_trials()
     assert t.state == optuna.trial.TrialState.COMPLETE
     assert sorted(t.intermediate_values) == [3, 6, 13, 16]  # fold k at k * 10 + step: steps 3 and 6, not 0
@@ -390,7 +392,9 @@ def test_the_shipped_spaces_compose_with_every_range_end_and_choice(name, data, 
     from tahoe_ft.sweep.plan import make_plan, spaces
 
     assert name in spaces()
-    cfg = compose("sweep", [f"+sweep={name}", f"data={data}", "pretrained=null", f"runs_dir={tmp_path / 'runs'}"])
+    cfg = compose(
+        "sweep", [f"+sweep={name}", f"data={data}", "pretrained=null", f"runs_dir={tmp_path / 'runs'}"]
+    )
     plan = make_plan(cfg)  # every round composed with both ends of every range and every choice
     rounds = {"genespace": "0905", "se600m": "0826", "defaults": "0905"}
     assert plan.name == name and plan.params and plan.rounds == [rounds[name]]

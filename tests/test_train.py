@@ -157,7 +157,8 @@ def test_every_validation_logs_the_unbiased_loss_below_val_loss(chain):
         assert set(unbiased) == set(vals) and len(vals) >= 2, exp
         for step, v in vals.items():
             assert unbiased[step] < v, (exp, step)
-            assert unbiased[step] > -0.5 * v, (exp, step)  # the same scale of distance, not a different metric
+            # the same scale of distance, not a different metric
+            assert unbiased[step] > -0.5 * v, (exp, step)
 
 
 class _Crash(L.Callback):

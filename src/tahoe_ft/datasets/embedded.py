@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "TAHOE_FT_CACHE"
 SHARED_ENV = "TAHOE_FT_SHARED"
 PACKAGE_DATA = Path(__file__).resolve().parent / "assets"  # data files shipped in the wheel
-REPO_ROOT = Path(__file__).resolve().parents[3]  # src/tahoe_ft/datasets/embedded.py -> repo root (source checkout)
+# src/tahoe_ft/datasets/embedded.py -> repo root (source checkout)
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 PAPALEXI_FILE = "papalexi2021_thp1_crisprko.h5ad"
 PAPALEXI_SHA256 = "0ab7fafcc794e1dba84289fe012c977270a6218846d1ca7eb83d5d9cd0b312c8"

@@ -207,7 +207,9 @@ def _feature_ridge(
     notes: dict[str, str],
 ) -> dict[tuple[str, str], np.ndarray] | None:
     if features is None:
-        notes["feature_ridge"] = "absent: the run's perturbation features are not known (no checkpoint manifest)"
+        notes["feature_ridge"] = (
+            "absent: the run's perturbation features are not known (no checkpoint manifest)"
+        )
         return None
     unknown = sorted({p for _, p in groups} - set(features))
     if unknown:

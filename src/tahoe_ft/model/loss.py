@@ -96,7 +96,9 @@ def unbiased_energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1]:
         raise ValueError(f"expected [B,N,D] and [B,M,D] sets, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1] < 2 or y.shape[1] < 2:
-        raise ValueError(f"the unbiased energy distance needs >= 2 cells per set, got {x.shape[1]} and {y.shape[1]}")
+        raise ValueError(
+            f"the unbiased energy distance needs >= 2 cells per set, got {x.shape[1]} and {y.shape[1]}"
+        )
     x, y = x.double(), y.double()  # the three terms are large and nearly equal
     sq_x, sq_y = (x * x).sum(-1), (y * y).sum(-1)
     d_xx = _mean_off_diagonal(_distances(sq_x, x @ x.transpose(1, 2), sq_x))

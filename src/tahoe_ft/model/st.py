@@ -575,7 +575,8 @@ class StateTransitionModel(nn.Module):
             D = self.output_dim
             self.final_down_then_up = nn.Sequential(nn.Linear(D, D // 8), nn.GELU(), nn.Linear(D // 8, D))
         self.head_skip = bool(hp["head_skip"]) and self.predict_residual and self.output_space == "all"
-        if self.head_skip:  # "no change" at step 0: out = x + f(x), f = 0 and x = basal + project_out(h) = basal
+        # "no change" at step 0: out = x + f(x), f = 0 and x = basal + project_out(h) = basal
+        if self.head_skip:
             self.zero_head_output()
         self.batch_dim: int | None = hp["batch_dim"] if hp["batch_encoder"] else None
         self.batch_encoder = nn.Embedding(self.batch_dim, H) if self.batch_dim is not None else None
