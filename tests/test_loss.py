@@ -160,3 +160,34 @@ def test_unbiased_energy_refuses_sets_of_one_cell():
 
     with pytest.raises(ValueError, match=">= 2 cells"):
         unbiased_energy_distance(torch.zeros(1, 1, 3), torch.zeros(1, 4, 3))
+
+
+def test_unbiased_energy_counts_a_cell_drawn_twice_once():
+    """Sets drawn with replacement from small pools (the sampler's basal draws and top-ups): the copies are not
+    pairs of distinct cells, so the estimate stays 0 on average for two draws of one distribution; over all
+    slot pairs it would be biased upward."""
+    from tahoe_ft.model.loss import unbiased_energy_distance
+
+    g = torch.Generator().manual_seed(1)
+    sets, s, d, pool = 300, 16, 30, 12
+    x_pool, y_pool = torch.randn(sets, pool, d, generator=g), torch.randn(sets, pool, d, generator=g)
+    pick = lambda p: torch.gather(p, 1, torch.randint(0, pool, (sets, s, 1), generator=g).expand(-1, -1, d))  # noqa: E731
+    x, y = pick(x_pool), pick(y_pool)
+    u = unbiased_energy_distance(x, y)
+    assert abs(u.mean().item()) < 3 * (u.std() / sets**0.5).item()
+    # the plain U-statistic over slots i != j (copies as zero distances) sits well above 0
+    slots = torch.cdist(x, y).mean((1, 2)) - 0.5 * (
+        torch.cdist(x, x).sum((1, 2)) + torch.cdist(y, y).sum((1, 2))
+    ) / (s * (s - 1))
+    assert (
+        slots.mean().item() > 0.5
+        and slots.mean().item() > u.mean().item() + 10 * (u.std() / sets**0.5).item()
+    )
+    # a set of one cell repeated: its self term is 0
+    one = torch.randn(1, 1, d, generator=g).expand(1, 5, d)
+    torch.testing.assert_close(
+        unbiased_energy_distance(one, one),
+        torch.zeros(1, dtype=torch.float64),
+        atol=2e-4,
+        rtol=0,  # the cross term keeps the clamp's 1e-4
+    )

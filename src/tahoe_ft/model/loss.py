@@ -79,17 +79,24 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss[0] if single else loss
 
 
-def _mean_off_diagonal(d: torch.Tensor) -> torch.Tensor:
-    """Mean over i != j of a [B,N,N] matrix -> [B] (N >= 2)."""
-    n = d.shape[-1]
-    off = d.sum((1, 2)) - torch.diagonal(d, dim1=1, dim2=2).sum(-1)
-    return off / (n * (n - 1))
+def _mean_distinct_pairs(a: torch.Tensor) -> torch.Tensor:
+    """Mean distance between the distinct cells of each set a [B,N,D] -> [B]: over pairs i != j that are not
+    the same cell drawn twice (a set drawn with replacement; a copy is found as a squared distance below 1e-9
+    of the two squared norms). 0 for a set of one distinct cell."""
+    sq = (a * a).sum(-1)
+    sq_d = sq.unsqueeze(2) - 2 * (a @ a.transpose(1, 2)) + sq.unsqueeze(1)  # [B,N,N]
+    distinct = sq_d > 1e-9 * (sq.unsqueeze(2) + sq.unsqueeze(1))  # False on the diagonal and for copies
+    d = torch.sqrt(torch.clamp_min(sq_d, _CLAMP))
+    pairs = distinct.sum((1, 2))
+    return torch.where(pairs > 0, (d * distinct).sum((1, 2)) / pairs.clamp_min(1), torch.zeros_like(sq[:, 0]))
 
 
 @torch.no_grad()
 def unbiased_energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Half the energy distance between the distributions of x [B,N,D] and y [B,M,D] (N, M >= 2), estimated
-    without bias: mean_{i,j} d(x_i, y_j) - 0.5 mean_{i!=j} d(x_i, x_j) - 0.5 mean_{i!=j} d(y_i, y_j) -> [B].
+    without bias: mean_{i,j} d(x_i, y_j) - 0.5 mean d(x_i, x_j) - 0.5 mean d(y_i, y_j) -> [B], the self terms
+    over pairs of distinct cells (a U-statistic; a cell drawn twice, as the sampler draws basal controls and
+    tops up a small group, would otherwise count as a zero distance and bias it upward).
 
     The same distances as `energy_distance` (geomloss's clamp included); no gradient (a validation metric).
     """
@@ -101,10 +108,8 @@ def unbiased_energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         )
     x, y = x.double(), y.double()  # the three terms are large and nearly equal
     sq_x, sq_y = (x * x).sum(-1), (y * y).sum(-1)
-    d_xx = _mean_off_diagonal(_distances(sq_x, x @ x.transpose(1, 2), sq_x))
-    d_yy = _mean_off_diagonal(_distances(sq_y, y @ y.transpose(1, 2), sq_y))
     d_xy = _distances(sq_x, x @ y.transpose(1, 2), sq_y).mean((1, 2))
-    return d_xy - 0.5 * d_xx - 0.5 * d_yy
+    return d_xy - 0.5 * _mean_distinct_pairs(x) - 0.5 * _mean_distinct_pairs(y)
 
 
 def mse_per_set(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
