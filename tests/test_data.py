@@ -198,6 +198,39 @@ def test_sets_are_pure_and_basal_controls_match(screens, mapping):
     assert CTRL in {n for batch in dm.train_dataloader() for n in batch["pert_name"]}
 
 
+@pytest.mark.parametrize("mapping", ["random", "batch"])
+def test_recentred_basal_sets_keep_each_cells_deviation_on_their_pools_mean(screens, mapping):
+    """data.recentre_basal: every training and validation set's basal cells have the mean of all the control
+    cells of their pool (file, cell type[, batch]) and keep their deviations from their own set's mean; the
+    same sets, rows and targets as without it."""
+    names = ("a", "b", "c")
+    paths = [screens["dir"] / f"{n}.h5ad" for n in names]
+    on = make_dm(paths, basal_mapping=mapping, batch_size=4, val_perts=["P1"], recentre_basal=True)
+    off = make_dm(paths, basal_mapping=mapping, batch_size=4, val_perts=["P1"])
+    labels = global_labels(screens, names)
+    X = np.concatenate([dense_x(screens[n]) for n in names])
+    pert, ct = labels["target_gene"].to_numpy(), labels["cell_type"].astype(str).to_numpy()
+    batch_lab, file_of = labels["batch"].astype(str).to_numpy(), labels["file"].to_numpy()
+    n_sets = 0
+    for loader in ("train_dataloader", "val_dataloader"):
+        for b_on, b_off in zip(getattr(on, loader)(), getattr(off, loader)(), strict=True):
+            assert torch.equal(b_on["ctrl_rows"], b_off["ctrl_rows"])
+            assert torch.equal(b_on["pert_cell_emb"], b_off["pert_cell_emb"])
+            raw = b_off["ctrl_cell_emb"].double()
+            got = b_on["ctrl_cell_emb"].double()
+            torch.testing.assert_close(
+                got - got.mean(1, keepdim=True), raw - raw.mean(1, keepdim=True), rtol=0, atol=1e-6
+            )  # float32 arithmetic
+            for b in range(raw.shape[0]):
+                c_rows = b_on["ctrl_rows"][b].numpy()
+                pool = (file_of == file_of[c_rows[0]]) & (ct == ct[c_rows[0]]) & (pert == CTRL)
+                if mapping == "batch":
+                    pool &= batch_lab == batch_lab[c_rows[0]]
+                np.testing.assert_allclose(got[b].mean(0).numpy(), X[pool].mean(0), rtol=1e-5, atol=1e-5)
+                n_sets += 1
+    assert n_sets == on.train_plan.n_sets + on.val_plan.n_sets
+
+
 def test_every_training_cell_appears_each_epoch(screens):
     dm = make_dm(ab(screens), cell_set_len=5)
     seen = set()

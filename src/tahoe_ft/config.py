@@ -125,6 +125,9 @@ class DataConfig:
     memory_budget_gb: float = 8.0
     # validation sets per (cell type, perturbation) group; fixed across evaluations
     val_sets_per_group: int = 2
+    # re-centre each training and validation set's basal draws on the mean of their control pool (each cell
+    # keeps its deviation), as predict's recentre_basal does for held-out groups; false: raw draws (upstream)
+    recentre_basal: bool = False
     # generated data (data=demo); ignored for other data sets
     demo: DemoConfig | None = None
 

@@ -94,6 +94,7 @@ class PerturbationDataModule(L.LightningDataModule):
             need_counts=self.need_counts,
             aux_key=self.aux_key,
             pert_target=pert_target,
+            basal_means=self._pool_means(catalog) if c.recentre_basal else None,
             debug_rows=self.debug_rows,
         )
         self._check_memory(self._dims(catalog))
@@ -174,6 +175,21 @@ class PerturbationDataModule(L.LightningDataModule):
         self.test_plan = SetPlan(
             test, self.pools, train=False, sets_per_group=c.val_sets_per_group, stream=2, **common
         )
+
+    def _pool_means(self, catalog: CellCatalog, chunk: int = 4096) -> np.ndarray:
+        """float32 [n_pools, D_in]: the mean model input of each control pool's cells (data.recentre_basal),
+        read in chunks of `chunk` rows (18,080 genes x 4,096 rows = 0.3 GB at a time)."""
+        p = self.pools
+        means = []
+        for start, size in zip(p.start.tolist(), p.size.tolist(), strict=True):
+            rows = p.rows[start : start + size]
+            total = None
+            for lo in range(0, rows.size, chunk):
+                part = catalog.read_input(rows[lo : lo + chunk])
+                s = part.astype(np.float64).sum(axis=0)
+                total = s if total is None else total + s
+            means.append((total / rows.size).astype(np.float32))
+        return np.stack(means)
 
     def _check_training_groups(self, train: Groups, catalog: CellCatalog) -> None:
         pert_train = train.pert != catalog.control_idx

@@ -51,6 +51,7 @@ class SetDataset(Dataset):
         need_counts: bool,
         aux_key: str | None = None,
         pert_target: np.ndarray | None = None,
+        basal_means: np.ndarray | None = None,
         debug_rows: bool = False,
     ) -> None:
         self.reader = catalog.reader
@@ -60,6 +61,9 @@ class SetDataset(Dataset):
         self.aux_key = aux_key
         self.pert_matrix = pert_matrix  # float32 [n_perts, P]; row i = pert_names[i]
         self.pert_target = pert_target  # int64 [n_perts] target-gene columns (-1: none), or None
+        # float32 [n_pools, D_in]: each control pool's mean input; given, every set's basal draws are moved onto
+        # their pool's mean (data.recentre_basal)
+        self.basal_means = basal_means
         self.pert_names = list(catalog.pert_names)
         self.cell_types = list(catalog.cell_types)
         self.batch_of_row = catalog.batch_of
@@ -107,9 +111,16 @@ class SetDataset(Dataset):
         pert_emb = np.ascontiguousarray(
             np.broadcast_to(self.pert_matrix[perts][:, None, :], (B, S, self.pert_matrix.shape[1]))
         )
+        ctrl = assemble(parts["ctrl"])
+        if self.basal_means is not None:
+            pools = np.array([d.pool for d in descs])
+            if (pools < 0).any():
+                raise ValueError("data.recentre_basal needs each set's control pool (SetDescriptor.pool)")
+            means = torch.from_numpy(self.basal_means[pools])[:, None, :]  # [B,1,D_in]
+            ctrl = ctrl - ctrl.mean(dim=1, keepdim=True) + means
         batch: Batch = {
             "pert_emb": torch.from_numpy(pert_emb),
-            "ctrl_cell_emb": assemble(parts["ctrl"]),
+            "ctrl_cell_emb": ctrl,
             "pert_cell_emb": assemble(parts["pert"]),
         }
         if parts["counts"]:

@@ -121,6 +121,7 @@ class SetDescriptor(NamedTuple):
     cell_type: int
     pert_rows: np.ndarray
     ctrl_rows: np.ndarray
+    pool: int = -1  # the control pool the basal rows were drawn from (`Pools`)
 
 
 class _EpochHook:
@@ -264,6 +265,7 @@ class SetPlan(Sampler):
                         int(g.cell_type[set_group[i]]),
                         pert_rows[i],
                         ctrl_rows[i],
+                        int(g.pool[set_group[i]]),
                     )
                     for i in sl
                 ]
