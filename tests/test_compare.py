@@ -19,7 +19,11 @@ COLUMNS = (
     + [f"norm_{m}" for m in METRICS]
     + [f"base_{m}" for m in METRICS]
     + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
-    + ["val_first", "val_change", "unbiased_first", "unbiased_best", "unbiased_change"]
+    + [
+        f"{name}_{what}"
+        for name in ("val", "unbiased", "unbiased_mean")
+        for what in ("first", "best", "change")
+    ]
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -159,11 +163,12 @@ def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
     r = tmp_path / "runs"
     d, _ = _run(r, "0905", "2026-07-03_10-00-00", avg=0.12, decoder=False)
     rows = [
-        {"step": 0, "val_loss": 1.50, "val/unbiased_loss": 0.060},
+        {"step": 0, "val_loss": 1.50, "val/unbiased_loss": 0.060, "val/unbiased_mean_loss": 0.004},
         {"step": 0, "train/loss": 2.0},
-        {"step": 20, "val_loss": 1.47, "val/unbiased_loss": 0.030},
+        {"step": 20, "val_loss": 1.47, "val/unbiased_loss": 0.030, "val/unbiased_mean_loss": 0.003},
         {"step": 30, "train/loss": 1.0},
-        {"step": 40, "val_loss": 1.48, "val/unbiased_loss": 0.020},  # its minimum, not the best val_loss
+        # the minima of the unbiased columns, not the best val_loss
+        {"step": 40, "val_loss": 1.48, "val/unbiased_loss": 0.020, "val/unbiased_mean_loss": 0.001},
     ]
     pd.DataFrame(rows).to_csv(d / "0905_metrics.csv", index=False)
     _run(r, "0906", "2026-07-04_10-00-00", avg=0.10, decoder=False)  # the fixture's curve: no unbiased column
@@ -173,6 +178,8 @@ def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
     assert got["val_change"] == pytest.approx(1.47 / 1.50 - 1)
     assert got["unbiased_first"] == pytest.approx(0.060) and got["unbiased_best"] == pytest.approx(0.030)
     assert got["unbiased_change"] == pytest.approx(-0.5)
+    assert got["val_best"] == pytest.approx(1.47) and got["unbiased_mean_best"] == pytest.approx(0.003)
+    assert got["unbiased_mean_change"] == pytest.approx(-0.25)
     other = df.loc["0906"]
     assert other["val_first"] == pytest.approx(1.8) and other["val_change"] == pytest.approx(
         1.8 / 41 / 1.8 - 1

@@ -147,9 +147,10 @@ def test_best_val_is_min_of_metrics_csv(chain):
         assert ck["manifest"]["gene_names"] and ck["hparams"]["cell_set_len"] == 8
 
 
-def test_every_validation_logs_the_unbiased_loss_below_val_loss(chain):
-    """val/unbiased_loss: the monitored energy distance without the self terms' diagonal, logged beside every
-    val_loss (embedding rounds: of the decoder's gene-space loss, which is their val_loss), and below it."""
+def test_every_validation_logs_the_unbiased_losses_below_their_plain_forms(chain):
+    """val/unbiased_loss: the monitored energy distance over distinct cells, logged beside every val_loss
+    (embedding rounds: of the decoder's gene-space loss, which is their val_loss), and below it; the same for
+    val/unbiased_mean_loss and val/mean_loss."""
     _, runs = chain
     for exp, run_dir in runs.items():
         rows = metrics(run_dir)
@@ -159,6 +160,13 @@ def test_every_validation_logs_the_unbiased_loss_below_val_loss(chain):
             assert unbiased[step] < v, (exp, step)
             # the same scale of distance, not a different metric
             assert unbiased[step] > -0.5 * v, (exp, step)
+        # the set-mean MSE less its sampling noise: below val/mean_loss at every validation
+        mean, unbiased_mean = (
+            dict(column(rows, "val/mean_loss")),
+            dict(column(rows, "val/unbiased_mean_loss")),
+        )
+        assert set(unbiased_mean) == set(mean) == set(vals), exp
+        assert all(unbiased_mean[s] < mean[s] for s in mean), exp
 
 
 class _Crash(L.Callback):

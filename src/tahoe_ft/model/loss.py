@@ -112,6 +112,28 @@ def unbiased_energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d_xy - 0.5 * _mean_distinct_pairs(x) - 0.5 * _mean_distinct_pairs(y)
 
 
+@torch.no_grad()
+def unbiased_mean_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error between the means of the distributions of x [B,N,D] and y [B,M,D] (N, M >= 2), per
+    coordinate, estimated without bias -> [B]:
+
+        (|mean(x) - mean(y)|^2 - sum_d var_d(x) / N - sum_d var_d(y) / M) / D     (var with ddof=1)
+
+    `val/mean_loss` (the set-mean term's MSE) is this plus the sampling noise of the two set means, which no
+    prediction removes; this is 0 on average when the predicted and observed cells share their mean, and can
+    go below 0. Treats each set's cells as independent draws (the sampler's draws with replacement are)."""
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"expected [B,N,D] and [B,M,D] sets, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] < 2 or y.shape[1] < 2:
+        raise ValueError(
+            f"the unbiased mean error needs >= 2 cells per set, got {x.shape[1]} and {y.shape[1]}"
+        )
+    x, y = x.double(), y.double()
+    gap = (x.mean(1) - y.mean(1)).pow(2).sum(-1)
+    noise = x.var(1, unbiased=True).sum(-1) / x.shape[1] + y.var(1, unbiased=True).sum(-1) / y.shape[1]
+    return (gap - noise) / x.shape[-1]
+
+
 def mse_per_set(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean squared error per set: x, y [B,S,D] (same shape) -> [B]."""
     if x.shape != y.shape:
@@ -158,4 +180,11 @@ class DistributionLoss(nn.Module):
         return f"name={self.name!r}, blur={self.blur}"
 
 
-__all__ = ["LOSS_NAMES", "DistributionLoss", "energy_distance", "mse_per_set", "unbiased_energy_distance"]
+__all__ = [
+    "LOSS_NAMES",
+    "DistributionLoss",
+    "energy_distance",
+    "mse_per_set",
+    "unbiased_energy_distance",
+    "unbiased_mean_error",
+]

@@ -76,30 +76,35 @@ def _last_value(df: pd.DataFrame | None, col: str) -> float:
 
 
 def _validation_change(df: pd.DataFrame | None) -> dict[str, float]:
-    """What fine-tuning did to the validation loss, from a run's metrics: ``val_first`` (the first validation,
-    step 0 with checkpoint.validate_at_start), ``val_change`` (best / first - 1), ``unbiased_first``,
-    ``unbiased_best`` (``val/unbiased_loss`` at the first validation and at the best ``val_loss``) and
-    ``unbiased_change`` ((best - first) / |first|). NaN where the metrics lack them."""
+    """What fine-tuning did to the validation loss, from a run's metrics: for `val_loss` (``val_``), the
+    unbiased energy ``val/unbiased_loss`` (``unbiased_``) and the unbiased set-mean error
+    ``val/unbiased_mean_loss`` (``unbiased_mean_``), the value at the first validation (``_first``, step 0 with
+    checkpoint.validate_at_start) and at the best `val_loss` (``_best``, the step of best-val.pt) and the change
+    ``(best - first) / |first|`` (``_change``). NaN where the metrics lack them."""
     out = dict.fromkeys(_VAL_COLUMNS, math.nan)
     if df is None or "val_loss" not in df.columns:
         return out
-    val = pd.to_numeric(df["val_loss"], errors="coerce")
-    rows = val.dropna()
+    rows = pd.to_numeric(df["val_loss"], errors="coerce").dropna()
     if rows.empty:
         return out
     first, best = rows.index[0], rows.idxmin()
-    out["val_first"] = float(rows[first])
-    out["val_change"] = float(rows[best] / rows[first] - 1.0) if rows[first] else math.nan
-    if "val/unbiased_loss" in df.columns:
-        unbiased = pd.to_numeric(df["val/unbiased_loss"], errors="coerce")
-        u_first, u_best = float(unbiased[first]), float(unbiased[best])
-        out.update(unbiased_first=u_first, unbiased_best=u_best)
-        out["unbiased_change"] = (u_best - u_first) / abs(u_first) if u_first else math.nan
+    for column, name in _VAL_METRICS:
+        if column not in df.columns:
+            continue
+        values = pd.to_numeric(df[column], errors="coerce")
+        v_first, v_best = float(values[first]), float(values[best])
+        out[f"{name}_first"], out[f"{name}_best"] = v_first, v_best
+        out[f"{name}_change"] = (v_best - v_first) / abs(v_first) if v_first else math.nan
     return out
 
 
-#: what fine-tuning did to the validation loss (`_validation_change`), one column each
-_VAL_COLUMNS = ["val_first", "val_change", "unbiased_first", "unbiased_best", "unbiased_change"]
+#: the validation metrics `_validation_change` reports: (metrics column, prefix of its compare columns)
+_VAL_METRICS = [
+    ("val_loss", "val"),
+    ("val/unbiased_loss", "unbiased"),
+    ("val/unbiased_mean_loss", "unbiased_mean"),
+]
+_VAL_COLUMNS = [f"{name}_{what}" for _, name in _VAL_METRICS for what in ("first", "best", "change")]
 
 
 def _run_dirs(runs_dir: Path) -> list[Path]:
@@ -244,6 +249,7 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         "best_step": "@step",
         "val_change": "val Δ %",
         "unbiased_change": "unbiased Δ %",
+        "unbiased_mean_change": "unb. mean Δ %",
         "final_decoder_loss": "dec loss",
         "steps": "steps",
         "wall_time_s": "wall s",
@@ -262,7 +268,7 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
                 cells.append("(baseline)")
             elif c == "leaderboard_score":
                 cells.append("-" if math.isnan(v) else f"{v:.1f}")
-            elif c in ("val_change", "unbiased_change"):
+            elif c in ("val_change", "unbiased_change", "unbiased_mean_change"):
                 cells.append("-" if pd.isna(v) else f"{100 * float(v):.1f}")
             elif c in ("best_step", "steps", "wall_time_s"):
                 cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
@@ -384,7 +390,12 @@ def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 # -- over folds and seeds ------------------------------------------------------------------------------------
 
 #: the numbers summarised over folds and seeds (mean and sd of each)
-SUMMARY = ["avg_score", *METRICS, *(f"norm_{m}" for m in METRICS), "val_change", "unbiased_change"]
+SUMMARY = [
+    "avg_score",
+    *METRICS,
+    *(f"norm_{m}" for m in METRICS),
+    *(f"{name}_change" for _, name in _VAL_METRICS),
+]
 
 
 def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
@@ -434,12 +445,16 @@ def _print_summary(summary: pd.DataFrame, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title + " - mean ± sd")
-    for name in ("entry", "n", "avg", "MAE", "PDS", "DES", "val Δ %", "unbiased Δ %"):
+    for name in ("entry", "n", "avg", "MAE", "PDS", "DES", "val Δ %", "unbiased Δ %", "unb. mean Δ %"):
         table.add_column(name, justify="left" if name == "entry" else "right", no_wrap=True)
     for _, r in summary.iterrows():
         label = r["experiment"] + (" (baseline)" if r["kind"] != "round" else "")
         cells = [f"{r[f'{c}_mean']:.3f} ± {r[f'{c}_sd']:.3f}" for c in ("avg_score", *METRICS)]
-        for c in ("val_change", "unbiased_change"):  # rounds only; older summaries lack them
+        for c in (
+            "val_change",
+            "unbiased_change",
+            "unbiased_mean_change",
+        ):  # rounds; older summaries lack them
             m, sd = r.get(f"{c}_mean", math.nan), r.get(f"{c}_sd", math.nan)
             cells.append("-" if pd.isna(m) else f"{100 * m:.1f} ± {100 * sd:.1f}")
         table.add_row(label, str(r["n"]), *cells, style=None if r["kind"] == "round" else "italic")

@@ -29,7 +29,7 @@ from tahoe_ft.config import (
     as_dict,
 )
 from tahoe_ft.errors import UserError
-from tahoe_ft.model.loss import DistributionLoss, unbiased_energy_distance
+from tahoe_ft.model.loss import DistributionLoss, unbiased_energy_distance, unbiased_mean_error
 from tahoe_ft.model.st import StateTransitionModel, module_of
 
 
@@ -153,14 +153,15 @@ class STLightningModule(L.LightningModule):
         return torch.nanmean(unbiased_energy_distance(pred, target)).float()
 
     def _losses(self, batch: dict[str, Any], unbiased: bool = False) -> dict[str, torch.Tensor]:
-        """The losses of one batch; with `unbiased` (validation, energy loss) also `unbiased_<main|decoder>_loss`:
-        the same distance without the self terms' diagonal, 0 on average for a perfect sampler."""
-        unbiased = unbiased and self.loss_fn.name == "energy"
+        """The losses of one batch; with `unbiased` (validation) also `unbiased_mean_loss` (the set-mean MSE
+        without the set means' sampling noise) and, for the energy loss, `unbiased_<main|decoder>_loss` (the
+        same distance over pairs of distinct cells): each 0 on average for a perfect sampler."""
+        energy_u = unbiased and self.loss_fn.name == "energy"
         pred, hidden = self._predict_sets(batch)
         target = batch["pert_cell_emb"].reshape_as(pred)
         main = self._distance(pred, target)
         out = {"main_loss": main, "loss": main}
-        if unbiased:
+        if energy_u:
             out["unbiased_main_loss"] = self._unbiased(pred, target)
         genes, observed = pred, target  # gene space: the raw-expression rounds' own output
         if self.has_decoder and "pert_cell_counts" in batch:
@@ -168,11 +169,13 @@ class STLightningModule(L.LightningModule):
             observed = batch["pert_cell_counts"].reshape_as(genes)
             dec = self._distance(genes, observed)
             out["decoder_loss"] = dec
-            if unbiased:
+            if energy_u:
                 out["unbiased_decoder_loss"] = self._unbiased(genes, observed)
             out["loss"] = main + self.decoder_weight * dec
         with torch.autocast(device_type=genes.device.type, enabled=False):  # logged whatever its weight
             out["mean_loss"] = F.mse_loss(genes.float().mean(dim=1), observed.float().mean(dim=1))
+        if unbiased:  # the same without the two set means' sampling noise
+            out["unbiased_mean_loss"] = torch.nanmean(unbiased_mean_error(genes, observed)).float()
         if self.mean_weight > 0:
             out["loss"] = out["loss"] + self.mean_weight * out["mean_loss"]
         if self.model.aux_head is not None and "pert_cell_aux" in batch:
@@ -210,6 +213,10 @@ class STLightningModule(L.LightningModule):
         if "decoder_loss" in losses:
             self.log("val/decoder_loss", losses["decoder_loss"], batch_size=n_sets, sync_dist=True)
         self.log("val/mean_loss", losses["mean_loss"], batch_size=n_sets, sync_dist=True)
+        if "unbiased_mean_loss" in losses:
+            self.log(
+                "val/unbiased_mean_loss", losses["unbiased_mean_loss"], batch_size=n_sets, sync_dist=True
+            )
         if "aux_loss" in losses:
             self.log("val/aux_loss", losses["aux_loss"], batch_size=n_sets, sync_dist=True)
 
