@@ -177,9 +177,9 @@ def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
     assert got["val_first"] == pytest.approx(1.50)
     assert got["val_change"] == pytest.approx(1.47 / 1.50 - 1)
     assert got["unbiased_first"] == pytest.approx(0.060) and got["unbiased_best"] == pytest.approx(0.030)
-    assert got["unbiased_change"] == pytest.approx(-0.5)
+    assert got["unbiased_change"] == pytest.approx(-0.030)  # absolute: best - first
     assert got["val_best"] == pytest.approx(1.47) and got["unbiased_mean_best"] == pytest.approx(0.003)
-    assert got["unbiased_mean_change"] == pytest.approx(-0.25)
+    assert got["unbiased_mean_change"] == pytest.approx(-0.001)
     other = df.loc["0906"]
     assert other["val_first"] == pytest.approx(1.8) and other["val_change"] == pytest.approx(
         1.8 / 41 / 1.8 - 1

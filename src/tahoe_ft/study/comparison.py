@@ -80,7 +80,8 @@ def _validation_change(df: pd.DataFrame | None) -> dict[str, float]:
     unbiased energy ``val/unbiased_loss`` (``unbiased_``) and the unbiased set-mean error
     ``val/unbiased_mean_loss`` (``unbiased_mean_``), the value at the first validation (``_first``, step 0 with
     checkpoint.validate_at_start) and at the best `val_loss` (``_best``, the step of best-val.pt) and the change
-    ``(best - first) / |first|`` (``_change``). NaN where the metrics lack them."""
+    (``_change``): relative for `val_loss` (best / first - 1), absolute for the unbiased ones (best - first:
+    they sit near 0, where a ratio means nothing). NaN where the metrics lack them."""
     out = dict.fromkeys(_VAL_COLUMNS, math.nan)
     if df is None or "val_loss" not in df.columns:
         return out
@@ -94,7 +95,10 @@ def _validation_change(df: pd.DataFrame | None) -> dict[str, float]:
         values = pd.to_numeric(df[column], errors="coerce")
         v_first, v_best = float(values[first]), float(values[best])
         out[f"{name}_first"], out[f"{name}_best"] = v_first, v_best
-        out[f"{name}_change"] = (v_best - v_first) / abs(v_first) if v_first else math.nan
+        if name == "val":
+            out["val_change"] = v_best / v_first - 1.0 if v_first else math.nan
+        else:
+            out[f"{name}_change"] = v_best - v_first
     return out
 
 
@@ -105,6 +109,8 @@ _VAL_METRICS = [
     ("val/unbiased_mean_loss", "unbiased_mean"),
 ]
 _VAL_COLUMNS = [f"{name}_{what}" for _, name in _VAL_METRICS for what in ("first", "best", "change")]
+#: how the tables print the changes: val_loss relative, the unbiased ones absolute
+_CHANGE_FORMATS = {"val_change": "{:.2%}", "unbiased_change": "{:+.4f}", "unbiased_mean_change": "{:+.2e}"}
 
 
 def _run_dirs(runs_dir: Path) -> list[Path]:
@@ -247,9 +253,9 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         "overlap_at_N": "DES",
         "best_val_loss": "best val",
         "best_step": "@step",
-        "val_change": "val Δ %",
-        "unbiased_change": "unbiased Δ %",
-        "unbiased_mean_change": "unb. mean Δ %",
+        "val_change": "val Δ",
+        "unbiased_change": "unbiased Δ",
+        "unbiased_mean_change": "unb. mean Δ",
         "final_decoder_loss": "dec loss",
         "steps": "steps",
         "wall_time_s": "wall s",
@@ -268,8 +274,8 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
                 cells.append("(baseline)")
             elif c == "leaderboard_score":
                 cells.append("-" if math.isnan(v) else f"{v:.1f}")
-            elif c in ("val_change", "unbiased_change", "unbiased_mean_change"):
-                cells.append("-" if pd.isna(v) else f"{100 * float(v):.1f}")
+            elif c in _CHANGE_FORMATS:
+                cells.append("-" if pd.isna(v) else _CHANGE_FORMATS[c].format(float(v)))
             elif c in ("best_step", "steps", "wall_time_s"):
                 cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
             else:
@@ -277,7 +283,7 @@ def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
         table.add_row(*cells, style=None if r["kind"] == "round" else "italic")
     # wide enough that no number is cut, also when stdout is a pipe or a narrow terminal
     console = Console()
-    Console(width=max(console.width, 150)).print(table)
+    Console(width=max(console.width, 200)).print(table)
 
 
 def _label(df: pd.DataFrame, i: int) -> str:
@@ -445,20 +451,16 @@ def _print_summary(summary: pd.DataFrame, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title + " - mean ± sd")
-    for name in ("entry", "n", "avg", "MAE", "PDS", "DES", "val Δ %", "unbiased Δ %", "unb. mean Δ %"):
+    for name in ("entry", "n", "avg", "MAE", "PDS", "DES", "val Δ", "unbiased Δ", "unb. mean Δ"):
         table.add_column(name, justify="left" if name == "entry" else "right", no_wrap=True)
     for _, r in summary.iterrows():
         label = r["experiment"] + (" (baseline)" if r["kind"] != "round" else "")
         cells = [f"{r[f'{c}_mean']:.3f} ± {r[f'{c}_sd']:.3f}" for c in ("avg_score", *METRICS)]
-        for c in (
-            "val_change",
-            "unbiased_change",
-            "unbiased_mean_change",
-        ):  # rounds; older summaries lack them
+        for c, fmt in _CHANGE_FORMATS.items():  # rounds only; older summaries lack them
             m, sd = r.get(f"{c}_mean", math.nan), r.get(f"{c}_sd", math.nan)
-            cells.append("-" if pd.isna(m) else f"{100 * m:.1f} ± {100 * sd:.1f}")
+            cells.append("-" if pd.isna(m) else f"{fmt.format(m)} ± {fmt.format(sd).lstrip('+')}")
         table.add_row(label, str(r["n"]), *cells, style=None if r["kind"] == "round" else "italic")
-    Console(width=max(Console().width, 120)).print(table)
+    Console(width=max(Console().width, 150)).print(table)
 
 
 def _plot_summary(summary: pd.DataFrame, path: Path) -> None:
