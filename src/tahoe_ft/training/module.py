@@ -155,13 +155,14 @@ class STLightningModule(L.LightningModule):
     def _losses(self, batch: dict[str, Any], unbiased: bool = False) -> dict[str, torch.Tensor]:
         """The losses of one batch; with `unbiased` (validation) also `unbiased_mean_loss` (the set-mean MSE
         without the set means' sampling noise) and, for the energy loss, `unbiased_<main|decoder>_loss` (the
-        same distance over pairs of distinct cells): each 0 on average for a perfect sampler."""
+        same distance over pairs of distinct cells, for the monitored one only): each 0 on average for a
+        perfect sampler."""
         energy_u = unbiased and self.loss_fn.name == "energy"
         pred, hidden = self._predict_sets(batch)
         target = batch["pert_cell_emb"].reshape_as(pred)
         main = self._distance(pred, target)
         out = {"main_loss": main, "loss": main}
-        if energy_u:
+        if energy_u and self._monitor == "main_loss":
             out["unbiased_main_loss"] = self._unbiased(pred, target)
         genes, observed = pred, target  # gene space: the raw-expression rounds' own output
         if self.has_decoder and "pert_cell_counts" in batch:
@@ -169,7 +170,7 @@ class STLightningModule(L.LightningModule):
             observed = batch["pert_cell_counts"].reshape_as(genes)
             dec = self._distance(genes, observed)
             out["decoder_loss"] = dec
-            if energy_u:
+            if energy_u and self._monitor == "decoder_loss":
                 out["unbiased_decoder_loss"] = self._unbiased(genes, observed)
             out["loss"] = main + self.decoder_weight * dec
         with torch.autocast(device_type=genes.device.type, enabled=False):  # logged whatever its weight
