@@ -36,12 +36,12 @@ def test_folds_of_a_toml_less_screen_hold_each_perturbation_out_once(tmp_path):
     assert [f.test for f in make_folds(data, 3, tmp_path / "other", seed=1)] != [f.test for f in folds]
 
 
-def _tiny_reproduce(tmp_path, *keys: str, steps: int = 4):
+def _tiny_reproduce(tmp_path, *keys: str, steps: int = 4, evaluate: str = "[0905]"):
     """`tahoe-ft reproduce` of pretrain -> 0905 over 2 folds on the tiny demo, tiny model, `steps` steps."""
     runs = tmp_path / "runs"
     data = [f"paths.data_cache={tmp_path / 'cache'}", *TINY_DEMO]
-    cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", "evaluate=[0905]", "folds=2",
-                                *keys, *data])  # fmt: skip
+    cfg = compose("reproduce", [f"runs_dir={runs}", "experiments=[pretrain,0905]", f"evaluate={evaluate}",
+                                "folds=2", *keys, *data])  # fmt: skip
     cfg.train_overrides = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
         "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", f"sched.warmup_steps={steps // 2}",
@@ -79,6 +79,22 @@ def test_reproduce_over_folds_and_seeds_reports_mean_and_sd(tmp_path):
     # the two folds are different splits: their held-out perturbations differ, so their panels do
     assert c[c["seed"] == 0]["avg_score"].nunique() == 2
     assert (runs / "compare.png").stat().st_size > 5_000
+
+
+def test_reproduce_over_folds_that_evaluates_nothing_trains_every_fold_and_compares_nothing(tmp_path):
+    """`evaluate=[]` (train the chains only, e.g. to predict on validation perturbations afterwards) ends
+    cleanly: every fold's rounds trained, reproduce.json written, no comparison attempted (it used to fail on
+    the folds' missing evaluations after all the training)."""
+    runs = _tiny_reproduce(tmp_path, steps=2, evaluate="[]")
+    for fold in ("fold-0", "fold-1"):
+        assert (runs / "seed-0" / fold / "0905" / "latest" / "checkpoints" / "best-val.pt").is_file()
+        assert not list((runs / "seed-0" / fold).glob("*/*/eval"))
+    summary = json.loads((runs / "reproduce.json").read_text())
+    assert summary["compare_csv"] is None
+    assert not (runs / "compare.csv").exists()
+    assert [s["stage"] for s in summary["stages"]] == [
+        "seed 0: train pretrain", "seed 0 fold-0: train 0905", "seed 0 fold-1: train 0905"
+    ]  # fmt: skip
 
 
 def test_reproduce_over_demo_generator_seeds_pools_every_data_set(tmp_path):

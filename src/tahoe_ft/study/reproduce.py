@@ -187,11 +187,12 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                 data = with_demo_seed(cfg.data, cfg.paths, d)
                 found = _cross_validate(cfg, clock, runs / f"data-{d}", data, seeds, prefix=f"data {d} ")
                 splits += [({"data_seed": d, **labels}, path) for labels, path in found]
-        clock.stage("compare over splits", compare_splits, splits, runs)
+        if cfg.evaluate:  # with nothing evaluated (evaluate=[]) there is nothing to compare
+            clock.stage("compare over splits", compare_splits, splits, runs)
     summary = {
         "wall_time_s": round(clock.wall, 1),
         "stages": clock.timings,
-        "compare_csv": str(runs / "compare.csv"),
+        "compare_csv": str(runs / "compare.csv") if cfg.evaluate else None,
     }
     write_json_atomic(runs / "reproduce.json", summary)
     console.rule(f"[bold green]reproduce finished in {clock.wall / 60:.1f} min")
