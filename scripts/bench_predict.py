@@ -252,6 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fast", action="store_true",
         help="also time `tahoe-ft predict precision=bf16 sets_per_pass=16` in the same run",
     )  # fmt: skip
+    ap.add_argument(
+        "--raw-basal", action="store_true",
+        help="also time `tahoe-ft predict recentre_basal=false` (the basal draws as drawn) in the same run",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     args.cells = args.cells or (4000 if args.quick else 20000)
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -286,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                 "precision=bf16",
                 f"sets_per_pass={FAST_SETS_PER_PASS}",
             )
+        if args.raw_basal:  # the default's re-centring of each group's basal draws, off: what it costs
+            commands["tahoe-ft predict raw draws"] = tahoe_ft(
+                *predict, f"run_dir={work / 'tahoe-pred-raw'}", "recentre_basal=false"
+            )
         if exe is None:
             print("state (arc-state) is not installed: state tx infer skipped")
         else:
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name].append(check(run_measured(cmd, log, work, env), name, log))
         info = json.loads((work / "tahoe-pred" / "predict.json").read_text())
         n_tahoe = info["n_pred_cells"] * (2 if info["shuffle"] else 1)
-        cells = {"tahoe-ft predict": n_tahoe, "tahoe-ft predict bf16": n_tahoe, "state tx infer": args.cells}
+        cells = {name: n_tahoe for name in commands} | {"state tx infer": args.cells}
 
         print(
             f"{args.repeats} runs of each, alternating; medians (cells/s = cells through the model / wall s)"
