@@ -35,30 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import tomllib
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from energy_floor import held_out  # scripts/energy_floor.py
 
 from tahoe_ft.evaluation.baselines import PRED_MAX, recentre
 from tahoe_ft.evaluation.feature_ridge import fit_feature_ridge, fit_on_groups
 from tahoe_ft.evaluation.score import score_predictions
 
 PERT, CT, CONTROL = "target_gene", "cell_type", "non-targeting"
-
-
-def split_lists(toml_path: Path) -> tuple[Path, list[str], list[str]]:
-    spec = tomllib.loads(toml_path.read_text())
-    (paths,) = spec["datasets"].values()
-    path = Path(paths[0] if isinstance(paths, list) else paths)
-    if not path.is_absolute():
-        path = (toml_path.parent / path).resolve()
-    val = sorted({p for e in spec.get("fewshot", {}).values() for p in e.get("val", [])})
-    test = sorted({p for e in spec.get("fewshot", {}).values() for p in e.get("test", [])})
-    return path, val, test
 
 
 def group_deltas(adata: ad.AnnData) -> dict[tuple[str, str], np.ndarray]:
@@ -160,7 +149,8 @@ def main() -> None:
     ap.add_argument("--num-threads", type=int, default=1)
     ap.add_argument("--split", choices=("test", "val"), default="test", help="the knock-outs scored")
     args = ap.parse_args()
-    path, val, test = split_lists(args.toml)
+    path, val = held_out(args.toml, "val")
+    _, test = held_out(args.toml, "test")
     if args.split == "val":  # score the validation knock-outs; the test ones stay out of all but the bounds
         val, test = test, val
     screen = ad.read_h5ad(path)
