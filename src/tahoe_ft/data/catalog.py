@@ -431,6 +431,31 @@ class CellCatalog:
         import anndata as ad
         import pandas as pd
 
+        rows, labels = draw_training_rows(self._training_draws(), max_per_group, seed)
+        x = self.read_expression(rows)
+        obs = pd.DataFrame(labels, columns=[self.pert_col, self.cell_type_col])
+        obs.index = [f"train{i}" for i in range(len(obs))]
+        obs = obs.astype("category")
+        return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(self.gene_names)))
+
+    def training_group_means(self, max_per_group: int, seed: int = 0) -> dict[tuple[str, str], np.ndarray]:
+        """`{(cell type, pert): float64 mean over genes}` of exactly the cells `training_cells` gives (controls
+        under the control label), read one group at a time: the same numbers as the means of its matrix, without
+        holding every training cell in memory at once (20,000 cells x 18,080 genes is 1.4 GB in float32)."""
+        rows, labels = draw_training_rows(self._training_draws(), max_per_group, seed)
+        means: dict[tuple[str, str], np.ndarray] = {}
+        start = 0
+        while start < len(labels):  # each draw's rows are contiguous, in draw order
+            pert, ct = labels[start]
+            stop = start + 1
+            while stop < len(labels) and labels[stop] == (pert, ct):
+                stop += 1
+            means[(ct, pert)] = self.read_expression(rows[start:stop]).astype(np.float64).mean(axis=0)
+            start = stop
+        return means
+
+    def _training_draws(self) -> list[tuple[str, np.ndarray, str, str]]:
+        """(order key, rows, pert, cell type) of every training group and every cell type's controls."""
         merged: dict[tuple[str, str], list[np.ndarray]] = {}
         for key, rows in self.groups("train").items():
             merged.setdefault((key.cell_type, key.pert), []).append(rows)
@@ -446,12 +471,7 @@ class CellCatalog:
             rows = ctrl[self.cell_type_of[ctrl] == self.cell_types.index(ct)]
             if rows.size:
                 draws.append((str(ct), rows, self.control_pert, ct))
-        rows, labels = draw_training_rows(draws, max_per_group, seed)
-        x = self.read_expression(rows)
-        obs = pd.DataFrame(labels, columns=[self.pert_col, self.cell_type_col])
-        obs.index = [f"train{i}" for i in range(len(obs))]
-        obs = obs.astype("category")
-        return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(self.gene_names)))
+        return draws
 
     def __repr__(self) -> str:
         return (

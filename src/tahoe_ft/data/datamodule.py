@@ -261,20 +261,20 @@ class PerturbationDataModule(L.LightningDataModule):
 
     def feature_ridge(self):
         """The baseline panel's feature ridge on this data's training groups and perturbation features (a
-        model's feature prior): fitted on `CellCatalog.training_cells` with eval's defaults, as `eval` fits it."""
+        model's feature prior): fitted on the group means of `CellCatalog.training_cells` with eval's defaults,
+        as `eval` fits it, read one group at a time (`training_group_means`: the same fit, to the bit)."""
         from tahoe_ft.config import EvalConfig
-        from tahoe_ft.evaluation.baselines import fit_feature_ridge_on_cells
+        from tahoe_ft.evaluation.feature_ridge import fit_on_groups
 
         cat = self.catalog
-        train = cat.training_cells(EvalConfig.max_train_cells_per_group, seed=0)
+        means = cat.training_group_means(EvalConfig.max_train_cells_per_group, seed=0)
+        deltas = {
+            (ct, p): m - means[(ct, cat.control_pert)]
+            for (ct, p), m in means.items()
+            if p != cat.control_pert
+        }
         features = {p: self.pert_matrix_np[i] for i, p in enumerate(cat.pert_names)}
-        return fit_feature_ridge_on_cells(
-            train,
-            pert_col=cat.pert_col,
-            control_pert=cat.control_pert,
-            celltype_col=cat.cell_type_col,
-            features=features,
-        )
+        return fit_on_groups(deltas, features)
 
     @property
     def batches(self) -> list[str] | None:

@@ -84,7 +84,7 @@ class _Training:
     """Group means of the training cells: `mean[(ct, pert)]` (log1p), `ctrl[ct]`, linear-scale control means."""
 
     def __init__(self, train: ad.AnnData, lab: _Labels, genes: list[str]):
-        x = _dense(train.X)
+        x = train.X  # float64 group by group, never the whole matrix at once (2.9 GB at 20,000 x 18,080)
         perts = train.obs[lab.pert_col].astype(str).to_numpy()
         cts = (
             train.obs[lab.celltype_col].astype(str).to_numpy()
@@ -96,13 +96,15 @@ class _Training:
         self.lin: dict[tuple[str, str], np.ndarray] = {}
         keys = pd.MultiIndex.from_arrays([cts, perts])
         for (ct, p), idx in pd.Series(np.arange(len(perts))).groupby(keys).groups.items():
-            rows = x[np.asarray(idx)]
+            rows = _dense(x[np.asarray(idx)])
             self.mean[(ct, p)] = rows.mean(axis=0)
             self.lin[(ct, p)] = np.expm1(rows).mean(axis=0)
             self.n[(ct, p)] = len(idx)
         self.control = lab.control_pert
         self.cell_types = sorted({ct for ct, _ in self.mean})
-        self.ctrl_rows = {ct: x[(cts == ct) & (perts == lab.control_pert)] for ct in self.cell_types}
+        self.ctrl_rows = {
+            ct: _dense(x[np.flatnonzero((cts == ct) & (perts == lab.control_pert))]) for ct in self.cell_types
+        }
         self.gene_index = {g: i for i, g in enumerate(genes)}
 
     def ctrl(self, ct: str) -> np.ndarray:
