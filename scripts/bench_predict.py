@@ -254,8 +254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ap.add_argument(
         "--raw-basal", action="store_true",
-        help="also time `tahoe-ft predict recentre_basal=false` (the basal draws as drawn) in the same run",
+        help="also time `tahoe-ft predict recentre_basal=false` (the basal draws as drawn; bf16 too with --fast)",
     )  # fmt: skip
+    ap.add_argument("--no-upstream", action="store_true", help="skip `state tx infer`")
     args = ap.parse_args(argv)
     args.cells = args.cells or (4000 if args.quick else 20000)
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -294,7 +295,17 @@ def main(argv: list[str] | None = None) -> None:
             commands["tahoe-ft predict raw draws"] = tahoe_ft(
                 *predict, f"run_dir={work / 'tahoe-pred-raw'}", "recentre_basal=false"
             )
-        if exe is None:
+            if args.fast:
+                commands["tahoe-ft predict bf16 raw draws"] = tahoe_ft(
+                    *predict,
+                    f"run_dir={work / 'tahoe-pred-bf16-raw'}",
+                    "precision=bf16",
+                    f"sets_per_pass={FAST_SETS_PER_PASS}",
+                    "recentre_basal=false",
+                )
+        if args.no_upstream:
+            print("state tx infer skipped (--no-upstream)")
+        elif exe is None:
             print("state (arc-state) is not installed: state tx infer skipped")
         else:
             commands["state tx infer"] = [
