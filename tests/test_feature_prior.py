@@ -199,8 +199,12 @@ def test_the_prior_is_fitted_group_by_group_to_the_same_bits_as_the_panels_fit(t
     from tahoe_ft.config import EvalConfig, compose
     from tahoe_ft.data import CellCatalog
     from tahoe_ft.datasets import ensure_files
-    from tahoe_ft.evaluation.baselines import _Labels, _Training, fit_feature_ridge_on_cells
-    from tahoe_ft.evaluation.feature_ridge import fit_on_groups
+    from tahoe_ft.evaluation.baselines import (
+        _Labels,
+        _Training,
+        fit_feature_ridge_on_cells,
+        fit_feature_ridge_on_means,
+    )
 
     data = compose("train", ["+experiment=0905", f"paths.data_cache={tmp_path}", *TINY_DEMO]).data
     ensure_files(data)
@@ -218,8 +222,7 @@ def test_the_prior_is_fitted_group_by_group_to_the_same_bits_as_the_panels_fit(t
         cells, pert_col=cat.pert_col, control_pert=cat.control_pert, celltype_col=cat.cell_type_col,
         features=feats,
     )  # fmt: skip
-    ctrl = cat.control_pert
-    got = fit_on_groups({(c, p): m - means[(c, ctrl)] for (c, p), m in means.items() if p != ctrl}, feats)
+    got = fit_feature_ridge_on_means(means, cat.control_pert, feats)
     assert np.array_equal(got.coef, want.coef) and np.array_equal(got.intercept, want.intercept)
     assert got.penalty == want.penalty
     # and with eval's default draw, as the datamodule fits it

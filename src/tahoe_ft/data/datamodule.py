@@ -264,17 +264,12 @@ class PerturbationDataModule(L.LightningDataModule):
         model's feature prior): fitted on the group means of `CellCatalog.training_cells` with eval's defaults,
         as `eval` fits it, read one group at a time (`training_group_means`: the same fit, to the bit)."""
         from tahoe_ft.config import EvalConfig
-        from tahoe_ft.evaluation.feature_ridge import fit_on_groups
+        from tahoe_ft.evaluation.baselines import fit_feature_ridge_on_means
 
         cat = self.catalog
         means = cat.training_group_means(EvalConfig.max_train_cells_per_group, seed=0)
-        deltas = {
-            (ct, p): m - means[(ct, cat.control_pert)]
-            for (ct, p), m in means.items()
-            if p != cat.control_pert
-        }
         features = {p: self.pert_matrix_np[i] for i, p in enumerate(cat.pert_names)}
-        return fit_on_groups(deltas, features)
+        return fit_feature_ridge_on_means(means, cat.control_pert, features)
 
     @property
     def batches(self) -> list[str] | None:

@@ -226,7 +226,16 @@ def _feature_ridge(
 
 
 def _fit_ridge(tr: _Training, features: Mapping[str, np.ndarray]) -> FeatureRidge:
-    return fit_on_groups({k: tr.delta(*k) for k in tr.perturbed()}, features)
+    return fit_feature_ridge_on_means(tr.mean, tr.control, features)
+
+
+def fit_feature_ridge_on_means(
+    means: Mapping[tuple[str, str], np.ndarray], control_pert: str, features: Mapping[str, np.ndarray]
+) -> FeatureRidge:
+    """The feature ridge from training group means `{(cell type, pert): mean over genes}` (each cell type's
+    controls under `control_pert`): every perturbed group's delta against its cell type's control mean."""
+    deltas = {(ct, p): m - means[(ct, control_pert)] for (ct, p), m in means.items() if p != control_pert}
+    return fit_on_groups(deltas, features)
 
 
 def fit_feature_ridge_on_cells(
