@@ -210,6 +210,26 @@ def test_basal_shifts_put_each_groups_draw_mean_on_the_written_controls_mean(tin
         np.testing.assert_allclose(moved - moved.mean(axis=0), raw - raw.mean(axis=0), atol=1e-5)
 
 
+def test_basal_shifts_read_each_control_cell_once(tiny_runs, monkeypatch):
+    """The draws of a cell type repeat its control cells: each distinct row is read once for all its groups."""
+    from tahoe_ft.checkpoints.io import load_checkpoint
+    from tahoe_ft.prediction.plan import basal_shifts, build_plan
+
+    ckpt = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
+    plan = build_plan(load_checkpoint(ckpt), ckpt, ckpt.parent, PredictConfig(ckpt=str(ckpt), device="cpu"))
+    read: list[np.ndarray] = []
+    original = plan.catalog.read_input
+    monkeypatch.setattr(plan.catalog, "read_input", lambda rows: read.append(rows.copy()) or original(rows))
+    basal_shifts(plan)
+    got = np.concatenate(read)
+    draws = np.concatenate(plan.basal_rows)
+    assert draws.size > np.unique(draws).size  # the fixture's draws do repeat cells
+    pools = {(k.dataset, k.cell_type) for k in plan.groups}
+    written = np.concatenate([np.intersect1d(plan.ctrl_rows, plan.catalog.controls(*p)) for p in pools])
+    want = np.unique(np.concatenate([draws, written]))
+    assert np.array_equal(np.sort(got), want)  # every needed row, none twice
+
+
 def test_prepacked_bf16_linears_give_the_numbers_of_bf16_nn_linear(tiny_runs):
     """predict precision=bf16 on a CPU with oneDNN's bf16 kernels prepacks every Linear weight once; each
     pass must give exactly what bf16 nn.Linear layers under autocast give (the path it replaced)."""
