@@ -41,6 +41,37 @@ def test_experiment_files_carry_the_case_study_values(tmp_path):
         assert f"init_from: {parent}" in raw
 
 
+def test_configs_in_the_folder_tahoe_ft_runs_from_are_found_beside_the_shipped_ones(tmp_path, monkeypatch):
+    """Your own `configs/experiment/NAME.yaml` (a sweep's best.yaml) and `configs/data/NAME.yaml`, in the folder
+    you run from, compose by name; without the folder they are unknown; a file named like a shipped option is
+    refused in one line (Hydra would silently take the shipped one)."""
+    user = tmp_path / "screen"
+    (user / "configs" / "experiment").mkdir(parents=True)
+    (user / "configs" / "data").mkdir()
+    (user / "configs" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /experiment/0905\n  - _self_\nexperiment: mine\n"
+        "optim:\n  lr: 0.00123\n"
+    )
+    (user / "configs" / "data" / "myscreen.yaml").write_text(
+        "defaults:\n  - custom\n  - _self_\npath: screen.h5ad\ninput_transform: counts\n"
+    )
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    with pytest.raises(UserError, match="unknown experiment 'mine'"):
+        compose("train", ["+experiment=mine"])
+    monkeypatch.chdir(user)
+    cfg = compose("train", ["+experiment=mine", "data=myscreen", f"paths.data_cache={tmp_path}"])
+    assert cfg.experiment == "mine" and cfg.optim.lr == pytest.approx(0.00123)
+    assert cfg.freeze.modules == ["transformer_backbone"]  # round 0905's recipe underneath
+    assert cfg.data.path == "screen.h5ad" and cfg.data.input_transform == "counts"
+    (user / "configs" / "experiment" / "0905.yaml").write_text("# @package _global_\nexperiment: '0905'\n")
+    with pytest.raises(UserError, match=r"experiment/0905.yaml: '0905' is the name of a shipped experiment"):
+        compose("train", ["+experiment=mine"])
+    (user / "configs" / "experiment" / "0905.yaml").unlink()
+    (user / "configs" / "data" / "custom.yaml").write_text("name: custom\npath: x.h5ad\n")
+    with pytest.raises(UserError, match=r"data/custom.yaml: 'custom' is the name of a shipped data option"):
+        compose("train", ["+experiment=mine", "data=myscreen"])
+
+
 def test_step_scale_scales_study_steps(tmp_path):
     cfg = compose(
         "train", ["+experiment=0908", "step_scale=0.01", f"paths.data_cache={tmp_path}", *TINY_DEMO]

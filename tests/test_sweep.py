@@ -150,7 +150,9 @@ def test_a_finished_study_is_continued_not_repeated_and_keeps_its_recipe(swept):
     assert {p.name: p.read_text() for p in folds_dir.iterdir()} == before  # the study's folds untouched
 
 
-def test_best_yaml_is_an_experiment_file_that_tahoe_ft_train_trains(swept, tmp_path, capsys):
+def test_best_yaml_is_an_experiment_file_that_tahoe_ft_train_trains(swept, tmp_path, capsys, monkeypatch):
+    """As best.yaml's header says: copied into configs/experiment/ of the folder tahoe-ft runs from (not the
+    package's), `tahoe-ft train +experiment=<name>` trains it."""
     cfg, summary = swept
     best = Path(summary["best_yaml"])
     text = best.read_text()
@@ -162,16 +164,15 @@ def test_best_yaml_is_an_experiment_file_that_tahoe_ft_train_trains(swept, tmp_p
         doc["optim"]["lr"] == params["optim.lr"] and doc["loss"]["mean_weight"] == params["loss.mean_weight"]
     )
     assert doc["step_scale"] == cfg.step_scale
-    name = f"zz-sweeptest-{os.getpid()}"  # copied into configs/experiment/ as the file says, then removed
-    target = config_dir() / "experiment" / f"{name}.yaml"
-    shutil.copyfile(best, target)
-    try:
-        args = [f"+experiment={name}", "pretrained=null", *TINY_DEMO, *TRAIN, "trainer.max_steps=3"]
-        cli.main(
-            ["train", *args, f"runs_dir={tmp_path / 'runs'}", f"paths.data_cache={cfg.paths.data_cache}"]
-        )
-    finally:
-        target.unlink()
+    name = "prune-best"
+    assert f"mkdir -p configs/experiment; cp {best} configs/experiment/{name}.yaml" in text
+    user = tmp_path / "screen"  # a user's folder: its configs/experiment/ holds the copy
+    (user / "configs" / "experiment").mkdir(parents=True)
+    shutil.copyfile(best, user / "configs" / "experiment" / f"{name}.yaml")
+    monkeypatch.chdir(user)
+    assert not (config_dir() / "experiment" / f"{name}.yaml").exists()
+    args = [f"+experiment={name}", "pretrained=null", *TINY_DEMO, *TRAIN, "trainer.max_steps=3"]
+    cli.main(["train", *args, f"runs_dir={tmp_path / 'runs'}", f"paths.data_cache={cfg.paths.data_cache}"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run_dir = Path(out["run_dir"])
     assert run_dir.parent.name == "prune-best" and out["best_val_loss"] is not None

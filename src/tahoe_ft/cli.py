@@ -175,7 +175,7 @@ def _run_hydra_app(command: str, args: list[str]) -> None:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    sys.argv = [f"tahoe-ft {command}", *args]
+    sys.argv = [f"tahoe-ft {command}", *config.searchpath_overrides(), *args]
     hydra.main(config_path=str(config.config_dir()), config_name=command, version_base="1.3")(task)()
 
 

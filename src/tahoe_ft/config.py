@@ -594,9 +594,47 @@ def config_dir() -> Path:
     raise UserError(f"configs/ not found next to {here}; reinstall tahoe-ft")  # pragma: no cover
 
 
+def user_config_dir() -> Path | None:
+    """`configs/` in the folder tahoe-ft runs from, when it exists and is not the shipped one: your own
+    experiment files (`configs/experiment/NAME.yaml`, e.g. a sweep's best.yaml), data sets (`configs/data/`)
+    and sweep spaces (`configs/sweep/`), found by name beside the shipped ones."""
+    cand = Path.cwd() / "configs"
+    if not cand.is_dir() or cand.resolve() == config_dir().resolve():
+        return None
+    return cand.resolve()
+
+
+def group_options(group: str) -> dict[str, Path]:
+    """`{name: file}` of a config group's options (`experiment`, `sweep`, `data`, ...): the shipped ones and
+    those of `user_config_dir()`. A file of yours with a shipped option's name is refused (Hydra would take the
+    shipped one and ignore yours)."""
+    found = {p.stem: p for p in (config_dir() / group).glob("*.yaml")}
+    user = user_config_dir()
+    for path in sorted((user / group).glob("*.yaml")) if user is not None else []:
+        if path.stem in found:
+            raise UserError(
+                f"{path}: '{path.stem}' is the name of a shipped {group} option, which would be used instead "
+                f"of your file; rename it (e.g. {path.stem}-mine.yaml) and pass {group}={path.stem}-mine"
+            )
+        found[path.stem] = path
+    return found
+
+
+def searchpath_overrides() -> list[str]:
+    """The Hydra override that adds `user_config_dir()` to the config search path ([] without one); a file
+    there named like a shipped option of its group is refused first (`group_options`)."""
+    user = user_config_dir()
+    if user is None:
+        return []
+    for group in sorted(p.name for p in user.iterdir() if p.is_dir() and (config_dir() / p.name).is_dir()):
+        group_options(group)
+    return [f"hydra.searchpath=[file://{user}]"]
+
+
 def experiments() -> list[str]:
-    """The experiment files in `configs/experiment/` (pretrain, 0826, ..., 0908, defaults-best)."""
-    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    """The experiment files: those shipped in `configs/experiment/` (pretrain, 0826, ..., 0908, defaults-best)
+    and yours in `./configs/experiment/` (`user_config_dir`)."""
+    return sorted(group_options("experiment"))
 
 
 def register() -> None:
@@ -620,7 +658,7 @@ def check_experiment_overrides(overrides: list[str]) -> None:
                 if v not in experiments():
                     raise UserError(f"unknown experiment '{v}'; choose one of: {', '.join(experiments())}")
         if key == "sweep" and val:  # `tahoe-ft sweep +sweep=NAME`: a search space in configs/sweep/
-            spaces = sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml"))
+            spaces = sorted(group_options("sweep"))
             if val not in spaces:
                 raise UserError(
                     f"unknown sweep space '{val}'; choose one of: {', '.join(spaces)} (configs/sweep/)"
@@ -637,7 +675,7 @@ def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
     check_experiment_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-            return hydra_compose(config_name=command, overrides=overrides)
+            return hydra_compose(config_name=command, overrides=[*searchpath_overrides(), *overrides])
     except (HydraException, OmegaConfBaseException) as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
@@ -657,7 +695,7 @@ def _below_null(command: str, overrides: list[str]) -> str:
     groups = [a for a in overrides if "." not in a.lstrip("+~").split("=", 1)[0]]
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-            cfg = hydra_compose(config_name=command, overrides=groups)
+            cfg = hydra_compose(config_name=command, overrides=[*searchpath_overrides(), *groups])
         for a in overrides:
             parts = a.lstrip("+~").split("=", 1)[0].split(".")
             for i in range(1, len(parts)):
@@ -684,7 +722,7 @@ def experiment_data(experiment: str) -> dict[str, Any]:
     (`defaults: [/experiment/0905, _self_]`, as a sweep's best.yaml does), merged in Hydra's order: the
     defaults list in turn, `_self_` where it stands (last when not listed). Called after Hydra has composed
     the same file, which refuses a cycle."""
-    spec = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{experiment}.yaml"))
+    spec = OmegaConf.to_container(OmegaConf.load(group_options("experiment")[experiment]))
     entries = list(spec.get("defaults") or [])
     if "_self_" not in entries:
         entries.append("_self_")

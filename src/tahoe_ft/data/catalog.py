@@ -420,6 +420,23 @@ class CellCatalog:
         """The model's input space (expression, or `obsm[embed_key]`) for global rows, float32."""
         return self.reader.read_global(rows, self.input_dim, expression=False)
 
+    def mean_inputs(self, row_sets: Sequence[np.ndarray], block: int) -> np.ndarray:
+        """float64 `[len(row_sets), input_dim]`: the mean model input of each set of global rows (a repeated row
+        counts each time), reading each distinct row of their union once, `block` rows at a time, in row order:
+        sets that share cells (basal draws of one cell type, a cell type's pool and its batches' pools) cost
+        one read of the cells they share."""
+        import scipy.sparse as sp
+
+        union, inverse = np.unique(np.concatenate(row_sets), return_inverse=True)
+        sizes = np.array([r.size for r in row_sets])
+        which = np.repeat(np.arange(len(row_sets)), sizes)
+        # counts[s, j]: how often set s holds row union[j] (duplicates summed on conversion to CSR)
+        counts = sp.csr_matrix((np.ones(inverse.size), (which, inverse)), shape=(len(row_sets), union.size))
+        total = np.zeros((len(row_sets), self.input_dim))
+        for a in range(0, union.size, block):
+            total += counts[:, a : a + block] @ self.read_input(union[a : a + block]).astype(np.float64)
+        return total / sizes[:, None]
+
     def training_cells(self, max_per_group: int, seed: int = 0) -> ad.AnnData:
         """Training perturbations and controls in gene space, for cell-eval's cell-mean baseline.
 

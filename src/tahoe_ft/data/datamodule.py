@@ -178,18 +178,11 @@ class PerturbationDataModule(L.LightningDataModule):
 
     def _pool_means(self, catalog: CellCatalog, chunk: int = 4096) -> np.ndarray:
         """float32 [n_pools, D_in]: the mean model input of each control pool's cells (data.recentre_basal),
-        read in chunks of `chunk` rows (18,080 genes x 4,096 rows = 0.3 GB at a time)."""
+        each distinct cell read once (a batch's pool shares its cells with its cell type's), in chunks of
+        `chunk` rows (18,080 genes x 4,096 rows = 0.3 GB at a time)."""
         p = self.pools
-        means = []
-        for start, size in zip(p.start.tolist(), p.size.tolist(), strict=True):
-            rows = p.rows[start : start + size]
-            total = None
-            for lo in range(0, rows.size, chunk):
-                part = catalog.read_input(rows[lo : lo + chunk])
-                s = part.astype(np.float64).sum(axis=0)
-                total = s if total is None else total + s
-            means.append((total / rows.size).astype(np.float32))
-        return np.stack(means)
+        pools = [p.rows[a : a + n] for a, n in zip(p.start.tolist(), p.size.tolist(), strict=True)]
+        return catalog.mean_inputs(pools, chunk).astype(np.float32)
 
     def _check_training_groups(self, train: Groups, catalog: CellCatalog) -> None:
         pert_train = train.pert != catalog.control_idx

@@ -299,21 +299,6 @@ def _cell_type_index(model, m: Manifest, groups: list[GroupKey]) -> torch.Tensor
     return torch.tensor([index.get(k.cell_type, -1) for k in groups], dtype=torch.int64)
 
 
-def _weighted_means(catalog: CellCatalog, row_sets: list[np.ndarray], block: int) -> np.ndarray:
-    """float64 `[len(row_sets), D_in]`: the mean model input of each set of rows (repeats count), reading each
-    distinct row of their union once, `block` rows at a time, in row order."""
-    import scipy.sparse as sp
-
-    union, inverse = np.unique(np.concatenate(row_sets), return_inverse=True)
-    which = np.repeat(np.arange(len(row_sets)), [r.size for r in row_sets])
-    # counts[s, j]: how often set s holds row union[j] (duplicates summed on conversion to CSR)
-    counts = sp.csr_matrix((np.ones(inverse.size), (which, inverse)), shape=(len(row_sets), union.size))
-    total = np.zeros((len(row_sets), catalog.input_dim))
-    for a in range(0, union.size, block):
-        total += counts[:, a : a + block] @ catalog.read_input(union[a : a + block]).astype(np.float64)
-    return total / np.array([r.size for r in row_sets], dtype=np.float64)[:, None]
-
-
 def basal_shifts(plan: PredictionPlan) -> np.ndarray:
     """Per held-out group, what moves the mean of its basal draws onto the mean of its (dataset, cell type)'s
     control cells in the output files (up to `max_controls` of them; cell-eval takes deltas against these):
@@ -328,6 +313,6 @@ def basal_shifts(plan: PredictionPlan) -> np.ndarray:
     for pool, gs in by_pool.items():
         # the control cells written into the files: what cell-eval takes deltas against
         written = np.intersect1d(plan.ctrl_rows, plan.catalog.controls(*pool))
-        means = _weighted_means(plan.catalog, [written] + [plan.basal_rows[g] for g in gs], plan.block_cells)
+        means = plan.catalog.mean_inputs([written] + [plan.basal_rows[g] for g in gs], plan.block_cells)
         shifts[gs] = means[0] - means[1:]
     return shifts

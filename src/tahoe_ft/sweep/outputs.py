@@ -5,8 +5,10 @@ against each parameter).
 `best.yaml` is the last round's experiment file with the space's fixed overrides and the best parameters on
 top: `defaults: [/experiment/<round>, _self_]` (plus `override /<group>: <choice>` for a config group the space
 sets), `experiment: <NAME>-best`, the sweep's `step_scale` (so `${scaled:N}` step counts are the trials'), and
-the values. Hydra finds an experiment file by name in `configs/experiment/`, so it trains once copied there:
-`cp <sweep>/best.yaml configs/experiment/<NAME>-best.yaml; tahoe-ft train +experiment=<NAME>-best data=...`.
+the values. tahoe-ft finds experiment files by name in `configs/experiment/` of the folder it runs from
+(`config.user_config_dir`) beside the shipped ones, so it trains once copied there:
+`mkdir -p configs/experiment; cp <sweep>/best.yaml configs/experiment/<NAME>-best.yaml;
+tahoe-ft train +experiment=<NAME>-best data=...`.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def best_yaml(plan: SweepPlan, number: int, value: float, params: dict[str, Any]
         f"# tahoe-ft sweep {plan.name}: the best trial, {number}, {cfg.objective} = {value!r} (mean over the",
         f"# folds' validation perturbations; study {plan.storage_url}).",
         f"# Round {exp}'s recipe (configs/experiment/{exp}.yaml) with the space's fixed overrides and the best",
-        "# parameters. Train it once copied into configs/experiment/ (Hydra finds experiments by name there):",
-        f"#   cp {plan.sweep_dir / 'best.yaml'} configs/experiment/{name}.yaml",
+        "# parameters. Train it once copied into configs/experiment/ of the folder you run tahoe-ft from",
+        "# (experiments are found by name there, beside the shipped ones):",
+        f"#   mkdir -p configs/experiment; cp {plan.sweep_dir / 'best.yaml'} configs/experiment/{name}.yaml",
         f"#   tahoe-ft train +experiment={name} data=...",
         f"# Its runs go to runs/{name}/. step_scale is the sweep's, so the rounds' ${{scaled:N}} step counts are the",
         "# trials'.",

@@ -144,9 +144,9 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
 
 
 def spaces() -> list[str]:
-    from tahoe_ft.config import config_dir
+    from tahoe_ft.config import group_options
 
-    return sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml"))
+    return sorted(group_options("sweep"))
 
 
 def _key(item: str) -> str:
