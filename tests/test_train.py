@@ -536,3 +536,41 @@ def test_aux_round_learns_x_state_from_the_cells_and_export_drops_its_head(tmp_p
     assert not any("aux_head" in k for k in exported["state_dict"])
     with pytest.raises(UserError, match=r"loss.aux_key='X_nope'.*not found"):
         train(tmp_path, "0907aux", "init_from=null", "loss.aux_key=X_nope")
+
+
+def test_a_run_without_validation_perturbations_ends_in_final_pt_that_predict_reads(tmp_path):
+    """Train on everything but the test knock-outs (a split whose val lists are empty): no validation loss
+    exists, so run.json says null (not Infinity, which is no JSON), final.pt holds the end weights with the data
+    manifest, `predict ckpt=final.pt` predicts the test groups, and the default `ckpt=best-val.pt` is refused in
+    one line rather than answered with an older run's best-val.pt."""
+    import re
+
+    from tahoe_ft.config import PredictConfig
+    from tahoe_ft.datasets.embedded import ensure_files
+    from tahoe_ft.prediction import predict
+
+    older = train(tmp_path, "0905", "pretrained=null")  # an earlier run with a best-val.pt
+    assert (older / "checkpoints" / "best-val.pt").is_file()
+    split = Path(compose("train", train_args(tmp_path, "0905")).data.split_toml)
+    ensure_files(compose("train", train_args(tmp_path, "0905")).data)
+    no_val = tmp_path / "no_val.toml"
+    no_val.write_text(re.sub(r"(?m)^val = .*$", "val = []", split.read_text()))
+    run = train(tmp_path, "0905", "pretrained=null", f"data.split_toml={no_val}")
+
+    def no_constants(name):
+        raise AssertionError(f"run.json holds {name}, which is not JSON")
+
+    info = json.loads((run / "run.json").read_text(), parse_constant=no_constants)
+    assert info["status"] == "finished" and info["steps"] == 6
+    assert info["best_val_loss"] is None and info["best_step"] is None
+    assert not (run / "checkpoints" / "best-val.pt").exists()
+    final = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
+    assert final["step"] == 6 and final["val_loss"] is None and final["manifest"]["pert_names"]
+
+    runs = tmp_path / "runs"
+    with pytest.raises(UserError, match=r"no validation loss, so it has final.pt and no best-val.pt"):
+        predict(PredictConfig(ckpt="best-val.pt", exp="0905", runs_dir=str(runs), device="cpu"))
+    out = predict(PredictConfig(ckpt="final.pt", exp="0905", runs_dir=str(runs), device="cpu"))
+    assert out == run
+    record = json.loads((run / "predict.json").read_text())
+    assert record["checkpoint_step"] == 6 and record["n_groups"] > 0

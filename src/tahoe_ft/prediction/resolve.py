@@ -42,6 +42,16 @@ def resolve_checkpoint(
     if RUN_REF.match(ckpt) or "/" in ckpt or os.sep in ckpt:
         path = resolve_ref(ckpt, runs_dir)
         return path, Path(run_dir) if run_dir else path if path.is_dir() else path.parent.parent
+    if not run_dir:
+        try:
+            newest = newest_training_run(runs_dir, exp)
+        except UserError:  # no run at all: said below, naming the checkpoint
+            newest = Path(os.devnull)
+        if not (newest / "checkpoints" / ckpt).exists() and (newest / "checkpoints" / "final.pt").exists():
+            raise UserError(  # not silently an older run's best-val.pt
+                f"the newest run {newest} had no validation loss, so it has final.pt and no {ckpt}; predict it "
+                f"with ckpt=final.pt, or an older run with run_dir=..."
+            )
     run = Path(run_dir) if run_dir else newest_training_run(runs_dir, exp, need=f"checkpoints/{ckpt}")
     path = run / "checkpoints" / ckpt
     if not path.is_file():

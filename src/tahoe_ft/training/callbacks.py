@@ -197,7 +197,9 @@ class RNGState(L.Callback):
 
 class CheckpointPolicy(L.Callback):
     """best-val.pt at the minimum val_loss, last.ckpt (full state) at every validation and at the end,
-    optional step-N.pt every N steps. All writes are atomic; run.json tracks the best so far."""
+    optional step-N.pt every N steps. All writes are atomic; run.json tracks the best so far. A run that
+    never had a finite validation loss (no validation perturbations: train on everything, predict the test
+    ones) gets final.pt instead of best-val.pt: the end weights, with the data manifest predict needs."""
 
     def __init__(
         self,
@@ -270,3 +272,9 @@ class CheckpointPolicy(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save_last(trainer)
+        if trainer.state.fn == "fit" and trainer.is_global_zero and self.best_step < 0:
+            step = trainer.global_step
+            atomic_torch_save(self._payload(pl_module, step, None), self.ckpt_dir / "final.pt")
+            log.info(
+                "no validation loss in this run: final.pt <- step %d (predict it with ckpt=final.pt)", step
+            )

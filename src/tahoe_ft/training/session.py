@@ -210,16 +210,20 @@ class RunSession:
             finished=now_iso(),
             wall_time_s=wall0 + time.perf_counter() - start,
             steps=trainer.global_step,
-            best_val_loss=policy.best_val,
-            best_step=policy.best_step,
+            # null, not Infinity (not JSON), when no validation loss was ever finite (see final.pt)
+            best_val_loss=policy.best_val if policy.best_step >= 0 else None,
+            best_step=policy.best_step if policy.best_step >= 0 else None,
             resumed=resumed,
         )
-        log.info(
-            "run finished: %s (best val_loss %.5f at step %d)",
-            self.run_dir,
-            policy.best_val,
-            policy.best_step,
-        )
+        if policy.best_step >= 0:
+            log.info(
+                "run finished: %s (best val_loss %.5f at step %d)",
+                self.run_dir,
+                policy.best_val,
+                policy.best_step,
+            )
+        else:
+            log.info("run finished: %s (no validation loss; checkpoints/final.pt)", self.run_dir)
 
 
 def _finish_wandb(trainer: Any, *, exit_code: int) -> None:
