@@ -433,8 +433,9 @@ class CellCatalog:
         # counts[s, j]: how often set s holds row union[j] (duplicates summed on conversion to CSR)
         counts = sp.csr_matrix((np.ones(inverse.size), (which, inverse)), shape=(len(row_sets), union.size))
         total = np.zeros((len(row_sets), self.input_dim))
-        for a in range(0, union.size, block):
-            total += counts[:, a : a + block] @ self.read_input(union[a : a + block]).astype(np.float64)
+        for a in range(0, union.size, block):  # a dense product (BLAS): scipy's sparse one is 3x slower here
+            x = self.read_input(union[a : a + block]).astype(np.float64)
+            total += counts[:, a : a + block].toarray() @ x
         return total / sizes[:, None]
 
     def training_cells(self, max_per_group: int, seed: int = 0) -> ad.AnnData:
