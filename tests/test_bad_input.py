@@ -68,7 +68,7 @@ CASES = [
     case("train-step-scale", "train", "+experiment=0905", "step_scale=-1", *TRAIN,
          needle="step_scale=-1.0 must be > 0"),
     case("train-max-steps", "train", "+experiment=0905", "trainer.max_steps=-3", *TRAIN,
-         needle="trainer.max_steps=-3 must be >= 1"),
+         needle="trainer.max_steps=-3 must be >= 0"),
     # -- predict ----------------------------------------------------------------------------------------------
     case("predict-ckpt-missing", "predict", "ckpt=bad/missing.pt",
          needle="checkpoint not found: bad/missing.pt"),

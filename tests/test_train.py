@@ -574,3 +574,16 @@ def test_a_run_without_validation_perturbations_ends_in_final_pt_that_predict_re
     assert out == run
     record = json.loads((run / "predict.json").read_text())
     assert record["checkpoint_step"] == 6 and record["n_groups"] > 0
+
+
+def test_max_steps_0_trains_nothing_and_keeps_the_starting_weights(tmp_path):
+    """`trainer.max_steps=0`: Lightning runs no training hook, yet the run still ends in a checkpoint of the
+    starting weights: best-val.pt at step 0 (validated), or final.pt without validation perturbations."""
+    parent = train(tmp_path, "0905", "pretrained=null")
+    start = torch.load(parent / "checkpoints" / "best-val.pt", weights_only=False)["state_dict"]
+    run = train(tmp_path, "0906", f"init_from={parent / 'checkpoints' / 'best-val.pt'}", steps=0)
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 0 and info["best_step"] == 0
+    got = torch.load(run / "checkpoints" / "best-val.pt", weights_only=False)
+    assert got["step"] == 0
+    assert all(torch.equal(got["state_dict"][k], v) for k, v in start.items())

@@ -272,9 +272,13 @@ class CheckpointPolicy(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save_last(trainer)
-        if trainer.state.fn == "fit" and trainer.is_global_zero and self.best_step < 0:
-            step = trainer.global_step
-            atomic_torch_save(self._payload(pl_module, step, None), self.ckpt_dir / "final.pt")
-            log.info(
-                "no validation loss in this run: final.pt <- step %d (predict it with ckpt=final.pt)", step
-            )
+
+    def save_final(self, trainer, pl_module) -> None:
+        """final.pt (the end weights, with the data manifest) when the run has no best-val.pt: called once
+        training and its last validation are over (also after `trainer.max_steps=0`, where Lightning calls no
+        training hook)."""
+        if self.best_step >= 0 or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        atomic_torch_save(self._payload(pl_module, step, None), self.ckpt_dir / "final.pt")
+        log.info("no validation loss in this run: final.pt <- step %d (predict it with ckpt=final.pt)", step)

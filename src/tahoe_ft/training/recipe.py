@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         if policy.last_val_step != trainer.global_step:  # best-val.pt also sees the final weights
             trainer.validate(module, datamodule=dm, verbose=False, weights_only=True)
+        policy.save_final(trainer, module)  # final.pt, in a run without a validation loss
     return run_dir
 
 
@@ -122,7 +123,9 @@ def check_steps(cfg: TrainConfig) -> None:
     # composition has already scaled the steps (each to at least 1): a step_scale <= 0 is refused here
     if not cfg.step_scale > 0:
         raise UserError(f"step_scale={cfg.step_scale} must be > 0; it multiplies the study's step counts")
-    for key in ("max_steps", "val_check_interval", "log_every_n_steps"):
+    if cfg.trainer.max_steps < 0:  # 0: no training, the starting weights are the run's result
+        raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
+    for key in ("val_check_interval", "log_every_n_steps"):
         if getattr(cfg.trainer, key) < 1:
             raise UserError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 1")
 
