@@ -183,3 +183,43 @@ def test_a_round_that_extends_another_keeps_its_data_block_in_reproduce_and_swee
         assert compose("train", [f"+experiment={target.stem}"]).data.batch_size == 32
     finally:
         target.unlink()
+
+
+def test_refit_trains_each_round_again_on_train_and_val_for_the_steps_validation_chose(tmp_path):
+    """`reproduce refit=true`: after each fold's chain, its rounds train again into `<fold>/refit/` with the
+    validation perturbations moved into training (the test ones still held out), each for its validation-chosen
+    step count and from its parent's refit, then are predicted from final.pt and scored beside a panel fitted on
+    the same perturbations; compare over splits in `runs/refit/`."""
+    import tomllib
+
+    runs = _tiny_reproduce(tmp_path, "refit=true", "experiments=[pretrain,0905,0906]", evaluate="[0905,0906]")
+    summary = json.loads((runs / "reproduce.json").read_text())
+    assert summary["refit_compare_csv"] == str(runs / "refit" / "compare.csv")
+    for fold in (0, 1):
+        chain = runs / "seed-0" / f"fold-{fold}"
+        refit = chain / "refit"
+        fold_toml = tomllib.loads((runs / "folds" / f"fold-{fold}.toml").read_text())
+        refit_toml = tomllib.loads((refit / "split.toml").read_text())
+        for key, table in fold_toml["fewshot"].items():
+            assert table["val"] and refit_toml["fewshot"][key] == {"val": [], "test": table["test"]}
+        parents = {}
+        for exp in ("0905", "0906"):
+            chosen = json.loads((chain / exp / "latest" / "run.json").read_text())
+            again = json.loads((refit / exp / "latest" / "run.json").read_text())
+            assert again["status"] == "finished" and again["steps"] == chosen["best_step"]
+            assert again["best_val_loss"] is None  # no validation perturbations left
+            assert (refit / exp / "latest" / "checkpoints" / "final.pt").is_file()
+            parents[exp] = (chosen["parent"], again["parent"])
+            manifest = json.loads((refit / exp / "latest" / "manifest.json").read_text())
+            val = [g for g in manifest["held_out"] if g["split"] == "val"]
+            test = {g["pert"] for g in manifest["held_out"] if g["split"] == "test"}
+            assert val == [] and test == {p for t in fold_toml["fewshot"].values() for p in t["test"]}
+            predicted = json.loads((refit / exp / "latest" / "predict.json").read_text())
+            assert predicted["checkpoint"].endswith(f"refit/{exp}/{again['run_id']}/checkpoints/final.pt")
+            assert (refit / exp / "latest" / "eval" / "score.json").is_file()
+        assert parents["0905"][1] == parents["0905"][0]  # the same base model
+        assert parents["0906"][1].endswith("checkpoints/final.pt") and "/refit/0905/" in parents["0906"][1]
+    over = pd.read_csv(runs / "refit" / "compare.csv")
+    assert {"0905", "0906", "feature_ridge", "ceiling"} <= set(
+        over["experiment"].astype(str).str.zfill(4)
+    ) | set(over["experiment"].astype(str))

@@ -450,6 +450,10 @@ class ReproduceConfig:
     # the demo's generator seeds (data.demo.seed): each is its own data set with its own folds
     # (runs_dir/data-D/...), all pooled in compare.csv; empty: the data set as configured
     data_seeds: list = field(default_factory=list)
+    # after each chain, train it again on training + validation perturbations, each round for the step count
+    # its validation chose (run.json's best_step) and from its parent's refit, then predict and score those
+    # rounds (`<chain>/refit/`; over splits: `runs_dir/refit/compare.csv`)
+    refit: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

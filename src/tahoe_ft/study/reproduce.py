@@ -14,6 +14,14 @@ and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the ba
 does not see the screen) is trained once per seed and shared by that seed's folds. `data_seeds=[...]` repeats
 all of it on demo data sets made with other generator seeds (`runs_dir/data-D/`). `compare.csv` then holds
 every round and every baseline as mean ± sd over the splits (`compare_splits.csv`: each split's rows).
+
+`refit=true` (`_refit_chain`): once a chain is trained and scored, its rounds are trained again into
+`<chain>/refit/` on the training and validation perturbations together (the validation perturbations move into
+training; the test ones stay out), each for the step count its validation chose (`best_step`, 0 included: then
+the refit round is its starting weights) and from its parent's refit (`final.pt`); the first gene-space round
+refits the feature prior on both. Those rounds are predicted and scored with the panel of the same training
+perturbations (its ridges then see the validation ones too), into `<chain>/refit/compare.csv` and, over splits,
+`runs_dir/refit/compare.csv`. Nothing in it chooses anything on the test perturbations.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from tahoe_ft.config import (
     config_dir,
 )
 from tahoe_ft.errors import UserError
-from tahoe_ft.runs import write_json_atomic
+from tahoe_ft.fileio import atomic_write_text
+from tahoe_ft.runs import RUN_REF, newest_run, read_run_info, resolve_ref, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +143,89 @@ def _chain(
             clock.stage(label, _compare, runs_dir)
 
 
+def refit_data(data: DataConfig, out_dir: Path) -> DataConfig:
+    """`data` with its validation perturbations (and cell types) moved into training: no val lists, and a split
+    TOML rewritten into `out_dir/split.toml` without its `val` entries (`[fewshot]` val lists emptied,
+    `[zeroshot]` val cell types dropped)."""
+    toml = None
+    if data.split_toml:
+        toml = str(out_dir / "split.toml")
+        atomic_write_text(Path(toml), _without_val(Path(data.split_toml)))
+    return dataclasses.replace(data, split_toml=toml, val_perts=[], val_cell_types=[])
+
+
+def _without_val(path: Path) -> str:
+    import json
+    import tomllib
+
+    doc = tomllib.loads(path.read_text())
+    q = json.dumps
+    lines = [f"# {path} without its validation entries (tahoe-ft reproduce refit=true)"]
+    for table in ("datasets", "training"):
+        lines += ["", f"[{table}]"] + [f"{q(k)} = {q(v)}" for k, v in (doc.get(table) or {}).items()]
+    zeroshot = {k: v for k, v in (doc.get("zeroshot") or {}).items() if v != "val"}
+    if zeroshot:
+        lines += ["", "[zeroshot]"] + [f"{q(k)} = {q(v)}" for k, v in zeroshot.items()]
+    for key, table in (doc.get("fewshot") or {}).items():
+        lines += ["", f"[fewshot.{q(key)}]", "val = []", f"test = {q(list(table.get('test') or []))}"]
+    return "\n".join(lines) + "\n"
+
+
+def _refit_chain(
+    cfg: ReproduceConfig,
+    clock: _Clock,
+    runs_dir: Path,
+    data: DataConfig,
+    overrides: Sequence[str] = (),
+    *,
+    seed: int,
+    prefix: str = "",
+    skip: Sequence[str] = (),
+) -> Path:
+    """The trained chain in `runs_dir` again on training + validation perturbations, into `runs_dir/refit`
+    (module docstring); returns that folder."""
+    out = runs_dir / "refit"
+    data = refit_data(data, out)
+    refitted: set[str] = set()
+    for exp in (experiment_name(e) for e in cfg.experiments):
+        if exp in skip:
+            continue
+        info = read_run_info(newest_run(runs_dir, exp))
+        steps = info.get("best_step")
+        if steps is None:
+            raise UserError(
+                f"refit=true: round {exp} in {runs_dir} has no best validation step (a split without "
+                "validation perturbations?); refit needs the step count validation chose"
+            )
+        args = [
+            f"step_scale={cfg.step_scale}",
+            f"runs_dir={out}",
+            f"seed={seed}",
+            *overrides,
+            *cfg.train_overrides,
+        ]
+        init = str(compose_round(exp, args, data=data, paths=cfg.paths).init_from or "")
+        parent = RUN_REF.match(init)
+        refit = [f"trainer.max_steps={steps}"]
+        if (
+            parent and parent.group("exp") in refitted
+        ):  # the parent's refit, not its validation-chosen weights
+            refit.append(f"init_from=run:{parent.group('exp')}/final.pt")
+        elif parent:  # a round not refitted (the base model): the run the chain itself started from
+            refit.append(f"init_from={resolve_ref(init, runs_dir)}")
+        clock.stage(f"{prefix}refit train {exp} ({steps} steps)", _train, exp, [*args, *refit], data, cfg)
+        refitted.add(exp)
+    for exp in (experiment_name(e) for e in cfg.evaluate):
+        config = PredictConfig(exp=exp, runs_dir=str(out), seed=seed, ckpt="final.pt")
+        clock.stage(f"{prefix}refit predict {exp}", _predict, config)
+    for exp in (experiment_name(e) for e in cfg.evaluate):
+        config = EvalConfig(exp=exp, runs_dir=str(out), profile=cfg.profile, num_threads=cfg.num_threads)
+        clock.stage(f"{prefix}refit eval {exp}", _evaluate, config)
+    if cfg.evaluate:
+        clock.stage(f"{prefix}refit compare", _compare, out)
+    return out
+
+
 def check_plan(cfg: ReproduceConfig) -> None:
     """What needs no data, checked before anything is generated, trained or written: `step_scale`, `folds`,
     the seeds, the rounds' names and every round's train config with `train_overrides` (composed, not run)."""
@@ -176,6 +268,9 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         )
     if cfg.folds == 0 and len(seeds) == 1 and not data_seeds:
         _chain(cfg, clock, runs, cfg.data, seed=seeds[0])
+        if cfg.refit:
+            _refit_chain(cfg, clock, runs, cfg.data, seed=seeds[0], skip=[BASE])
+        refit_csv = runs / "refit" / "compare.csv"
     else:
         from tahoe_ft.study.comparison import compare_splits
 
@@ -189,10 +284,15 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
                 splits += [({"data_seed": d, **labels}, path) for labels, path in found]
         if cfg.evaluate:  # with nothing evaluated (evaluate=[]) there is nothing to compare
             clock.stage("compare over splits", compare_splits, splits, runs)
+            if cfg.refit:
+                refits = [(labels, path / "refit") for labels, path in splits]
+                clock.stage("refit: compare over splits", compare_splits, refits, runs / "refit")
+        refit_csv = runs / "refit" / "compare.csv"
     summary = {
         "wall_time_s": round(clock.wall, 1),
         "stages": clock.timings,
         "compare_csv": str(runs / "compare.csv") if cfg.evaluate else None,
+        "refit_compare_csv": str(refit_csv) if cfg.refit and cfg.evaluate else None,
     }
     write_json_atomic(runs / "reproduce.json", summary)
     console.rule(f"[bold green]reproduce finished in {clock.wall / 60:.1f} min")
@@ -237,16 +337,17 @@ def _cross_validate(
             shared = [f"pretrained={(base_runs / BASE / 'latest').resolve() / 'checkpoints' / 'best-val.pt'}"]
         for fold in folds:
             name = "fold-own" if fold is None else f"fold-{fold.index}"
-            _chain(
+            split = (
                 cfg,
                 clock,
                 base_runs / name,
                 data if fold is None else fold_data(data, fold.toml),
                 shared,
-                seed=seed,
-                prefix=f"{prefix}seed {seed} {name}: ",
-                skip=[BASE],
             )
+            label = f"{prefix}seed {seed} {name}: "
+            _chain(*split, seed=seed, prefix=label, skip=[BASE])
+            if cfg.refit:
+                _refit_chain(*split, seed=seed, prefix=label, skip=[BASE])
             splits.append(({"seed": seed, "fold": "own" if fold is None else fold.index}, base_runs / name))
     return splits
 
