@@ -7,6 +7,7 @@ part on chains already trained, with the same overrides as the command that trai
 over the splits into `<runs_dir>/refit/compare.csv` (each split's in `<chain>/refit/`):
 
     .venv/bin/python scripts/refit_chains.py runs_dir=RUNS folds=2 "data_seeds=[0]" num_threads=1
+    .venv/bin/python scripts/refit_chains.py            # the chain of `bash scripts/demo.sh` in runs/
 
 It reads the folds the command dealt (`<runs_dir>[/data-D]/folds/fold-K.toml`), never deals them again, and
 each seed's base model from `seed-S/pretrain/latest` when `pretrain` is one of the experiments.
@@ -27,10 +28,14 @@ from tahoe_ft.study.reproduce import BASE, _Clock, _refit_chain, experiment_name
 
 def main(argv: list[str]) -> None:
     cfg = compose("reproduce", argv)
-    if cfg.folds < 2:
-        raise UserError("give the folds=K (>= 2) of the reproduce command that trained the chains")
     clock = _Clock(Console(stderr=True))
     runs = Path(cfg.runs_dir)
+    if cfg.folds == 0 and len(cfg.seeds) <= 1 and not cfg.data_seeds:  # one chain on the data set's own split
+        seed = int(cfg.seeds[0]) if cfg.seeds else 0
+        _refit_chain(cfg, clock, runs, cfg.data, seed=seed, skip=[BASE])
+        return
+    if cfg.folds < 2:
+        raise UserError("give the folds=K (>= 2) of the reproduce command that trained the chains")
     exps = [experiment_name(e) for e in cfg.experiments]
     splits = []
     for d in [int(s) for s in cfg.data_seeds] or [None]:
