@@ -207,12 +207,11 @@ def _refit_chain(
         init = str(compose_round(exp, args, data=data, paths=cfg.paths).init_from or "")
         parent = RUN_REF.match(init)
         refit = [f"trainer.max_steps={steps}"]
-        if (
-            parent and parent.group("exp") in refitted
-        ):  # the parent's refit, not its validation-chosen weights
-            refit.append(f"init_from=run:{parent.group('exp')}/final.pt")
-        elif parent:  # a round not refitted (the base model): the run the chain itself started from
-            refit.append(f"init_from={resolve_ref(init, runs_dir)}")
+        if parent is not None:
+            # the parent's refit, or for a round not refitted (the base model) what the chain started from
+            refitted_parent = parent.group("exp") in refitted
+            start = f"run:{parent.group('exp')}/final.pt" if refitted_parent else resolve_ref(init, runs_dir)
+            refit.append(f"init_from={start}")
         clock.stage(f"{prefix}refit train {exp} ({steps} steps)", _train, exp, [*args, *refit], data, cfg)
         refitted.add(exp)
     for exp in (experiment_name(e) for e in cfg.evaluate):
@@ -270,7 +269,6 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
         _chain(cfg, clock, runs, cfg.data, seed=seeds[0])
         if cfg.refit:
             _refit_chain(cfg, clock, runs, cfg.data, seed=seeds[0], skip=[BASE])
-        refit_csv = runs / "refit" / "compare.csv"
     else:
         from tahoe_ft.study.comparison import compare_splits
 
@@ -287,12 +285,11 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
             if cfg.refit:
                 refits = [(labels, path / "refit") for labels, path in splits]
                 clock.stage("refit: compare over splits", compare_splits, refits, runs / "refit")
-        refit_csv = runs / "refit" / "compare.csv"
     summary = {
         "wall_time_s": round(clock.wall, 1),
         "stages": clock.timings,
         "compare_csv": str(runs / "compare.csv") if cfg.evaluate else None,
-        "refit_compare_csv": str(refit_csv) if cfg.refit and cfg.evaluate else None,
+        "refit_compare_csv": str(runs / "refit" / "compare.csv") if cfg.refit and cfg.evaluate else None,
     }
     write_json_atomic(runs / "reproduce.json", summary)
     console.rule(f"[bold green]reproduce finished in {clock.wall / 60:.1f} min")
