@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -501,11 +500,38 @@ def test_papalexi_prepare_is_idempotent(papalexi):
 
 
 def test_ensure_papalexi_prefers_the_packaged_copy(tmp_path, monkeypatch, papalexi):
+    import lzma
+
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    shutil.copy(papalexi["papalexi"], pkg / datasets.PAPALEXI_FILE)
+    (pkg / datasets.PAPALEXI_PACKED).write_bytes(lzma.compress(papalexi["papalexi"].read_bytes()))
     monkeypatch.setattr(datasets, "PACKAGE_DATA", pkg)
     outs = datasets.ensure_papalexi(tmp_path / "cache")
-    assert outs["papalexi"] == pkg / datasets.PAPALEXI_FILE == datasets.papalexi_path(tmp_path / "cache")
+    assert outs["papalexi"] == tmp_path / "cache" / "papalexi" / datasets.PAPALEXI_FILE
+    assert outs["papalexi"] == datasets.papalexi_path(tmp_path / "cache")
+    assert outs["papalexi"].read_bytes() == papalexi["papalexi"].read_bytes()
     assert Path(_split(outs["papalexi_split"])["datasets"]["papalexi"]) == outs["papalexi"].resolve()
     assert outs["papalexi_gene_names"].read_text() == papalexi["papalexi_gene_names"].read_text()
+
+
+# the packaged copy, unpacked (what `data=papalexi` reads without the shared source): sha256 of its bytes
+PAPALEXI_UNPACKED_SHA256 = "f3c290a5bdeb64d64a056edcbbbb9c42988cd71763816088d9cd0fde70c65355"
+
+
+def test_the_packaged_papalexi_copy_unpacks_once_to_the_same_screen(tmp_path):
+    """The package ships Papalexi xz-compressed (under 1 MB in git); the first use unpacks it into the cache,
+    byte for byte the same file every time, and later uses find it there without unpacking again."""
+    import hashlib
+
+    packed = datasets.PACKAGE_DATA / datasets.PAPALEXI_PACKED
+    assert packed.stat().st_size < 1_000_000
+    path = datasets.papalexi_path(tmp_path / "cache")
+    assert path == tmp_path / "cache" / "papalexi" / datasets.PAPALEXI_FILE
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == PAPALEXI_UNPACKED_SHA256
+    a = ad.read_h5ad(path)
+    assert a.shape == (16192, 299) and a.X.dtype == np.float32
+    assert np.array_equal(a.X.data, np.round(a.X.data)) and a.obs["target_gene"].nunique() == 26
+    mtime = path.stat().st_mtime_ns
+    outs = datasets.ensure_papalexi(tmp_path / "cache")
+    assert path.stat().st_mtime_ns == mtime  # not unpacked again
+    assert Path(_split(outs["papalexi_split"])["datasets"]["papalexi"]) == path.resolve()
