@@ -14,7 +14,7 @@ from tahoe_ft.study.comparison import collect, compare
 
 METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
 COLUMNS = (
-    ["experiment", "run", "kind", "avg_score", "leaderboard_score"]
+    ["experiment", "run", "kind", "split", "avg_score", "leaderboard_score"]
     + METRICS
     + [f"norm_{m}" for m in METRICS]
     + [f"base_{m}" for m in METRICS]
@@ -185,3 +185,120 @@ def test_collect_reports_what_training_did_to_the_validation_loss(tmp_path):
         1.8 / 41 / 1.8 - 1
     )
     assert math.isnan(other["unbiased_first"]) and math.isnan(other["unbiased_change"])
+
+
+# -- baselines are keyed by the split they were scored on (issue #31) ----------------------------------------
+
+PANEL = {  # the same panel numbers on two splits: only the split tells them apart
+    "cell_mean": {
+        "avg_score": 0.0,
+        "leaderboard_score": 0.0,
+        "metrics": {"mae": 0.22, "discrimination_score_l1": 0.7, "overlap_at_N": 0.03},
+        "normalized": {"mae": 0.0, "discrimination_score_l1": 0.0, "overlap_at_N": 0.0},
+    },
+    "target_knockdown": {
+        "avg_score": 0.05,
+        "leaderboard_score": 5.0,
+        "metrics": {"mae": 0.21, "discrimination_score_l1": 0.72, "overlap_at_N": 0.04},
+        "normalized": {"mae": 0.01, "discrimination_score_l1": 0.1, "overlap_at_N": 0.04},
+    },
+}
+
+
+def _scored_run(runs, experiment, run_id, *, avg, test, val, data="/data/screen.h5ad", ckpt_from=None):
+    """A round trained, predicted and scored as the run-directory contract says: manifest.json with its
+    held-out groups, predict.json naming the checkpoint it used and the split it predicted, score.json with
+    the baseline panel."""
+    d, _ = _run(runs, experiment, run_id, avg=avg)
+    held = [
+        {"dataset": "screen", "cell_type": ct, "pert": p, "split": part}
+        for part, perts in (("val", val), ("test", test))
+        for p in perts
+        for ct in ("K562", "RPE1")
+    ]
+    manifest = {
+        "data_paths": [data],
+        "datasets": ["screen"],
+        "splits": {"val": val, "test": test},
+        "held_out": held,
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    ckpt = (ckpt_from or d) / "checkpoints" / "best-val.pt"
+    record = {"checkpoint": str(ckpt), "split": "test", "data_paths": [data], "n_groups": 2 * len(test)}
+    (d / "predict.json").write_text(json.dumps(record))
+    score = json.loads((d / "eval" / "score.json").read_text())
+    score["baselines"] = PANEL
+    (d / "eval" / "score.json").write_text(json.dumps(score))
+    return d
+
+
+def _split_of(runs, run_id):
+    df = collect(runs)
+    return df[(df["kind"] == "round") & (df["run"] == run_id)]["split"].item()
+
+
+def test_baselines_of_different_splits_are_never_pooled(tmp_path, capsys):
+    """Two splits whose panels score the same: today one bare "(baseline)" row stands for both. Every row
+    names its split; each split keeps its own panel rows (once, however many of its rounds were scored)."""
+    r = tmp_path / "runs"
+    a1 = _scored_run(r, "0905", "20260701-100000", avg=0.30, test=["HK2", "IER5L"], val=["KMT2A"])
+    _scored_run(r, "0906", "20260701-110000", avg=0.35, test=["HK2", "IER5L"], val=["KMT2A"])
+    b = _scored_run(r, "0905", "20260702-100000", avg=0.20, test=["HK2", "KMT2A"], val=["IER5L"])
+    df = collect(r)
+    rounds = df[df["kind"] == "round"].set_index("run")
+    split_a, split_b = rounds.loc["20260701-100000", "split"], rounds.loc["20260702-100000", "split"]
+    assert split_a.startswith("test@") and split_b.startswith("test@") and split_a != split_b
+    assert rounds.loc["20260701-110000", "split"] == split_a  # the same split, the same label
+    base = df[df["kind"] == "baseline"]
+    assert sorted(zip(base["experiment"], base["split"], strict=True)) == sorted(
+        (name, s) for name in PANEL for s in (split_a, split_b)
+    )
+    assert df.attrs["splits"][split_b].startswith("test perts HK2, KMT2A in 2 cell type(s) of screen.h5ad")
+    # only the split decides: another data file with the same held-out groups is another split
+    c = _scored_run(
+        r, "0905", "20260703-100000", avg=0.1, test=["HK2", "IER5L"], val=["KMT2A"], data="/x/o.h5ad"
+    )
+    assert _split_of(r, c.name) not in (split_a, split_b)
+    # a prediction made with another run's checkpoint was scored on that checkpoint's split
+    (c / "predict.json").write_text(
+        json.dumps({"checkpoint": str(b / "checkpoints" / "best-val.pt"), "split": "test", "data_paths": []})
+    )
+    (b / "manifest.json").rename(b / "manifest.moved")  # not found beside the checkpoint: the run's own
+    assert _split_of(r, c.name) != split_b
+    (b / "manifest.moved").rename(b / "manifest.json")
+    assert _split_of(r, c.name) == split_b
+
+    compare(r, tmp_path / "out")
+    printed = capsys.readouterr().out
+    csv_path = str(tmp_path / "out" / "compare.csv")
+    lines = [ln for ln in printed.splitlines() if ln.strip() != csv_path]  # a path is as long as it is
+    assert max(len(ln) for ln in lines) <= 100, max(lines, key=len)
+    assert split_a in printed and split_b in printed and str(tmp_path / "out" / "compare.csv") in printed
+    assert "2 splits" in printed
+    csv = pd.read_csv(tmp_path / "out" / "compare.csv", dtype={"run": str, "experiment": str})
+    assert list(csv.columns) == COLUMNS and set(csv["split"]) == set(df["split"]) | {
+        collect(r)["split"].iloc[0]
+    }
+    assert a1.name in set(csv["run"])
+
+
+def test_a_run_without_a_recorded_split_keeps_its_own_baselines(tmp_path):
+    """Scored files from elsewhere (no predict.json): the split is unknown ("-"), so their baselines are not
+    pooled with anyone's, not even each other's."""
+    r = tmp_path / "runs"
+    for run_id in ("20260701-100000", "20260702-100000"):
+        d, _ = _run(r, "0905", run_id, avg=0.3)
+        score = json.loads((d / "eval" / "score.json").read_text())
+        (d / "eval" / "score.json").write_text(json.dumps({**score, "baselines": PANEL}))
+    df = collect(r)
+    assert set(df["split"]) == {"-"}
+    assert (df["kind"] == "baseline").sum() == 2 * len(PANEL)
+
+
+def test_compare_on_a_file_says_it_is_a_file(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("not a folder\n")
+    with pytest.raises(UserError, match=r"runs_dir=.*runs.csv is a file, not a folder; .*runs_dir=<"):
+        compare(path)
+    with pytest.raises(UserError, match="is a file"):
+        collect(path)

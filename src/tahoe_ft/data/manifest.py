@@ -43,6 +43,11 @@ class Manifest:
     # [{"dataset", "cell_type", "pert", "split"}]; None in older manifests (then `splits` holds the
     # perturbations out in every cell type)
     held_out: list[dict[str, str]] | None = None
+    # lineage (tahoe_ft.lineage); None in older manifests and in manifests rebuilt without a training run
+    data_fingerprint: str | None = None  # fileio.data_fingerprint of data_paths
+    split_id: str | None = None  # lineage.split_id of held_out
+    trained: dict[str, list[str]] | None = None  # cell type -> perturbations with training cells
+    lineage: list[dict[str, Any]] | None = None  # the ancestors, parent first (lineage.entry_of)
 
     def to_dict(self, *, include_pert_matrix: bool = True) -> dict[str, Any]:
         """Plain python types (and the `pert_matrix` tensor): loads with `torch.load(weights_only=True)`.
@@ -69,6 +74,10 @@ class Manifest:
             "data_paths": list(self.data_paths),
             "datasets": list(self.datasets) if self.datasets is not None else None,
             "held_out": [dict(e) for e in self.held_out] if self.held_out is not None else None,
+            "data_fingerprint": self.data_fingerprint,
+            "split_id": self.split_id,
+            "trained": {k: list(v) for k, v in self.trained.items()} if self.trained is not None else None,
+            "lineage": [dict(e) for e in self.lineage] if self.lineage is not None else None,
         }
         if not include_pert_matrix:
             del out["pert_matrix"]

@@ -3,10 +3,17 @@
 Reads the run directory contract: ``runs_dir/<experiment>/<run_id>/`` with ``run.json``,
 ``<experiment>_metrics.csv`` (wide, one row per logging event) and, once evaluated, ``eval/score.json``.
 Writes ``compare.csv`` and ``compare.png`` in ``out_dir`` (default: ``runs_dir``).
+
+Every row names the split it was scored on (`split`, e.g. ``test@3fa2c1``: the scored part, then a short hash of
+the data and the held-out groups, read from the run's ``predict.json`` and its checkpoint's ``manifest.json``), and
+the baseline panel is listed once per split: a baseline scored on one split is never pooled with, or shown as, a
+baseline of another.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -129,7 +136,95 @@ def _run_dirs(runs_dir: Path) -> list[Path]:
     return out
 
 
+#: `split` of a run whose scored split is unknown (no predict.json, or no manifest beside its checkpoint)
+UNKNOWN_SPLIT = "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSplit:
+    """The split a run's prediction was scored on: which part (`scored`: test or val), the held-out groups of
+    the whole split (`held_out`: (dataset, cell type, perturbation, part)) and the data read (`data`)."""
+
+    scored: str
+    held_out: tuple[tuple[str, str, str, str], ...]
+    data: str  # the data's content fingerprint, or the paths of its files
+    files: str = ""  # the file names, to show
+
+    @property
+    def label(self) -> str:
+        """``<scored>@<6 hex>``: the hash covers the data and every held-out group (validation and test: the
+        training cells of the baseline panel are what the split leaves), so two splits never share a label."""
+        blob = json.dumps([self.data, [list(g) for g in self.held_out]])
+        return f"{self.scored}@{hashlib.sha256(blob.encode()).hexdigest()[:6]}"
+
+    def describe(self) -> str:
+        """One short line: what was scored, of which data."""
+        perts = sorted({p for _, _, p, part in self.held_out if part == self.scored})
+        cts = sorted({ct for _, ct, _, part in self.held_out if part == self.scored} - {"*"})
+        shown = ", ".join(perts[:4]) + (f" +{len(perts) - 4}" if len(perts) > 4 else "")
+        where = f" in {len(cts)} cell type(s)" if cts else ""
+        return f"{self.scored} perts {shown}{where} of {self.files or 'unknown data'}"
+
+
+def _manifest_of_prediction(run_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The data manifest of the checkpoint the prediction was made with: its run folder's ``manifest.json``
+    (`<run>/checkpoints/<file>` -> `<run>/manifest.json`), else this run's own."""
+    candidates = []
+    if record.get("checkpoint"):
+        candidates.append(Path(str(record["checkpoint"])).parent.parent / "manifest.json")
+    candidates.append(run_dir / "manifest.json")
+    for path in candidates:
+        if path.is_file():
+            return _read_json(path)
+    return None
+
+
+def scored_split(run_dir: str | os.PathLike) -> ScoredSplit | None:
+    """The split `run_dir`'s ``eval/score.json`` was scored on (None: unknown, e.g. files scored with
+    ``eval pred= real=``, or a run from before manifests recorded their split)."""
+    run_dir = Path(run_dir)
+    record = _read_json(run_dir / "predict.json") if (run_dir / "predict.json").is_file() else None
+    if not record:
+        return None
+    manifest = _manifest_of_prediction(run_dir, record)
+    if not manifest:
+        return None
+    if manifest.get("held_out") is not None:
+        groups = {
+            (
+                str(e.get("dataset", "")),
+                str(e.get("cell_type", "")),
+                str(e.get("pert", "")),
+                str(e.get("split", "")),
+            )
+            for e in manifest["held_out"]
+        }
+    else:  # older manifests: the perturbations held out in every cell type
+        groups = {
+            ("", "*", str(p), str(part))
+            for part, perts in (manifest.get("splits") or {}).items()
+            for p in perts
+        }
+    predicted = [str(p) for p in record.get("data_paths") or []]
+    trained = [str(p) for p in manifest.get("data_paths") or []]
+    # the data the prediction read: the training data's content fingerprint when predict read those same
+    # files, else the files it read
+    if manifest.get("data_fingerprint") and (not predicted or predicted == trained):
+        data = str(manifest["data_fingerprint"])
+    else:
+        data = ",".join(sorted(predicted or trained))
+    files = ", ".join(sorted({Path(p).name for p in predicted or trained}))
+    return ScoredSplit(
+        scored=str(record.get("split") or "test"), held_out=tuple(sorted(groups)), data=data, files=files
+    )
+
+
 def _check_runs_dir(runs_dir: Path) -> None:
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(
+            f"runs_dir={runs_dir} is a file, not a folder; compare reads the folder that tahoe-ft train writes "
+            "its runs into: pass runs_dir=<that folder> (default: runs)"
+        )
     if not runs_dir.is_dir():
         raise UserError(
             f"runs directory {runs_dir} does not exist; train a round (tahoe-ft train +experiment=NAME), "
@@ -141,17 +236,19 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per evaluated run (runs without ``eval/score.json`` are logged, not listed), best first.
 
     Columns: experiment, run, kind ("round", or "baseline" for the baseline panel and the data ceiling that
-    `eval` scored beside the rounds: one row per distinct baseline, `experiment` = its name), avg_score,
+    `eval` scored beside the rounds: one row per split and distinct baseline, `experiment` = its name), split
+    (the split the row was scored on, `ScoredSplit.label`; "-" when unknown), avg_score,
     leaderboard_score, the metrics (mae, discrimination_score_l1, overlap_at_N, plus any other metric a run's
     profile gave), ``norm_<metric>``, ``base_<metric>``, best_val_loss, best_step, final_decoder_loss (last
     non-empty ``train/decoder_loss``), steps, wall_time_s and what training did to the validation loss
     (`_validation_change`). Sorted by avg_score descending. Empty (with these
-    columns) when nothing is evaluated.
+    columns) when nothing is evaluated. ``attrs["splits"]``: each split label's description.
     """
     runs_dir = Path(runs_dir)
     _check_runs_dir(runs_dir)
     rows: list[dict[str, Any]] = []
     baselines: dict[tuple, dict[str, Any]] = {}
+    splits: dict[str, ScoredSplit] = {}
     pending: list[str] = []
     extra: list[str] = []
     for run_dir in _run_dirs(runs_dir):
@@ -168,16 +265,26 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         for m in metrics:
             if m not in METRICS and m not in extra:
                 extra.append(m)
-        row = _score_row(score, experiment=experiment, run=run_id, kind="round")
+        split = scored_split(run_dir)
+        label = split.label if split is not None else UNKNOWN_SPLIT
+        if split is not None:
+            splits.setdefault(label, split)
+        row = _score_row(score, experiment=experiment, run=run_id, kind="round", split=label)
         for name, b in (score.get("baselines") or {}).items():
             brow = _score_row(
-                {**b, "baseline": score.get("baseline")}, experiment=name, run=run_id, kind="baseline"
+                {**b, "baseline": score.get("baseline")},
+                experiment=name,
+                run=run_id,
+                kind="baseline",
+                split=label,
             )
-            # the same panel is scored beside every round of a split: one row per distinct panel entry
+            # the same panel is scored beside every round of a split: one row per split and distinct panel
+            # entry. A run whose split is unknown keeps its own rows: nothing says another run's are the same
             ident = (
+                label if split is not None else str(run_dir),
                 name,
                 f"{brow['avg_score']:.9g}",
-                *(f"{_num(v):.9g}" for _, v in sorted(b["metrics"].items())),
+                *(f"{_num(v):.9g}" for _, v in sorted((b.get("metrics") or {}).items())),
             )
             baselines.setdefault(ident, {**brow, "_dir": str(run_dir)})
         metrics_df = _read_metrics(_metrics_csv(run_dir, experiment))
@@ -199,7 +306,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
     names = METRICS + extra
     columns = (
-        ["experiment", "run", "kind", "avg_score", "leaderboard_score"]
+        ["experiment", "run", "kind", "split", "avg_score", "leaderboard_score"]
         + names
         + [f"norm_{m}" for m in names]
         + [f"base_{m}" for m in names]
@@ -210,17 +317,19 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     df = df.sort_values(["avg_score", "experiment", "run"], ascending=[False, True, True], na_position="last")
     df = df.reset_index(drop=True)
     df.attrs["run_dirs"] = df.pop("_dir").tolist()
+    df.attrs["splits"] = {label: splits[label].describe() for label in sorted(splits)}
     for c in ("best_step", "steps"):  # whole numbers, blank for baseline rows
         df[c] = df[c].astype("Int64")
     return df
 
 
-def _score_row(score: dict[str, Any], *, experiment: str, run: str, kind: str) -> dict[str, Any]:
+def _score_row(score: dict[str, Any], *, experiment: str, run: str, kind: str, split: str) -> dict[str, Any]:
     avg = _num(score.get("avg_score"))
     row: dict[str, Any] = {
         "experiment": experiment,
         "run": run,
         "kind": kind,
+        "split": split,
         "avg_score": avg,
         "leaderboard_score": _num(score.get("leaderboard_score", 100 * avg)),
     }
@@ -238,57 +347,72 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _print_table(df: pd.DataFrame, runs_dir: Path) -> None:
+#: the console table's columns (title), the key ones: everything else is in compare.csv. They fit
+#: `CONSOLE_WIDTH` with baseline names, run ids and split labels as tahoe-ft writes them
+_CONSOLE_COLUMNS = {
+    "experiment": "exp",
+    "run": "run",
+    "split": "split",
+    "avg_score": "avg",
+    "mae": "MAE",
+    "discrimination_score_l1": "PDS",
+    "overlap_at_N": "DES",
+    "val_change": "val Δ",
+}
+CONSOLE_WIDTH = 100
+
+
+def _print_table(df: pd.DataFrame, runs_dir: Path, csv_path: Path | None = None) -> None:
+    """The key columns of `df` in `CONSOLE_WIDTH` columns, the splits the rows were scored on, and where the
+    rest is (compare.csv)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"tahoe-ft runs in {runs_dir} (best first)")
-    cols = {
-        "experiment": "exp",
-        "run": "run",
-        "avg_score": "avg",
-        "leaderboard_score": "x100",
-        "mae": "MAE",
-        "discrimination_score_l1": "PDS",
-        "overlap_at_N": "DES",
-        "best_val_loss": "best val",
-        "best_step": "@step",
-        "val_change": "val Δ",
-        "unbiased_change": "unbiased Δ",
-        "unbiased_mean_change": "unb. mean Δ",
-        "final_decoder_loss": "dec loss",
-        "steps": "steps",
-        "wall_time_s": "wall s",
-    }
-    for c, title in cols.items():
-        table.add_column(
-            title,
-            justify="left" if c in ("experiment", "run") else "right",
-            no_wrap=True,
-        )
+    for c, title in _CONSOLE_COLUMNS.items():
+        left = c in ("experiment", "run", "split")
+        table.add_column(title, justify="left" if left else "right", no_wrap=True, overflow="ellipsis")
     for _, r in df.iterrows():
         cells = []
-        for c in cols:
+        for c in _CONSOLE_COLUMNS:
             v = r[c]
             if c == "run" and r["kind"] != "round":
                 cells.append("(baseline)")
-            elif c == "leaderboard_score":
-                cells.append("-" if math.isnan(v) else f"{v:.1f}")
             elif c in _CHANGE_FORMATS:
                 cells.append("-" if pd.isna(v) else _CHANGE_FORMATS[c].format(float(v)))
-            elif c in ("best_step", "steps", "wall_time_s"):
-                cells.append("-" if pd.isna(v) else f"{float(v):.0f}")
             else:
                 cells.append(_fmt(v, 3))
         table.add_row(*cells, style=None if r["kind"] == "round" else "italic")
-    # wide enough that no number is cut, also when stdout is a pipe or a narrow terminal
-    console = Console()
-    Console(width=max(console.width, 200)).print(table)
+    # a fixed width, also when stdout is a pipe (rich would take 80) or a wide terminal
+    console = Console(width=CONSOLE_WIDTH)
+    console.print(table)
+    splits = df.attrs.get("splits") or {}
+    for label, text in splits.items():
+        console.print(f"{label}: {text}", overflow="ellipsis", no_wrap=True, crop=True, highlight=False)
+    if len(splits) > 1:
+        console.print(
+            f"{len(splits)} splits: compare a round with rounds and baselines of its own split only",
+            highlight=False,
+        )
+    if (df["split"] == UNKNOWN_SPLIT).any():
+        console.print(
+            "split -: no predict.json and checkpoint manifest to say which split (such baselines are not pooled)",
+            highlight=False,
+        )
+    # the path on a line of its own: it is as long as it is
+    console.print(
+        "every other column (x100, norm_*, base_*, best val loss, steps, wall time, ...) is in",
+        highlight=False,
+    )
+    print(f"  {csv_path if csv_path is not None else 'compare.csv'}")
 
 
 def _label(df: pd.DataFrame, i: int) -> str:
     exp = df.loc[i, "experiment"]
-    return exp if (df["experiment"] == exp).sum() == 1 else f"{exp}/{df.loc[i, 'run']}"
+    if (df["experiment"] == exp).sum() == 1:
+        return exp
+    # a baseline of several splits is told apart by its split, a round by its run
+    return f"{exp}/{df.loc[i, 'split' if df.loc[i, 'kind'] != 'round' else 'run']}"
 
 
 def _plot(df: pd.DataFrame, path: Path) -> None:
@@ -385,7 +509,7 @@ def compare(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         )
     out_dir = Path(out_dir) if out_dir is not None else runs_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    _print_table(df, runs_dir)
+    _print_table(df, runs_dir, out_dir / "compare.csv")
     with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
     _plot(df, out_dir / "compare.png")

@@ -22,7 +22,16 @@ from tahoe_ft.checkpoints.io import format_report, init_from_weights, read_weigh
 from tahoe_ft.config import TrainConfig, as_dict
 from tahoe_ft.data import PerturbationDataModule
 from tahoe_ft.errors import UserError
-from tahoe_ft.runs import resolve_ref
+from tahoe_ft.fileio import data_fingerprint
+from tahoe_ft.lineage import (
+    check_no_leak,
+    lineage_of,
+    pick_parent,
+    read_manifest_json,
+    split_id,
+    trained_groups,
+)
+from tahoe_ft.runs import RUN_REF, list_runs, newest_run, read_run_info, resolve_ref
 from tahoe_ft.training.callbacks import (
     CheckpointPolicy,
     LRAndThroughput,
@@ -58,15 +67,19 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     resolved = as_dict(cfg)
     session = RunSession.plan(cfg, resolved)  # new run, resumed run, or a DDP worker joining rank 0's
 
-    # parent weights: weights only, never its optimizer, schedule or step
-    parent_path = resolve_ref(cfg.init_from, cfg.runs_dir) if cfg.init_from and not cfg.resume else None
-    parent = read_weights(parent_path) if parent_path else None
-
     dm = training_data(cfg)
     position = epoch_position(session.last_ckpt) if session.last_ckpt else None  # (epoch, batches, step)
     if position is not None:
         dm.resume_at(*position[:2])
     manifest = _manifest(dm, cfg)
+
+    # parent weights: weights only, never its optimizer, schedule or step; never one that saw our held-out groups
+    parent_path = _parent_path(cfg, manifest) if cfg.init_from and not cfg.resume else None
+    parent = read_weights(parent_path) if parent_path else None
+    if parent is not None:
+        _check_lineage(manifest, parent, parent_path)
+    elif session.last_ckpt is not None:  # resumed: the lineage the run started with
+        manifest["lineage"] = read_manifest_json(session.run_dir).get("lineage") or []
 
     parent_hp = parent.hparams if parent is not None else None
     hparams = build_hparams(cfg, dm.dims, parent_hp)
@@ -78,33 +91,34 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     log.info(floor_line(module.model, cfg, dm.dims))  # weights + gradients + AdamW state + batches in flight
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
-    if parent is not None:
-        # one-hot perturbation columns are mapped by name when both vocabularies are known
-        report = init_from_weights(
-            module.model, parent.state_dict, str(parent_path), parent=parent, manifest=manifest
-        )
-        session.write_init_report(report)
-        log.info(format_report(report))
-        module.fresh_modules = set(report["reinitialised_modules"])
-    elif session.last_ckpt is not None:  # resume: the groups the run's optimizer state was saved with
-        module.fresh_modules = _fresh_modules(run_dir)
-    if module.model.feature_prior is not None and not _prior_loaded(parent, module.model):
-        fit_feature_prior(module.model, dm)
+    with session.failing():  # a run that dies before fit is marked failed, not left running
+        if parent is not None:
+            # one-hot perturbation columns are mapped by name when both vocabularies are known
+            report = init_from_weights(
+                module.model, parent.state_dict, str(parent_path), parent=parent, manifest=manifest
+            )
+            session.write_init_report(report)
+            log.info(format_report(report))
+            module.fresh_modules = set(report["reinitialised_modules"])
+        elif session.last_ckpt is not None:  # resume: the groups the run's optimizer state was saved with
+            module.fresh_modules = _fresh_modules(run_dir)
+        if module.model.feature_prior is not None and not _prior_loaded(parent, module.model):
+            fit_feature_prior(module.model, dm)
 
-    policy = CheckpointPolicy(
-        run_dir,
-        cfg.experiment,
-        manifest,
-        resolved,
-        every_n_steps=cfg.checkpoint.every_n_steps,
-        save_last=cfg.checkpoint.save_last,
-    )
-    trainer = _trainer(
-        cfg,
-        run_dir,
-        [StopOnNonFinite(), freezer, policy, LRAndThroughput(), RNGState(), *(callbacks or [])],
-        position[2] if position else None,
-    )
+        policy = CheckpointPolicy(
+            run_dir,
+            cfg.experiment,
+            manifest,
+            resolved,
+            every_n_steps=cfg.checkpoint.every_n_steps,
+            save_last=cfg.checkpoint.save_last,
+        )
+        trainer = _trainer(
+            cfg,
+            run_dir,
+            [StopOnNonFinite(), freezer, policy, LRAndThroughput(), RNGState(), *(callbacks or [])],
+            position[2] if position else None,
+        )
     # the set sampler resumes mid-epoch itself (SetPlan.resume_from); Lightning cannot see that
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     with session.running(trainer, policy):
@@ -223,13 +237,58 @@ def _aux_key(cfg: TrainConfig) -> str | None:
 
 
 def _manifest(dm: PerturbationDataModule, cfg: TrainConfig) -> dict[str, Any]:
-    """The data manifest every checkpoint of the run carries (as a plain dict), with the encoder's name."""
+    """The data manifest every checkpoint of the run carries (as a plain dict), with the encoder's name and the
+    run's own lineage facts (data fingerprint, split id, training groups; the ancestors come with the parent)."""
     manifest = dm.manifest()
     if dataclasses.is_dataclass(manifest):
         manifest = dataclasses.replace(manifest, encoder=cfg.encoder.name).to_dict()
     else:
         manifest["encoder"] = cfg.encoder.name
+    manifest["data_fingerprint"] = data_fingerprint(manifest["data_paths"])
+    manifest["split_id"] = split_id(manifest["held_out"])
+    manifest["trained"] = trained_groups(dm.catalog.groups("train"))
+    manifest["lineage"] = []
     return manifest
+
+
+def _parent_path(cfg: TrainConfig, manifest: dict[str, Any]) -> Path:
+    """`init_from` as a file: `run:EXP/FILE` is the newest run of EXP on this data and split, or on other data
+    (a base model); see `tahoe_ft.lineage`."""
+    m = RUN_REF.match(str(cfg.init_from))
+    if m is None:
+        return resolve_ref(cfg.init_from, cfg.runs_dir)
+    exp, file = m.group("exp"), m.group("file") or "best-val.pt"
+    rel = file if "/" in file else f"checkpoints/{file}"
+    runs = [r for r in list_runs(cfg.runs_dir, exp) if (r / rel).exists()]
+    if not runs:
+        newest_run(cfg.runs_dir, exp, need=rel)  # raises: no run of EXP with that file
+    return pick_parent(
+        runs,
+        rel,
+        data_fingerprint=manifest["data_fingerprint"],
+        split=manifest["split_id"],
+        exp=exp,
+        runs_dir=Path(cfg.runs_dir).resolve(),
+    )
+
+
+def _check_lineage(manifest: dict[str, Any], parent: Any, parent_path: Path) -> None:
+    """Refuse a parent (or ancestor) that trained on a held-out group; record the lineage in the manifest."""
+    run_info = read_run_info(_run_folder_of(parent_path)) if parent.manifest else {}
+    lineage = lineage_of(parent.manifest, checkpoint=str(parent_path), run_info=run_info)
+    unchecked = check_no_leak(lineage, manifest["held_out"])
+    if unchecked:
+        log.warning(
+            "lineage: %s record no training groups (an upstream or older checkpoint): not checked for "
+            "held-out perturbations",
+            ", ".join(unchecked),
+        )
+    manifest["lineage"] = lineage
+
+
+def _run_folder_of(checkpoint: Path) -> Path:
+    """The tahoe-ft run folder of `<run>/checkpoints/<file>` (run.json beside `checkpoints/`)."""
+    return checkpoint.resolve().parent.parent
 
 
 def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:

@@ -153,6 +153,13 @@ class RunSession:
                 status="running",
                 started=now_iso(),
                 parent=str(parent) if parent else None,
+                data_fingerprint=manifest.get("data_fingerprint"),
+                split_id=manifest.get("split_id"),
+                # the ancestors, parent first (the checkpoints' manifests also hold what each trained on)
+                lineage=[
+                    {k: v for k, v in e.items() if k != "trained"} | {"checked": e.get("trained") is not None}
+                    for e in manifest.get("lineage") or []
+                ],
                 description=cfg.description,
                 wall_time_s=0.0,
                 steps=0,
@@ -171,6 +178,17 @@ class RunSession:
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # inherited by DDP worker processes
         return self.run_dir
 
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """Between `start` and `running`: a run that dies there (loading the parent's weights, fitting the
+        prior, building the trainer) is marked failed with the error's one line, not left "running"."""
+        try:
+            yield
+        except BaseException as exc:
+            if self.writes and self.run_dir is not None:
+                update_run_info(self.run_dir, status="failed", error=error_line(exc))
+            raise
+
     def write_init_report(self, report: dict[str, Any]) -> None:
         if self.writes and self.run_dir is not None:
             write_json_atomic(self.run_dir / "init_report.json", report)
@@ -187,7 +205,10 @@ class RunSession:
         except BaseException as exc:
             if self.writes:
                 update_run_info(
-                    self.run_dir, status="failed", wall_time_s=wall0 + time.perf_counter() - start
+                    self.run_dir,
+                    status="failed",
+                    error=error_line(exc),
+                    wall_time_s=wall0 + time.perf_counter() - start,
                 )
             _finish_wandb(trainer, exit_code=1)
             from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -224,6 +245,12 @@ class RunSession:
             )
         else:
             log.info("run finished: %s (no validation loss; checkpoints/final.pt)", self.run_dir)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line run.json keeps of the error a run died of."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 
 def _finish_wandb(trainer: Any, *, exit_code: int) -> None:
