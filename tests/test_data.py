@@ -874,3 +874,97 @@ def test_training_cells_are_train_groups_and_every_cell_types_controls(screens, 
     assert small.obs.groupby(["target_gene", "cell_type"], observed=True).size().max() == 3
     again = cat.training_cells(max_per_group=3, seed=0)
     np.testing.assert_array_equal(np.asarray(small.X), np.asarray(again.X))
+
+# ---------------------------------------------------------------------------------------------------------
+# nothing lost (issue #31): corrupted blocks, repeated gene names, anndata's legacy sparse layout
+
+
+def _legacy_h5sparse(src: ad.AnnData, path: Path) -> Path:
+    """`src` written as anndata < 0.7 wrote a sparse X: a group with `h5sparse_format` = "csr" and
+    `h5sparse_shape` (no `encoding-type`, no `shape`), its data/indices/indptr written by hand from a CSR."""
+    src.write_h5ad(path)
+    x = sp.csr_matrix(dense_x(src))
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        g = f.create_group("X")
+        g.attrs["h5sparse_format"] = "csr"
+        g.attrs["h5sparse_shape"] = np.array(x.shape)
+        g["data"], g["indices"], g["indptr"] = x.data, x.indices, x.indptr
+    return path
+
+
+def test_a_legacy_h5sparse_csr_x_is_read_as_anndata_reads_it(screens, tmp_path):
+    path = _legacy_h5sparse(screens["a"], tmp_path / "legacy.h5ad")
+    with h5py.File(path) as f:  # the layout the reader met: no encoding-type, no shape
+        assert "encoding-type" not in f["X"].attrs and "shape" not in f["X"].attrs
+    want = dense_x(ad.read_h5ad(path))  # anndata reads the legacy group
+    np.testing.assert_array_equal(want, dense_x(screens["a"]))
+    screen = H5Screen(path)
+    rows = np.array([5, 0, 111, 5, 42])
+    np.testing.assert_array_equal(screen.read_rows(rows), want[rows])
+    np.testing.assert_array_equal(screen.read_rows(np.arange(screen.n_obs)), want)
+    assert screen.verify().n == sp.csr_matrix(want).nnz
+    dm = make_dm([path])  # and a training opens it
+    np.testing.assert_array_equal(dm.catalog.read_expression(rows), want[rows])
+
+
+def test_repeated_var_names_are_refused_where_the_files_names_are_the_gene_list(screens, tmp_path):
+    genes = GENES[:-1] + [GENES[0]]  # g0 twice
+    path = _rewrite(screens["a"], tmp_path / "dup.h5ad", var_names=genes)
+    with pytest.raises(UserError, match=r"var_names of .*dup.h5ad repeat 1 gene names \('g0'\); make them"):
+        make_dm([path])
+    # a gene list that leaves the repeated name out reads the file: its genes are each one column
+    (tmp_path / "genes.csv").write_text("\n".join(GENES[1:-1]))
+    assert make_dm([path], gene_list=str(tmp_path / "genes.csv")).catalog.gene_names == GENES[1:-1]
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def test_check_reads_every_block_where_train_reads_a_sample(screens, tmp_path, monkeypatch):
+    path = _rewrite(screens["a"], tmp_path / "x.h5ad", X=_with_value(screens, np.nan, row=17))
+    monkeypatch.setattr(data_checks, "FULL_CHECK_ELEMENTS", 0)  # a file too big for train's full scan
+    monkeypatch.setattr(data_checks, "VALIDATE_ROWS", 2)  # whose sample (rows 0 and 119) misses row 17
+    data_checks.check_values(H5Screen(path), "log1p")
+    with pytest.raises(UserError, match="NaN or Inf.*row 17"):
+        data_checks.check_values(H5Screen(path), "log1p", every_block=True)
+
+
+def test_corrupted_csr_indices_are_one_line_naming_the_file(screens, tmp_path):
+    path = _rewrite(screens["a"], tmp_path / "x.h5ad")
+    with h5py.File(path) as f:
+        ds = f["X/indices"]
+        row = 60
+        at = int(f["X/indptr"][row])
+        offset = ds.id.get_offset() if ds.chunks is None else None
+        if offset is None:  # chunked: the chunk holding element `at`
+            info = next(
+                c
+                for c in (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks()))
+                if c.chunk_offset[0] <= at < c.chunk_offset[0] + ds.chunks[0]
+            )
+            offset = info.byte_offset + (at - info.chunk_offset[0]) * ds.dtype.itemsize
+        else:
+            offset += at * ds.dtype.itemsize
+    _overwrite(path, offset, b"\xff\x7f\x00\x00" * 4)  # column 32767 in a 30-gene file
+    screen = H5Screen(path)  # opens: the structure around X is intact
+    with pytest.raises(UserError, match=r"x.h5ad: X/indices holds column index 32767 \(row 60\), outside"):
+        screen.verify()
+    with pytest.raises(UserError, match=r"x.h5ad: 'X/indices' holds column indices outside \[0, 30\)"):
+        screen.read_rows(np.array([row]))  # what a training meets: one line, not scipy's ValueError
+    screen.read_rows(np.array([0, 1]))  # rows that are intact still read
+
+
+def test_an_unreadable_block_is_one_line_naming_the_file(screens, tmp_path):
+    path = tmp_path / "gz.h5ad"
+    screens["a"].write_h5ad(path, compression="gzip")
+    with h5py.File(path) as f:
+        info = f["X/data"].id.get_chunk_info(0)
+    _overwrite(path, info.byte_offset + 8, b"\x00" * min(64, info.size - 8))  # break the deflate stream
+    screen = H5Screen(path)
+    for read in (lambda: screen.read_rows(np.array([0])), screen.verify, lambda: make_dm([path])):
+        with pytest.raises(UserError, match=r"gz.h5ad is corrupted or unreadable \(OSError: .*copy it again"):
+            read()

@@ -125,9 +125,13 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
 def check(config: CheckConfig) -> dict[str, Any]:
     """Open and validate a data set exactly as `train` would; return what it found (trains nothing)."""
     config = checked(config)
+    from tahoe_ft.data.checks import check_values
     from tahoe_ft.training import training_data
 
     dm = training_data(config)
+    # train reads a sample of a large X; check reads every block, so a corrupted one is found here
+    for screen in dm.catalog.screens:
+        check_values(screen, config.data.input_transform, every_block=True)
     summary: dict[str, Any] = {
         "files": [str(p) for p in dm.data_paths],
         "dims": dict(dm.dims),

@@ -20,7 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tahoe_ft.config import DataConfig, checked
-from tahoe_ft.data.checks import check_obsm_values, check_obsm_widths, check_values, fmt_list
+from tahoe_ft.data.checks import (
+    check_obsm_values,
+    check_obsm_widths,
+    check_unique_genes,
+    check_values,
+    fmt_list,
+)
 from tahoe_ft.data.h5screen import H5Screen, ScreenSet
 from tahoe_ft.data.inputs import SplitToml, parse_split_toml, read_gene_list
 from tahoe_ft.data.manifest import Manifest
@@ -199,6 +205,9 @@ class CellCatalog:
         else:
             gene_names = read_gene_list(gene_list) if gene_list else None
             source = f"the gene list {gene_list}"
+        if gene_names is None:  # the files' var_names are the gene list: each name once
+            for s in screens:
+                check_unique_genes(s)
         self.gene_names, gene_cols = _resolve_genes(screens, gene_names, source, ckpt_fix)
         self.reader = ScreenSet(screens, gene_cols, input_transform=input_transform, embed_key=embed_key)
         self.offsets = self.reader.offsets

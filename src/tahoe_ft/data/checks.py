@@ -80,13 +80,18 @@ class ValueStats:
                     self.fraction_value = float(flat[i])
 
 
-def check_values(screen: H5Screen, input_transform: str, *, fix: str = "") -> None:
+def check_values(screen: H5Screen, input_transform: str, *, fix: str = "", every_block: bool = False) -> None:
     """NaN/Inf, negatives, and counts-vs-log1p, on a row sample or (small file, or counts) all of X; `fix`
-    replaces the advice to change data.input_transform (a checkpoint's transform is fixed)."""
-    full = input_transform == "counts" or screen.x_elements() <= FULL_CHECK_ELEMENTS
-    stats = (
-        screen.scan(want_libsize=input_transform == "counts") if full else screen.sample_stats(VALIDATE_ROWS)
-    )
+    replaces the advice to change data.input_transform (a checkpoint's transform is fixed). `every_block`
+    (`tahoe-ft check`): every block of X read and its CSR structure checked too (`H5Screen.verify`), whatever
+    the file's size, so a corrupted block is found before a training meets it."""
+    full = every_block or input_transform == "counts" or screen.x_elements() <= FULL_CHECK_ELEMENTS
+    if every_block:
+        stats = screen.verify()
+    elif full:
+        stats = screen.scan(want_libsize=input_transform == "counts")
+    else:
+        stats = screen.sample_stats(VALIDATE_ROWS)
     what = "all values" if full else f"a sample of {min(VALIDATE_ROWS, screen.n_obs)} rows"
     where = f"{screen.path}, X"
     told = (
@@ -110,6 +115,19 @@ def check_values(screen: H5Screen, input_transform: str, *, fix: str = "") -> No
         raise UserError(
             f"X has non-integer values (e.g. {stats.fraction_value:g} at row {stats.fraction_row}; {where}) "
             f"but {told}; {fix or 'set data.input_transform=log1p if X is already normalised'}"
+        )
+
+
+def check_unique_genes(screen: H5Screen) -> None:
+    """Each name of var appears once: a gene is then one column of every matrix that names it (a prediction's
+    var, cell-eval's tables), so two columns of one name cannot be trained on and then refused by predict."""
+    names = np.asarray(screen.var_names, dtype=object)
+    uniq, counts = np.unique(names.astype(str), return_counts=True)
+    dup = uniq[counts > 1]
+    if dup.size:
+        raise UserError(
+            f"var_names of {screen.path} repeat {dup.size} gene names ({fmt_list(dup.tolist())}); make them "
+            "unique (adata.var_names_make_unique(), or keep one column per gene) and write the file again"
         )
 
 

@@ -4,12 +4,17 @@ Obs columns, gene names, and rows of `X` (CSR group or dense dataset) or of `obs
 sorted and coalesced into contiguous runs (small gaps read through), the runs read as unions of hyperslabs
 (one HDF5 call per 128 runs and array), then densified in the caller's order. `indptr` lives in RAM; no row
 caches.
+
+A file that h5py cannot read (a corrupted block, a broken object header) is one `UserError` naming the file,
+wherever the read happens (`_readable`): train, predict and eval meet it as `check` does. `check` itself reads
+every block of X (`verify`): values, CSR indices and indptr.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +41,38 @@ SCAN_BLOCK_ELEMENTS = 1 << 22
 H5_CHUNK_CACHE_BYTES = 16 << 20
 
 
+# what h5py raises when the bytes of a file are not what its structure says (a corrupted chunk or object
+# header: "Can't synchronously read data", "Unable to synchronously open object (message not aligned)")
+_H5_READ_ERRORS = (OSError, KeyError, RuntimeError)
+
+
+def unreadable(path: str | os.PathLike, exc: BaseException) -> UserError:
+    """The one line for a file whose content h5py could not read."""
+    text = " ".join(str(exc).split())[:160]
+    return UserError(
+        f"{path} is corrupted or unreadable ({type(exc).__name__}: {text}); copy it again or rewrite it with "
+        "anndata's write_h5ad (`tahoe-ft check` reads every block of X)"
+    )
+
+
+def _readable(method: Callable) -> Callable:
+    """`method` of an `H5Screen` with h5py's read errors turned into one `UserError` naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _H5_READ_ERRORS as exc:
+            raise unreadable(self.path, exc) from None
+
+    return wrapper
+
+
+def _attr(attrs: h5py.AttributeManager, key: str) -> str:
+    value = attrs.get(key, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass
 class _MatrixInfo:
     name: str  # path inside the file: "X" or "obsm/<key>"
@@ -57,6 +94,7 @@ class H5Screen:
     in forked DataLoader workers, and pickling drops the handle.
     """
 
+    @_readable
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -144,19 +182,24 @@ class H5Screen:
             return self._matrices[name]
         obj = self._h5()[name]
         if isinstance(obj, h5py.Group):
-            enc = obj.attrs.get("encoding-type", "")
-            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            enc = _attr(obj.attrs, "encoding-type")
+            # anndata before 0.7 wrote sparse matrices as h5sparse groups: `h5sparse_format` ("csr"/"csc")
+            # and `h5sparse_shape` instead of `encoding-type` and `shape`; anndata still reads them
+            legacy = "h5sparse_format" in obj.attrs and not enc
+            if legacy:
+                enc = f"{_attr(obj.attrs, 'h5sparse_format')}_matrix"
+            shape_key = "h5sparse_shape" if legacy else "shape"
             if enc == "csc_matrix":
                 raise UserError(
                     f"{self.path}: '{name}' is a CSC matrix, which cannot be read by rows; "
                     "convert it with adata.X = adata.X.tocsr() and write the file again"
                 )
-            if not all(k in obj for k in ("data", "indices", "indptr")) or "shape" not in obj.attrs:
+            if not all(k in obj for k in ("data", "indices", "indptr")) or shape_key not in obj.attrs:
                 raise UserError(
                     f"{self.path}: '{name}' is neither a CSR matrix nor a dense array; "
                     "write the file with anndata (CSR or dense X)"
                 )
-            shape = tuple(int(s) for s in obj.attrs["shape"])
+            shape = tuple(int(s) for s in obj.attrs[shape_key])
             indptr = np.asarray(obj["indptr"][()], dtype=np.int64)
             if len(indptr) != shape[0] + 1:
                 raise UserError(f"{self.path}: '{name}/indptr' does not match its shape; the file is corrupt")
@@ -176,14 +219,17 @@ class H5Screen:
             raise UserError(f"{self.path}: {group} has no index ('{key}'); write the file with anndata")
         return np.asarray(_decode(g[key][()]), dtype=object)
 
+    @_readable
     def has_obs(self, column: str) -> bool:
         return column in self._h5()["obs"]
 
+    @_readable
     def obs_columns(self) -> list[str]:
         g = self._h5()["obs"]
         idx = g.attrs.get("_index", "_index")
         return [k for k in g.keys() if k != idx]
 
+    @_readable
     def obs_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """(codes int32 [n_obs], categories): categorical or plain obs column; -1 marks a missing value."""
         g = self._h5()["obs"]
@@ -213,14 +259,17 @@ class H5Screen:
         codes[mask] = -1
         return codes, [str(c) for c in cats]
 
+    @_readable
     def has_obsm(self, key: str) -> bool:
         return f"obsm/{key}" in self._h5()
 
+    @_readable
     def obsm_dim(self, key: str) -> int:
         return self._matrix_info(f"obsm/{key}").shape[1]
 
     # -- rows ---------------------------------------------------------------------------------------------
 
+    @_readable
     def read_rows(self, rows: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
         """X rows as float32 `[len(rows), n_cols]`, in the caller's order (rows may repeat).
 
@@ -228,6 +277,7 @@ class H5Screen:
         """
         return self._read(self.x, rows, cols, None)
 
+    @_readable
     def read_obsm_rows(self, key: str, rows: np.ndarray) -> np.ndarray:
         """`obsm[key]` rows as float32 `[len(rows), dim]`, in the caller's order."""
         if not self.has_obsm(key):
@@ -237,6 +287,7 @@ class H5Screen:
             )
         return self._read(self._matrix_info(f"obsm/{key}"), rows, None, None)
 
+    @_readable
     def read_log1p(self, rows: np.ndarray, cols: np.ndarray | None, input_transform: str) -> np.ndarray:
         """log1p-normalised expression: X as is for "log1p"; normalize_total(1e4) + log1p for "counts"."""
         if input_transform == "log1p":
@@ -246,6 +297,7 @@ class H5Screen:
             self._scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
         return self._read(self.x, rows, cols, self._scale)
 
+    @_readable
     def library_sizes(self) -> np.ndarray:
         """Per-cell sum over all genes of X (float32, 4 bytes/cell), computed once in blocks."""
         if self._libsize is None:
@@ -308,6 +360,11 @@ class H5Screen:
         ind = np.empty(data.size, dtype=ind_ds.dtype if ind_ds.dtype.kind in "iu" else np.int64)
         self._read_runs(self._dataset(f"{info.name}/data"), indptr[first], indptr[last + 1], data)
         self._read_runs(ind_ds, indptr[first], indptr[last + 1], ind)
+        if ind.size and (int(ind.min()) < 0 or int(ind.max()) >= info.shape[1]):
+            raise UserError(
+                f"{self.path}: '{info.name}/indices' holds column indices outside [0, {info.shape[1]}); the file "
+                "is corrupted: copy it again or rewrite it with anndata's write_h5ad"
+            )
         span_indptr = np.concatenate([[0], np.cumsum(indptr[span + 1] - indptr[span])])
         if cols is not None:  # select and reorder genes before densifying
             colmap = np.full(info.shape[1], -1, dtype=np.int64)
@@ -369,6 +426,7 @@ class H5Screen:
                 r1 = min(r0 + step, self.n_obs)
                 yield r0, r1, np.asarray(ds[r0:r1], dtype=np.float32), None
 
+    @_readable
     def scan(self, *, want_libsize: bool) -> ValueStats:
         """One pass over all of X in blocks: value statistics, and library sizes when asked."""
         stats = ValueStats()
@@ -385,6 +443,42 @@ class H5Screen:
             self._libsize = lib
         return stats
 
+    @_readable
+    def verify(self) -> ValueStats:
+        """Every block of X read (`tahoe-ft check`): value statistics as `scan` gives them, and for CSR its
+        structure: `indptr` starts at 0, never decreases and ends at the number of stored values, and every
+        column index lies in [0, n_vars). A corrupted block is one `UserError` naming the file (h5py's read
+        error, or the first structural fault found), not a traceback in the middle of a training."""
+        if self.x.sparse:
+            indptr = self.x.indptr
+            assert indptr is not None
+            n_stored = int(self._dataset("X/data").shape[0])
+            fault = None
+            if indptr[0] != 0 or (np.diff(indptr) < 0).any():
+                fault = "X/indptr does not rise from 0"
+            elif int(indptr[-1]) != n_stored or int(self._dataset("X/indices").shape[0]) != n_stored:
+                fault = f"X/indptr ends at {int(indptr[-1])}, but X/data and X/indices hold other lengths"
+            else:
+                ind_ds = self._dataset("X/indices")
+                for a in range(0, n_stored, SCAN_BLOCK_ELEMENTS):
+                    ind = ind_ds[a : a + SCAN_BLOCK_ELEMENTS]
+                    bad = np.flatnonzero((ind < 0) | (ind >= self.n_vars))
+                    if bad.size:
+                        at = a + int(bad[0])
+                        row = int(np.searchsorted(indptr, at, side="right")) - 1
+                        fault = (
+                            f"X/indices holds column index {int(ind[bad[0]])} (row {row}), outside "
+                            f"[0, {self.n_vars})"
+                        )
+                        break
+            if fault:
+                raise UserError(
+                    f"{self.path}: {fault}; the file is corrupted: copy it again or rewrite it with anndata's "
+                    "write_h5ad"
+                )
+        return self.scan(want_libsize=False)
+
+    @_readable
     def sample_stats(self, n_rows: int = VALIDATE_ROWS) -> ValueStats:
         """Value statistics over a deterministic, evenly spaced sample of rows."""
         rows = np.unique(np.linspace(0, self.n_obs - 1, min(n_rows, self.n_obs)).astype(np.int64))
