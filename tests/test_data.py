@@ -480,26 +480,32 @@ mixed = "train"
 
 [fewshot."first.A"]
 val = ["P1"]
-test = ["P2", "P1"]
+test = ["P2", "P3"]
+
+[fewshot."mixed.A"]
+val = ["P1"]
+test = ["P2", "P3"]
 """
     )
     parsed = parse_split_toml(toml)
     assert [p.name for p in parsed.datasets["first"]] == ["a.h5ad", "b.h5ad"]
     assert parsed.zeroshot == {("mixed", "C"): "val"}
-    assert parsed.fewshot[("first", "A")] == {"val": ["P1"], "test": ["P2", "P1"]}
+    assert parsed.fewshot[("first", "A")] == {"val": ["P1"], "test": ["P2", "P3"]}
 
     dm = make_dm([], split_toml=str(toml))  # data.path empty: files come from the TOML
     assert [Path(p).name for p in dm.data_paths] == ["a.h5ad", "b.h5ad", "c.h5ad"]
     cells_val, cells_test = dm.catalog.groups("val"), dm.catalog.groups("test")
-    assert set(cells_val) == {GroupKey("first", "A", "P1")} | {GroupKey("mixed", "C", p) for p in PERTS}
-    assert set(cells_test) == {GroupKey("first", "A", "P1"), GroupKey("first", "A", "P2")}
-    # few-shot is per (dataset, cell type): P1 of cell type A in c.h5ad ("mixed") and of B stay in training
+    held_a = {GroupKey(ds, "A", "P1") for ds in ("first", "mixed")}
+    assert set(cells_val) == held_a | {GroupKey("mixed", "C", p) for p in PERTS}
+    assert set(cells_test) == {GroupKey(ds, "A", p) for ds in ("first", "mixed") for p in ("P2", "P3")}
+    # few-shot is per cell type: P1 of cell type B stays in training (A holds it out in both its datasets)
     labels = global_labels(screens, ("a", "b", "c"))
     offsets = dm.catalog.offsets
     a_rows = set(range(offsets[0], offsets[1]))
+    b_rows = set(range(offsets[1], offsets[2]))
     train_rows = {r for b in dm.train_dataloader() for r in b["pert_rows"].numpy().reshape(-1).tolist()}
     p1 = set(np.flatnonzero(labels["target_gene"].to_numpy() == "P1").tolist())
-    assert train_rows & p1 and not train_rows & p1 & a_rows
+    assert train_rows & p1 and train_rows & p1 <= b_rows
     assert cells_val[GroupKey("first", "A", "P1")].tolist() == sorted(p1 & a_rows)
 
 

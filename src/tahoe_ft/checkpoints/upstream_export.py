@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from tahoe_ft.checkpoints.io import model_from_weights, read_weights
-from tahoe_ft.checkpoints.upstream_folder import _toml_text
 from tahoe_ft.checkpoints.upstream_hparams import upstream_hparams
+from tahoe_ft.data.split_file import format_split_toml
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_path, atomic_write_text
 from tahoe_ft.model.st import DROPPED_UPSTREAM_KEYS, module_of
@@ -40,22 +40,20 @@ def split_toml_of(manifest: Any) -> str:
         manifest.datasets or [Path(x).stem for x in manifest.data_paths], manifest.data_paths, strict=True
     ):
         datasets.setdefault(ds, []).append(str(Path(p).resolve()))
-    fewshot: dict[str, dict[str, list[str]]] = {}
+    fewshot: dict[tuple[str, str], dict[str, list[str]]] = {}
     if manifest.held_out is not None:
         for e in manifest.held_out:
-            table = fewshot.setdefault(f"{e['dataset']}.{e['cell_type']}", {"val": [], "test": []})
+            table = fewshot.setdefault((e["dataset"], e["cell_type"]), {"val": [], "test": []})
             table[e["split"]].append(e["pert"])
     else:  # older manifests: the perturbations are out in every cell type
         for ds in datasets:
             for ct in manifest.cell_types:
-                fewshot[f"{ds}.{ct}"] = {s: list(manifest.splits.get(s, [])) for s in ("val", "test")}
-    doc = {
-        "datasets": {k: v[0] if len(v) == 1 else v for k, v in datasets.items()},
-        "training": {k: "train" for k in datasets},
-        "fewshot": {k: {s: sorted(v[s]) for s in ("val", "test")} for k, v in sorted(fewshot.items())},
-    }
-    head = "# cell-load style split, written by tahoe-ft export-state from the checkpoint's held-out groups\n"
-    return head + _toml_text(doc)
+                fewshot[(ds, ct)] = {s: list(manifest.splits.get(s, [])) for s in ("val", "test")}
+    return format_split_toml(
+        {k: v[0] if len(v) == 1 else v for k, v in datasets.items()},
+        fewshot={k: {s: sorted(v[s]) for s in ("val", "test")} for k, v in sorted(fewshot.items())},
+        header="cell-load style split, written by tahoe-ft export-state from the checkpoint's held-out groups",
+    )
 
 
 def export_state(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -235,20 +235,9 @@ class RunFolder:
 
 def _parse_with_files(src: str | os.PathLike, dataset: str, files: list[Path]):
     """`parse_split_toml` of `src` with its one dataset's files replaced by `files` (which must exist)."""
-    import tempfile
-    import tomllib
+    from tahoe_ft.data.split_file import parse_split_toml
 
-    from tahoe_ft.data.inputs import parse_split_toml
-
-    for f in files:
-        if not f.is_file():
-            raise UserError(f"data file {f} not found; check data_path=")
-    doc = tomllib.loads(Path(src).read_text())
-    doc["datasets"] = {dataset: [str(f.resolve()) for f in files]}
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "split.toml"
-        p.write_text(_toml_text(doc))
-        return parse_split_toml(p)
+    return parse_split_toml(src, files={dataset: [f.resolve() for f in files]})
 
 
 def _pert_vocabulary(path: Path, var_dims: dict[str, Any]) -> tuple[list[str], torch.Tensor, bool]:
@@ -275,25 +264,3 @@ def _pert_vocabulary(path: Path, var_dims: dict[str, Any]) -> tuple[list[str], t
         onehot = len(set(cols.values())) == len(cols) == width
     names = sorted(vecs, key=lambda n: cols[n]) if onehot else sorted(vecs)
     return names, torch.stack([vecs[n] for n in names]), onehot
-
-
-def _toml_text(doc: dict[str, Any]) -> str:
-    """A cell-load split TOML ([datasets], [training], [zeroshot], [fewshot."ds.CT"]) as text."""
-
-    def q(s: Any) -> str:
-        return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    def val(v: Any) -> str:
-        return "[" + ", ".join(q(x) for x in v) + "]" if isinstance(v, list | tuple) else q(v)
-
-    lines = []
-    for section in ("datasets", "training", "zeroshot"):
-        if doc.get(section):
-            lines.append(f"[{section}]")
-            lines += [f"{q(k)} = {val(v)}" for k, v in doc[section].items()]
-            lines.append("")
-    for key, table in (doc.get("fewshot") or {}).items():
-        lines.append(f"[fewshot.{q(key)}]")
-        lines += [f"{s} = {val(table.get(s, []))}" for s in ("val", "test")]
-        lines.append("")
-    return "\n".join(lines)

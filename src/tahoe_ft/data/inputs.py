@@ -1,17 +1,15 @@
-"""Inputs besides the screens: the gene list, perturbation features (and the matrix built from them), and
-cell-load style split TOMLs (`[datasets]` with `{a,b}` globs, `[zeroshot]`, `[fewshot."<dataset>.<cell type>"]`).
+"""Inputs besides the screens: the gene list and perturbation features (and the matrix built from them).
+
+Split TOMLs are read and written by `tahoe_ft.data.split_file`; `SplitToml` and `parse_split_toml` are
+re-exported here for the modules that import them from this one.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
-import re
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,12 @@ import numpy as np
 import torch
 
 from tahoe_ft.data.checks import fmt_list
+from tahoe_ft.data.split_file import SplitToml, parse_split_toml
 from tahoe_ft.errors import UserError
 
 log = logging.getLogger(__name__)
+
+__all__ = ["SplitToml", "build_pert_matrix", "load_pert_features", "parse_split_toml", "read_gene_list"]
 
 
 def read_gene_list(path: str | os.PathLike) -> list[str]:
@@ -105,95 +106,3 @@ def build_pert_matrix(
         if p in feats:
             mat[i] = feats[p]
     return mat, {"source": str(features), "sha256": digest}
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    out: list[str] = []
-    for alt in m.group(1).split(","):
-        out.extend(_expand_braces(pattern[: m.start()] + alt + pattern[m.end() :]))
-    return out
-
-
-def _dataset_files(name: str, spec: Any, toml_path: Path) -> list[Path]:
-    """cell-load's [datasets] entry: a directory, a file, or a glob with {a,b} braces."""
-    specs = spec if isinstance(spec, list) else [spec]
-    files: list[Path] = []
-    for s in specs:
-        for pat in _expand_braces(str(s)):
-            # relative paths: the current directory first (as cell-load does), then the TOML's folder
-            bases = [Path(pat)] if Path(pat).is_absolute() else [Path(pat), toml_path.parent / pat]
-            found: list[Path] = []
-            for cand in bases:
-                if cand.is_dir():
-                    found = sorted(q for q in cand.iterdir() if q.suffix in (".h5", ".h5ad"))
-                elif glob.has_magic(str(cand)):
-                    found = sorted(Path(q) for q in glob.glob(str(cand)))
-                elif cand.is_file():
-                    found = [cand]
-                if found:
-                    break
-            if not found:
-                raise UserError(
-                    f"split TOML {toml_path}: dataset '{name}' path '{pat}' matches no file; "
-                    "fix the path in [datasets] (relative paths are tried from the current directory, "
-                    "then from the TOML's folder)"
-                )
-            files.extend(found)
-    return files
-
-
-@dataclass
-class SplitToml:
-    """A cell-load style split TOML, parsed: dataset -> files, zeroshot and fewshot entries."""
-
-    datasets: dict[str, list[Path]]
-    zeroshot: dict[tuple[str, str], str]
-    fewshot: dict[tuple[str, str], dict[str, list[str]]]
-
-
-def parse_split_toml(path: str | os.PathLike) -> SplitToml:
-    """Read and check a split TOML; `[datasets]` entries are resolved to files (see `_dataset_files`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"split TOML not found: {p}; check data.split_toml")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"cannot parse split TOML {p} ({exc}); fix its syntax") from None
-    unknown = set(doc) - {"datasets", "training", "zeroshot", "fewshot"}
-    if unknown:
-        raise UserError(
-            f"split TOML {p} has unknown sections {sorted(unknown)}; "
-            'use [datasets], [training], [zeroshot], [fewshot."<dataset>.<cell type>"]'
-        )
-    raw_ds = doc.get("datasets", {})
-    if not isinstance(raw_ds, dict) or not raw_ds:
-        raise UserError(f'split TOML {p} has no [datasets] table; add name = "path" entries')
-    datasets = {str(k): _dataset_files(str(k), v, p) for k, v in raw_ds.items()}
-
-    def key_of(section: str, key: str) -> tuple[str, str]:
-        ds, _, ct = key.partition(".")
-        if not ct or ds not in datasets:
-            raise UserError(
-                f"split TOML {p}: [{section}] key '{key}' is not '<dataset>.<cell type>' with a dataset from "
-                f"[datasets] ({', '.join(datasets)}); fix the key"
-            )
-        return ds, ct
-
-    for ds in doc.get("training", {}):
-        if ds not in datasets:
-            raise UserError(f"split TOML {p}: [training] names unknown dataset '{ds}'; add it to [datasets]")
-    zeroshot = {}
-    for key, split in doc.get("zeroshot", {}).items():
-        if split not in ("val", "test"):
-            raise UserError(f"split TOML {p}: [zeroshot] '{key}' = '{split}'; use \"val\" or \"test\"")
-        zeroshot[key_of("zeroshot", key)] = split
-    fewshot = {}
-    for key, table in doc.get("fewshot", {}).items():
-        if not isinstance(table, dict) or set(table) - {"val", "test"}:
-            raise UserError(f'split TOML {p}: [fewshot."{key}"] may only hold val = [...] and test = [...]')
-        fewshot[key_of("fewshot", key)] = {s: [str(x) for x in table.get(s, [])] for s in ("val", "test")}
-    return SplitToml(datasets, zeroshot, fewshot)

@@ -1,20 +1,24 @@
-"""Which split each cell is in: bits TRAIN | VAL | TEST per cell (val and test may overlap in a TOML).
+"""Which split each cell is in: TRAIN, VAL or TEST (one bit each; a manifest's groups are read as saved).
 
 Three sources, one per function: the config lists (`val_perts`/`test_perts` few-shot in every cell type,
 `val_cell_types`/`test_cell_types` zero-shot), a cell-load style split TOML (per dataset and cell type), and
 the held-out groups recorded in a checkpoint's manifest. Every function leaves the control cells' bits to
 the caller (`CellCatalog`): controls are shared by all splits.
+
+Within a cell type the splits never share a perturbation: the config lists and split TOMLs that would put one
+in validation and test, or hold it out in one dataset while it trains in another file of the same cell type,
+are refused in one line (`_refuse_shared_groups`). A manifest's held-out groups are read as they were saved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tahoe_ft.data.checks import fmt_list
-from tahoe_ft.data.inputs import SplitToml
+from tahoe_ft.data.split_file import SplitToml
 from tahoe_ft.errors import UserError
 
 if TYPE_CHECKING:
@@ -57,7 +61,19 @@ def config_split_bits(
     val_cell_types: Sequence[str] = (),
     test_cell_types: Sequence[str] = (),
 ) -> np.ndarray:
-    """Listed perturbations leave training in every cell type; listed cell types leave it whole."""
+    """Listed perturbations leave training in every cell type; listed cell types leave it whole. A name in both
+    the val and the test list is refused."""
+    for kind, val, test in (
+        ("perts", val_perts, test_perts),
+        ("cell_types", val_cell_types, test_cell_types),
+    ):
+        both = [x for x in val if x in set(test)]
+        if both:
+            where = "in every cell type" if kind == "perts" else "whole"
+            raise UserError(
+                f"'{both[0]}' is in both data.val_{kind} and data.test_{kind} (held out {where}): validation "
+                f"would choose the checkpoint on a test group; remove it from one of the two lists"
+            )
     n_ct, n_p = len(cat.cell_types), len(cat.pert_names)
     ct_index = {t: i for i, t in enumerate(cat.cell_types)}
     bits = np.full(cat.n_cells, TRAIN, dtype=np.int8)
@@ -112,7 +128,56 @@ def toml_split_bits(cat: CellCatalog, toml: SplitToml) -> np.ndarray:
     for (ds, ct), split in toml.zeroshot.items():
         for q in pairs_of("[zeroshot]", ds, ct):
             bits[pair == q] = SPLIT_BITS[split]
+
+    def place(ds: str, ct: str, split: str) -> str:
+        if split == "train":
+            return f"trains in dataset '{ds}' (its [training] files, no [fewshot] or [zeroshot] entry holds it out)"
+        if toml.zeroshot.get((ds, ct)) == split:
+            return f'is {split} in [zeroshot] "{ds}.{ct}"'
+        return f'is {split} in [fewshot."{ds}.{ct}"]'
+
+    _refuse_shared_groups(cat, bits, place, f"split TOML {toml.path}" if toml.path else "split TOML")
     return bits
+
+
+def _refuse_shared_groups(
+    cat: CellCatalog, bits: np.ndarray, place: Callable[[str, str, str], str], source: str
+) -> None:
+    """One line for the first (cell type, perturbation) whose perturbed cells are in two splits: validation and
+    test (best-val.pt would be chosen on a test group), or held out and training (a held-out group that trains
+    through another file of its cell type is no held-out group). `place(dataset, cell type, split)` says where
+    the source puts it."""
+    n_p = len(cat.pert_names)
+    perturbed = np.flatnonzero(cat.pert_of != cat.control_idx)
+    group = cat.cell_type_of[perturbed].astype(np.int64) * n_p + cat.pert_of[perturbed]
+    b = bits[perturbed]
+    has = {s: np.zeros(len(cat.cell_types) * n_p, dtype=bool) for s in SPLIT_BITS}
+    for s, bit in SPLIT_BITS.items():
+        has[s][group[(b & bit) > 0]] = True
+    shared = (has["val"] & has["test"]) | (has["train"] & (has["val"] | has["test"]))
+    if not shared.any():
+        return
+    g = int(np.flatnonzero(shared)[0])
+    t, p = divmod(g, n_p)
+    splits = (
+        ("val", "test")
+        if has["val"][g] and has["test"][g]
+        else ("test" if has["test"][g] else "val", "train")
+    )
+    ds_codes = cat.dataset_codes()[perturbed]
+    where = []
+    for s in splits:
+        cell = np.flatnonzero((group == g) & ((b & SPLIT_BITS[s]) > 0))[0]
+        where.append(place(cat.dataset_names[int(ds_codes[cell])], cat.cell_types[t], s))
+    fix = (
+        "list it in val or in test, not both"
+        if splits == ("val", "test")
+        else f"hold it out in every dataset of cell type '{cat.cell_types[t]}' or in none"
+    )
+    raise UserError(
+        f"{source}: perturbation '{cat.pert_names[p]}' of cell type '{cat.cell_types[t]}' {where[0]} and "
+        f"{where[1].removeprefix('is ')}; {fix}"
+    )
 
 
 def held_out_split_bits(cat: CellCatalog, held_out: Sequence[Mapping[str, str]]) -> np.ndarray:
