@@ -41,7 +41,9 @@ def test_every_run_records_its_data_split_training_groups_and_ancestors(two_spli
     s1 = json.loads((two_splits["s1"] / "manifest.json").read_text())
     held = {(e["cell_type"], e["pert"], e["split"]) for e in s1["held_out"]}
     assert {p for _, p, _ in held} == {"GENE00003", "GENE00007", "GENE00008", "GENE00015"}
-    for ct, perts in s1["trained"].items():  # what trained: every knock-out of the cell type but the held-out ones
+    for ct, perts in s1[
+        "trained"
+    ].items():  # what trained: every knock-out of the cell type but the held-out ones
         assert not {p for c, p, _ in held if c == ct} & set(perts)
         assert set(perts) == {"GENE00021", "GENE00028", "GENE00038", "GENE00053"}
     assert s1["split_id"] == split_id(s1["held_out"]) and len(s1["data_fingerprint"]) == 16
@@ -71,7 +73,9 @@ def test_a_parent_that_trained_on_a_test_perturbation_is_refused(two_splits):
     leaky = two_splits["s2"] / "checkpoints" / "best-val.pt"
     with pytest.raises(UserError, match=r"init_from leaks: the parent 0905/\S+ trained on 'GENE000(08|15)'"):
         train(two_splits["root"], "0906", *S1, f"init_from={leaky}")
-    assert sorted(p.name for p in (two_splits["root"] / "runs" / "0906").iterdir()) == before  # nothing written
+    assert (
+        sorted(p.name for p in (two_splits["root"] / "runs" / "0906").iterdir()) == before
+    )  # nothing written
 
 
 def test_run_ref_with_no_run_of_this_split_is_refused_not_resolved_to_another(two_splits, tmp_path):
