@@ -11,7 +11,9 @@ import pytest
 
 import tahoe_ft
 from conftest_train import TINY_DEMO, TINY_MODEL
-from tahoe_ft.config import compose
+from tahoe_ft.config import DataConfig, compose
+from tahoe_ft.data.split_file import parse_split_toml
+from tahoe_ft.errors import UserError
 from tahoe_ft.study.folds import make_folds
 
 
@@ -34,6 +36,93 @@ def test_folds_of_a_toml_less_screen_hold_each_perturbation_out_once(tmp_path):
     again = make_folds(data, 3, tmp_path / "again", seed=0)
     assert [f.test for f in again] == [f.test for f in folds]  # reproducible
     assert [f.test for f in make_folds(data, 3, tmp_path / "other", seed=1)] != [f.test for f in folds]
+
+
+def _two_cell_types(tmp_path):
+    """A screen whose cell types have different perturbations (K: P1-P6, H: P1, P2, P7, P8), in a file whose
+    stem (its dataset name) holds a dot and a space."""
+    from test_split_file import write_screen
+
+    screen = write_screen(
+        tmp_path / "k562.v2 screen.h5ad",
+        {"K": [f"P{i}" for i in range(1, 7)], "H": ["P1", "P2", "P7", "P8"]},
+    )
+    own = {"K": {f"P{i}" for i in range(1, 7)}, "H": {"P1", "P2", "P7", "P8"}}
+    return DataConfig(path=str(screen)), own
+
+
+def _held_out(toml: str) -> dict[str, dict[str, set[str]]]:
+    """{cell type: {"val": .., "test": ..}} of a fold TOML, as training reads it (CellCatalog.open)."""
+    from tahoe_ft.data import CellCatalog
+
+    cat = CellCatalog.open(DataConfig(split_toml=toml))
+    out: dict[str, dict[str, set[str]]] = {}
+    for split in ("val", "test"):
+        for key in cat.groups(split):
+            assert key.dataset == "k562.v2 screen"
+            out.setdefault(key.cell_type, {"val": set(), "test": set()})[split].add(key.pert)
+    return out
+
+
+def test_folds_list_each_cell_types_own_perturbations(tmp_path):
+    """Issue #31: the dealer wrote every perturbation into every cell type's [fewshot] table (which the reader
+    refuses) under a bare dataset key; now each table lists what its cell type has, and every perturbation is
+    tested exactly once, in every cell type that has it."""
+    data, own = _two_cell_types(tmp_path)
+    folds = make_folds(data, 3, tmp_path / "folds", seed=0)
+    tested: dict[str, list[str]] = {"K": [], "H": []}
+    for f in folds:
+        parsed = parse_split_toml(f.toml).fewshot
+        assert set(parsed) == {("k562.v2 screen", "H"), ("k562.v2 screen", "K")}
+        for (_, ct), table in parsed.items():
+            assert table == {s: [p for p in getattr(f, s) if p in own[ct]] for s in ("val", "test")}
+        held = _held_out(f.toml)  # training opens the fold and holds out exactly these
+        for ct in ("K", "H"):
+            assert held.get(ct, {"val": set(), "test": set()}) == {
+                s: set(getattr(f, s)) & own[ct] for s in ("val", "test")
+            }
+            tested[ct] += sorted(set(f.test) & own[ct])
+        assert f.val and not set(f.val) & set(f.test)
+    assert sorted(p for f in folds for p in f.test) == [f"P{i}" for i in range(1, 9)]  # each exactly once
+    assert {ct: sorted(t) for ct, t in tested.items()} == {ct: sorted(p) for ct, p in own.items()}
+    assignment = json.loads((tmp_path / "folds" / "folds.json").read_text())
+    assert assignment["n_test"] == 0 and assignment["final_test"] == []
+
+
+def test_nested_folds_fix_the_final_test_set_first(tmp_path):
+    """n_test > 0 (the sweep): the final test set is drawn before the folds, is every fold's test, never a
+    validation perturbation, and the other perturbations are each validated exactly once."""
+    data, own = _two_cell_types(tmp_path)
+    folds = make_folds(data, 3, tmp_path / "nested", seed=0, n_test=2)
+    assignment = json.loads((tmp_path / "nested" / "folds.json").read_text())
+    final = assignment["final_test"]
+    assert assignment["n_test"] == 2 and len(final) == 2 and final == sorted(final)
+    perts = assignment["perturbations"]
+    for f in folds:
+        assert f.test == final and not set(f.val) & set(final)
+        held = _held_out(f.toml)
+        for ct in ("K", "H"):
+            assert held.get(ct, {}).get("test", set()) == set(final) & own[ct]
+    vals = sorted(p for f in folds for p in f.val)
+    assert vals == sorted(set(perts) - set(final))  # each non-test perturbation validated exactly once
+    # fixed before the dealing: the same seed gives the same final test set whatever the number of folds
+    other_k = make_folds(data, 2, tmp_path / "k2", seed=0, n_test=2)
+    assert all(f.test == final for f in other_k)
+
+
+def test_folds_that_leave_a_fold_nothing_to_train_or_validate_are_one_line(tmp_path):
+    data, _ = _two_cell_types(tmp_path)
+    with pytest.raises(UserError, match="folds=7 with n_test=2: need 2 <= folds <= the 6 perturbations"):
+        make_folds(data, 7, tmp_path / "a", n_test=2)
+    with pytest.raises(UserError, match="n_test=8: give 0 <= n_test < the 8 perturbations"):
+        make_folds(data, 2, tmp_path / "b", n_test=8)
+    with pytest.raises(UserError, match="n_val=2: with a final test set"):
+        make_folds(data, 2, tmp_path / "c", n_val=2, n_test=2)
+    with pytest.raises(UserError, match="folds=2 with n_val=4 leaves fold 0 no training perturbation"):
+        make_folds(data, 2, tmp_path / "d", n_val=4)
+    with pytest.raises(UserError, match="folds=1: need 2 <= folds"):
+        make_folds(data, 1, tmp_path / "e")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()  # nothing written
 
 
 def _tiny_reproduce(tmp_path, *keys: str, steps: int = 4, evaluate: str = "[0905]"):
