@@ -388,3 +388,56 @@ def test_predict_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, caps
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and str(path) in err and "not a torch file" in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]  # nothing written
+
+
+# -- nothing lost (issue #31): predict never overwrites what another checkpoint made -------------------------
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_predict_refuses_another_runs_checkpoint_and_redoing_a_run_retires_its_stale_outputs(
+    tiny_runs, tmp_path
+):
+    import shutil
+
+    from tahoe_ft import prediction
+    from tahoe_ft.runs import PredictRecord
+
+    run = tmp_path / "A"
+    shutil.copytree(tiny_runs["0905"], run)
+    own = run / "checkpoints" / "best-val.pt"
+    prediction.predict(_config(own, run, device="cpu", shuffle=True))
+    (run / "eval").mkdir()
+    (run / "eval" / "score.json").write_text('{"avg_score": 0.5}\n')
+    before = _files(run)
+    assert {"pred.h5ad", "real.h5ad", "pred_shuffled.h5ad", "predict.json", "eval/score.json"} <= set(before)
+    # another run's checkpoint into run A (what replaced A's prediction and left its eval/ beside it)
+    other = tiny_runs["0901"] / "checkpoints" / "best-val.pt"
+    with pytest.raises(UserError, match=r"ckpt=.*best-val.pt is not a checkpoint of run_dir=.*A \(") as err:
+        prediction.predict(_config(other, run, device="cpu"))
+    assert "\n" not in str(err.value) and "run_dir=<a new folder>" in str(err.value)
+    assert _files(run) == before
+    # the run's own checkpoint redoes its prediction: the shuffle and the scores of the old one are retired
+    prediction.predict(_config(own, run, device="cpu", shuffle=False, seed=1))
+    after = _files(run)
+    assert after["pred.h5ad"] != before["pred.h5ad"] and PredictRecord.read(run).seed == 1
+    assert "pred_shuffled.h5ad" not in after and "eval/score.json" not in after
+    assert after["eval.superseded/score.json"] == before["eval/score.json"]
+
+
+def test_predict_into_a_folder_refuses_to_replace_another_checkpoints_prediction(tiny_runs, tmp_path):
+    from tahoe_ft import prediction
+
+    out = tmp_path / "p"
+    first = tiny_runs["0905"] / "checkpoints" / "best-val.pt"
+    prediction.predict(_config(first, out, device="cpu", shuffle=False))
+    before = _files(out)
+    with pytest.raises(UserError, match=r"run_dir=.*p already holds a prediction of .*0905.*best-val.pt"):
+        prediction.predict(_config(tiny_runs["0901"] / "checkpoints" / "best-val.pt", out, device="cpu"))
+    assert _files(out) == before
+    prediction.predict(_config(first, out, device="cpu", shuffle=False, seed=3))  # the same checkpoint again
+    assert _files(out)["pred.h5ad"] != before["pred.h5ad"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tahoe_ft.checkpoints.io import load_checkpoint
 from tahoe_ft.prediction.forward import prepare_model
 from tahoe_ft.prediction.plan import basal_shifts, build_plan, check_arguments
-from tahoe_ft.prediction.resolve import resolve_checkpoint
+from tahoe_ft.prediction.resolve import check_output_folder, resolve_checkpoint, retire_stale_outputs
 from tahoe_ft.prediction.stream import PRED_MAX, write_predictions
 
 if TYPE_CHECKING:
@@ -24,7 +24,9 @@ def predict(config: PredictConfig) -> Path:
     run folder itself).
 
     Writes `pred.h5ad`, `real.h5ad` (and, with `shuffle`, `pred_shuffled.h5ad`) and `predict.json`
-    (`runs.PredictRecord`). The arguments that need no file are checked first (`check_arguments`); then the
+    (`runs.PredictRecord`). Refused, before anything is drawn: an output folder that is another run, or holds
+    another checkpoint's prediction (`check_output_folder`). Redoing a prediction moves the earlier one's
+    `eval/` to `eval.superseded/` and removes a `pred_shuffled.h5ad` this one did not write. The arguments that need no file are checked first (`check_arguments`); then the
     checkpoint is loaded, every draw made (`build_plan`: row numbers only) and the cells read, predicted and
     written in blocks (`write_predictions`), so memory does not grow with the number of cells predicted.
     `sets_per_pass` 1 gives exactly the numbers of predicting one set at a time; more is faster on CPU but
@@ -38,6 +40,8 @@ def predict(config: PredictConfig) -> Path:
         runs_dir=str(config.runs_dir),
     )
     loaded = load_checkpoint(ckpt)
+    # another run's folder, or another checkpoint's prediction, is not overwritten (before any draw or write)
+    check_output_folder(ckpt, out_dir, loaded.checkpoint_path)
     plan = build_plan(loaded, ckpt, out_dir, config)
     if plan.recentre_basal:
         plan.basal_shift = basal_shifts(plan)
@@ -45,6 +49,14 @@ def predict(config: PredictConfig) -> Path:
     n_clip = write_predictions(plan, loaded.model, device)
     if n_clip:
         log.info("clipped %d predicted values to [0, %g]", n_clip, PRED_MAX)
+    # what was derived from the prediction just replaced (its shuffle test, its scores) is not left looking
+    # current beside the new one
+    for path in retire_stale_outputs(plan.out_dir, shuffled=bool(plan.shuffle)):
+        log.warning(
+            "%s %s: it came from the prediction this one replaced",
+            "moved to" if path.exists() else "removed",
+            path,
+        )
     plan.record(loaded).write(plan.out_dir)
     log.info(
         "wrote %s and %s (%d groups, %d cells)",

@@ -57,3 +57,69 @@ def resolve_checkpoint(
     if not path.is_file():
         raise UserError(f"{path} does not exist; choose a checkpoint in {run / 'checkpoints'}")
     return path, run
+
+
+# what a prediction writes into its run directory (eval/ is read from these: it is theirs too)
+PREDICTION_FILES = ("pred.h5ad", "real.h5ad", "pred_shuffled.h5ad", "predict.json")
+
+
+def _is_run(folder: Path) -> bool:
+    """A training run (tahoe-ft's, or an upstream `state tx train` folder): it has its own checkpoints."""
+    return (folder / "checkpoints").is_dir() or (folder / "run.json").is_file()
+
+
+def check_output_folder(ckpt: str | os.PathLike, out_dir: str | os.PathLike, read: str | os.PathLike) -> None:
+    """Refuse to predict `ckpt` (the file `read` loaded) into `out_dir` when that would replace predictions
+    it did not make: `out_dir` is another run (its predictions and eval/ belong to its own checkpoints), or a
+    folder holding a prediction of another checkpoint. A run's own checkpoint (`<run>/checkpoints/<file>`,
+    or an upstream run folder itself) may redo that run's prediction. Reads only; writes nothing."""
+    ckpt, out = Path(ckpt).resolve(), Path(out_dir).resolve()
+    own = out in (ckpt, ckpt.parent.parent)
+    if _is_run(out) and not own:
+        home = ckpt if (ckpt / "checkpoints").is_dir() else ckpt.parent.parent
+        raise UserError(
+            f"ckpt={ckpt} is not a checkpoint of run_dir={out_dir} (that run's own are in "
+            f"{Path(out_dir) / 'checkpoints'}); its prediction would replace that run's files: predict from "
+            f"the checkpoint's own run (run_dir={home}, or leave run_dir unset), or pass run_dir=<a new folder> "
+            "for this prediction"
+        )
+    if own:
+        return
+    from tahoe_ft.runs import PredictRecord
+
+    there = [name for name in PREDICTION_FILES if (out / name).exists()]
+    if not there:
+        return
+    record = PredictRecord.read(out)
+    if record is not None and Path(record.checkpoint).resolve() == Path(read).resolve():
+        return  # the same checkpoint predicted into this folder again
+    made_by = (
+        f"of {record.checkpoint}" if record is not None else "of an unknown checkpoint (no predict.json)"
+    )
+    raise UserError(
+        f"run_dir={out_dir} already holds a prediction {made_by} ({', '.join(there)}), which this one would "
+        "replace; pass run_dir=<a new folder> for this prediction (or move those files away)"
+    )
+
+
+def retire_stale_outputs(out_dir: str | os.PathLike, *, shuffled: bool) -> list[Path]:
+    """After a run's prediction was redone: what was derived from the one it replaced no longer describes
+    it. `pred_shuffled.h5ad` (when this prediction wrote none) is removed, and `eval/` is moved to
+    `eval.superseded/` (replacing an older one there), out of `compare`'s sight; returns what was moved or
+    removed."""
+    out = Path(out_dir)
+    done = []
+    stale = out / "pred_shuffled.h5ad"
+    if not shuffled and stale.exists():
+        stale.unlink()
+        done.append(stale)
+    eval_dir = out / "eval"
+    if eval_dir.is_dir():
+        import shutil
+
+        old = out / "eval.superseded"
+        if old.is_dir():
+            shutil.rmtree(old)
+        eval_dir.rename(old)
+        done.append(old)
+    return done
