@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import tahoe_ft
 from conftest_train import TINY_DEMO, cli, train, train_args
@@ -273,3 +274,117 @@ def test_enum_options_compose_and_are_saved_as_plain_strings():
     saved = as_dict(cfg)
     assert type(saved["sched"]["name"]) is str and type(saved["checkpoint"]["monitor"]) is str
     assert json.dumps(saved["data"]["input_transform"]) == '"log1p"'
+
+
+# -- runs_dir that cannot hold runs, and names Hydra cannot read unquoted (issue #31) -------------------------
+
+#: every command whose schema has runs_dir, with what it needs besides
+RUNS_DIR_COMMANDS = [
+    ("train", ["+experiment=0905", "data=demo", "logger=csv"]),
+    ("predict", []),
+    ("eval", []),
+    ("compare", []),
+    ("reproduce", []),
+    ("sweep", ["+sweep=genespace"]),
+    ("export", []),
+    ("export-state", []),
+]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    assert sum(ln.startswith("error") for ln in lines) == 1, err[-3000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command, extra", RUNS_DIR_COMMANDS, ids=[c for c, _ in RUNS_DIR_COMMANDS])
+def test_runs_dir_that_is_a_file_is_one_line_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, command, extra
+):
+    """runs_dir= a file, or a path below one: one line (what, where, how to fix), exit 2, and nothing written
+    (train used to generate the demo data into the cache first, then die in mkdir with a traceback)."""
+    from tahoe_ft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    for runs_dir, needle in (
+        ("notes.txt", "runs_dir=notes.txt is a file, not a folder; pass runs_dir=<a folder>"),
+        ("notes.txt/runs", f"runs_dir=notes.txt/runs lies below {tmp_path / 'notes.txt'}, which is a file"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([command, *extra, f"runs_dir={runs_dir}"])
+        assert exc.value.code == 2
+        assert needle in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_runs_dir_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """A read-only runs folder: the commands that write there refuse it in one line; those that only read it
+    (export; compare with out_dir=) go on. Root writes anywhere, so as root the permission check sees the
+    folder's mode bits as a user would (the real check, os.access, says yes to root)."""
+    import stat
+    import types
+
+    from tahoe_ft import config
+    from tahoe_ft.cli import main
+
+    runs = tmp_path / "runs"
+    (runs / "0905").mkdir(parents=True)
+    runs.chmod(0o555)
+    if os.access(runs, os.W_OK):  # root: answer as the folder's owner without root's privilege would get
+
+        def by_mode(path, mode):
+            return bool(os.stat(path).st_mode & stat.S_IWUSR) or not mode & os.W_OK
+
+        monkeypatch.setattr(config, "os", types.SimpleNamespace(access=by_mode, W_OK=os.W_OK, X_OK=os.X_OK))
+    monkeypatch.chdir(tmp_path)
+    try:
+        for command, extra in RUNS_DIR_COMMANDS:
+            if command in ("export", "export-state"):
+                continue
+            with pytest.raises(SystemExit) as exc:
+                main([command, *extra, "runs_dir=runs"])
+            assert exc.value.code == 2
+            line = _error_line(capsys)
+            assert f"runs_dir=runs: {runs} is not writable by this user, and {command} writes" in line, line
+            assert "chmod u+w" in line
+        # below a read-only folder, train cannot make the runs folder either
+        with pytest.raises(SystemExit):
+            main(["train", "+experiment=0905", "runs_dir=runs/new"])
+        assert f"{runs} is not writable" in _error_line(capsys)
+        # compare writing elsewhere only reads runs_dir (nothing evaluated there: its own message)
+        with pytest.raises(SystemExit):
+            main(["compare", "runs_dir=runs", f"out_dir={tmp_path / 'report'}"])
+        assert "no evaluated runs" in _error_line(capsys)
+    finally:
+        runs.chmod(0o755)
+    assert sorted(p.name for p in runs.iterdir()) == ["0905"] and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    "command, override, fixed",
+    [
+        ("train", "data.val_perts=[Ä1,B]", """data.val_perts='["Ä1", "B"]'"""),
+        ("train", "data.test_perts=[HK2, IER5L,KMT2Aé]", """data.test_perts='["HK2", "IER5L", "KMT2Aé"]'"""),
+        ("check", "data.control_pert=contrôle", """data.control_pert='"contrôle"'"""),
+    ],
+)
+def test_an_unquoted_non_ascii_name_says_how_to_quote_it(capsys, command, override, fixed):
+    """Hydra's lexer reads unquoted names in ASCII only; its bare `LexerNoViableAltException` and a caret
+    become one line that gives the override back quoted, which composes."""
+    from tahoe_ft.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "+experiment=0905" if command == "train" else "data=demo", override])
+    assert exc.value.code == 2
+    line = _error_line(capsys)
+    assert fixed in line and "Lexer" not in line and "quote" in line, line
+    # what the shell hands over for the fixed override composes to the names
+    key, _, quoted = fixed.partition("=")
+    base = ["+experiment=0905"] if command == "train" else []
+    cfg = compose(command, [*base, f"{key}={quoted.strip(chr(39))}"])
+    got = OmegaConf.select(OmegaConf.structured(cfg), key)
+    names = [n.strip() for n in override.partition("=")[2].strip("[]").split(",")]
+    assert (list(got) if "[" in override else [got]) == names

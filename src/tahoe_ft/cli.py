@@ -170,6 +170,7 @@ def _run_hydra_app(command: str, args: list[str]) -> None:
     def task(cfg: DictConfig) -> None:
         try:
             typed = config.to_object(config.validate(cfg, config.SCHEMAS[command]))
+            config.check_runs_dir(command, typed)
             COMMANDS[command](typed, args)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ values of the wrong type raise `UserError` with the key's full path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -653,8 +654,46 @@ def register() -> None:
         cs.store(name=f"{command}_schema", node=schema)
 
 
+def check_override_syntax(overrides: list[str]) -> None:
+    """Hydra's override grammar reads unquoted values in ASCII only: `data.val_perts=[Ä1,B]` is a bare lexer
+    error (`LexerNoViableAltException` and a caret). Such an override is one line that gives it back quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = None
+    for a in overrides:
+        if a.isascii() or "=" not in a:
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            parser.parse_overrides([a])
+        except OverrideParseException:
+            raise UserError(_quoted_hint(a)) from None
+
+
+def _quoted_hint(override: str) -> str:
+    """The message for an override whose non-ASCII names Hydra cannot read unquoted: the override with every
+    name in double quotes, in single quotes for the shell."""
+    key, _, value = override.partition("=")
+    value = value.strip()
+
+    def names(text: str) -> list[str]:
+        return [n.strip().strip("'\"") for n in text.split(",") if n.strip()]
+
+    if value.startswith("["):  # a list (closed or not)
+        fixed = "[" + ", ".join(f'"{n}"' for n in names(value.strip("[]"))) + "]"
+    else:  # one name, or a comma sweep of names (-m)
+        fixed = ",".join(f'"{n}"' for n in names(value)) or '""'
+    return (
+        f"cannot read '{override}': names with non-ASCII letters must be quoted on the command line (Hydra's "
+        f"grammar reads unquoted names in ASCII only); quote each name and the whole override: {key}='{fixed}'"
+    )
+
+
 def check_experiment_overrides(overrides: list[str]) -> None:
-    """`+experiment=NAME` must name a file in configs/experiment/ (one clear line otherwise)."""
+    """`+experiment=NAME` must name a file in configs/experiment/ (one clear line otherwise); an override Hydra
+    cannot parse because of a non-ASCII name says how to quote it (`check_override_syntax`)."""
+    check_override_syntax(overrides)
     for a in overrides:
         key, _, val = a.lstrip("+~").partition("=")
         if key == "experiment" and val:
@@ -714,7 +753,55 @@ def _below_null(command: str, overrides: list[str]) -> str:
 def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """`configs/<command>.yaml` composed with `overrides` (Hydra syntax), validated, as the command's typed
     schema object (e.g. `compose("train", ["+experiment=0906"])` -> `TrainConfig`)."""
-    return to_object(validate(_hydra_compose(command, list(overrides)), SCHEMAS[command]))
+    cfg = to_object(validate(_hydra_compose(command, list(overrides)), SCHEMAS[command]))
+    check_runs_dir(command, cfg)
+    return cfg
+
+
+#: what each command writes under runs_dir whatever else it is given: these need a folder they can write (or
+#: one they can make)
+_MAKES_RUNS_DIR = {
+    "train": "a new run folder",
+    "eval": "the scores' DE cache (.de_cache)",
+    "reproduce": "its rounds",
+    "sweep": "its study and trials",
+}
+
+
+def check_runs_dir(command: str, cfg: Any) -> None:
+    """`runs_dir=` of a composed command must be a folder (or a path where one can be made) that the command
+    can write where it writes there: a file, a path below a file or a folder this user cannot write is one
+    line, before anything is read or written (not a traceback from the first `mkdir`)."""
+    raw = getattr(cfg, "runs_dir", None)
+    if raw is None:
+        return
+    path = Path(str(raw)).expanduser().absolute()
+    existing = path  # the nearest part of the path that exists
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise UserError(
+                f"runs_dir={raw} is a file, not a folder; pass runs_dir=<a folder> for tahoe-ft's runs "
+                "(default: runs)"
+            )
+        raise UserError(
+            f"runs_dir={raw} lies below {existing}, which is a file, so no folder can be made there; pass "
+            "runs_dir=<a folder path> (default: runs)"
+        )
+    what = _MAKES_RUNS_DIR.get(command)
+    if command == "predict" and not getattr(cfg, "run_dir", None):
+        what = "its prediction (into the run it picks there)"
+    elif command == "compare" and not getattr(cfg, "out_dir", None):
+        what = "compare.csv and compare.png"
+    if what is None or (existing != path and command not in _MAKES_RUNS_DIR):
+        return  # writes elsewhere, or reads runs that are not there (the command says so itself)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        how = f"{'out_dir' if command == 'compare' else 'runs_dir'}=<a folder you can write>"
+        raise UserError(
+            f"runs_dir={raw}: {existing} is not writable by this user, and {command} writes {what} there; make "
+            f"it writable (chmod u+w {existing}) or pass {how}"
+        )
 
 
 # the keys of a round's config that `compose_round` takes from the typed data, not from Hydra's data group
