@@ -139,6 +139,26 @@ CASES = [
          needle="'bogus': Key 'bogus' not in 'ReproduceConfig'"),
     case("reproduce-bad-train-override", "reproduce", "train_overrides=['optim.lrr=1']", *DATA,
          needle="at 'optim.lrr'"),
+    # -- splits (issue #31) -------------------------------------------------------------------------------------
+    case("train-val-and-test-perts", "train", "+experiment=0905", "init_from=null", "data=custom",
+         "data.path={cache}/screen.h5ad", "data.val_perts=[GENE00007]", "data.test_perts=[GENE00007]", "logger=csv",
+         needle="'GENE00007' is in both data.val_perts and data.test_perts"),
+    case("check-val-and-test-perts", "check", "data=custom", "data.path={cache}/screen.h5ad",
+         "data.val_perts=[GENE00007,GENE00008]", "data.test_perts=[GENE00008]",
+         needle="'GENE00008' is in both data.val_perts and data.test_perts"),
+    case("check-val-and-test-cell-types", "check", "data=custom", "data.path={cache}/screen.h5ad",
+         "data.val_cell_types=[CT1]", "data.test_cell_types=[CT1]",
+         needle="'CT1' is in both data.val_cell_types and data.test_cell_types"),
+    case("train-toml-val-and-test", "train", "+experiment=0905", "init_from=null", "data=custom", "data.path=null",
+         "data.split_toml=bad/val_and_test.toml", "logger=csv",
+         needle=("bad/val_and_test.toml", "'GENE00007' of cell type 'CT0' is val in [fewshot.\"screen.CT0\"] and "
+                 "test in [fewshot.\"screen.CT0\"]")),
+    case("check-toml-val-and-test-across-datasets", "check", "data=custom", "data.path=null",
+         "data.split_toml=bad/val_and_test_across.toml",
+         needle="'GENE00007' of cell type 'CT0' is val in [fewshot.\"screen.CT0\"] and test in [fewshot.\"copy.CT0\"]"),
+    case("check-toml-test-trains-elsewhere", "check", "data=custom", "data.path=null",
+         "data.split_toml=bad/test_trains_elsewhere.toml",
+         needle="'GENE00021' of cell type 'CT0' is test in [fewshot.\"screen.CT0\"] and trains in dataset 'copy'"),
     # -- no such command --------------------------------------------------------------------------------------
     case("unknown-command", "frobnicate", needle="unknown command 'frobnicate'"),
 ]
@@ -184,6 +204,23 @@ def _write_bad_files(bad: Path, run: Path, screen: Path) -> None:
     counts = cells.copy()
     counts.X = counts.layers["counts"].copy()  # raw counts where the checkpoint reads log1p
     counts.write_h5ad(bad / "counts.h5ad")
+    _write_bad_split_tomls(bad, screen)
+
+
+def _write_bad_split_tomls(bad: Path, screen: Path) -> None:
+    """Split TOMLs that share a perturbation between val and test, or hold one out in a cell type while it
+    trains there through another file (`copy`, the screen again)."""
+    from tahoe_ft.data.split_file import write_split_toml
+
+    shutil.copy(screen, bad / "screen_copy.h5ad")
+    both = {"screen": os.path.relpath(screen, bad.parent), "copy": "bad/screen_copy.h5ad"}
+    held = {"val": ["GENE00007"], "test": ["GENE00021"]}
+    write_split_toml(bad / "val_and_test.toml", {"screen": both["screen"]},
+                     fewshot={("screen", "CT0"): {"val": ["GENE00007"], "test": ["GENE00007"]}})  # fmt: skip
+    write_split_toml(bad / "val_and_test_across.toml", both,
+                     fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": [], "test": ["GENE00007"]}})  # fmt: skip
+    write_split_toml(bad / "test_trains_elsewhere.toml", both,
+                     fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": ["GENE00007"], "test": []}})  # fmt: skip
 
 
 def snapshot(root: Path) -> dict[str, str]:
