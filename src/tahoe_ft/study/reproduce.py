@@ -229,9 +229,13 @@ def check_plan(cfg: ReproduceConfig) -> None:
     """What needs no data, checked before anything is generated, trained or written: `step_scale`, `folds`,
     the seeds, the rounds' names and every round's train config with `train_overrides` (composed, not run)."""
     from tahoe_ft.config import experiments
+    from tahoe_ft.training.recipe import MAX_STEP_SCALE
 
-    if not cfg.step_scale > 0:
-        raise UserError(f"step_scale={cfg.step_scale} must be > 0; it multiplies the study's step counts")
+    if not 0 < cfg.step_scale <= MAX_STEP_SCALE:
+        raise UserError(
+            f"step_scale={cfg.step_scale} must be > 0 and <= {MAX_STEP_SCALE:g}; it multiplies the study's "
+            "step counts (1 = the study's own)"
+        )
     if cfg.folds < 0 or cfg.folds == 1:
         raise UserError(f"folds={cfg.folds}: use folds=0 (the data set's own split) or folds >= 2")
     for key in ("seeds", "data_seeds"):

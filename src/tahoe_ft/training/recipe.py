@@ -46,6 +46,11 @@ from tahoe_ft.training.session import RunSession, epoch_position
 
 log = logging.getLogger(__name__)
 
+# Sanity bounds on step counts: past them a run never ends (`trainer.max_steps=1e23`) or, through `step_scale`,
+# never leaves its LR warmup and never validates again. The study's longest round is 50,000 steps.
+MAX_STEPS = 10_000_000
+MAX_STEP_SCALE = 1000.0
+
 # Architecture keys taken from the parent checkpoint (a backbone only transfers to the same architecture).
 ARCH_KEYS = (
     "hidden_dim",
@@ -88,6 +93,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
     module = STLightningModule(hparams, TrainingSettings.of(cfg))
     freezer = FreezeCallback(list(cfg.freeze.modules), cfg.freeze.until_step)
     freezer.check(module.model)
+    if parent is None and not session.last_ckpt:
+        _warn_frozen_from_scratch(cfg)
     log.info(floor_line(module.model, cfg, dm.dims))  # weights + gradients + AdamW state + batches in flight
 
     run_dir = session.start(manifest, parent_path)  # the first write: a refused command leaves nothing
@@ -137,11 +144,35 @@ def check_steps(cfg: TrainConfig) -> None:
     # composition has already scaled the steps (each to at least 1): a step_scale <= 0 is refused here
     if not cfg.step_scale > 0:
         raise UserError(f"step_scale={cfg.step_scale} must be > 0; it multiplies the study's step counts")
+    if not cfg.step_scale <= MAX_STEP_SCALE:  # e.g. 1e30: every step count and the warmup far past any run
+        raise UserError(
+            f"step_scale={cfg.step_scale} is above {MAX_STEP_SCALE:g}; it multiplies the study's step counts "
+            "(1 = the study's own), give a smaller one"
+        )
     if cfg.trainer.max_steps < 0:  # 0: no training, the starting weights are the run's result
         raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
+    if cfg.trainer.max_steps > MAX_STEPS:
+        raise UserError(
+            f"trainer.max_steps={cfg.trainer.max_steps} is above {MAX_STEPS:,} (the study's longest round is "
+            "50,000); give a step count a run can reach"
+        )
     for key in ("val_check_interval", "log_every_n_steps"):
         if getattr(cfg.trainer, key) < 1:
             raise UserError(f"trainer.{key}={getattr(cfg.trainer, key)} must be >= 1")
+
+
+def _warn_frozen_from_scratch(cfg: TrainConfig) -> None:
+    """A round that freezes modules but starts from no weights (`pretrained=null`) keeps them at their random
+    initialisation for as long as they stay frozen: say so, it is rarely what the user means."""
+    if not cfg.freeze.modules or (cfg.freeze.until_step is not None and cfg.freeze.until_step <= 0):
+        return
+    until = "the whole run" if cfg.freeze.until_step is None else f"step {cfg.freeze.until_step}"
+    log.warning(
+        "no parent weights (init_from is null): freeze.modules=%s stay at their random initialisation until "
+        "%s; give pretrained=<checkpoint> for a fine-tune, or freeze.modules=[] to train them from scratch",
+        list(cfg.freeze.modules),
+        until,
+    )
 
 
 def training_data(cfg: TrainConfig) -> PerturbationDataModule:
