@@ -602,20 +602,38 @@ def config_dir() -> Path:
 def user_config_dir() -> Path | None:
     """`configs/` in the folder tahoe-ft runs from, when it exists and is not the shipped one: your own
     experiment files (`configs/experiment/NAME.yaml`, e.g. a sweep's best.yaml), data sets (`configs/data/`)
-    and sweep spaces (`configs/sweep/`), found by name beside the shipped ones."""
+    and sweep spaces (`configs/sweep/`), found by name beside the shipped ones.
+
+    The `configs/` of a tahoe-ft source tree (a checkout of this repository: `pyproject.toml` names the project
+    beside it) is the shipped configs, not yours: run from a checkout with tahoe-ft installed from elsewhere
+    (`pip install .`, another checkout), it is left out, not refused for clashing with the installed ones."""
     cand = Path.cwd() / "configs"
-    if not cand.is_dir() or cand.resolve() == config_dir().resolve():
+    if not cand.is_dir() or cand.resolve() == config_dir().resolve() or _is_source_tree(cand.parent):
         return None
     return cand.resolve()
+
+
+def _is_source_tree(folder: Path) -> bool:
+    """`folder` is a tahoe-ft source tree: its `pyproject.toml` declares the project `tahoe-ft`."""
+    import tomllib
+
+    try:
+        with open(folder / "pyproject.toml", "rb") as fh:
+            name = tomllib.load(fh).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(name, str) and name.replace("_", "-").lower() == "tahoe-ft"
 
 
 def group_options(group: str) -> dict[str, Path]:
     """`{name: file}` of a config group's options (`experiment`, `sweep`, `data`, ...): the shipped ones and
     those of `user_config_dir()`. A file of yours with a shipped option's name is refused (Hydra would take the
-    shipped one and ignore yours)."""
+    shipped one and ignore yours), unless it is a byte-for-byte copy of the shipped one."""
     found = {p.stem: p for p in (config_dir() / group).glob("*.yaml")}
     user = user_config_dir()
     for path in sorted((user / group).glob("*.yaml")) if user is not None else []:
+        if path.stem in found and path.read_bytes() == found[path.stem].read_bytes():
+            continue  # a copy of the shipped file: Hydra takes the shipped one, which is the same
         if path.stem in found:
             raise UserError(
                 f"{path}: '{path.stem}' is the name of a shipped {group} option, which would be used instead "
