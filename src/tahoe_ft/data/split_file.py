@@ -42,6 +42,15 @@ class SplitToml:
     fewshot: dict[Key, dict[str, list[str]]]
     path: Path | None = field(default=None, compare=False)  # the file read, for messages
 
+    def entries(self) -> dict[str, Any]:
+        """`format_split_toml`'s arguments for this split (files as absolute paths), to write it back changed:
+        `write_split_toml(out, **{**split.entries(), "fewshot": {...}})`."""
+        return {
+            "datasets": {ds: [str(f.resolve()) for f in files] for ds, files in self.datasets.items()},
+            "zeroshot": dict(self.zeroshot),
+            "fewshot": {key: {s: list(v) for s, v in table.items()} for key, table in self.fewshot.items()},
+        }
+
 
 # -- writing ---------------------------------------------------------------------------------------------
 
