@@ -155,20 +155,19 @@ def refit_data(data: DataConfig, out_dir: Path) -> DataConfig:
 
 
 def _without_val(path: Path) -> str:
-    import json
-    import tomllib
+    """The split TOML at `path` with its validation entries dropped (test ones kept), through the one writer."""
+    from tahoe_ft.data.split_file import format_split_toml, parse_split_toml
 
-    doc = tomllib.loads(path.read_text())
-    q = json.dumps
-    lines = [f"# {path} without its validation entries (tahoe-ft reproduce refit=true)"]
-    for table in ("datasets", "training"):
-        lines += ["", f"[{table}]"] + [f"{q(k)} = {q(v)}" for k, v in (doc.get(table) or {}).items()]
-    zeroshot = {k: v for k, v in (doc.get("zeroshot") or {}).items() if v != "val"}
-    if zeroshot:
-        lines += ["", "[zeroshot]"] + [f"{q(k)} = {q(v)}" for k, v in zeroshot.items()]
-    for key, table in (doc.get("fewshot") or {}).items():
-        lines += ["", f"[fewshot.{q(key)}]", "val = []", f"test = {q(list(table.get('test') or []))}"]
-    return "\n".join(lines) + "\n"
+    toml = parse_split_toml(path)
+    return (
+        format_split_toml(
+            {ds: [str(f) for f in files] for ds, files in toml.datasets.items()},
+            zeroshot={key: split for key, split in toml.zeroshot.items() if split != "val"},
+            fewshot={key: {"val": [], "test": list(t["test"])} for key, t in toml.fewshot.items()},
+            header=f"{path} without its validation entries (tahoe-ft reproduce refit=true)",
+        )
+        + "\n"
+    )
 
 
 def _refit_chain(
