@@ -185,3 +185,71 @@ def test_leaking_or_bad_inputs_are_one_line_naming_the_key(files, capsys, tmp_pa
         files, capsys, *pair, *ARGS, f"train={files['train']}", f"features={tmp_path / 'feats.pt'}"
     )
     assert "features=" in err and files["test"][0] in err
+
+
+# -- nothing lost (issue #31): a failed eval leaves every earlier file as it was -------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_eval_without_training_cells_or_a_cached_baseline_writes_nothing(files, capsys, tmp_path):
+    """Without train= and without a checkpoint, the baseline the score is normalised against must come from
+    the cache: that is checked first (it used to fail after writing eval.log, four cell-eval tables and a
+    real-DE cache entry)."""
+    from tahoe_ft import cli as tahoe_cli
+
+    run_dir, runs = tmp_path / "run", tmp_path / "runs"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        tahoe_cli.main(
+            [
+                "eval",
+                f"pred={files['pred']}",
+                f"real={files['real']}",
+                *ARGS,
+                f"run_dir={run_dir}",
+                f"runs_dir={runs}",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "no training cells for the cell-mean baseline" in err and "pass train=" in err
+    assert not run_dir.exists() and not runs.exists()
+
+
+def test_a_failing_evaluation_keeps_the_earlier_one_and_appends_to_its_log(files, tmp_path, monkeypatch):
+    import tahoe_ft.evaluation.run as run_mod
+
+    run_dir = tmp_path / "run"
+    keys = {"baselines": "false"}
+    first = evaluate(files, run_dir, **keys)
+    before = _tree(run_dir / "eval")
+    assert {"score.json", "eval.log", "CT0_results.csv", "CT1_agg_results.csv"} <= set(before)
+
+    def broken(*args, **kwargs):  # the diagnostics come after every cell-eval table was written
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(run_mod, "diagnostics", broken)
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        evaluate(files, run_dir, **keys)
+    after = _tree(run_dir / "eval")
+    assert after.keys() == before.keys()  # no staging folder or partial table left
+    assert {k: v for k, v in after.items() if k != "eval.log"} == {
+        k: v for k, v in before.items() if k != "eval.log"
+    }
+    assert after["eval.log"].startswith(before["eval.log"]) and len(after["eval.log"]) > len(
+        before["eval.log"]
+    )
+    assert json.loads(after["score.json"])["avg_score"] == first.avg_score
+
+
+def test_real_without_control_cells_is_told_so(files, capsys, tmp_path):
+    real = ad.read_h5ad(files["real"])
+    real[(real.obs[PC] != CTRL).to_numpy()].copy().write_h5ad(tmp_path / "no_controls.h5ad")
+    err = _refused(files, capsys, f"pred={files['pred']}", f"real={tmp_path / 'no_controls.h5ad'}", *ARGS)
+    assert "no_controls.h5ad) has no control cells: pred has" in err and "add them to real" in err
+    assert "pass control_pert" not in err  # the label is right: real lacks the cells

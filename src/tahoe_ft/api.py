@@ -202,13 +202,18 @@ def evaluate(config: EvalConfig) -> Score:
 
 
 def export(config: ExportConfig) -> Path:
-    """Pack a prediction as a VCC submission with `cell-eval prep` (needs zstd and tar); returns its path."""
+    """Pack a prediction as a VCC submission with `cell-eval prep` (needs zstd and tar); returns its path.
+
+    `out` must name a new file (an existing file or a folder is refused); default: the run's own
+    `<run>/submission.prep.vcc`, which exporting the run again replaces. Nothing else is written.
+    """
     config = checked(config)
+    import tempfile
+
     import anndata as ad
 
     from tahoe_ft.evaluation import prep_submission
     from tahoe_ft.evaluation.run import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
-    from tahoe_ft.fileio import atomic_write_text
     from tahoe_ft.runs import PredictRecord
 
     pred, run_dir, gene_list, out = config.pred, config.run_dir, config.gene_list, config.out
@@ -221,17 +226,36 @@ def export(config: ExportConfig) -> Path:
         pred = run_dir / "pred.h5ad"
     if not pred.is_file():
         raise UserError(f"{pred} not found; run tahoe-ft predict first (or pass pred=)")
+    # out= names a new file: an existing one (or a folder) is never replaced; the default, the run's own
+    # submission, is re-made by exporting the run again
+    target = Path(out) if out else Path(run_dir) / "submission.prep.vcc"
+    if out and target.is_dir():
+        raise UserError(
+            f"out={out} is a folder; pass out=<a new file>, e.g. out={target / 'submission.prep.vcc'}"
+        )
+    if out and (target.exists() or target.is_symlink()):
+        raise UserError(f"out={out} already exists; pass out=<a new file> (export never replaces a file)")
+    parent = next((q for q in target.parents if q.exists() or q.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"out={target}: {parent} is not a folder; pass out=<a file in a folder>")
     record = PredictRecord.read(run_dir)
-    if gene_list is None:  # the evaluator's genes the model was trained on, in order
-        gene_list = Path(run_dir) / "gene_names.csv"
-        atomic_write_text(gene_list, "".join(f"{g}\n" for g in ad.read_h5ad(pred, backed="r").var_names))
-    return prep_submission(
-        pred,
-        gene_list,
-        Path(out) if out else Path(run_dir) / "submission.prep.vcc",
-        pert_col=record.pert_col if record is not None else DEFAULT_PERT_COL,
-        control_pert=record.control_pert if record is not None else DEFAULT_CONTROL_PERT,
-    )
+    pert_col = record.pert_col if record is not None else DEFAULT_PERT_COL
+    control_pert = record.control_pert if record is not None else DEFAULT_CONTROL_PERT
+    if gene_list is not None:
+        return prep_submission(pred, gene_list, target, pert_col=pert_col, control_pert=control_pert)
+    # the evaluator's genes the model was trained on, in order: pred's var_names, in a temp file (nothing
+    # is written beside pred but the submission)
+    with tempfile.TemporaryDirectory(prefix="tahoe-ft-export-") as tmp:
+        genes = Path(tmp) / "gene_names.csv"
+        try:
+            names = ad.read_h5ad(pred, backed="r").var_names
+        except Exception as exc:  # h5py/anndata raise many types for a file that is not an AnnData
+            raise UserError(
+                f"pred {pred} is not a readable AnnData .h5ad ({type(exc).__name__}); predict it again "
+                "(tahoe-ft predict) or pass pred=<an .h5ad file>"
+            ) from None
+        genes.write_text("".join(f"{g}\n" for g in names))
+        return prep_submission(pred, genes, target, pert_col=pert_col, control_pert=control_pert)
 
 
 def export_state(config: ExportStateConfig) -> Path:

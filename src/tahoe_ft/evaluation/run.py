@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOG_FILE = "eval.log"  # in <run>/eval/
+STAGE_PREFIX = ".staging-"  # in <run>/eval/: an evaluation's tables until it is done
 # labels of files that no predict.json describes (cell-eval's and the VCC's defaults)
 DEFAULT_PERT_COL = "target_gene"
 DEFAULT_CONTROL_PERT = "non-targeting"
@@ -163,13 +167,24 @@ def evaluate_run(config: EvalConfig) -> Score:
     files = resolve_files(config)
     record = _predict_record(files.run_dir)
     prepared = prepare(config, files, record)  # every bad input is reported here, before eval/ is touched
+    side = training_side(config, record, prepared)  # the training cells: read, checked; nothing written
+    if side.train is None:
+        check_cached_baseline(config, files, prepared)
     files.eval_dir.mkdir(parents=True, exist_ok=True)
-    (files.eval_dir / LOG_FILE).unlink(missing_ok=True)  # the log of this evaluation only
-    # verbose: prints and progress bars stay on the console (the records reach the log file either way)
-    with capture(files.eval_dir / LOG_FILE, console=verbose(config.verbose)):
-        score = _evaluate(config, files, record, prepared)
+    # the tables are made in a staging folder and moved into eval/ only when the whole evaluation is done:
+    # a failure leaves the earlier evaluation's files as they were (and no half-written table)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=files.eval_dir))
+    try:
+        # the log is appended to (an earlier evaluation's log stays); verbose: prints and progress bars stay on
+        # the console (the records reach the log file either way)
+        with capture(files.eval_dir / LOG_FILE, console=verbose(config.verbose)):
+            log.info("evaluating %s against %s", files.pred, files.real)
+            score = _evaluate(config, files, record, prepared, side, stage)
+        atomic_write_text(stage / "score.json", score.to_json())
+        _commit(stage, files.eval_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     path = files.eval_dir / "score.json"
-    atomic_write_text(path, score.to_json())
     log.info(
         "score %s: avg_score %.4f (leaderboard %.2f) -> %s",
         files.run_dir,
@@ -178,6 +193,108 @@ def evaluate_run(config: EvalConfig) -> Score:
         path,
     )
     return score
+
+
+def _commit(stage: Path, eval_dir: Path) -> None:
+    """Move the finished evaluation's files from `stage` into `eval_dir`, each renamed into place whole,
+    score.json last; then remove what an earlier evaluation left there that this one did not write (its log
+    excepted), so every table in eval/ belongs to its score.json."""
+    new = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file() or p.is_symlink())
+    for rel in sorted(new, key=lambda r: r.as_posix() == "score.json"):
+        (eval_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / rel, eval_dir / rel)
+    keep = {r.as_posix() for r in new} | {LOG_FILE}
+    for p in sorted(eval_dir.rglob("*"), reverse=True):  # files before their folders
+        rel = p.relative_to(eval_dir)
+        if rel.parts[0].startswith(STAGE_PREFIX) or rel.as_posix() in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        else:
+            p.unlink()
+
+
+@dataclasses.dataclass
+class TrainingSide:
+    """The training cells an evaluation scores the baselines with (None: none given, none recorded), what
+    they are, the checkpoint's manifest (None: no checkpoint) and the perturbation features."""
+
+    train: ad.AnnData | None
+    note: str | None
+    manifest: dict[str, Any] | None
+    features: dict[str, np.ndarray] | None
+
+
+def training_side(config: EvalConfig, record: PredictRecord | None, prepared: Prepared) -> TrainingSide:
+    """`train=`'s cells, else the checkpoint's (its manifest re-opens its training data), and the features;
+    every way this can fail is one line naming a key of eval, before anything is written."""
+    from tahoe_ft.data import CellCatalog
+
+    train, note = prepared.train, prepared.train_note
+    ckpt = record.checkpoint if record is not None and record.checkpoint else None
+    manifest = read_manifest(ckpt) if ckpt else None
+    if train is None and manifest:
+        for p in manifest.get("data_paths") or []:
+            if not Path(os.path.expanduser(str(p))).is_file():
+                raise UserError(
+                    f"the checkpoint {ckpt} trained on {p}, which is not found here, so its training cells "
+                    "cannot be read for the baselines; pass train=<the training cells' .h5ad> (or the whole "
+                    "screen with split_toml=<its split TOML>), or baselines=false"
+                )
+        try:
+            cat = CellCatalog.from_manifest(manifest)
+        except UserError as exc:  # its advice is predict's (data_path=): eval's is train=
+            what = str(exc).split("; ")[0]
+            raise UserError(
+                f"the training cells of the checkpoint {ckpt} cannot be read ({what}); pass train=<the "
+                "training cells' .h5ad> (or the whole screen with split_toml=<its split TOML>)"
+            ) from None
+        train = _relabelled(
+            cat.training_cells(config.max_train_cells_per_group, seed=0), cat, prepared.labels
+        )
+        note = f"the training cells of the checkpoint {ckpt}"
+    features = prepared.features if prepared.features is not None else pert_features(manifest)
+    if prepared.features is not None and train is not None and prepared.train is None:
+        lacking = set(train.obs[prepared.labels.pert_col].astype(str)) - {prepared.labels.control_pert}
+        lacking -= set(prepared.features)
+        if lacking:
+            raise UserError(
+                f"features={config.features} has no vector for {len(lacking)} training perturbations of the "
+                f"checkpoint {preview(lacking)}; add them, or leave features= unset (the checkpoint's features)"
+            )
+    return TrainingSide(train, note, manifest, features)
+
+
+def check_cached_baseline(config: EvalConfig, files: RunFiles, prepared: Prepared) -> None:
+    """Without training cells the cell-mean baseline (what the score is normalised against) must be in the
+    cache for this real file (each scored cell type): checked before anything is computed or written."""
+    from tahoe_ft.data.h5screen import H5Screen
+    from tahoe_ft.evaluation.de_cache import DECache
+    from tahoe_ft.evaluation.score import versions
+    from tahoe_ft.fileio import sha256_file
+
+    cache = DECache(Path(config.runs_dir) / ".de_cache")
+    cts: list[str | None] = [None]
+    if prepared.celltype_col:
+        real = H5Screen(files.real)
+        cts = sorted(set(_labels_of(real, "real", "cell_type_col", prepared.celltype_col).tolist()))
+        real.close()
+    sha, v = sha256_file(files.real), versions()
+    labels = prepared.labels
+    for ct in cts:
+        key = cache.real_key(
+            sha, versions=v, pert_col=labels.pert_col, control_pert=labels.control_pert, celltype=ct
+        )
+        if cache.newest_baseline(key, config.profile) is None:
+            raise UserError(
+                f"no training cells for the cell-mean baseline that the score is normalised against: no "
+                f"predict.json names a checkpoint beside pred ({files.pred}), no train= is given, and "
+                f"{cache.root} holds no baseline of real ({files.real}"
+                + (f", cell type {ct!r}" if ct else "")
+                + "); pass train=<the training cells' .h5ad, controls included> (or the whole screen with "
+                "split_toml=<its split TOML>)"
+            )
 
 
 def _predict_record(run_dir: Path) -> PredictRecord | None:
@@ -205,7 +322,7 @@ def prepare(config: EvalConfig, files: RunFiles, record: PredictRecord | None) -
     celltype_col = labels.cell_type_col if config.per_cell_type else None
     real = _obs_file(files.real, "real", labels, celltype_col)
     pred = _obs_file(files.pred, "pred", labels, celltype_col)
-    real_groups = _real_groups(real, labels, celltype_col)
+    real_groups = _real_groups(real, labels, celltype_col, pred)
     _check_pair(pred, real, labels)
     genes = [str(g) for g in real.var_names]
     pred.close()
@@ -323,14 +440,26 @@ def _labels_of(screen: H5Screen, name: str, key: str, col: str) -> np.ndarray:
     return np.asarray(cats, dtype=object)[codes] if len(cats) else np.zeros(0, dtype=object)
 
 
-def _real_groups(real: H5Screen, labels: Labels, celltype_col: str | None) -> set[tuple[str, str]]:
+def _real_groups(
+    real: H5Screen, labels: Labels, celltype_col: str | None, pred: H5Screen | None = None
+) -> set[tuple[str, str]]:
     """The held-out (cell type, perturbation) groups of real (cell type "" without `celltype_col`); its
-    control label checked."""
+    control label checked (against `pred`'s, to tell a wrong label from control cells that real lacks)."""
+    pred_perts = _labels_of(pred, "pred", "pert_col", labels.pert_col) if pred is not None else None
     perts = _labels_of(real, "real", "pert_col", labels.pert_col)
     if not (perts == labels.control_pert).any():
+        if pred_perts is not None and (pred_perts == labels.control_pert).any():
+            raise UserError(
+                f"real ({real.path}) has no control cells: pred has {int((pred_perts == labels.control_pert).sum())} "
+                f"{labels.control_pert!r} cells in obs[{labels.pert_col!r}], real none (its labels are "
+                f"{preview(set(perts))}); cell-eval measures each perturbation against real's own control "
+                "cells: add them to real (tahoe-ft predict writes them into real.h5ad)"
+            )
         raise UserError(
-            f"control_pert={labels.control_pert} has no cells in obs[{labels.pert_col!r}] of real "
-            f"({real.path}); its labels are {preview(set(perts))}; pass control_pert=<the control label>"
+            f"real ({real.path}) has no cells labelled control_pert={labels.control_pert} in "
+            f"obs[{labels.pert_col!r}] (its labels are {preview(set(perts))}); if its control cells carry "
+            "another label, pass control_pert=<that label>; if real has none, add them (cell-eval measures "
+            "each perturbation against real's own control cells)"
         )
     cts = (
         _labels_of(real, "real", "cell_type_col", celltype_col)
@@ -550,28 +679,19 @@ def read_features(path: str, need: set[str]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in feats.items()}
 
 
-def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None, prepared: Prepared) -> Score:
-    from tahoe_ft.data import CellCatalog
+def _evaluate(
+    config: EvalConfig,
+    files: RunFiles,
+    record: PredictRecord | None,
+    prepared: Prepared,
+    side: TrainingSide,
+    outdir: Path,
+) -> Score:
+    """The prediction, the panel and the diagnostics scored, their tables written under `outdir`."""
     from tahoe_ft.evaluation.baselines import PanelSettings
     from tahoe_ft.evaluation.panel import score_panel
 
-    train, note = prepared.train, prepared.train_note
-    manifest = read_manifest(record.checkpoint) if record is not None and record.checkpoint else None
-    if train is None and manifest:
-        cat = CellCatalog.from_manifest(manifest)
-        train = _relabelled(
-            cat.training_cells(config.max_train_cells_per_group, seed=0), cat, prepared.labels
-        )
-        note = f"the training cells of the checkpoint {record.checkpoint}"
-    features = prepared.features if prepared.features is not None else pert_features(manifest)
-    if prepared.features is not None and train is not None and prepared.train is None:
-        lacking = set(train.obs[prepared.labels.pert_col].astype(str)) - {prepared.labels.control_pert}
-        lacking -= set(prepared.features)
-        if lacking:
-            raise UserError(
-                f"features={config.features} has no vector for {len(lacking)} training perturbations of the "
-                f"checkpoint {preview(lacking)}; add them, or leave features= unset (the checkpoint's features)"
-            )
+    train, note, features = side.train, side.note, side.features
     labels = {"pert_col": prepared.labels.pert_col, "control_pert": prepared.labels.control_pert}
     common = dict(
         profile=config.profile,
@@ -579,16 +699,14 @@ def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None,
         celltype_col=prepared.celltype_col,
         de_cache_dir=Path(config.runs_dir) / ".de_cache",
     )
-    score = score_predictions(
-        files.pred, files.real, train, files.eval_dir, **labels, **common, write_score=False
-    )
+    score = score_predictions(files.pred, files.real, train, outdir, **labels, **common, write_score=False)
     if config.baselines and train is not None:
         import anndata as ad
 
         panel = score_panel(
             train,
             ad.read_h5ad(files.real),
-            files.eval_dir,
+            outdir,
             **labels,
             **common,
             settings=PanelSettings(
@@ -602,7 +720,7 @@ def _evaluate(config: EvalConfig, files: RunFiles, record: PredictRecord | None,
         )
         notes = {**panel["notes"], "training_cells": note}
         score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=notes)
-    return dataclasses.replace(score, diagnostics=diagnostics(score, files, train, labels, common))
+    return dataclasses.replace(score, diagnostics=diagnostics(score, files, train, labels, common, outdir))
 
 
 def _relabelled(train: ad.AnnData, cat: Any, labels: Labels) -> ad.AnnData:
@@ -626,8 +744,11 @@ def pert_features(manifest: dict[str, Any] | None) -> dict[str, np.ndarray] | No
     return {str(p): matrix[i] for i, p in enumerate(manifest["pert_names"])}
 
 
-def diagnostics(score: Score, files: RunFiles, train, labels: dict, common: dict) -> dict[str, Any]:
-    """Collapse of the predicted effects, and the shuffle test when predict wrote pred_shuffled.h5ad."""
+def diagnostics(
+    score: Score, files: RunFiles, train, labels: dict, common: dict, outdir: Path | None = None
+) -> dict[str, Any]:
+    """Collapse of the predicted effects, and the shuffle test when predict wrote pred_shuffled.h5ad (its
+    tables under `outdir/shuffled`, default `<run>/eval/shuffled`)."""
     import anndata as ad
 
     from tahoe_ft.evaluation.diagnostics import collapse
@@ -639,7 +760,8 @@ def diagnostics(score: Score, files: RunFiles, train, labels: dict, common: dict
     }
     shuffled = files.pred.with_name("pred_shuffled.h5ad")
     if shuffled.is_file():
-        s = score_predictions(shuffled, files.real, train, files.eval_dir / "shuffled", **labels, **common)
+        outdir = files.eval_dir if outdir is None else outdir
+        s = score_predictions(shuffled, files.real, train, outdir / "shuffled", **labels, **common)
         out["shuffle"] = {
             "avg_score": s.avg_score,
             "metrics": s.to_dict()["metrics"],

@@ -241,7 +241,13 @@ def build_plan(
     cells = catalog.groups(split)
     groups = _prediction_order(cells)
     if not groups:
-        raise UserError(f"the checkpoint's manifest has no '{split}' perturbations to predict; use split=val")
+        other = next(sp for sp in SPLITS if sp != split)
+        fix = (
+            f"predict split={other} (its {len(catalog.groups(other))} held-out groups)"
+            if catalog.groups(other)
+            else "train a round that holds perturbations out (data.val_perts, data.test_perts or data.split_toml)"
+        )
+        raise UserError(f"the checkpoint's manifest holds no '{split}' perturbations out to predict; {fix}")
     pert_index = {p: i for i, p in enumerate(m.pert_names)}
     for key in groups:
         if key.pert not in pert_index:
