@@ -68,7 +68,10 @@ PRUNE_SPACE = {"optim.lr": "logfloat(1e-3, 1e3)", "loss.mean_weight": "float(0, 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, cache):
     root = tmp_path_factory.mktemp("swept") / "runs"
-    cfg = _cfg(root, cache, "prune", PRUNE_SPACE, "n_trials=4", "pruner_startup_trials=1")
+    # sampler_seed=5: Optuna's first draws (random, before TPE models anything) are two sane learning rates
+    # (0.02, 0.017), then 0.85 and 39: a median set by sane trials for the pruner to judge the bad ones by. What
+    # is tested is the pruner, not the sampler (with seed 0 all four draws were >= 0.35, and none was pruned)
+    cfg = _cfg(root, cache, "prune", PRUNE_SPACE, "n_trials=4", "pruner_startup_trials=1", "sampler_seed=5")
     return cfg, api.sweep(cfg)
 
 
@@ -86,10 +89,22 @@ def test_sweep_finishes_n_trials_in_an_sqlite_study_and_prunes_the_bad_range(swe
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     for t in done:
         assert sorted(t.intermediate_values) == [3, 6, 9, 13, 16, 19]
-        # the objective: the mean over folds of the last round's best val loss, from each fold's run.json
+        # the objective: the mean over folds of the last round's unbiased validation energy at the step of its
+        # best-val.pt (run.json's best_step), as the run's metrics log it
         runs = [Path(r) for r in t.user_attrs["run_dirs"]]
-        best = [json.loads((r / "run.json").read_text())["best_val_loss"] for r in runs]
-        assert t.user_attrs["fold_values"] == best and t.value == pytest.approx(np.mean(best), rel=1e-12)
+        fair = []
+        for r in runs:
+            step = json.loads((r / "run.json").read_text())["best_step"]
+            (metrics,) = r.glob("*_metrics.csv")
+            rows = [row for row in csv.DictReader(metrics.open()) if row.get("val/unbiased_loss")]
+            fair.append(float(next(row for row in rows if int(row["step"]) == step)["val/unbiased_loss"]))
+        assert t.user_attrs["fold_values"] == pytest.approx(fair, rel=1e-6)
+        assert t.value == pytest.approx(np.mean(t.user_attrs["fold_values"]), rel=1e-12)
+        # the pruner saw the same metric at each check
+        checks = {int(row["step"]) + 10 * k: float(row["val/unbiased_loss"])
+                  for k, r in enumerate(runs) for row in csv.DictReader(next(r.glob("*_metrics.csv")).open())
+                  if row.get("val/unbiased_loss") and int(row["step"]) > 0}  # fmt: skip
+        assert t.intermediate_values == pytest.approx(checks, rel=1e-6)
         assert [r.relative_to(sweep_dir).parts[:3] for r in runs] == [
             (f"trial-{t.number:04d}", f"fold-{k}", "0905") for k in (0, 1)
         ]
@@ -105,18 +120,129 @@ def test_sweep_finishes_n_trials_in_an_sqlite_study_and_prunes_the_bad_range(swe
             last = Path(t.user_attrs["run_dirs"][-1])
             assert json.loads((last / "run.json").read_text())["status"] == "pruned"
 
-    # the folds are those reproduce folds=2 deals (same files), under the sweep folder
-    ref = make_folds(cfg.data, 2, tmp_path / "ref", seed=0)
+    # the folds are nested: make_folds with a final test set of one fold's share (8 perturbations // 3)
+    ref = make_folds(cfg.data, 2, tmp_path / "ref", seed=0, n_test=2)
     for fold in ref:
         mine = sweep_dir / "folds" / f"fold-{fold.index}.toml"
         assert mine.read_text() == Path(fold.toml).read_text()
+
+    # a pruned or finished trial keeps no weights (final=true trains again; best.yaml holds the parameters)
+    assert not [p.name for p in sweep_dir.rglob("*") if p.suffix in (".pt", ".ckpt")]
+    for t in done:
+        for r in t.user_attrs["run_dirs"]:
+            info = json.loads((Path(r) / "run.json").read_text())
+            assert "best-val.pt" in info["sweep"]["weights_removed"], info["sweep"]
+            assert (Path(r) / "run.json").is_file() and list(Path(r).glob("*_metrics.csv"))
 
     # outputs: trials.csv (one row per trial), best.yaml, the plots (importances: >= 2 complete trials)
     rows = (sweep_dir / "trials.csv").read_text().strip().splitlines()
     assert len(rows) == 5 and rows[0].startswith("number,value")
     assert summary["best"]["number"] == study.best_trial.number
-    for png in ("history.png", "importances.png", "slice.png"):
+    for png in ("history.png", "slice.png"):
         assert (sweep_dir / png).stat().st_size > 1000, png
+    # importances need two complete trials (with one startup trial the median pruner may leave one)
+    assert (sweep_dir / "importances.png").is_file() == (len(done) >= 2), len(done)
+
+
+def test_the_final_test_set_is_drawn_before_the_search_and_is_no_folds_validation_set(swept):
+    """Nested folds: the final test perturbations are every fold's test and never a validation perturbation of
+    any fold (the old dealer validated each fold on the next fold's test part: every test perturbation of the
+    study was seen by the search)."""
+    cfg, summary = swept
+    folds = json.loads((Path(summary["sweep_dir"]) / "folds" / "folds.json").read_text())
+    final = set(folds["final_test"])
+    assert folds["n_test"] == 2 and len(final) == 2
+    validated: set[str] = set()
+    for f in folds["folds"]:
+        assert set(f["test"]) == final
+        validated |= set(f["val"])
+    assert not validated & final
+    assert validated | final == set(folds["perturbations"])
+    for t in _study(summary).get_trials():  # what each trial's runs really validated on
+        for r in t.user_attrs["run_dirs"]:
+            splits = json.loads((Path(r) / "manifest.json").read_text())["splits"]
+            assert splits["val"] and not set(splits["val"]) & final and set(splits["test"]) == final
+
+
+def test_a_study_refuses_to_continue_on_other_data_or_another_base_model(swept, tmp_path):
+    """The study pins its data and base model on creation; a change is one line naming it, and nothing of the
+    study (its folds, its database) is written."""
+    cfg, summary = swept
+    sweep_dir = Path(summary["sweep_dir"])
+    stamp = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*(sweep_dir / "folds").iterdir()]}
+    db = (sweep_dir / "study.db").read_bytes()
+    study = _study(summary)
+    assert study.user_attrs["tahoe_ft_data"]["files"][0]["name"] == "screen.h5ad"
+    assert study.user_attrs["tahoe_ft_base"] == {"0905": None}  # pretrained=null
+    recipe = study.user_attrs["tahoe_ft_recipe"]
+    assert recipe["params"] == PRUNE_SPACE and recipe["rounds"] == ["0905"] and recipe["nested"]
+    root = sweep_dir.parent.parent
+    other = _cfg(root, cfg.paths.data_cache, "prune", PRUNE_SPACE, "data.demo.seed=1")
+    with pytest.raises(UserError, match=r"study 'prune' .*: the data file\(s\) screen.h5ad .*changed since"):
+        api.sweep(dataclasses.replace(other, n_trials=cfg.n_trials))
+    base = tmp_path / "base.pt"
+    base.write_bytes(b"another base model")
+    with pytest.raises(
+        UserError, match=r"the base model of round 0905 \(was none \(from scratch\), now .*base.pt"
+    ):
+        api.sweep(dataclasses.replace(cfg, pretrained=str(base)))
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (sweep_dir / "folds").iterdir()} == stamp
+    assert (sweep_dir / "study.db").read_bytes() == db
+
+
+def test_a_sweep_that_fails_before_its_first_trial_leaves_nothing_that_refuses_the_retry(tmp_path, cache):
+    root = tmp_path / "runs"
+    space = {"optim.lr": "logfloat(1e-4, 1e-2)"}
+    missing = compose(
+        "sweep", ["+sweep=genespace", "pretrained=null", f"runs_dir={root}", "data=custom",
+                  f"data.path={tmp_path / 'missing.h5ad'}"],
+    )  # fmt: skip
+    with pytest.raises(UserError, match="missing.h5ad"):
+        api.sweep(dataclasses.replace(missing, sweep=SweepSpace(name="retry", rounds=["0905"], params=space)))
+    assert not (root / "sweeps" / "retry").exists()
+    with pytest.raises(UserError, match="folds=100"):
+        api.sweep(_cfg(root, cache, "retry", space, "folds=100"))
+    assert not (root / "sweeps" / "retry").exists()  # no empty study.db pinned to folds=100
+    summary = api.sweep(_cfg(root, cache, "retry", space, "n_trials=1", "pruner=none", steps=3))
+    assert summary["trials"]["complete"] == 1
+
+
+def test_untrained_models_of_set_sizes_16_and_64_get_the_same_objective(tmp_path, cache):
+    """The objective compares trials on equal terms: the logged val_loss (a V-statistic) counts each cell's
+    zero distance to itself, a floor that shrinks as 1/cell_set_len, so the old objective ranked an untrained
+    model of 64-cell sets far above one of 16-cell sets; the unbiased energy distance it now reads does not.
+    Four seeds, paired (same seed: same weights and draws); the bound is 3 standard errors of the paired
+    differences (3.18 is the t-distribution's two-sided 5 % point with 3 degrees of freedom)."""
+    from tahoe_ft.sweep.plan import make_plan
+    from tahoe_ft.sweep.trial import Objective
+
+    big = ["data.demo.cells_per_pert=80", "data.demo.n_ctrl=200"]  # a set of 64 cells needs groups of >= 64
+    cfg = _cfg(tmp_path / "runs", cache, "fair", {"model.cell_set_len": "choice(16, 64)"}, "folds=0", *big,
+               steps=0)  # fmt: skip
+    train = [a for a in cfg.train_overrides if not a.startswith("model.cell_set_len")]
+    cfg = dataclasses.replace(cfg, train_overrides=[*train, "checkpoint.validate_at_start=true"])
+    plan = make_plan(cfg)
+    assert plan.metrics == {"0905": "val/unbiased_loss"}
+    objective, study = Objective(plan, [None]), optuna.create_study()
+    new: dict[int, list[float]] = {16: [], 64: []}
+    old: dict[int, list[float]] = {16: [], 64: []}
+    for seed in range(4):
+        for n in (16, 64):
+            plan.cfg = dataclasses.replace(cfg, seed=seed)
+            runs: list[str] = []
+            new[n].append(objective.run_fold(study.ask(), {"model.cell_set_len": n}, 0, None, runs))
+            info = json.loads((Path(runs[-1]) / "run.json").read_text())
+            assert info["steps"] == 0 and info["best_step"] == 0
+            old[n].append(info["best_val_loss"])
+
+    def gap(v: dict[int, list[float]]) -> tuple[float, float]:
+        d = np.array(v[16]) - np.array(v[64])
+        return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+    mean, se = gap(new)
+    assert abs(mean) < 3.18 * se and abs(mean) < 0.1 * np.mean(new[64]), (new, mean, se)
+    old_mean, old_se = gap(old)  # the old objective: far apart, in every seed
+    assert old_mean > 10 * old_se and all(a > 1.5 * b for a, b in zip(old[16], old[64], strict=True)), old
 
 
 def test_the_starting_weights_check_is_validated_but_never_judged_by_the_pruner(tmp_path, cache):
@@ -225,7 +351,14 @@ def test_a_sigkilled_sweep_run_again_ends_with_n_finished_trials_and_no_repeats(
 
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=800)
     assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    # the console: a short table of the best trials and the command that trains the winner, one line per
+    # trial, no training output of the trials (Lightning's model tables, GPU lines, run paths)
+    out = again.stdout.strip().splitlines()
+    assert len(out) <= 12 and out[-1].endswith("sweep.json") and "train the best recipe:" in out, out
+    assert any("tahoe-ft train +experiment=killed-best" in line for line in out), out
+    assert "Trainable params" not in again.stderr and "GPU available" not in again.stderr
+    assert len(again.stderr.strip().splitlines()) <= 12, again.stderr[-3000:]
     study = optuna.load_study(study_name="killed", storage=storage)
     trials = study.get_trials()
     assert len(study.get_trials(states=FINISHED)) == 3
@@ -238,6 +371,48 @@ def test_a_sigkilled_sweep_run_again_ends_with_n_finished_trials_and_no_repeats(
     assert [t.number for t in trials] == list(range(len(trials)))  # no number twice
     drawn = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(drawn)) == len(drawn)  # the resumed run drew new values, not the first run's again
+
+
+def _stop_in_trial(cmd: list[str], sweep_dir: Path, trial: int, sig: int, log_path: Path):
+    """Run the sweep command; send `sig` once trial `trial` trains a fold; return the finished process and its
+    stderr."""
+    with open(log_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if list((sweep_dir / f"trial-{trial:04d}").glob("fold-*/0905/2*")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
+    return proc, log_path.read_text()
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_and_sigterm_fail_the_trial_and_say_in_one_line_how_to_continue(tmp_path, cache):
+    """Ctrl-C used to exit 1 in silence (Lightning's sys.exit) with the trial left RUNNING; SIGTERM's line
+    advised resume=true, which sweep does not take."""
+    root = tmp_path / "runs"
+    sweep_dir = root / "sweeps" / "killed"
+    cmd = _sweep_cmd(root, cache, n_trials=3)
+    storage = f"sqlite:///{sweep_dir / 'study.db'}"
+    for trial, sig, how in (
+        (0, signal.SIGINT, "interrupted (Ctrl-C)"),
+        (1, signal.SIGTERM, "stopped by SIGTERM"),
+    ):
+        proc, err = _stop_in_trial(cmd, sweep_dir, trial, sig, tmp_path / f"{trial}.log")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2, err[-3000:]
+        assert lines[-1] == (
+            f"error: sweep 'killed' {how} during trial {trial}: it is marked FAIL and does not count; run the "
+            "same command again to continue the study"
+        ), err[-3000:]
+        assert "Traceback" not in err and "resume=true" not in err, err[-3000:]
+        study = optuna.load_study(study_name="killed", storage=storage)
+        t = study.trials[trial]
+        assert t.state == optuna.trial.TrialState.FAIL, [x.state for x in study.trials]
+        assert not [p for p in (sweep_dir / f"trial-{trial:04d}").rglob("*") if p.suffix in (".pt", ".ckpt")]
 
 
 # -- a trial never reads a test perturbation --------------------------------------------------------------
@@ -328,7 +503,7 @@ def test_val_score_scores_the_validation_perturbations_and_final_scores_test_onc
     # final=true: the best recipe trained again and scored once on the test perturbations, panel and ceiling
     final = summary["final"]
     assert final["trial"] == 0 and final["params"] == t.params
-    (final_run,) = (Path(summary["sweep_dir"]) / "final" / "0905").glob("2*")
+    (final_run,) = (Path(summary["sweep_dir"]) / "final" / "look-1" / "0905").glob("2*")
     assert json.loads((final_run / "predict.json").read_text())["split"] == "test"
     assert json.loads((final_run / "run.json").read_text())["status"] == "finished"
     trained = OmegaConf.load(final_run / "0905_config.yaml")
@@ -336,6 +511,19 @@ def test_val_score_scores_the_validation_perturbations_and_final_scores_test_onc
     panel = json.loads((final_run / "eval" / "score.json").read_text())["baselines"]
     assert {"ceiling", "control"} <= set(panel)
     assert Path(final["compare_csv"]).is_file()
+    # the look is recorded in the study and in sweep.json: when, the commit, the trial and its recipe
+    (look,) = study.user_attrs["tahoe_ft_final_looks"]
+    assert look["look"] == 1 and look["trial"] == 0 and look["params"] == t.params and look["when"]
+    assert look["commit"] is None or len(look["commit"].removesuffix("-dirty")) == 40
+    saved = json.loads((Path(summary["sweep_dir"]) / "sweep.json").read_text())
+    assert saved["final_looks"] == [look] and saved["final"]["look"] == 1
+    # a second look at the test set is refused in one line, and needs final_again=true, which is recorded
+    with pytest.raises(UserError, match=r"scored its final test set already \(1 time\(s\).*final_again=true"):
+        api.sweep(dataclasses.replace(cfg, final=True))
+    assert not (Path(summary["sweep_dir"]) / "final" / "look-2").exists()
+    again = api.sweep(dataclasses.replace(cfg, final=True, final_again=True))
+    looks = _study(again).user_attrs["tahoe_ft_final_looks"]
+    assert [x["look"] for x in looks] == [1, 2] and looks[1]["final_again"] and again["final"]["look"] == 2
 
 
 # -- bad input: one line, exit status 2, nothing written ------------------------------------------------------
@@ -362,6 +550,9 @@ BAD = {
     "storage not sqlite": (["storage=sqlite:///{tmp}/junk.db"], "is not a SQLite database"),
     "n_trials": (["n_trials=0"], "n_trials=0 must be >= 1"),
     "folds": (["folds=1"], "folds=1"),
+    "storage read-only": (["storage=sqlite:///{tmp}/ro.db"], "ro.db is read-only"),
+    "n_test": (["n_test=0"], "n_test=0 must be >= 1"),
+    "final_again alone": (["final_again=true"], "final_again=true goes with final=true"),
 }
 
 
@@ -373,6 +564,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     junk = work / "junk.db"
     if case == "storage not sqlite":
         junk.write_text("not a database\n")
+    if case == "storage read-only":  # an (empty) SQLite file the user made read-only
+        (work / "ro.db").touch()
+        (work / "ro.db").chmod(0o444)
     extra = [e.replace("{tmp}", str(work)) for e in extra]
     space = [] if case in ("no space", "unknown space") else ["+sweep=genespace"]
     pretrained = [] if case == "missing parent" else ["pretrained=null"]

@@ -494,8 +494,13 @@ class SweepConfig:
     folds: int = 4
     fold_seed: int = 0
     n_val: int | None = None
-    # val_loss: mean over folds of the last round's best validation loss (minimised); val_score: cell-eval's
-    # avg_score of the last round's prediction of the validation perturbations, mean over folds (maximised)
+    # the final test perturbations, drawn (fold_seed) before the search and never a fold's validation ones;
+    # only final=true scores them. null = one fold's share: perturbations // (folds + 1)
+    n_test: int | None = None
+    # val_loss: mean over folds of the last round's validation loss at its best-val.pt step, in a form that
+    # does not depend on model.cell_set_len (the unbiased energy distance, val/unbiased_loss; mse as is),
+    # minimised; val_score: cell-eval's avg_score of the last round's prediction of the validation
+    # perturbations, mean over folds (maximised)
     objective: SweepObjective = SweepObjective.val_loss
     # an Optuna storage URL (any SQLAlchemy URL); null = sqlite:///<runs_dir>/sweeps/<NAME>/study.db
     storage: str | None = None
@@ -509,9 +514,11 @@ class SweepConfig:
     pruner_warmup_steps: int = 0
     # seconds between a running trial's heartbeats: a trial silent for 4x this long is failed by the next worker
     heartbeat_s: int = 60
-    # after the study: train the best recipe on the folds and score it once on their test perturbations
-    # (reproduce, into runs_dir/sweeps/NAME/final/)
+    # after the study: train the best recipe on the folds and score it once on the final test perturbations
+    # (reproduce, into runs_dir/sweeps/NAME/final/look-N/); recorded in the study (when, commit, trial)
     final: bool = False
+    # final=true once more on a study whose test set was already scored (each look is recorded and counted)
+    final_again: bool = False
     step_scale: float = 0.05
     # the base model of the first round (init_from: ${pretrained}); run:EXP/FILE resolves under runs_dir
     pretrained: str | None = "run:pretrain/best-val.pt"
@@ -728,6 +735,7 @@ def check_experiment_overrides(overrides: list[str]) -> None:
 
 def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
     """`configs/<command>.yaml` composed with `overrides` by Hydra; not yet validated or resolved."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -745,6 +753,11 @@ def _hydra_compose(command: str, overrides: list[str]) -> DictConfig:
         raise UserError("config: " + "; ".join(lines[:3])) from None
     except AssertionError:  # OmegaConf asserts on a key below a null node (data=custom data.demo.seed=1)
         raise UserError(_below_null(command, overrides)) from None
+    except yaml.YAMLError as exc:  # a user's config file (sweep space, experiment) that is not YAML
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML ({what}); fix the file") from None
 
 
 def _below_null(command: str, overrides: list[str]) -> str:
@@ -800,11 +813,11 @@ def check_runs_dir(command: str, cfg: Any) -> None:
     if not existing.is_dir():
         if existing == path:
             raise UserError(
-                f"runs_dir={raw} is a file, not a folder; pass runs_dir=<a folder> for tahoe-ft's runs "
+                f"runs_dir '{raw}' is a file, not a folder; pass runs_dir=<a folder> for tahoe-ft's runs "
                 "(default: runs)"
             )
         raise UserError(
-            f"runs_dir={raw} lies below {existing}, which is a file, so no folder can be made there; pass "
+            f"runs_dir '{raw}' lies below {existing}, which is a file, so no folder can be made there; pass "
             "runs_dir=<a folder path> (default: runs)"
         )
     what = _MAKES_RUNS_DIR.get(command)
@@ -817,7 +830,7 @@ def check_runs_dir(command: str, cfg: Any) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         how = f"{'out_dir' if command == 'compare' else 'runs_dir'}=<a folder you can write>"
         raise UserError(
-            f"runs_dir={raw}: {existing} is not writable by this user, and {command} writes {what} there; make "
+            f"runs_dir '{raw}': {existing} is not writable by this user, and {command} writes {what} there; make "
             f"it writable (chmod u+w {existing}) or pass {how}"
         )
 

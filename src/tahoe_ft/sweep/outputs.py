@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tahoe_ft.config import config_dir
+from tahoe_ft.config import DataConfig, config_dir
 from tahoe_ft.fileio import atomic_path, atomic_write_text
 from tahoe_ft.sweep.plan import SweepPlan
 from tahoe_ft.sweep.space import override
@@ -163,3 +163,60 @@ def plots(study: Any, out_dir: Path, *, n_complete: int) -> list[str]:
         plt.close(fig)
         written.append(str(out_dir / file))
     return written
+
+
+def train_command(plan: SweepPlan) -> list[str]:
+    """The shell commands that train the best recipe (best.yaml) on the sweep's data, from the folder tahoe-ft
+    runs from."""
+    cfg = plan.cfg
+    name = f"{plan.name}-best"
+    data = [f"data={cfg.data.name}"]
+    if cfg.data.name == "custom" and cfg.data.path:
+        data.append(f"data.path={cfg.data.path}")
+        for key in ("pert_col", "control_pert", "cell_type_col", "batch_col"):
+            value = getattr(cfg.data, key)
+            if value != getattr(DataConfig(), key):
+                data.append(f"data.{key}={value}")
+    base = plan.bases.get(plan.rounds[0]) if plan.rounds else None
+    first = [] if len(plan.rounds) > 1 else [f"pretrained={base if base else 'null'}"]
+    return [
+        f"mkdir -p configs/experiment && cp {plan.sweep_dir / 'best.yaml'} configs/experiment/{name}.yaml",
+        " ".join(["tahoe-ft train", f"+experiment={name}", *first, *data])
+        + ("  # after the chain's earlier rounds: see best.yaml" if len(plan.rounds) > 1 else ""),
+    ]
+
+
+def console_report(summary: dict[str, Any], width: int = 100) -> str:
+    """What `tahoe-ft sweep` prints at the end: the trial counts, the best trials (number, objective,
+    parameters), the command that trains the winner, the final score's place; everything else is in
+    sweep.json."""
+    n = summary.get("trials", {})
+    lines = [
+        f"sweep {summary['study']}: {n.get('complete', 0)} complete, {n.get('pruned', 0)} pruned, "
+        f"{n.get('fail', 0)} failed trial(s); objective {summary['objective']} ({summary['direction']})",
+    ]
+    top = summary.get("top") or []
+    if top:
+        lines.append(f"{'trial':>7}  {summary['objective']:>10}  parameters")
+        for t in top:
+            params = " ".join(f"{k}={_short(v)}" for k, v in t["params"].items()) or "-"
+            head = f"{t['number']:>7}  {t['value']:>10.5g}  "
+            wrapped = textwrap.wrap(params, max(20, width - len(head)), break_on_hyphens=False) or ["-"]
+            lines.append(head + wrapped[0])
+            lines += [" " * len(head) + w for w in wrapped[1:]]
+        lines.append("train the best recipe:")
+        lines += [f"  {c}" for c in summary.get("train_command") or []]
+    else:
+        lines.append("no trial completed yet: run more trials (n_trials=...)")
+    final = summary.get("final")
+    if final:
+        lines.append(
+            f"final test set scored (look {final.get('look')}, trial {final.get('trial')}): "
+            f"{final.get('compare_csv')}"
+        )
+    lines.append(f"everything else: {Path(summary['sweep_dir']) / 'sweep.json'}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def check_storage(url: str, *, default: bool) -> None:
 def _check_sqlite_file(url: str, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"storage={url!r}: {path} is not a file; name a SQLite file")
+    # a study writes every trial (and its heartbeat) into the file, and SQLite its journal beside it; the mode
+    # bits count too, as a user's "keep this": root may write any file, and would silently
+    if not path.stat().st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise UserError(
+            f"storage={url!r}: {path} is read-only, and a sweep writes every trial into it; make it writable "
+            f"(chmod u+w {path}) or give another storage=..."
+        )
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(
+            f"storage={url!r}: folder {path.parent} is read-only, and SQLite writes its journal there; make it "
+            "writable or give another storage=..."
+        )
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:

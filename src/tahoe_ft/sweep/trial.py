@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,22 @@ def fold_data(data: DataConfig, fold: Any) -> DataConfig:
     return data if fold is None else _split_by_toml(data, fold.toml)
 
 
-class TrialReporter(L.Callback):
-    """Reports each validation check's val_loss to the trial; prunes; writes the trial into run.json."""
+class SweepStopped(Exception):  # noqa: N818 - a stop, not an error of the trial's recipe
+    """The process was told to stop (SIGTERM) mid-trial: Optuna marks the trial FAIL and `run_sweep` says so."""
 
-    def __init__(self, trial: Any, *, offset: int, sign: float, block: dict[str, Any]):
-        self.trial, self.offset, self.sign, self.block = trial, offset, sign, block
+
+class TrialReporter(L.Callback):
+    """Reports each validation check's `metric` (`plan.fair_metric`) to the trial; prunes; writes the trial
+    into run.json; keeps every check's value (`values`, by step) for the objective."""
+
+    def __init__(
+        self, trial: Any, *, offset: int, sign: float, block: dict[str, Any], metric: str = "val_loss"
+    ):
+        self.trial, self.offset, self.sign, self.block, self.metric = trial, offset, sign, block, metric
         self.run_dir: Path | None = None
         self.reported: set[int] = set()
+        self.values: dict[int, float] = {}
+        self.interrupted = False
 
     def setup(self, trainer, pl_module, stage) -> None:
         if self.run_dir is None:
@@ -58,12 +68,24 @@ class TrialReporter(L.Callback):
         if not torch.isfinite(loss.detach()).all():
             self._prune(f"training loss {float(loss.detach()):g} at step {trainer.global_step}")
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning turns Ctrl-C into sys.exit(1) after this hook; `_train` makes it a KeyboardInterrupt again
+        self.interrupted = self.interrupted or isinstance(exception, KeyboardInterrupt)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         val = checked_val_loss(trainer)
         if val is None:
             return
         if not math.isfinite(val):
             self._prune(f"val_loss {val:g} at step {trainer.global_step}")
+        if self.metric != "val_loss":
+            fair = trainer.callback_metrics.get(self.metric)
+            if fair is None:
+                self._prune(f"{self.metric} was not logged at step {trainer.global_step}")
+            val = float(fair)
+            if not math.isfinite(val):
+                self._prune(f"{self.metric} {val:g} at step {trainer.global_step}")
+        self.values[int(trainer.global_step)] = val
         if trainer.global_step == 0:
             # the starting weights' check (checkpoint.validate_at_start) judges the start, not the recipe's
             # training: on Papalexi it pruned one-hot and co-expression trials by 2e-5 before they trained
@@ -74,7 +96,7 @@ class TrialReporter(L.Callback):
         self.reported.add(step)
         self.trial.report(self.sign * val, step)
         if self.trial.should_prune():
-            self._prune(f"val_loss {val:.5g} at step {trainer.global_step} (reported step {step})")
+            self._prune(f"{self.metric} {val:.5g} at step {trainer.global_step} (reported step {step})")
 
     def _prune(self, why: str) -> None:
         import optuna
@@ -92,54 +114,75 @@ class Objective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        plan, cfg = self.plan, self.plan.cfg
+        plan = self.plan
         mark_process(trial)
         values = {p.key: p.suggest(trial) for p in plan.params}
-        trial_dir = plan.sweep_dir / f"trial-{trial.number:04d}"
-        sign = -1.0 if plan.direction == "maximize" else 1.0
-        fold_values: list[float] = []
         run_dirs: list[str] = []
-        for k, fold in enumerate(self.folds):
-            name = fold_name(fold)
-            data = fold_data(cfg.data, fold)
-            run_dir = None
-            for r, exp in enumerate(plan.rounds):
-                tags = [f"sweep:{plan.name}", f"trial-{trial.number}", name]
-                args = plan.train_args(exp, trial_dir / name, values, tags)
-                train_cfg = compose_round(exp, args, data=data, paths=cfg.paths)
-                block = {
-                    "study": plan.name,
-                    "storage": plan.storage_url,
-                    "trial": trial.number,
-                    "fold": name,
-                    "round": exp,
-                    "params": values,
-                    "objective": str(cfg.objective),
-                }
-                offset = (k * len(plan.rounds) + r) * plan.stride
-                reporter = TrialReporter(trial, offset=offset, sign=sign, block=block)
-                try:
-                    run_dir = _train(train_cfg, reporter)
-                finally:  # a pruned or failed round's run is listed too
-                    if reporter.run_dir is not None:
-                        run_dirs.append(str(reporter.run_dir))
-                        trial.set_user_attr("run_dirs", run_dirs)
-            assert run_dir is not None
-            value = self._value(run_dir)
-            if not math.isfinite(value):
-                raise optuna.TrialPruned(f"{name}: objective {value} is not finite")
-            update_run_info(run_dir, sweep={**read_run_info(run_dir).get("sweep", {}), "fold_value": value})
-            fold_values.append(value)
-            trial.set_user_attr("fold_values", fold_values)
+        fold_values: list[float] = []
+        try:
+            for k, fold in enumerate(self.folds):
+                value = self.run_fold(trial, values, k, fold, run_dirs)
+                if not math.isfinite(value):
+                    raise optuna.TrialPruned(f"{fold_name(fold)}: objective {value} is not finite")
+                fold_values.append(value)
+                trial.set_user_attr("fold_values", fold_values)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            raise
+        except SweepStopped:
+            trial.set_user_attr("fail_reason", "stopped by SIGTERM")
+            raise
+        finally:  # complete, pruned or failed: no later step reads a trial's weights
+            for run in run_dirs:
+                drop_checkpoints(Path(run))
         return float(sum(fold_values) / len(fold_values))
 
-    def _value(self, run_dir: Path) -> float:
-        """val_loss: the run's best (monitored) validation loss; val_score: cell-eval's avg_score of the
+    def run_fold(self, trial: Any, values: dict[str, Any], k: int, fold: Any, run_dirs: list[str]) -> float:
+        """Train the rounds on fold `k` (appending each run to `run_dirs` and the trial's `run_dirs`); return
+        the fold's objective value (written into the last run's run.json)."""
+        plan, cfg = self.plan, self.plan.cfg
+        name = fold_name(fold)
+        data = fold_data(cfg.data, fold)
+        trial_dir = plan.sweep_dir / f"trial-{trial.number:04d}"
+        sign = -1.0 if plan.direction == "maximize" else 1.0
+        run_dir, reporter = None, None
+        for r, exp in enumerate(plan.rounds):
+            tags = [f"sweep:{plan.name}", f"trial-{trial.number}", name]
+            args = plan.train_args(exp, trial_dir / name, values, tags)
+            train_cfg = compose_round(exp, args, data=data, paths=cfg.paths)
+            metric = plan.metrics.get(exp, "val_loss")
+            block = {
+                "study": plan.name,
+                "storage": plan.storage_url,
+                "trial": trial.number,
+                "fold": name,
+                "round": exp,
+                "params": values,
+                "objective": str(cfg.objective),
+                "metric": metric,
+            }
+            offset = (k * len(plan.rounds) + r) * plan.stride
+            reporter = TrialReporter(trial, offset=offset, sign=sign, block=block, metric=metric)
+            try:
+                run_dir = _train(train_cfg, reporter)
+            finally:  # a pruned or failed round's run is listed too
+                if reporter.run_dir is not None:
+                    run_dirs.append(str(reporter.run_dir))
+                    trial.set_user_attr("run_dirs", run_dirs)
+        assert run_dir is not None and reporter is not None
+        value = self._value(run_dir, reporter)
+        update_run_info(run_dir, sweep={**read_run_info(run_dir).get("sweep", {}), "fold_value": value})
+        return value
+
+    def _value(self, run_dir: Path, reporter: TrialReporter) -> float:
+        """val_loss: the round's `metric` (`plan.fair_metric`: the unbiased energy distance for the energy loss)
+        at the step best-val.pt was saved at (run.json `best_step`); val_score: cell-eval's avg_score of the
         run's prediction of its validation perturbations (the cell-mean baseline from training cells only)."""
         cfg = self.plan.cfg
         if cfg.objective == SweepObjective.val_loss:
-            best = read_run_info(run_dir).get("best_val_loss")
-            return float(best) if best is not None else math.nan
+            step = read_run_info(run_dir).get("best_step")
+            value = reporter.values.get(int(step)) if step is not None else None
+            return float(value) if value is not None else math.nan
         from tahoe_ft.evaluation.logs import quiet_console
         from tahoe_ft.evaluation.run import evaluate_run
         from tahoe_ft.prediction import predict
@@ -160,14 +203,40 @@ class Objective:
         return float(score.avg_score)
 
 
+# a trial's weights: no later step reads them (final=true trains the best recipe again; best.yaml holds its
+# parameters), and each fold run's last.ckpt and best-val.pt made the README's demo sweep 1.2 GB
+WEIGHT_PATTERNS = ("*.ckpt", "*.pt")
+
+
+def drop_checkpoints(run_dir: Path) -> list[str]:
+    """Delete a finished trial run's weights (`checkpoints/*.ckpt`, `*.pt`); note them in run.json."""
+    ckpts = run_dir / "checkpoints"
+    removed = sorted({p.name for pattern in WEIGHT_PATTERNS for p in ckpts.glob(pattern) if p.is_file()})
+    for name in removed:
+        (ckpts / name).unlink(missing_ok=True)
+    if removed and (run_dir / "run.json").is_file():
+        sweep = read_run_info(run_dir).get("sweep", {})
+        update_run_info(run_dir, sweep={**sweep, "weights_removed": removed})
+    return removed
+
+
 def _train(train_cfg, reporter: TrialReporter) -> Path:
     import optuna
+    from lightning.pytorch.callbacks import ModelSummary
 
     from tahoe_ft.training import train
 
     try:
-        return train(train_cfg, callbacks=[reporter])
+        # max_depth=0: no model summary table per fold run (a sweep's console is one line per trial)
+        return train(train_cfg, callbacks=[reporter, ModelSummary(max_depth=0)])
     except optuna.TrialPruned:
         if reporter.run_dir is not None:
             update_run_info(reporter.run_dir, status="pruned")
+        raise
+    except SystemExit as exc:
+        if reporter.interrupted:  # Lightning's answer to Ctrl-C: sys.exit(1), SIGINT ignored from then on
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        if exc.code == 128 + signal.SIGTERM:  # training.session's answer to SIGTERM
+            raise SweepStopped("SIGTERM") from None
         raise
