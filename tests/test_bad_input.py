@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -172,6 +173,42 @@ CASES = [
     case("check-toml-test-trains-elsewhere", "check", "data=custom", "data.path=null",
          "data.split_toml=bad/test_trains_elsewhere.toml",
          needle="'GENE00021' of cell type 'CT0' is test in [fewshot.\"screen.CT0\"] and trains in dataset 'copy'"),
+    # -- cli and compare (issue #31) ----------------------------------------------------------------------------
+    case("train-runs-dir-file", "train", "+experiment=0905", *TRAIN, "runs_dir=bad/notes.txt",
+         needle="runs_dir 'bad/notes.txt' is a file, not a folder; pass runs_dir=<a folder>"),
+    case("train-runs-dir-below-file", "train", "+experiment=0905", *TRAIN, "runs_dir=bad/notes.txt/runs",
+         needle=("runs_dir 'bad/notes.txt/runs' lies below", "bad/notes.txt, which is a file")),
+    case("predict-runs-dir-file", "predict", "runs_dir=bad/notes.txt",
+         needle="runs_dir 'bad/notes.txt' is a file, not a folder"),
+    case("eval-runs-dir-file", "eval", "runs_dir=bad/notes.txt", needle="runs_dir 'bad/notes.txt' is a file"),
+    case("eval-runs-dir-below-file", "eval", f"run_dir={RUN}", "runs_dir=bad/notes.txt/runs",
+         needle="runs_dir 'bad/notes.txt/runs' lies below"),
+    case("compare-runs-dir-file", "compare", "runs_dir=bad/notes.txt",
+         needle="runs_dir 'bad/notes.txt' is a file, not a folder"),
+    case("export-runs-dir-file", "export", "runs_dir=bad/notes.txt", needle="runs_dir 'bad/notes.txt' is a file"),
+    case("reproduce-runs-dir-below-file", "reproduce", *DATA, "runs_dir=bad/notes.txt/study",
+         needle="runs_dir 'bad/notes.txt/study' lies below"),
+    case("train-non-ascii-list", "train", "+experiment=0905", *TRAIN, "data.val_perts=[Ä1,B]",
+         needle=("cannot read 'data.val_perts=[Ä1,B]'", "data.val_perts='[\"Ä1\", \"B\"]'")),
+    case("check-non-ascii-name", "check", "data.control_pert=contrôle", *DATA,
+         needle="data.control_pert='\"contrôle\"'"),
+    # -- nothing lost (issue #31) -------------------------------------------------------------------------------
+    case("predict-foreign-ckpt-into-run", "predict", f"run_dir={RUN}",
+         "ckpt=runs/pretrain/latest/checkpoints/best-val.pt",
+         needle=("is not a checkpoint of run_dir=runs/0905/latest", "pass run_dir=<a new folder>")),
+    case("export-out-exists", "export", "exp=0905", "out=bad/notes.txt",
+         needle="out=bad/notes.txt already exists; pass out=<a new file>"),
+    case("export-out-folder", "export", "exp=0905", "out=bad", needle="out=bad is a folder; pass out=<a new file>"),
+    case("eval-no-training-cells-no-cache", "eval", "pred=bad/pred_alone.h5ad", "real=bad/real_alone.h5ad",
+         "runs_dir=bad/fresh_runs", needle=("no training cells for the cell-mean baseline", "pass train=")),
+    case("eval-real-without-controls", "eval", "pred=bad/pred_alone.h5ad", "real=bad/real_no_controls.h5ad",
+         needle=("real_no_controls.h5ad) has no control cells: pred has", "add them to real")),
+    case("sweep-folds-too-many", "sweep", "+sweep=genespace", "pretrained=null", "folds=100", *DATA,
+         needle="folds=100 with n_test="),
+    case("sweep-n-test-zero", "sweep", "+sweep=genespace", "pretrained=null", "n_test=0", *DATA,
+         needle="n_test=0 must be >= 1"),
+    case("sweep-final-again-alone", "sweep", "+sweep=genespace", "pretrained=null", "final_again=true", *DATA,
+         needle="final_again=true goes with final=true"),
     # -- no such command --------------------------------------------------------------------------------------
     case("unknown-command", "frobnicate", needle="unknown command 'frobnicate'"),
 ]
@@ -209,6 +246,13 @@ def _write_bad_files(bad: Path, run: Path, screen: Path) -> None:
         bad_pred.X = values.astype(np.float32)
         bad_pred.write_h5ad(bad / f"{name}.h5ad")
     pred[:, :-5].copy().write_h5ad(bad / "pred_fewer_genes.h5ad")
+    # a prediction outside any run (no predict.json), its real cells, and those without their control cells
+    shutil.copy(run / "pred.h5ad", bad / "pred_alone.h5ad")
+    shutil.copy(run / "real.h5ad", bad / "real_alone.h5ad")
+    real = ad.read_h5ad(run / "real.h5ad")
+    control = read_json(run / "predict.json")["control_pert"]
+    pert_col = read_json(run / "predict.json")["pert_col"]
+    real[(real.obs[pert_col] != control).to_numpy()].copy().write_h5ad(bad / "real_no_controls.h5ad")
     (bad / "pred_truncated.h5ad").write_bytes((run / "pred.h5ad").read_bytes()[:2000])
     cells = ad.read_h5ad(screen)
     other = cells.copy()
@@ -234,6 +278,10 @@ def _write_bad_split_tomls(bad: Path, screen: Path) -> None:
                      fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": [], "test": ["GENE00007"]}})  # fmt: skip
     write_split_toml(bad / "test_trains_elsewhere.toml", both,
                      fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": ["GENE00007"], "test": []}})  # fmt: skip
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -435,7 +483,10 @@ def named_keys(message: str) -> list[tuple[str, str | None]]:
 
 
 def _placeholder(value: str | None) -> bool:
-    return not value or value[0] in "<[{." or value.isupper() or "<" in value or "..." in value
+    # "''": a value in shell quotes (key='["Ä1", "B"]'), elided by _QUOTED; test_cli composes those suggestions
+    return (
+        not value or value == "''" or value[0] in "<[{." or value.isupper() or "<" in value or "..." in value
+    )
 
 
 def key_problem(commands: list[str], key: str, value: str | None) -> str | None:

@@ -310,8 +310,8 @@ def test_runs_dir_that_is_a_file_is_one_line_before_anything_is_written(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a folder\n")
     for runs_dir, needle in (
-        ("notes.txt", "runs_dir=notes.txt is a file, not a folder; pass runs_dir=<a folder>"),
-        ("notes.txt/runs", f"runs_dir=notes.txt/runs lies below {tmp_path / 'notes.txt'}, which is a file"),
+        ("notes.txt", "runs_dir 'notes.txt' is a file, not a folder; pass runs_dir=<a folder>"),
+        ("notes.txt/runs", f"runs_dir 'notes.txt/runs' lies below {tmp_path / 'notes.txt'}, which is a file"),
     ):
         with pytest.raises(SystemExit) as exc:
             main([command, *extra, f"runs_dir={runs_dir}"])
@@ -348,7 +348,7 @@ def test_runs_dir_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, caps
                 main([command, *extra, "runs_dir=runs"])
             assert exc.value.code == 2
             line = _error_line(capsys)
-            assert f"runs_dir=runs: {runs} is not writable by this user, and {command} writes" in line, line
+            assert f"runs_dir 'runs': {runs} is not writable by this user, and {command} writes" in line, line
             assert "chmod u+w" in line
         # below a read-only folder, train cannot make the runs folder either
         with pytest.raises(SystemExit):

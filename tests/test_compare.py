@@ -298,7 +298,7 @@ def test_a_run_without_a_recorded_split_keeps_its_own_baselines(tmp_path):
 def test_compare_on_a_file_says_it_is_a_file(tmp_path):
     path = tmp_path / "runs.csv"
     path.write_text("not a folder\n")
-    with pytest.raises(UserError, match=r"runs_dir=.*runs.csv is a file, not a folder; .*runs_dir=<"):
+    with pytest.raises(UserError, match=r"runs_dir '.*runs.csv' is a file, not a folder; .*runs_dir=<"):
         compare(path)
     with pytest.raises(UserError, match="is a file"):
         collect(path)

@@ -881,6 +881,7 @@ def test_training_cells_are_train_groups_and_every_cell_types_controls(screens, 
     again = cat.training_cells(max_per_group=3, seed=0)
     np.testing.assert_array_equal(np.asarray(small.X), np.asarray(again.X))
 
+
 # ---------------------------------------------------------------------------------------------------------
 # nothing lost (issue #31): corrupted blocks, repeated gene names, anndata's legacy sparse layout
 

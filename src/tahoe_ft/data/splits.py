@@ -63,16 +63,15 @@ def config_split_bits(
 ) -> np.ndarray:
     """Listed perturbations leave training in every cell type; listed cell types leave it whole. A name in both
     the val and the test list is refused."""
-    for kind, val, test in (
-        ("perts", val_perts, test_perts),
-        ("cell_types", val_cell_types, test_cell_types),
+    for keys, where, val, test in (
+        (("data.val_perts", "data.test_perts"), "in every cell type", val_perts, test_perts),
+        (("data.val_cell_types", "data.test_cell_types"), "whole", val_cell_types, test_cell_types),
     ):
         both = [x for x in val if x in set(test)]
         if both:
-            where = "in every cell type" if kind == "perts" else "whole"
             raise UserError(
-                f"'{both[0]}' is in both data.val_{kind} and data.test_{kind} (held out {where}): validation "
-                f"would choose the checkpoint on a test group; remove it from one of the two lists"
+                f"'{both[0]}' is in both {keys[0]} and {keys[1]} (held out {where}): validation would choose "
+                "the checkpoint on a test group; remove it from one of the two lists"
             )
     n_ct, n_p = len(cat.cell_types), len(cat.pert_names)
     ct_index = {t: i for i, t in enumerate(cat.cell_types)}

@@ -222,7 +222,7 @@ def scored_split(run_dir: str | os.PathLike) -> ScoredSplit | None:
 def _check_runs_dir(runs_dir: Path) -> None:
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UserError(
-            f"runs_dir={runs_dir} is a file, not a folder; compare reads the folder that tahoe-ft train writes "
+            f"runs_dir '{runs_dir}' is a file, not a folder; compare reads the folder that tahoe-ft train writes "
             "its runs into: pass runs_dir=<that folder> (default: runs)"
         )
     if not runs_dir.is_dir():
