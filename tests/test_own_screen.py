@@ -93,3 +93,61 @@ def test_readme_own_screen_commands_give_a_scored_run_beside_the_panel(own_scree
     real = ad.read_h5ad(run / "real.h5ad")
     assert set(real.obs["target_gene"]) - {"non-targeting"} == {"IFNGR2", "STAT2", "CD86"}
     assert (runs / "compare.csv").is_file()
+
+
+# -- the next round (issue #31): run:0905 resolves to the 0905 run of this data and split -----------------------
+
+NEXT = "The next round"
+OTHER_SPLIT = ["data=custom", "data.path=screen.h5ad", "data.input_transform=counts",
+               "data.val_perts=[CMTM6]", "data.test_perts=[STAT1]", "pretrained=null"]  # fmt: skip
+
+
+def _copy_runs(src: Path, dst: Path, *, keep: set[str] | None = None) -> None:
+    """screen.h5ad and the runs of `src` (only the run ids in `keep`, when given) under `dst`."""
+    import shutil
+
+    dst.mkdir()
+    os.link(src / "screen.h5ad", dst / "screen.h5ad")
+    for run in (src / "runs").glob("*/2*"):
+        if keep is None or run.name in keep:
+            shutil.copytree(run, dst / "runs" / run.parent.name / run.name, symlinks=True)
+
+
+def test_the_readme_next_round_chains_onto_the_0905_run_of_its_own_split(own_screen_run, tmp_path):
+    """The README's own-screen commands, then a newer 0905 run on another split (it trained on the README's
+    test perturbations), then the README's next round: the newer run is passed over, the README's 0905 run is
+    the parent. In a folder with only the other split's run, the next round stops in one line."""
+    (next_round,) = readme_commands((ROOT / "README.md").read_text(), NEXT)
+    assert next_round[:3] == ["tahoe-ft", "train", "+experiment=0906"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "TAHOE_FT_CACHE": str(own_screen_run / "cache")}  # fmt: skip
+    work = tmp_path / "two_splits"
+    _copy_runs(own_screen_run, work)
+    (readme_run,) = [p.name for p in (work / "runs" / "0905").glob("2*")]
+
+    def tahoe(*argv: str, cwd: Path = work) -> subprocess.CompletedProcess:
+        args = [str(TAHOE_FT), *argv, *SHORT]
+        return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+    other = tahoe("train", "+experiment=0905", *OTHER_SPLIT)
+    assert other.returncode == 0, other.stderr[-3000:]
+    (other_run,) = [p.name for p in (work / "runs" / "0905").glob("2*") if p.name != readme_run]
+    assert (work / "runs" / "0905" / "latest").resolve().name == other_run  # the newest 0905 run
+
+    proc = tahoe(*next_round[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((work / "runs" / "0906" / "latest" / "run.json").read_text())
+    parent = info["lineage"][0]
+    assert (parent["experiment"], parent["run_id"]) == ("0905", readme_run), info["lineage"]
+    assert parent["checkpoint"].endswith(f"0905/{readme_run}/checkpoints/best-val.pt")
+    assert other_run in proc.stderr  # the log names the run it passed over
+
+    # only the other split's 0905 run: the next round is refused in one line, and no 0906 run is written
+    alone = tmp_path / "other_split_only"
+    _copy_runs(work, alone, keep={other_run})
+    proc = tahoe(*next_round[1:], cwd=alone)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "no run of '0905'" in lines[0] and "with this split" in lines[0] and other_run in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert not (alone / "runs" / "0906").exists() or not list((alone / "runs" / "0906").glob("2*"))
