@@ -38,11 +38,12 @@ def _demo(file: str, *, _root_) -> str:
 
 
 def _data(name: str, *, _root_) -> str:
-    """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`, `papalexi_gene_names`);
-    prepared where it is opened (`tahoe_ft.datasets.ensure_files`)."""
-    from tahoe_ft.datasets.embedded import papalexi_outputs
+    """Path of a file of a prepared embedded data set (`papalexi`, `papalexi_split`, `papalexi_gene_names`,
+    `devel`); prepared where it is opened (`tahoe_ft.datasets.ensure_files`)."""
+    from tahoe_ft.datasets.embedded import devel_outputs, papalexi_outputs
 
-    return str(papalexi_outputs(_cache_dir(_root_))[name])
+    cache = _cache_dir(_root_)
+    return str({**papalexi_outputs(cache), **devel_outputs(cache)}[name])
 
 
 def register() -> None:

@@ -10,6 +10,9 @@
   raw counts; provenance and licence in ``tahoe_ft/assets/PAPALEXI.md``). The package ships it xz-compressed
   (``PAPALEXI_PACKED``); it is unpacked into the cache on first use. Without it, ``prepare_papalexi`` converts
   the shared source file (``$TAHOE_FT_SHARED/data/`` or ``../shared/data/`` beside the repository) there.
+- ``devel_path()`` returns PerturBench's four-cell-line development screen (`data=devel`: 5,961 cells x 500
+  genes, log1p; K562, A172, T98G, U87MG; provenance and the BSD-3 notice in ``assets/DEVEL.md``), shipped and
+  unpacked the same way (``DEVEL_PACKED``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ PAPALEXI_CONVERTER_VERSION = 1
 #   cell-eval's PDS) with targets outside it (only downstream effects).
 # - Pathway siblings stay in train for each held-out target: IFNGR1 / IRF1 / STAT1 (IFN-gamma-JAK-STAT),
 #   STAT3 / STAT5A, so held-out perturbations have related training perturbations, as in VCC.
+# PerturBench's development screen (Norman 2019 K562 CRISPRa + McFaline-Figueroa 2024 glioblastoma CRISPRi;
+# provenance and the BSD-3 notice in assets/DEVEL.md): shipped xz'd, the h5ad written without HDF5 compression
+DEVEL_FILE = "perturbench_devel_norman19_mcfaline23.h5ad"
+DEVEL_PACKED = DEVEL_FILE + ".xz"
+DEVEL_SOURCE_SHA256 = "220998f5630c813228c8661c86dd52244b9ac87127511289af90e0d900d8429b"  # the shared source
 PAPALEXI_VAL = ("CAV1", "ETV7", "JAK2", "POU2F2", "UBE2L6")
 PAPALEXI_TEST = ("CD86", "IFNGR2", "IRF7", "SMAD4", "STAT2", "TNFRSF14")
 
@@ -108,19 +116,24 @@ def ensure_demo(cache_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path
 
 def find_papalexi_source() -> Path:
     """The shared source file: ``$TAHOE_FT_SHARED/data/...``, else ``../shared/data/...`` beside the repo."""
+    return find_shared_source(PAPALEXI_FILE)
+
+
+def find_shared_source(name: str) -> Path:
+    """The shared source file `name`: ``$TAHOE_FT_SHARED/data/``, else ``../shared/data/`` beside the repo."""
     candidates = []
     if os.environ.get(SHARED_ENV):
-        candidates.append(Path(os.environ[SHARED_ENV]) / "data" / PAPALEXI_FILE)
+        candidates.append(Path(os.environ[SHARED_ENV]) / "data" / name)
     candidates += [
-        REPO_ROOT.parent / "shared" / "data" / PAPALEXI_FILE,
-        Path.cwd().parent / "shared" / "data" / PAPALEXI_FILE,
+        REPO_ROOT.parent / "shared" / "data" / name,
+        Path.cwd().parent / "shared" / "data" / name,
     ]
     for c in candidates:
         if c.is_file():
             return c
     raise UserError(
-        f"Papalexi source file {PAPALEXI_FILE} not found (looked in {[str(c.parent) for c in candidates]}); "
-        f"set {SHARED_ENV}=<dir containing data/{PAPALEXI_FILE}>"
+        f"source file {name} not found (looked in {[str(c.parent) for c in candidates]}); "
+        f"set {SHARED_ENV}=<dir containing data/{name}>"
     )
 
 
@@ -235,10 +248,15 @@ def _unpack_papalexi(packed: Path, out: Path) -> None:
     """The packaged copy (`PAPALEXI_PACKED`: the h5ad written without HDF5 compression, then xz'd: 0.97 MB in
     git, where the gzip'd h5ad was 2.27 MB) decompressed to `out`, byte for byte; skipped when `out`'s marker
     names the same packed file."""
+    _unpack(packed, out, out.parent / "papalexi.json")
+
+
+def _unpack(packed: Path, out: Path, marker_path: Path) -> None:
+    """An xz'd packaged file decompressed to `out`, byte for byte, with a marker naming the packed file (its
+    name and sha256) written last; skipped when the marker names the same packed file and `out` exists."""
     import lzma
 
-    marker_path = out.parent / "papalexi.json"
-    marker = {"packaged": PAPALEXI_PACKED, "packed_sha256": _sha256(packed)}
+    marker = {"packaged": packed.name, "packed_sha256": _sha256(packed)}
     try:
         if json.loads(marker_path.read_text()) == marker and out.is_file():
             return
@@ -271,6 +289,40 @@ def ensure_papalexi(cache_dir: Path | None = None) -> dict[str, Path]:
                 ad.read_h5ad(outs["papalexi"], backed="r").var_names, outs["papalexi_gene_names"]
             )
         return outs
+
+
+# --- devel: PerturBench's four-cell-line development screen ------------------------------------------
+
+
+def devel_outputs(cache_dir: Path) -> dict[str, Path]:
+    """Where `ensure_devel(cache_dir)` puts the devel screen (`${tahoe_data:devel}`); no side effects."""
+    return {"devel": Path(cache_dir) / "devel" / DEVEL_FILE}
+
+
+def ensure_devel(cache_dir: Path | None = None) -> dict[str, Path]:
+    """The devel screen in `cache_dir/devel/`, unpacked from the packaged copy (`DEVEL_PACKED`) on first use;
+    without it (a copy of the package that dropped its assets), the shared source file rewritten the same way
+    (same values and annotations, written without HDF5 compression)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    outs = devel_outputs(cache)
+    out = outs["devel"]
+    packed = PACKAGE_DATA / DEVEL_PACKED
+    with _locked(cache / ".devel.lock"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if packed.is_file():
+            _unpack(packed, out, out.parent / "devel.json")
+        elif not out.is_file():
+            import anndata as ad
+
+            src = find_shared_source(DEVEL_FILE)
+            with atomic_path(out, suffix=".h5ad") as tmp:
+                ad.read_h5ad(src).write_h5ad(tmp)
+        return outs
+
+
+def devel_path(cache_dir: Path | None = None) -> Path:
+    """Path of the devel screen (5,961 cells x 500 genes, log1p; `assets/DEVEL.md`), unpacked on first use."""
+    return ensure_devel(cache_dir)["devel"]
 
 
 # --- the files a data config names -----------------------------------------------------------------
@@ -308,6 +360,9 @@ def ensure_files(data: Any) -> None:
             if folder.name.startswith("demo-") and digest in specs:
                 if not ((folder / "spec.json").exists() and path.exists()):  # spec.json is written last
                     ensure_demo(folder.parent, specs[digest])
+                done.add(folder)
+            elif folder.name == "devel" and path in devel_outputs(folder.parent).values():
+                ensure_devel(folder.parent)  # cheap when unpacked: a marker read and a sha256 of 0.55 MB
                 done.add(folder)
             elif folder.name == "papalexi" and path in _papalexi_outputs(folder).values():
                 # with the packaged copy, always (cheap): a cache from before it holds a stale split TOML
