@@ -14,7 +14,7 @@ from tahoe_ft.study.comparison import collect, compare
 
 METRICS = ["mae", "discrimination_score_l1", "overlap_at_N"]
 COLUMNS = (
-    ["experiment", "run", "kind", "split", "avg_score", "leaderboard_score"]
+    ["experiment", "run", "kind", "split", "regime", "avg_score", "leaderboard_score"]
     + METRICS
     + [f"norm_{m}" for m in METRICS]
     + [f"base_{m}" for m in METRICS]

@@ -149,6 +149,7 @@ class ScoredSplit:
     held_out: tuple[tuple[str, str, str, str], ...]
     data: str  # the data's content fingerprint, or the paths of its files
     files: str = ""  # the file names, to show
+    regime: str = ""  # what the split holds out (the manifest's `regime`, study.folds); "" when not said
 
     @property
     def label(self) -> str:
@@ -163,7 +164,8 @@ class ScoredSplit:
         cts = sorted({ct for _, ct, _, part in self.held_out if part == self.scored} - {"*"})
         shown = ", ".join(perts[:4]) + (f" +{len(perts) - 4}" if len(perts) > 4 else "")
         where = f" in {len(cts)} cell type(s)" if cts else ""
-        return f"{self.scored} perts {shown}{where} of {self.files or 'unknown data'}"
+        regime = f"{self.regime}: " if self.regime else ""
+        return f"{regime}{self.scored} perts {shown}{where} of {self.files or 'unknown data'}"
 
 
 def _manifest_of_prediction(run_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -215,7 +217,11 @@ def scored_split(run_dir: str | os.PathLike) -> ScoredSplit | None:
         data = ",".join(sorted(predicted or trained))
     files = ", ".join(sorted({Path(p).name for p in predicted or trained}))
     return ScoredSplit(
-        scored=str(record.get("split") or "test"), held_out=tuple(sorted(groups)), data=data, files=files
+        scored=str(record.get("split") or "test"),
+        held_out=tuple(sorted(groups)),
+        data=data,
+        files=files,
+        regime=str(manifest.get("regime") or ""),
     )
 
 
@@ -270,6 +276,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         if split is not None:
             splits.setdefault(label, split)
         row = _score_row(score, experiment=experiment, run=run_id, kind="round", split=label)
+        row["regime"] = split.regime if split is not None else ""
         for name, b in (score.get("baselines") or {}).items():
             brow = _score_row(
                 {**b, "baseline": score.get("baseline")},
@@ -278,6 +285,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
                 kind="baseline",
                 split=label,
             )
+            brow["regime"] = row["regime"]
             # the same panel is scored beside every round of a split: one row per split and distinct panel
             # entry. A run whose split is unknown keeps its own rows: nothing says another run's are the same
             ident = (
@@ -306,7 +314,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
     names = METRICS + extra
     columns = (
-        ["experiment", "run", "kind", "split", "avg_score", "leaderboard_score"]
+        ["experiment", "run", "kind", "split", "regime", "avg_score", "leaderboard_score"]
         + names
         + [f"norm_{m}" for m in names]
         + [f"base_{m}" for m in names]
@@ -538,6 +546,8 @@ def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (kind, exp), g in per_split.groupby(["kind", "experiment"], sort=False):
         row: dict[str, Any] = {"experiment": exp, "kind": kind, "n": len(g)}
+        if "regime" in g:  # the regime(s) of the splits pooled
+            row["regime"] = ",".join(sorted({str(r) for r in g["regime"].fillna("") if str(r)}))
         for c in cols:
             v = pd.to_numeric(g[c], errors="coerce")
             row[f"{c}_mean"] = float(v.mean())
@@ -565,6 +575,8 @@ def compare_splits(splits: list[tuple[dict[str, Any], Path]], out_dir: str | os.
     with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
         summary.to_csv(tmp, index=False)
     axes = " x ".join(reversed(list(splits[0][0]))) if splits else "fold x seed"
+    regimes = sorted({str(r) for r in per_split.get("regime", pd.Series(dtype=str)).fillna("") if str(r)})
+    axes += f", regime {', '.join(regimes)}" if regimes else ""
     _print_summary(summary, title=f"tahoe-ft over {len(splits)} split(s) ({axes}) in {out_dir}")
     _plot_summary(summary, out_dir / "compare.png")
     return summary
