@@ -8,8 +8,13 @@ cell-eval call and normalisation as the rounds:
 - `control`: basal control cells copied (no effect);
 - `cell_mean`: cell-eval's own cell-mean baseline (`build_base_mean_adata`: the mean of the training group
   means, control included) — the normaliser of every score, so its normalised score is 0 by definition;
-- `pert_mean`: the perturbation's mean effect in the other cell types where it is training data, added to this
-  cell type's controls (absent unless every held-out group has one);
+- `pert_mean` (context transfer): the perturbation's measured effect in the other cell types where it is
+  training data (each one's group mean minus that cell type's own control mean, averaged over those cell types),
+  added to this cell type's controls: what the strongest untrained VCC 2026 entries did. Absent, with its
+  reason, for a held-out group whose perturbation trains in no other cell type;
+- `additive`: for a double perturbation "A+B" (`COMBO_SEP`), the sum of its singles' measured effects in the
+  same cell type (each single's training group mean minus the cell type's control mean), added to the controls;
+  absent, with its reason, for a group that is no combination or whose singles do not all train there;
 - `target_knockdown`: `cell_mean` with the target gene's expression at the knock-down ratio of the training
   perturbations whose targets are measured genes (absent when no target is measured, e.g. a drug screen);
 - `linear`: PCA + ridge of Ahlmann-Eltze et al.: gene embedding G = the top-K principal components (gene
@@ -20,7 +25,11 @@ cell-eval call and normalisation as the rounds:
   groups (`evaluation.feature_ridge`): what fine-tuning must beat to have added anything over a linear map of
   its own inputs (absent when the run's features are not known).
 
-Basal cells (`control`, `pert_mean`, `linear`, `feature_ridge` add an effect to them) are drawn per held-out cell
+A baseline that exists for some held-out groups only (`pert_mean`, `additive`) is written for those groups
+(with the controls) in `Panel.partial` and scored on them (`panel.score_panel`), beside the round scored on the
+same groups, instead of being dropped whole.
+
+Basal cells (`control`, `pert_mean`, `additive`, `linear`, `feature_ridge` add an effect to them) are drawn per held-out cell
 from the cell type's training controls and, by default (`PanelSettings.recentre_basal`, as predict's
 `recentre_basal`), re-centred group by group on the mean of the cell type's control cells in the real file (the
 cells cell-eval takes deltas against): each cell keeps its deviation from the group's draw mean, and the draw
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
@@ -45,7 +54,11 @@ from tahoe_ft.evaluation.feature_ridge import FeatureRidge, fit_on_groups
 
 log = logging.getLogger(__name__)
 
-PANEL = ("control", "cell_mean", "pert_mean", "target_knockdown", "linear", "feature_ridge")
+PANEL = ("control", "cell_mean", "pert_mean", "additive", "target_knockdown", "linear", "feature_ridge")
+# baselines defined for some held-out groups only: scored on those groups when not on all
+PARTIAL = ("pert_mean", "additive")
+# how a double perturbation's name joins its singles ("KLF1+MAP2K6", as in Norman 2019 / PerturBench)
+COMBO_SEP = "+"
 # cell-eval refuses values >= 15 as "not log1p"; predictions are clipped to [0, 14] as upstream does
 PRED_MAX = 14.0
 
@@ -63,10 +76,13 @@ class PanelSettings:
 
 @dataclass
 class Panel:
-    """The baselines' prediction files, and why any baseline is absent."""
+    """The baselines' prediction files, and why any baseline is absent; `partial`: a baseline of `PARTIAL` that
+    exists for some held-out groups only, as (its prediction file of those groups' cells and the controls, those
+    groups as (cell type, perturbation))."""
 
     predictions: dict[str, ad.AnnData]
     notes: dict[str, str]
+    partial: dict[str, tuple[ad.AnnData, list[tuple[str, str]]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,7 @@ def build_panel(
     effects: dict[str, dict[tuple[str, str], np.ndarray] | None] = {
         "control": {g: np.zeros(len(genes)) for g in groups},
         "pert_mean": _pert_mean(tr, groups, notes),
+        "additive": _additive(tr, groups, notes),
         "linear": _linear(tr, groups, settings),
         "feature_ridge": _feature_ridge(tr, groups, features, notes),
     }
@@ -174,12 +191,31 @@ def build_panel(
         "target_knockdown": _target_knockdown(tr, groups, cell_mean, notes),
     }
     out: dict[str, ad.AnnData] = {}
+    partial: dict[str, tuple[ad.AnnData, list[tuple[str, str]]]] = {}
     for name in PANEL:
         x = np.zeros((real.n_obs, len(genes)))
         x[is_ctrl] = ctrl_x
         if name in effects:
             eff = effects[name]
-            if eff is None:
+            if not eff:
+                continue
+            if len(eff) < len(groups):  # some groups only: those groups' cells and their cell types' controls
+                covered = sorted(eff)
+                keep = np.isin(cts, sorted({c for c, _ in covered})) & is_ctrl
+                for c, p in covered:
+                    rows = np.flatnonzero((cts == c) & (perts == p))
+                    x[rows] = basal[rows] + eff[(c, p)]
+                    keep[rows] = True
+                np.clip(x, 0.0, PRED_MAX, out=x)
+                sub = ad.AnnData(
+                    X=x[keep].astype(np.float32), obs=obs[keep].copy(), var=pd.DataFrame(index=list(genes))
+                )
+                sub.uns["tahoe_ft"] = {
+                    "kind": "baseline",
+                    "baseline": name,
+                    "groups": [list(g) for g in covered],
+                }
+                partial[name] = (sub, covered)
                 continue
             for c, p in groups:
                 rows = np.flatnonzero((cts == c) & (perts == p))
@@ -194,7 +230,7 @@ def build_panel(
         pred = ad.AnnData(X=x.astype(np.float32), obs=obs.copy(), var=pd.DataFrame(index=list(genes)))
         pred.uns["tahoe_ft"] = {"kind": "baseline", "baseline": name}
         out[name] = pred
-    return Panel(out, notes)
+    return Panel(out, notes, partial)
 
 
 def recentre(cells: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -258,20 +294,69 @@ def _cell_mean(tr: _Training, groups: list[tuple[str, str]]) -> dict[tuple[str, 
     return {(c, p): by_ct[c] for c, p in groups}
 
 
+def _coverage_note(
+    what: str,
+    out: dict[tuple[str, str], np.ndarray],
+    groups: list[tuple[str, str]],
+    why: dict[str, list[str]],
+) -> str:
+    """The note of a baseline defined for some groups only: for how many, and why not for the others (`why`:
+    reason -> the groups it applies to, as "cell type/perturbation")."""
+    reasons = "; ".join(
+        f"{reason}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for reason, names in why.items()
+    )
+    if not out:
+        return f"absent: no held-out group has {what} ({reasons})"
+    if len(out) == len(groups):
+        return f"{what}, for all {len(groups)} held-out groups"
+    return (
+        f"partial: {what} for {len(out)} of {len(groups)} held-out groups, scored on those only ({reasons})"
+    )
+
+
+def _group_name(c: str, p: str) -> str:
+    return f"{c}/{p}" if c else p
+
+
 def _pert_mean(
     tr: _Training, groups: list[tuple[str, str]], notes: dict[str, str]
-) -> dict[tuple[str, str], np.ndarray] | None:
+) -> dict[tuple[str, str], np.ndarray]:
+    """Context transfer: each held-out group's perturbation's effect in the other training cell types (delta
+    against each one's own control mean, averaged over them); groups without one are left out (see `PARTIAL`)."""
     out = {}
+    why: dict[str, list[str]] = {}
     for c, p in groups:
         others = [tr.delta(c2, p) for c2 in tr.cell_types if c2 != c and (c2, p) in tr.mean]
         if others:
             out[(c, p)] = np.mean(others, axis=0)
-    if len(out) < len(groups):
-        notes["pert_mean"] = (
-            f"absent: {len(groups) - len(out)} of {len(groups)} held-out groups have their perturbation in no "
-            "other training cell type"
-        )
-        return None
+        else:
+            why.setdefault("its perturbation trains in no other cell type", []).append(_group_name(c, p))
+    notes["pert_mean"] = _coverage_note(
+        "a context-transfer effect (other training cell types)", out, groups, why
+    )
+    return out
+
+
+def _additive(
+    tr: _Training, groups: list[tuple[str, str]], notes: dict[str, str]
+) -> dict[tuple[str, str], np.ndarray]:
+    """The additive model of a double perturbation "A+B": delta(A) + delta(B), each single's training group mean
+    minus the cell type's control mean (same cell type); groups without one are left out (see `PARTIAL`)."""
+    out = {}
+    why: dict[str, list[str]] = {}
+    for c, p in groups:
+        singles = [s.strip() for s in p.split(COMBO_SEP)]
+        if len(singles) < 2 or not all(singles):
+            why.setdefault(f"not a combination (no {COMBO_SEP!r})", []).append(_group_name(c, p))
+            continue
+        missing = [s for s in singles if (c, s) not in tr.mean or s == tr.control]
+        if missing:
+            why.setdefault("a single does not train in its cell type", []).append(
+                f"{_group_name(c, p)} (lacks {', '.join(missing)})"
+            )
+            continue
+        out[(c, p)] = np.sum([tr.delta(c, s) for s in singles], axis=0)
+    notes["additive"] = _coverage_note("the sum of its singles' measured effects", out, groups, why)
     return out
 
 

@@ -5,6 +5,11 @@ Every baseline (`baselines.build_panel`) is written as `eval/baselines/<name>.h5
 round. The ceiling (`ceiling.ceiling_agg`) is normalised against that normaliser with cell-eval's
 `score_agg_metrics`. The panel depends only on the real file and the training cells, so it is cached per
 (real, train, settings, profile, versions) in the DE cache: the rounds of one split compute it once.
+
+A baseline that exists for some held-out groups only (`baselines.PARTIAL`: *pert_mean* when a perturbation
+trains in no other cell type, *additive* for the combinations among the held-out groups) is scored on those
+groups (`score_on_groups`) into the block `partial` of `panel.json`; `evaluation.run` scores the round on the
+same groups beside it (score.json's `diagnostics.partial_baselines`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tahoe_ft.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-_PANEL_FORMAT = 2  # 2: feature_ridge, re-centred basal cells
+_PANEL_FORMAT = 3  # 2: feature_ridge, re-centred basal cells; 3: additive, partial baselines
 
 
 def _entry(score: Score) -> dict[str, Any]:
@@ -51,9 +56,10 @@ def score_panel(
     settings: PanelSettings | None = None,
     features: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """`{"baselines": {name: {avg_score, leaderboard_score, metrics, normalized}}, "notes": {...}}`, with the
-    ceiling as the baseline named "ceiling"; the panel's files under `outdir/baselines/`. `features`: the
-    round's perturbation features by name (the feature ridge's inputs; part of the cache key)."""
+    """`{"baselines": {name: {avg_score, leaderboard_score, metrics, normalized}}, "notes": {...}, "partial":
+    {name: {groups, n_groups, of, avg_score, ...}}}`, with the ceiling as the baseline named "ceiling"; the
+    panel's files under `outdir/baselines/`. `features`: the round's perturbation features by name (the feature
+    ridge's inputs; part of the cache key)."""
     outdir = Path(outdir)
     settings = settings or PanelSettings()
     cols = [pert_col] + ([celltype_col] if celltype_col else [])
@@ -86,11 +92,13 @@ def score_panel(
         log.info("reusing the cached baseline panel %s", cache)
     panel = json.loads(done.read_text())
     (outdir / "baselines").mkdir(parents=True, exist_ok=True)
-    for name in panel["baselines"]:
+    panel.setdefault("partial", {})
+    for name in [*panel["baselines"], *panel["partial"]]:
         src = cache / f"{name}.h5ad"
         if src.is_file():
             link_or_copy(src, outdir / "baselines" / f"{name}.h5ad")
     atomic_write_text(outdir / "baselines" / "panel.json", json.dumps(panel, indent=2) + "\n")
+    panel["dir"] = str(cache)  # each baseline's cell-eval tables, per perturbation too (`evaluation.verdict`)
     return panel
 
 
@@ -133,6 +141,13 @@ def _compute(
         score = score_predictions(pred, real, train, cache / name, **common)
         entries[name] = _entry(score)
         tables = tables or normaliser_tables(cache / name, score)
+    partial: dict[str, Any] = {}
+    for name, (pred, groups) in panel.partial.items():
+        log.info("scoring the %s baseline on the %d held-out groups it has", name, len(groups))
+        with atomic_path(cache / f"{name}.h5ad", suffix=".h5ad") as tmp:
+            pred.write_h5ad(tmp)
+        score = score_on_groups(pred, real, train, groups, cache / name, **common)
+        partial[name] = {**group_block(groups, real, pert_col, control_pert, celltype_col), **_entry(score)}
     entries["ceiling"] = score_ceiling(
         real, tables, cache / "ceiling", pert_col, control_pert, celltype_col, num_threads
     )
@@ -141,7 +156,72 @@ def _compute(
         "cell-eval's compute_ceiling (disjoint halves, Spearman-Brown) for PDS and DES; MAE: half-split MAE / 2"
     )
     atomic_write_text(
-        cache / "panel.json", json.dumps({"baselines": entries, "notes": notes}, indent=2) + "\n"
+        cache / "panel.json",
+        json.dumps({"baselines": entries, "notes": notes, "partial": partial}, indent=2) + "\n",
+    )
+
+
+def _held_out_groups(
+    real: ad.AnnData, pert_col: str, control_pert: str, celltype_col: str | None
+) -> tuple[np.ndarray, np.ndarray, set[tuple[str, str]]]:
+    cts = real.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(real.n_obs, "")
+    perts = real.obs[pert_col].astype(str).to_numpy()
+    return cts, perts, {(c, p) for c, p in zip(cts, perts, strict=True) if p != control_pert}
+
+
+def group_block(
+    groups: list[tuple[str, str]],
+    real: ad.AnnData,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+) -> dict[str, Any]:
+    """`{"groups": [[cell type, perturbation], ...], "n_groups", "of"}`: which held-out groups a partial score
+    covers, out of how many."""
+    return {
+        "groups": [list(g) for g in sorted(groups)],
+        "n_groups": len(groups),
+        "of": len(_held_out_groups(real, pert_col, control_pert, celltype_col)[2]),
+    }
+
+
+def score_on_groups(
+    pred: ad.AnnData | str | Path,
+    real: ad.AnnData | str | Path,
+    train: ad.AnnData | None,
+    groups: list[tuple[str, str]] | list[list[str]],
+    outdir: str | Path,
+    *,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    **common: Any,
+) -> Score:
+    """`pred` scored against `real` on the held-out `groups` only ((cell type, perturbation); with their cell
+    types' control cells): the same cell-eval call and cell-mean normaliser, restricted to those groups."""
+    pred = pred if isinstance(pred, ad.AnnData) else ad.read_h5ad(pred)
+    real = real if isinstance(real, ad.AnnData) else ad.read_h5ad(real)
+    want = {(str(c), str(p)) for c, p in groups}
+
+    def subset(a: ad.AnnData) -> ad.AnnData:
+        cts, perts, _ = _held_out_groups(a, pert_col, control_pert, celltype_col)
+        keep = np.isin(cts, sorted({c for c, _ in want})) & (perts == control_pert)
+        keep |= np.array([(c, p) in want for c, p in zip(cts, perts, strict=True)], dtype=bool)
+        out = a[keep].copy()
+        for col in {pert_col, celltype_col} - {None}:
+            out.obs[col] = out.obs[col].astype(str).astype("category")
+        return out
+
+    return score_predictions(
+        subset(pred),
+        subset(real),
+        train,
+        outdir,
+        pert_col=pert_col,
+        control_pert=control_pert,
+        celltype_col=celltype_col,
+        write_score=False,
+        **common,
     )
 
 

@@ -1,15 +1,18 @@
 """A `Score` as a short table for a person: the round beside every baseline of its panel and the ceiling.
 
-    round / baseline      avg_score  mae      discrimination_score_l1  overlap_at_N
-    round (0906)          0.4123     0.0812   0.7310                   0.2101
-    pert_mean             ...
+                   avg_score  mae     discrimination_score_l1  overlap_at_N  vs round
+    round (0906)       0.4123     0.0812  0.7310                   0.2101
+    linear             0.3710     0.0850  0.7012                   0.1900        indist. [-0.093,+0.012]
+    control            0.0000     0.1301  0.5000                   0.0520        worse [-0.480,-0.301]
     ...
-    ceiling               ...
+    ceiling            ...                                                       -
     score.json: runs/0906/<ts>/eval/score.json
 
 Rows: the round first, then the baselines by avg_score (best first), the ceiling last. Columns: avg_score
 and the raw metrics of the round's profile (the vcc profile's three; `full` would be wide, so at most
-`MAX_METRICS`). The JSON stays in score.json.
+`MAX_METRICS`), and `vs round`: the baseline against the round, held-out group by group (the verdict and
+the 95 % interval of the avg_score difference, baseline minus round; `evaluation.verdict`). The JSON stays in
+score.json.
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tahoe_ft.evaluation.diagnostics import design_lines
 from tahoe_ft.evaluation.score import Score
+from tahoe_ft.evaluation.verdict import MIN_GROUPS, short_text
 
 MAX_METRICS = 3
+#: what the `vs round` column says (score.json: each baseline's `verdict`, from the round's side)
+VS_ROUND_NOTE = [
+    "vs round: the row's avg_score minus the round's, held-out group by group, 95% bootstrap interval:",
+    f"  better/worse where it excludes 0; indist. where it includes 0 or there are < {MIN_GROUPS} groups",
+]
 _VCC = ("mae", "discrimination_score_l1", "overlap_at_N")
 
 
@@ -41,20 +51,25 @@ def _metric_names(score: Score) -> list[str]:
 def score_table(score: Score, score_json: str | Path | None = None, *, label: str = "round") -> str:
     """The table's text (no trailing newline); `score_json`: the path printed under it."""
     metrics = _metric_names(score)
-    rows: list[list[str]] = [[label, _cell(score.avg_score), *(_cell(score.metrics.get(m)) for m in metrics)]]
+    rows: list[list[str]] = [
+        [label, _cell(score.avg_score), *(_cell(score.metrics.get(m)) for m in metrics), ""]
+    ]
     panel = dict(score.baselines or {})
     ceiling = panel.pop("ceiling", None)
     for name, entry in sorted(panel.items(), key=lambda kv: -_sort_key(kv[1])):
         rows.append(_row(name, entry, metrics))
     if ceiling is not None:
         rows.append(_row("ceiling", ceiling, metrics))
-    header = ["", "avg_score", *metrics]
+    header = ["", "avg_score", *metrics, "vs round"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     if score.baselines is None:
         lines.append(
             "(no baseline panel: no training cells for this prediction (train=<h5ad>), or baselines=false)"
         )
+    lines += design_lines(score)  # what the design can measure: shuffle, collapse, flags, absent baselines
+    if any((b or {}).get("verdict") for b in panel.values()):
+        lines += VS_ROUND_NOTE
     if score_json is not None:
         lines.append(f"score.json: {score_json}")
     return "\n".join(lines)
@@ -71,4 +86,5 @@ def _sort_key(entry: dict[str, Any]) -> float:
 
 def _row(name: str, entry: dict[str, Any], metrics: list[str]) -> list[str]:
     block = entry.get("metrics") or {}
-    return [name, _cell(entry.get("avg_score")), *(_cell(block.get(m)) for m in metrics)]
+    vs = short_text(entry.get("verdict"), flip=True) if entry.get("verdict") else "-"
+    return [name, _cell(entry.get("avg_score")), *(_cell(block.get(m)) for m in metrics), vs]

@@ -690,6 +690,7 @@ def _evaluate(
     """The prediction, the panel and the diagnostics scored, their tables written under `outdir`."""
     from tahoe_ft.evaluation.baselines import PanelSettings
     from tahoe_ft.evaluation.panel import score_panel
+    from tahoe_ft.evaluation.verdict import attach_verdicts
 
     train, note, features = side.train, side.note, side.features
     labels = {"pert_col": prepared.labels.pert_col, "control_pert": prepared.labels.control_pert}
@@ -700,6 +701,8 @@ def _evaluate(
         de_cache_dir=Path(config.runs_dir) / ".de_cache",
     )
     score = score_predictions(files.pred, files.real, train, outdir, **labels, **common, write_score=False)
+    partial: dict[str, Any] = {}
+    panel_dir = None
     if config.baselines and train is not None:
         import anndata as ad
 
@@ -720,7 +723,31 @@ def _evaluate(
         )
         notes = {**panel["notes"], "training_cells": note}
         score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=notes)
-    return dataclasses.replace(score, diagnostics=diagnostics(score, files, train, labels, common, outdir))
+        panel_dir = panel.get("dir")
+        partial = _round_on_partial(panel.get("partial") or {}, files, train, labels, common, outdir)
+    diag = diagnostics(score, files, train, labels, common, outdir)
+    if partial:
+        diag["partial_baselines"] = partial
+    # the round against each baseline, group by group, with its bootstrap interval (writes per_group.csv)
+    return attach_verdicts(dataclasses.replace(score, diagnostics=diag), outdir, panel_dir)
+
+
+def _round_on_partial(
+    partial: dict[str, Any], files: RunFiles, train, labels: dict, common: dict, outdir: Path
+) -> dict[str, Any]:
+    """Each baseline the panel has for some held-out groups only, beside the round scored on the same groups
+    (tables under `outdir/partial/<name>`): `{name: {groups, n_groups, of, avg_score, metrics, ..., "round":
+    {avg_score, metrics, normalized}}}`."""
+    from tahoe_ft.evaluation.panel import score_on_groups
+
+    out = {}
+    for name, entry in partial.items():
+        s = score_on_groups(
+            files.pred, files.real, train, entry["groups"], outdir / "partial" / name, **labels, **common
+        )
+        d = s.to_dict()
+        out[name] = {**entry, "round": {k: d[k] for k in ("avg_score", "metrics", "normalized")}}
+    return out
 
 
 def _relabelled(train: ad.AnnData, cat: Any, labels: Labels) -> ad.AnnData:
@@ -751,12 +778,14 @@ def diagnostics(
     tables under `outdir/shuffled`, default `<run>/eval/shuffled`)."""
     import anndata as ad
 
-    from tahoe_ft.evaluation.diagnostics import collapse
+    from tahoe_ft.evaluation.diagnostics import collapse, design
 
     out: dict[str, Any] = {
         "collapse": collapse(
             ad.read_h5ad(files.pred), ad.read_h5ad(files.real), celltype_col=common["celltype_col"], **labels
-        )
+        ),
+        # what the design can measure: the discrimination flag (degenerate, coarse) and the absent baselines
+        "design": design(score),
     }
     shuffled = files.pred.with_name("pred_shuffled.h5ad")
     if shuffled.is_file():
