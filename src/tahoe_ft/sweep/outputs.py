@@ -144,6 +144,8 @@ def plots(study: Any, out_dir: Path, *, n_complete: int) -> list[str]:
             "sweep: parameter importances need >= 2 complete trials (have %d): importances.png skipped",
             n_complete,
         )
+    # matplotlib's "Using categorical units ..." line for a choice() parameter: the slice plot is meant so
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
     for file, make in makers:
         try:
             with warnings.catch_warnings():
