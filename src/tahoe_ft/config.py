@@ -67,6 +67,17 @@ class Split(StrEnum):
     val = "val"
 
 
+class Regime(StrEnum):
+    """What a fold holds out (`tahoe_ft.study.folds`): perturbations unseen in every context, part of one
+    context's perturbations (the rest train there, all of them train elsewhere), one whole context (only its
+    controls seen), or combinations 'A+B' whose singles train."""
+
+    unseen_perturbation = "unseen_perturbation"
+    few_shot_context = "few_shot_context"
+    zero_shot_context = "zero_shot_context"
+    unseen_combination = "unseen_combination"
+
+
 class Profile(StrEnum):
     vcc = "vcc"
     full = "full"
@@ -131,6 +142,9 @@ class DataConfig:
     recentre_basal: bool = False
     # generated data (data=demo); ignored for other data sets
     demo: DemoConfig | None = None
+    # the regime that dealt split_toml (reproduce and sweep set it; recorded in the run's manifest and shown by
+    # compare); null: not said
+    regime: Regime | None = None
 
 
 @dataclass
@@ -448,6 +462,14 @@ class ReproduceConfig:
     # a fold)
     fold_seed: int = 0
     n_val: int | None = None
+    # what the folds hold out (tahoe_ft.study.folds): unseen_perturbation (in every cell type), few_shot_context
+    # (part of target_context's perturbations; each trains in another cell type), zero_shot_context
+    # (target_context whole: only its controls are seen) or unseen_combination ('A+B' whose singles train)
+    regime: Regime = Regime.unseen_perturbation
+    # the cell type of the context regimes (and, for unseen_combination, the one whose combinations are dealt);
+    # null: the cell type with most perturbations that another cell type also has (ties: most perturbations,
+    # then name); for unseen_combination null deals every cell type's
+    target_context: str | None = None
     # the demo's generator seeds (data.demo.seed): each is its own data set with its own folds
     # (runs_dir/data-D/...), all pooled in compare.csv; empty: the data set as configured
     data_seeds: list = field(default_factory=list)
@@ -497,6 +519,10 @@ class SweepConfig:
     # the final test perturbations, drawn (fold_seed) before the search and never a fold's validation ones;
     # only final=true scores them. null = one fold's share: perturbations // (folds + 1)
     n_test: int | None = None
+    # what the folds hold out, and the target cell type, as reproduce regime= / target_context= (there, n_test
+    # counts the regime's dealt names; zero_shot_context tests target_context whole and ignores it)
+    regime: Regime = Regime.unseen_perturbation
+    target_context: str | None = None
     # val_loss: mean over folds of the last round's validation loss at its best-val.pt step, in a form that
     # does not depend on model.cell_set_len (the unbiased energy distance, val/unbiased_loss; mse as is),
     # minimised; val_score: cell-eval's avg_score of the last round's prediction of the validation

@@ -9,7 +9,8 @@ own wandb run; parents are resolved by name. Every round trains on the typed `Re
 `tahoe_ft.reproduce(ReproduceConfig(data=DataConfig(name="custom", path=...)))` trains on that file. This module
 calls the library below the API (`tahoe_ft.api` imports it, not the other way round).
 
-Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.study.folds`),
+Over folds and seeds (`folds=K`, `seeds=[...]`): the perturbations are dealt into K folds (`tahoe_ft.study.folds`;
+`regime=` says what a fold holds out, `target_context=` the cell type of the context regimes),
 and the chain runs once per (seed, fold) under `runs_dir/seed-S/fold-K/`; the base model (`pretrain`, which
 does not see the screen) is trained once per seed and shared by that seed's folds. `data_seeds=[...]` repeats
 all of it on demo data sets made with other generator seeds (`runs_dir/data-D/`). `compare.csv` then holds
@@ -237,6 +238,7 @@ def check_plan(cfg: ReproduceConfig) -> None:
         )
     if cfg.folds < 0 or cfg.folds == 1:
         raise UserError(f"folds={cfg.folds}: use folds=0 (the data set's own split) or folds >= 2")
+    check_regime(cfg.regime, cfg.target_context, cfg.folds)
     for key in ("seeds", "data_seeds"):
         values = list(getattr(cfg, key))
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
@@ -249,6 +251,20 @@ def check_plan(cfg: ReproduceConfig) -> None:
     for exp in dict.fromkeys(experiment_name(e) for e in cfg.experiments):
         args = [f"step_scale={cfg.step_scale}", f"runs_dir={cfg.runs_dir}", *cfg.train_overrides]
         compose_round(exp, args, data=cfg.data, paths=cfg.paths)
+
+
+def check_regime(regime: Any, target_context: str | None, folds: int) -> None:
+    """A regime other than unseen_perturbation is dealt into folds; target_context goes with such a regime."""
+    regime = str(getattr(regime, "value", regime))
+    if regime != "unseen_perturbation" and folds == 0:
+        raise UserError(
+            f"regime={regime} is dealt into folds, but folds=0 uses the data set's own split; give folds=K (>= 2)"
+        )
+    if target_context is not None and regime == "unseen_perturbation":
+        raise UserError(
+            f"target_context={target_context} goes with regime=few_shot_context, zero_shot_context or "
+            "unseen_combination; unseen_perturbation holds perturbations out in every cell type: drop target_context"
+        )
 
 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
@@ -327,7 +343,15 @@ def _cross_validate(
     exps = [experiment_name(e) for e in cfg.experiments]
     folds: list[Any] = [None]
     if cfg.folds:
-        folds = make_folds(data, cfg.folds, runs / "folds", seed=cfg.fold_seed, n_val=cfg.n_val)
+        folds = make_folds(
+            data,
+            cfg.folds,
+            runs / "folds",
+            seed=cfg.fold_seed,
+            n_val=cfg.n_val,
+            regime=cfg.regime,
+            target_context=cfg.target_context,
+        )
     splits = []
     for seed in seeds:
         base_runs = runs / f"seed-{seed}"
@@ -341,7 +365,7 @@ def _cross_validate(
                 cfg,
                 clock,
                 base_runs / name,
-                data if fold is None else fold_data(data, fold.toml),
+                data if fold is None else fold_data(data, fold.toml, fold.regime),
                 shared,
             )
             label = f"{prefix}seed {seed} {name}: "
@@ -352,10 +376,17 @@ def _cross_validate(
     return splits
 
 
-def fold_data(data: DataConfig, toml: str) -> DataConfig:
-    """`data` split by a fold's TOML: the data set's own split lists must not add to it."""
+def fold_data(data: DataConfig, toml: str, regime: Any = None) -> DataConfig:
+    """`data` split by a fold's TOML: the data set's own split lists must not add to it. `regime`: the one
+    that dealt the fold (recorded in each run's manifest)."""
     return dataclasses.replace(
-        data, split_toml=toml, val_perts=[], test_perts=[], val_cell_types=[], test_cell_types=[]
+        data,
+        split_toml=toml,
+        val_perts=[],
+        test_perts=[],
+        val_cell_types=[],
+        test_cell_types=[],
+        regime=regime if regime is not None else data.regime,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from tahoe_ft.config import SweepConfig, SweepObjective, TrainConfig, compose_round, experiments
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import RUN_REF, resolve_ref
-from tahoe_ft.study.reproduce import BASE, experiment_name
+from tahoe_ft.study.reproduce import BASE, check_regime, experiment_name
 from tahoe_ft.sweep.space import Param, flatten, override, parse_param
 
 # keys a trial's round gets from the sweep itself; neither a parameter nor a fixed override may set them
@@ -88,6 +88,12 @@ class SweepPlan:
             "objective": str(c.objective),
             "step_scale": c.step_scale,
             "seed": c.seed,
+            # what the folds hold out (absent for unseen_perturbation: the studies made before regimes)
+            **(
+                {"regime": str(c.regime), "target_context": c.target_context}
+                if str(c.regime) != "unseen_perturbation" or c.target_context is not None
+                else {}
+            ),
         }
 
 
@@ -106,6 +112,7 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
         )
     where = f"sweep space '{name}'"
     _check_numbers(cfg)
+    check_regime(cfg.regime, cfg.target_context, cfg.folds)
 
     rounds = [experiment_name(r) for r in space.rounds or []]
     if not rounds:

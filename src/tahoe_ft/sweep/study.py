@@ -290,8 +290,17 @@ def _folds(plan: SweepPlan, n_test: int) -> list[Any]:
         return [None]
     from tahoe_ft.study.folds import make_folds
 
+    regime = str(cfg.regime)
     return make_folds(
-        cfg.data, cfg.folds, plan.sweep_dir / "folds", seed=cfg.fold_seed, n_val=cfg.n_val, n_test=n_test
+        cfg.data,
+        cfg.folds,
+        plan.sweep_dir / "folds",
+        seed=cfg.fold_seed,
+        n_val=cfg.n_val,
+        # another regime deals other names than the screen's perturbations: null is one fold's share of those
+        n_test=n_test if regime == "unseen_perturbation" else cfg.n_test,
+        regime=regime,
+        target_context=cfg.target_context,
     )
 
 
@@ -475,7 +484,7 @@ def _final(plan: SweepPlan, study: Any, folds: list[Any]) -> dict[str, Any]:
         splits = []
         for fold in folds:
             runs = out_dir / f"fold-{fold.index}"
-            chain(runs, fold_data(cfg.data, fold.toml))
+            chain(runs, fold_data(cfg.data, fold.toml, fold.regime))
             splits.append(({"fold": fold.index}, runs))
         compare_splits(splits, out_dir)
         result = {"compare_csv": str(out_dir / "compare.csv")}

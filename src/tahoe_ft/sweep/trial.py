@@ -38,7 +38,7 @@ def fold_name(fold: Any) -> str:
 
 def fold_data(data: DataConfig, fold: Any) -> DataConfig:
     """The data a trial trains on for `fold` (a `study.folds.Fold`, or None: the data set's own split)."""
-    return data if fold is None else _split_by_toml(data, fold.toml)
+    return data if fold is None else _split_by_toml(data, fold.toml, fold.regime)
 
 
 class SweepStopped(Exception):  # noqa: N818 - a stop, not an error of the trial's recipe

@@ -278,6 +278,7 @@ def _manifest(dm: PerturbationDataModule, cfg: TrainConfig) -> dict[str, Any]:
     manifest["data_fingerprint"] = data_fingerprint(manifest["data_paths"])
     manifest["split_id"] = split_id(manifest["held_out"])
     manifest["trained"] = trained_groups(dm.catalog.groups("train"))
+    manifest["regime"] = str(cfg.data.regime) if cfg.data.regime else None  # what the split holds out
     manifest["lineage"] = []
     return manifest
 
