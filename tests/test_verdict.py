@@ -235,3 +235,70 @@ def test_a_copy_of_a_baseline_is_indistinguishable_from_it_end_to_end(screen):
     v = _eval(screen, copy)["baselines"]["control"]["verdict"]
     assert (v["diff"], v["ci_low"], v["ci_high"], v["mae_diff"]) == (0, 0, 0, 0)
     assert v["verdict"] == v["mae_verdict"] == SAME and v["n_groups"] == 8
+
+
+# -- compare over folds x seeds ---------------------------------------------------------------------------------
+
+
+def _split_run(runs: Path, groups: dict[str, pd.DataFrame]) -> None:
+    """A split's runs dir as eval leaves it, with one round `0905`: score.json (its verdicts) and
+    per_group.csv (the round's and each baseline's groups)."""
+    eval_dir = runs / "0905" / "r1" / "eval"
+    eval_dir.mkdir(parents=True)
+    means = {
+        name: g[["mae", "discrimination_score_l1", "overlap_at_N"]].mean().to_dict()
+        for name, g in groups.items()
+    }
+    baselines = {
+        name: {"avg_score": float(g["avg_score"].mean()), "metrics": means[name],
+               "verdict": paired_verdict(groups["round"], g).to_dict()}
+        for name, g in groups.items() if name != "round"
+    }  # fmt: skip
+    score = {
+        "avg_score": float(groups["round"]["avg_score"].mean()),
+        "metrics": means["round"],
+        "baselines": baselines,
+    }
+    (eval_dir / "score.json").write_text(json.dumps(score))
+    pd.concat([g.assign(entry=name) for name, g in groups.items()]).to_csv(
+        eval_dir / "per_group.csv", index=False
+    )
+
+
+def test_compare_over_splits_gives_each_round_a_verdict_per_baseline(tmp_path, capsys):
+    """Four splits (2 folds x 2 seeds) of 6 groups each: the round planted better than `control` and equal to
+    `linear` (a copy); compare.csv's round row and the console say so, pooled over the splits."""
+    from tahoe_ft.study.comparison import compare_splits
+
+    splits = []
+    for seed in (0, 1):
+        for fold in (0, 1):
+            control = _groups(6, mae=0.2, ds=0.5, overlap=0.3, noise=0.03, seed=20 + 2 * seed + fold)
+            rnd = _groups(6, mae=0.15, ds=0.6, overlap=0.35, noise=0.03, seed=30 + 2 * seed + fold)
+            for g in (control, rnd):  # the folds hold out different perturbations
+                g["perturbation"] = g["perturbation"] + f"/f{fold}"
+            runs = tmp_path / f"seed-{seed}" / f"fold-{fold}"
+            _split_run(runs, {"round": rnd, "control": control, "linear": rnd.copy()})
+            splits.append(({"seed": seed, "fold": fold}, runs))
+    summary = compare_splits(splits, tmp_path)
+    out = capsys.readouterr().out
+    on_disk = pd.read_csv(tmp_path / "compare.csv")
+    r = on_disk[on_disk["kind"] == "round"].iloc[0]
+    assert r["vs_control"] == BETTER and r["vs_control_ci_low"] > 0 and r["vs_control_mae_verdict"] == BETTER
+    assert r["vs_control_n_splits"] == 4 and r["vs_control_n_groups"] == 24
+    assert r["vs_linear"] == SAME and (
+        r["vs_linear_ci_low"],
+        r["vs_linear_ci_high"],
+        r["vs_linear_diff"],
+    ) == (0, 0, 0)
+    assert summary.loc[summary["kind"] == "round", "vs_control"].item() == BETTER
+    assert on_disk.loc[on_disk["kind"] == "baseline", "vs_control"].isna().all()  # rounds only
+    # the console: one line per (round, baseline) with the verdict, in 100 columns
+    lines = out.splitlines()
+    assert any("control" in line and "better" in line for line in lines)
+    assert any("linear" in line and "indist." in line for line in lines)
+    start = next(i for i, line in enumerate(lines) if "each round against each baseline" in line)
+    assert max(len(line) for line in lines[start:]) <= 100
+    # compare_splits.csv: each split's own verdict (from its score.json)
+    per_split = pd.read_csv(tmp_path / "compare_splits.csv")
+    assert (per_split.loc[per_split["kind"] == "round", "vs_linear"] == SAME).all()

@@ -25,6 +25,15 @@ import numpy as np
 import pandas as pd
 
 from tahoe_ft.errors import UserError
+from tahoe_ft.evaluation.verdict import (
+    MIN_GROUPS,
+    PER_GROUP_CSV,
+    ROUND,
+    SAME,
+    Verdict,
+    read_per_group,
+    split_verdict,
+)
 from tahoe_ft.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -257,6 +266,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     splits: dict[str, ScoredSplit] = {}
     pending: list[str] = []
     extra: list[str] = []
+    vs_columns: list[str] = []
     for run_dir in _run_dirs(runs_dir):
         info = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else None
         info = info or {}
@@ -276,6 +286,9 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         if split is not None:
             splits.setdefault(label, split)
         row = _score_row(score, experiment=experiment, run=run_id, kind="round", split=label)
+        verdicts = verdict_columns(_verdict_blocks(score))
+        row.update(verdicts)
+        vs_columns += [c for c in verdicts if c not in vs_columns]
         row["regime"] = split.regime if split is not None else ""
         for name, b in (score.get("baselines") or {}).items():
             brow = _score_row(
@@ -320,6 +333,7 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
         + [f"base_{m}" for m in names]
         + ["best_val_loss", "best_step", "final_decoder_loss", "steps", "wall_time_s"]
         + _VAL_COLUMNS
+        + vs_columns
     )
     df = pd.DataFrame(rows, columns=columns + ["_dir"])
     df = df.sort_values(["avg_score", "experiment", "run"], ascending=[False, True, True], na_position="last")
@@ -329,6 +343,40 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     for c in ("best_step", "steps"):  # whole numbers, blank for baseline rows
         df[c] = df[c].astype("Int64")
     return df
+
+
+#: a verdict's numbers, each a column ``vs_<baseline>_<field>`` beside ``vs_<baseline>`` (the verdict)
+VERDICT_FIELDS = [
+    "diff",
+    "ci_low",
+    "ci_high",
+    "mae_diff",
+    "mae_ci_low",
+    "mae_ci_high",
+    "mae_verdict",
+    "n_groups",
+]
+
+
+def _verdict_blocks(score: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The round's verdict blocks in a score.json: each baseline's, each partial baseline's, the shuffle's."""
+    diag = score.get("diagnostics") or {}
+    entries = {**(score.get("baselines") or {}), **(diag.get("partial_baselines") or {})}
+    if isinstance(diag.get("shuffle"), dict):
+        entries["shuffle"] = diag["shuffle"]
+    return {name: e["verdict"] for name, e in entries.items() if isinstance(e, dict) and e.get("verdict")}
+
+
+def verdict_columns(verdicts: dict[str, Any]) -> dict[str, Any]:
+    """``vs_<name>`` (the verdict of the round against <name>) and ``vs_<name>_<field>`` (`VERDICT_FIELDS`,
+    plus n_splits over splits) of verdict blocks (score.json's) or `evaluation.verdict.Verdict`s."""
+    out: dict[str, Any] = {}
+    for name, v in verdicts.items():
+        d = v if isinstance(v, dict) else v.to_dict()
+        out[f"vs_{name}"] = d.get("verdict")
+        for f in VERDICT_FIELDS + (["n_splits"] if not isinstance(v, dict) else []):
+            out[f"vs_{name}_{f}"] = _num(d.get(f)) if f != "mae_verdict" else d.get(f)
+    return out
 
 
 def _score_row(score: dict[str, Any], *, experiment: str, run: str, kind: str, split: str) -> dict[str, Any]:
@@ -563,13 +611,17 @@ def compare_splits(splits: list[tuple[dict[str, Any], Path]], out_dir: str | os.
     `compare.csv` (mean and sd over splits) and `compare.png`."""
     out_dir = Path(out_dir)
     frames = []
+    pairs: dict[tuple[str, str], list[tuple[pd.DataFrame, pd.DataFrame]]] = {}
     for labels, runs_dir in splits:
         df = collect(runs_dir)
+        _paired_groups(df, pairs)
         for i, (key, value) in enumerate(labels.items()):
             df.insert(i, key, value)
         frames.append(df)
     per_split = pd.concat(frames, ignore_index=True)
     summary = summarize(per_split)
+    verdicts = {key: split_verdict(p) for key, p in pairs.items()}
+    summary = _with_verdicts(summary, verdicts)
     with atomic_path(out_dir / "compare_splits.csv", suffix=".csv") as tmp:
         per_split.to_csv(tmp, index=False)
     with atomic_path(out_dir / "compare.csv", suffix=".csv") as tmp:
@@ -578,8 +630,66 @@ def compare_splits(splits: list[tuple[dict[str, Any], Path]], out_dir: str | os.
     regimes = sorted({str(r) for r in per_split.get("regime", pd.Series(dtype=str)).fillna("") if str(r)})
     axes += f", regime {', '.join(regimes)}" if regimes else ""
     _print_summary(summary, title=f"tahoe-ft over {len(splits)} split(s) ({axes}) in {out_dir}")
+    _print_verdicts(verdicts)
     _plot_summary(summary, out_dir / "compare.png")
     return summary
+
+
+def _paired_groups(
+    df: pd.DataFrame, pairs: dict[tuple[str, str], list[tuple[pd.DataFrame, pd.DataFrame]]]
+) -> None:
+    """Add to `pairs` (round experiment, baseline) -> [(the round's groups, the baseline's groups), ...] the
+    per-group tables (``eval/per_group.csv``) of the rounds of one split's `collect` table `df`."""
+    for i, run_dir in enumerate(df.attrs.get("run_dirs") or []):
+        if df.loc[i, "kind"] != "round":
+            continue
+        groups = read_per_group(Path(run_dir) / "eval" / PER_GROUP_CSV)
+        if not groups or ROUND not in groups:
+            continue
+        for name, table in groups.items():
+            if name != ROUND:
+                pairs.setdefault((str(df.loc[i, "experiment"]), name), []).append((groups[ROUND], table))
+
+
+def _with_verdicts(summary: pd.DataFrame, verdicts: dict[tuple[str, str], Verdict]) -> pd.DataFrame:
+    """`summary` with each round's ``vs_<baseline>`` columns (`verdict_columns`) over the splits."""
+    if not verdicts:
+        return summary
+    rows = []
+    for _, r in summary.iterrows():
+        mine = {
+            b: v for (exp, b), v in verdicts.items() if r["kind"] == "round" and str(r["experiment"]) == exp
+        }
+        rows.append(verdict_columns(mine))
+    extra = pd.DataFrame(rows, index=summary.index)
+    return pd.concat([summary, extra[list(dict.fromkeys(c for row in rows for c in row))]], axis=1)
+
+
+def _print_verdicts(verdicts: dict[tuple[str, str], Verdict]) -> None:
+    """Each round against each baseline over the splits: the mean paired difference (round - baseline) of
+    avg_score with its interval and verdict, and of MAE with its verdict, in `CONSOLE_WIDTH` columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not verdicts:
+        return
+    short = {SAME: "indist."}
+    table = Table(title="each round against each baseline over the splits (round - baseline)")
+    for name in ("round", "baseline", "splits/groups", "avg Δ [95% CI]", "verdict", "MAE Δ", "MAE"):
+        left = name in ("round", "baseline", "verdict", "MAE")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True, overflow="ellipsis")
+    for (exp, base), v in sorted(verdicts.items()):
+        ci = f"{v.diff:+.3f} [{v.ci_low:+.3f},{v.ci_high:+.3f}]" if math.isfinite(v.ci_low) else "-"
+        mae = f"{v.mae_diff:+.4f}" if math.isfinite(v.mae_diff) else "-"
+        verdict, mae_verdict = short.get(v.verdict, v.verdict), short.get(v.mae_verdict, v.mae_verdict)
+        table.add_row(exp, base, f"{v.n_splits}/{v.n_groups}", ci, verdict, mae, mae_verdict)
+    console = Console(width=CONSOLE_WIDTH)
+    console.print(table)
+    console.print(
+        "per held-out group, splits resampled and then groups within each (hierarchical bootstrap); better/"
+        f"worse: the interval excludes 0; indist.: it includes 0, or < {MIN_GROUPS} distinct groups",
+        highlight=False,
+    )
 
 
 def _print_summary(summary: pd.DataFrame, title: str) -> None:
