@@ -14,7 +14,8 @@ Modules, one job each:
 - `score`: cell-eval's `MetricsEvaluator` on the prediction and on its cell-mean baseline, cell-eval's
   normalisation, per-cell-type scoring, and the `Score` that ``score.json`` holds.
 - `baselines`, `ceiling`, `panel`: the baseline panel and the data ceiling, scored like a round;
-  `diagnostics`: collapse and the shuffle test.
+  `diagnostics`: collapse and the shuffle test; `verdict`: the round against each baseline, held-out group by
+  group, with a bootstrap interval and a verdict (better, indistinguishable, worse).
 - `run`: evaluate a run (`evaluate_run(EvalConfig) -> Score`, what `tahoe-ft eval` does): which files, the
   run's `predict.json`, its training cells (the checkpoint's manifest, read without the weights:
   `read_manifest`), the score, the panel and the diagnostics, one `score.json`.

@@ -8,6 +8,11 @@ Every row names the split it was scored on (`split`, e.g. ``test@3fa2c1``: the s
 the data and the held-out groups, read from the run's ``predict.json`` and its checkpoint's ``manifest.json``), and
 the baseline panel is listed once per split: a baseline scored on one split is never pooled with, or shown as, a
 baseline of another.
+
+A round's row carries its paired verdict against each baseline (``vs_<baseline>``: better, indistinguishable or
+worse, and ``vs_<baseline>_<field>``: the mean difference round - baseline, its 95 % interval, the same for MAE;
+`evaluation.verdict`): from its ``score.json`` for one split, and over folds x seeds (`compare_splits`) from
+every split's ``eval/per_group.csv`` by a hierarchical bootstrap (splits, then groups within each).
 """
 
 from __future__ import annotations
@@ -256,7 +261,8 @@ def collect(runs_dir: str | os.PathLike) -> pd.DataFrame:
     leaderboard_score, the metrics (mae, discrimination_score_l1, overlap_at_N, plus any other metric a run's
     profile gave), ``norm_<metric>``, ``base_<metric>``, best_val_loss, best_step, final_decoder_loss (last
     non-empty ``train/decoder_loss``), steps, wall_time_s and what training did to the validation loss
-    (`_validation_change`). Sorted by avg_score descending. Empty (with these
+    (`_validation_change`), then a round's verdicts against its baselines (`verdict_columns`; blank for the
+    baseline rows and for runs evaluated before verdicts). Sorted by avg_score descending. Empty (with these
     columns) when nothing is evaluated. ``attrs["splits"]``: each split label's description.
     """
     runs_dir = Path(runs_dir)
@@ -608,7 +614,8 @@ def summarize(per_split: pd.DataFrame) -> pd.DataFrame:
 def compare_splits(splits: list[tuple[dict[str, Any], Path]], out_dir: str | os.PathLike) -> pd.DataFrame:
     """`splits`: (the split's labels, e.g. {"seed": 0, "fold": 1}, runs_dir of its chain). Writes
     `compare_splits.csv` (every round and baseline of every split, with the labels as leading columns),
-    `compare.csv` (mean and sd over splits) and `compare.png`."""
+    `compare.csv` (mean and sd over splits; each round's verdict against each baseline over the splits,
+    `evaluation.verdict.split_verdict`, in its ``vs_<baseline>`` columns) and `compare.png`; prints both."""
     out_dir = Path(out_dir)
     frames = []
     pairs: dict[tuple[str, str], list[tuple[pd.DataFrame, pd.DataFrame]]] = {}
