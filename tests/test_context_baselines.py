@@ -156,7 +156,7 @@ def test_the_table_lists_shuffle_collapse_partial_and_absent_baselines():
     )
     assert "additive absent: no held-out group has ... (not a combination)" in text
     assert "cell_mean absent:" in text and "pert_mean absent" not in text
-    assert design(score)["absent_baselines"]["additive"].startswith("absent:")
+    assert design(score)["left_out"]["additive"].startswith("absent:")
 
 
 def test_a_baseline_for_some_groups_is_scored_on_them_beside_the_round_on_the_same_groups(tmp_path):

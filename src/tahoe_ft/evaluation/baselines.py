@@ -306,11 +306,12 @@ def _coverage_note(
         f"{reason}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for reason, names in why.items()
     )
     if not out:
-        return f"absent: no held-out group has {what} ({reasons})"
+        return f"absent: {what} exists for none of the {len(groups)} held-out groups ({reasons})"
     if len(out) == len(groups):
         return f"{what}, for all {len(groups)} held-out groups"
     return (
-        f"partial: {what} for {len(out)} of {len(groups)} held-out groups, scored on those only ({reasons})"
+        f"partial: {what} exists for {len(out)} of {len(groups)} held-out groups, scored on those only "
+        f"({reasons})"
     )
 
 
@@ -332,7 +333,7 @@ def _pert_mean(
         else:
             why.setdefault("its perturbation trains in no other cell type", []).append(_group_name(c, p))
     notes["pert_mean"] = _coverage_note(
-        "a context-transfer effect (other training cell types)", out, groups, why
+        "context transfer (the perturbation measured in another cell type)", out, groups, why
     )
     return out
 
@@ -356,7 +357,9 @@ def _additive(
             )
             continue
         out[(c, p)] = np.sum([tr.delta(c, s) for s in singles], axis=0)
-    notes["additive"] = _coverage_note("the sum of its singles' measured effects", out, groups, why)
+    notes["additive"] = _coverage_note(
+        "an additive effect (each single measured in the cell type)", out, groups, why
+    )
     return out
 
 

@@ -83,7 +83,8 @@ def collapse_fires(c: dict[str, Any] | None) -> bool:
 
 def design(score: Any) -> dict[str, Any]:
     """What the design can measure (`score`: a `Score`): `{"discrimination": {n_per_cell_type, flag, step,
-    note}, "absent_baselines": {name: reason}}`; flag "degenerate", "coarse" or None."""
+    note}, "left_out": {name: reason}}`: flag "degenerate", "coarse" or None; `left_out`: each baseline of the
+    panel that is not among its rows, with its reason (absent, or scored on some held-out groups only)."""
     from tahoe_ft.evaluation.baselines import PANEL
 
     parts = score.per_celltype or {"": score}
@@ -96,15 +97,15 @@ def design(score: Any) -> dict[str, Any]:
             disc["flag"] = "degenerate"
             which = "every cell type" if len(ones) == len(n) else f"cell type(s) {', '.join(ones)}"
             disc["note"] = (
-                f"degenerate: one held-out perturbation in {which}, where {DISCRIMINATION} is 1.0 for any "
-                "prediction by construction; it measures nothing there"
+                f"degenerate: one held-out perturbation in {which}, where it is 1.0 for any prediction by "
+                "construction and measures nothing"
             )
         elif lo < COARSE_N:
             disc["flag"] = "coarse"
             disc["step"] = 1.0 / lo**2
             disc["note"] = (
-                f"coarse: {lo} held-out perturbations in the smallest cell type, so {DISCRIMINATION} moves in "
-                f"steps of 1/{lo} = {1 / lo:.3f} per perturbation and 1/{lo}^2 = {1 / lo**2:.3f} for their mean"
+                f"coarse: {lo} held-out perturbations in the smallest cell type, so it moves in steps of "
+                f"1/{lo} = {1 / lo:.3f} per perturbation and 1/{lo}^2 = {1 / lo**2:.3f} for their mean"
             )
     absent: dict[str, str] = {}
     if score.baselines is not None:
@@ -112,7 +113,7 @@ def design(score: Any) -> dict[str, Any]:
         for name in PANEL:
             if name not in score.baselines:
                 absent[name] = notes.get(name) or "not computed (a panel from before this baseline existed)"
-    return {"discrimination": disc, "absent_baselines": absent}
+    return {"discrimination": disc, "left_out": absent}
 
 
 def _num(x: Any) -> str:
@@ -144,7 +145,7 @@ def design_lines(score: Any) -> list[str]:
         )
     d = design(score)
     if d["discrimination"]["note"]:
-        lines.append(f"discrimination {d['discrimination']['note']}")
+        lines.append(f"flag: {DISCRIMINATION} {d['discrimination']['note']}")
     for name, entry in (diag.get("partial_baselines") or {}).items():
         rnd = entry.get("round") or {}
         lines.append(
@@ -152,7 +153,7 @@ def design_lines(score: Any) -> list[str]:
             f"{_num(entry.get('avg_score'))}, mae {_num((entry.get('metrics') or {}).get('mae'))}; the round on the "
             f"same groups: avg_score {_num(rnd.get('avg_score'))}, mae {_num((rnd.get('metrics') or {}).get('mae'))}"
         )
-    for name, reason in d["absent_baselines"].items():
+    for name, reason in d["left_out"].items():
         if name not in (diag.get("partial_baselines") or {}):
             lines.append(f"{name} absent: {reason.removeprefix('absent: ')}")
     return lines
