@@ -182,3 +182,18 @@ def test_a_baseline_for_some_groups_is_scored_on_them_beside_the_round_on_the_sa
     # a perfect round on those groups (the real cells) has MAE 0 there
     perfect = score_on_groups(real, real, train, part["groups"], tmp_path / "perfect", **common)
     assert perfect.metrics["mae"] == pytest.approx(0.0, abs=1e-6) and perfect.n_perts == 1
+
+
+def test_a_real_score_with_one_held_out_perturbation_per_cell_type_is_flagged_degenerate(tmp_path):
+    from tahoe_ft.evaluation.score import score_predictions
+
+    a = screen({(ct, p): 0.5 for ct in ("A", "B") for p in ("KD1", "KD2", "KD3")})
+    train, real = split(a, {("A", "KD1"), ("B", "KD2")})
+    score = score_predictions(real, real, train, tmp_path, **LABELS, de_cache_dir=tmp_path / ".de_cache")
+    assert score.metrics["discrimination_score_l1"] == 1.0
+    d = design(score)["discrimination"]
+    assert d["flag"] == "degenerate" and d["n_per_cell_type"] == {"A": 1, "B": 1}
+    assert (
+        "flag: discrimination_score_l1 degenerate: one held-out perturbation in every cell type"
+        in score_table(score)
+    )
