@@ -243,3 +243,38 @@ def test_the_regime_is_in_the_manifest(screen, tmp_path):
         json.dumps({"split": "test", "data_paths": manifest["data_paths"]})
     )
     assert scored_split(run).regime == "few_shot_context"
+
+
+def test_a_sweep_deals_its_regime_and_pins_it(screen, tmp_path):
+    """One two-step trial on few-shot folds: the folds, the trial's runs and the study carry the regime; the same
+    study continued under another regime is refused in one line."""
+    import optuna
+
+    from conftest_train import TINY_MODEL
+    from tahoe_ft import api
+    from tahoe_ft.config import SweepSpace
+
+    train = [
+        *[a for a in TINY_MODEL if not a.startswith("encoder.")], "model.cell_set_len=4", "data.batch_size=2",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accelerator=cpu", "logger=csv",
+        "trainer.enable_progress_bar=false", "sched.warmup_steps=0", "checkpoint.validate_at_start=false",
+    ]  # fmt: skip
+    args = ["+sweep=genespace", "folds=2", "pretrained=null", f"runs_dir={tmp_path / 'runs'}", "n_trials=1"]
+    args += ["data=custom", f"data.path={screen.path}", "regime=few_shot_context", "pruner=none"]
+    cfg = compose("sweep", [*args, f"paths.data_cache={tmp_path / 'cache'}"])
+    space = SweepSpace(name="fs", rounds=["0905"], params={"optim.lr": "logfloat(1e-4, 1e-2)"})
+    cfg = dataclasses.replace(cfg, sweep=space, train_overrides=train)
+    summary = api.sweep(cfg)
+    sweep_dir = Path(summary["sweep_dir"])
+    record = json.loads((sweep_dir / "folds" / "folds.json").read_text())
+    assert record["regime"] == "few_shot_context" and record["target_context"] == "A"
+    assert len(record["final_test"]) == 1  # n_test=null: one fold's share of the 5 dealt perturbations
+    manifests = sorted(sweep_dir.glob("trial-*/fold-*/0905/*/manifest.json"))
+    assert manifests and {json.loads(m.read_text())["regime"] for m in manifests} == {"few_shot_context"}
+    study = optuna.load_study(study_name=summary["study"], storage=summary["storage"])
+    assert study.user_attrs["tahoe_ft_recipe"]["regime"] == "few_shot_context"
+    with pytest.raises(
+        UserError, match=r"started with regime='few_shot_context', now 'unseen_combination'"
+    ) as e:
+        api.sweep(dataclasses.replace(cfg, regime=Regime.unseen_combination, n_trials=2))
+    assert "\n" not in str(e.value)
