@@ -4,7 +4,7 @@
   under a lock, so concurrent processes (DataLoader workers, DDP ranks, parallel runs) never see a half
   written directory.
 - ``ensure_files(data)`` is what opening a data set calls (training, ``check``, the study's folds): it generates
-  the demo, or prepares Papalexi, when a file the data config names lies in one of their folders and is missing.
+  the demo, or prepares Papalexi or devel, when a file the data config names lies in one of their folders.
   Composing a config only derives these paths (``tahoe_ft.resolvers``); it never writes data.
 - ``papalexi_path()`` returns the Papalexi et al. 2021 THP-1 CRISPR-KO screen (16,192 cells x 299 genes,
   raw counts; provenance and licence in ``tahoe_ft/assets/PAPALEXI.md``). The package ships it xz-compressed
@@ -343,7 +343,8 @@ def ensure_files(data: Any) -> None:
     Keyed on the paths, not on ``data.name`` (`pretrain` names demo files under any data set): a file of
     ``data.path`` (one or a list), ``pert_features``, ``gene_list`` or ``split_toml`` in a ``demo-<hash>`` folder
     of ``data.demo``'s spec (or of a spec this process derived a path for) generates that demo, once, into the
-    folder's parent; a missing file of a ``papalexi`` folder (``_papalexi_outputs``) prepares Papalexi there.
+    folder's parent; a missing file of a ``papalexi`` folder (``_papalexi_outputs``) prepares Papalexi there, and
+    the ``devel`` file (``devel_outputs``) unpacks the devel screen.
     Cheap when the data exists: a few ``stat`` calls, no hashing.
     """
     spec = data.demo if data.demo is not None else DemoSpec()
