@@ -302,3 +302,40 @@ def test_compare_over_splits_gives_each_round_a_verdict_per_baseline(tmp_path, c
     # compare_splits.csv: each split's own verdict (from its score.json)
     per_split = pd.read_csv(tmp_path / "compare_splits.csv")
     assert (per_split.loc[per_split["kind"] == "round", "vs_linear"] == SAME).all()
+
+
+def test_eval_verdicts_reads_cell_evals_tables_and_pairs_a_partial_baseline_on_its_groups(tmp_path):
+    """cell-eval's files as eval leaves them (per cell type): the round's results and its cell-mean baseline's
+    aggregate table in the eval folder; a baseline scored on CT0's groups only (a partial one) is paired on
+    those; "NA" stays a perturbation's name."""
+    from tahoe_ft.evaluation.verdict import PER_GROUP_CSV, eval_verdicts
+
+    rng = np.random.default_rng(0)
+    perts = ["NA", *(f"G{i}" for i in range(7))]
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "partial").mkdir()
+    for ct in ("CT0", "CT1"):
+        res = pd.DataFrame(
+            {"perturbation": perts, "overlap_at_N": rng.uniform(0.4, 0.6, 8), "mae": rng.uniform(0.1, 0.2, 8)}
+        )
+        res.to_csv(tmp_path / f"{ct}_results.csv", index=False)
+        agg = pd.DataFrame({"statistic": ["count", "mean"], "overlap_at_N": [8.0, 0.3], "mae": [8.0, 0.3]})
+        agg.to_csv(tmp_path / "baseline" / f"{ct}_agg_results.csv", index=False)
+        if ct == "CT0":  # worse everywhere: a lower overlap, a higher MAE
+            res.assign(overlap_at_N=res["overlap_at_N"] - 0.2, mae=res["mae"] + 0.1).to_csv(
+                tmp_path / "partial" / f"{ct}_results.csv", index=False
+            )
+    verdicts = eval_verdicts(
+        tmp_path, ["CT0", "CT1"], {"partial": tmp_path / "partial", "gone": tmp_path / "gone"}
+    )
+    assert set(verdicts) == {"partial"}  # an entry without tables is left out
+    v = verdicts["partial"]
+    assert v.n_groups == 8 and v.verdict == BETTER and v.mae_verdict == BETTER
+    # per group: overlap (x - 0.3) / 0.7 and MAE 1 - x / 0.3, so the difference is (0.2 / 0.7 + 0.1 / 0.3) / 2
+    assert v.diff == pytest.approx((0.2 / 0.7 + 0.1 / 0.3) / 2) and v.mae_diff == pytest.approx(-0.1)
+    groups = read_per_group(tmp_path / PER_GROUP_CSV)
+    assert (
+        len(groups["round"]) == 16
+        and len(groups["partial"]) == 8
+        and "NA" in set(groups["round"]["perturbation"])
+    )

@@ -293,12 +293,13 @@ def _fname(celltype: str, base: str) -> str:
 
 def read_results(folder: Path, celltypes: Sequence[str]) -> pd.DataFrame | None:
     """cell-eval's per-perturbation tables (``[<ct>_]results.csv``) in `folder`, one frame with celltype and
-    perturbation; None when a cell type's table is missing (an entry scored before these were kept)."""
+    perturbation; a cell type without its table is left out (a partial baseline scored on some cell types'
+    groups only); None when there is none (an entry scored before these tables were kept)."""
     frames = []
     for ct in celltypes:
         path = Path(folder) / _fname(ct, "results.csv")
         if not path.is_file():
-            return None
+            continue
         df = _numeric(pd.read_csv(path, dtype={"perturbation": str}, keep_default_na=False))
         df.insert(0, "celltype", ct)
         frames.append(df)
