@@ -100,6 +100,7 @@ def test_zero_shot_context_target_contributes_only_controls(screen, tmp_path):
 
     folds = make_folds(screen, 2, tmp_path / "z", regime="zero_shot_context", target_context="B")
     record = json.loads((tmp_path / "z" / "folds.json").read_text())
+    assert record["measured_elsewhere"] == ["P1", "P1+P2", "P2", "P3", "P4"]  # not P8: B's alone
     assert record["target_context"] == "B" and [f["val_contexts"] for f in record["folds"]] in (
         [["A"], ["C"]],
         [["C"], ["A"]],

@@ -34,7 +34,8 @@ the whole assignment goes to `folds.json`, so a fold can be re-run by hand:
 
 The target context (`target_context=null`): the cell type with the most perturbations that another cell type
 also has; ties go to the one with more perturbations, then to the first name. A design that cannot hold (one
-cell type for a context regime, no dealable combination) is refused in one line.
+cell type for a context regime, no dealable combination) is refused in one line. `folds.json` records the
+regime, the target and, for the context regimes, `measured_elsewhere`: the dealt names another cell type has.
 """
 
 from __future__ import annotations
@@ -337,6 +338,12 @@ def _regime_folds(
         "perturbations": names,
         "folds": [{**asdict(f), **extra} for f, extra in zip(folds, extras, strict=True)],
     }
+    if regime != "unseen_combination":
+        # the held-out names that a context outside the target also measures (context transfer can predict
+        # these; zero_shot_context tests the others too, as the target holds them)
+        assignment["measured_elsewhere"] = sorted(
+            p for p in names if any(p in have for ct, have in by_ct.items() if ct != context)
+        )
     atomic_write_text(out_dir / "folds.json", json.dumps(assignment, indent=2) + "\n")
     return folds
 
