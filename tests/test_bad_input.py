@@ -207,6 +207,8 @@ CASES = [
          needle="folds=100 with n_test="),
     case("sweep-n-test-zero", "sweep", "+sweep=genespace", "pretrained=null", "n_test=0", *DATA,
          needle="n_test=0 must be >= 1"),
+    case("sweep-malformed-yaml", "sweep", "+sweep=broken", "pretrained=null", *DATA,
+         needle=("configs/sweep/broken.yaml, line 3: not valid YAML", "fix the file")),
     case("sweep-final-again-alone", "sweep", "+sweep=genespace", "pretrained=null", "final_again=true", *DATA,
          needle="final_again=true goes with final=true"),
     # -- no such command --------------------------------------------------------------------------------------
@@ -262,6 +264,12 @@ def _write_bad_files(bad: Path, run: Path, screen: Path) -> None:
     counts.X = counts.layers["counts"].copy()  # raw counts where the checkpoint reads log1p
     counts.write_h5ad(bad / "counts.h5ad")
     _write_bad_split_tomls(bad, screen)
+    # a user's sweep space that is not YAML (an unclosed list), in the user-config folder of the fixture's root
+    spaces = bad.parent / "configs" / "sweep"
+    spaces.mkdir(parents=True)
+    (spaces / "broken.yaml").write_text(
+        'name: broken\nrounds: ["0905"\nparams:\n  optim:\n    lr: logfloat(1e-5, 1e-3)\n'
+    )
 
 
 def _write_bad_split_tomls(bad: Path, screen: Path) -> None:
