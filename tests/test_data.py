@@ -751,6 +751,8 @@ def test_manifest_is_plain_python(screens):
         "gene_names", "encoder", "embed_key", "input_dim", "pert_col", "control_pert", "cell_type_col",
         "batch_col", "pert_names", "pert_features", "pert_matrix", "cell_types", "batches", "input_transform",
         "cell_set_len", "splits", "data_paths", "datasets", "held_out",
+        # run lineage (issue #31): what this run trained on, and its ancestors (filled in by train)
+        "data_fingerprint", "split_id", "trained", "lineage",
     }  # fmt: skip
     assert set(m) == expected
     assert m["encoder"] == "raw_expression" and m["pert_features"] == {"source": "onehot", "sha256": None}

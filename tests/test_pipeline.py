@@ -230,7 +230,12 @@ def test_shuffle_and_collapse_diagnostics(study, tmp_path):
     """eval reports the shuffle test and collapse; a model that ignores its perturbation drops by exactly 0."""
     run = _latest(study, "0906")
     score = json.loads((run / "eval" / "score.json").read_text())
-    assert set(score["diagnostics"]) == {"collapse", "shuffle"}
+    # the shuffle test, collapse and what the design can measure (issue #32); partial baselines when any
+    assert (
+        {"collapse", "shuffle", "design"}
+        <= set(score["diagnostics"])
+        <= {"collapse", "shuffle", "design", "partial_baselines"}
+    )
     shuffle = score["diagnostics"]["shuffle"]
     assert shuffle["drop"] == pytest.approx(score["avg_score"] - shuffle["avg_score"])
     pred, shuffled = ad.read_h5ad(run / "pred.h5ad"), ad.read_h5ad(run / "pred_shuffled.h5ad")
