@@ -173,6 +173,8 @@ CASES = [
     case("check-toml-test-trains-elsewhere", "check", "data=custom", "data.path=null",
          "data.split_toml=bad/test_trains_elsewhere.toml",
          needle="'GENE00021' of cell type 'CT0' is test in [fewshot.\"screen.CT0\"] and trains in dataset 'copy'"),
+    case("check-toml-dataset-not-a-file", "check", *DATA, "data.split_toml=bad/other_name.toml",
+         needle=("[fewshot] 'mine.CT0': no data file is named 'mine'", "named 'screen'", "data.path=null")),
     # -- cli and compare (issue #31) ----------------------------------------------------------------------------
     case("train-runs-dir-file", "train", "+experiment=0905", *TRAIN, "runs_dir=bad/notes.txt",
          needle="runs_dir 'bad/notes.txt' is a file, not a folder; pass runs_dir=<a folder>"),
@@ -284,6 +286,8 @@ def _write_bad_split_tomls(bad: Path, screen: Path) -> None:
                      fewshot={("screen", "CT0"): {"val": ["GENE00007"], "test": ["GENE00007"]}})  # fmt: skip
     write_split_toml(bad / "val_and_test_across.toml", both,
                      fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": [], "test": ["GENE00007"]}})  # fmt: skip
+    # data.path's file (named by its stem, 'screen') is not the file the TOML names 'mine'
+    write_split_toml(bad / "other_name.toml", {"mine": both["copy"]}, fewshot={("mine", "CT0"): held})
     write_split_toml(bad / "test_trains_elsewhere.toml", both,
                      fewshot={("screen", "CT0"): held, ("copy", "CT0"): {"val": ["GENE00007"], "test": []}})  # fmt: skip
 

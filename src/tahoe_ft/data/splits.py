@@ -107,6 +107,13 @@ def toml_split_bits(cat: CellCatalog, toml: SplitToml) -> np.ndarray:
         files_of_ds.setdefault(ds, []).append(f)
 
     def pairs_of(section: str, ds: str, ct: str) -> list[int]:
+        if ds not in files_of_ds:  # e.g. data.path's file, named by its stem, against the TOML's own name
+            names = ", ".join(f"'{d}'" for d in files_of_ds)
+            raise UserError(
+                f"split TOML {section} '{ds}.{ct}': no data file is named '{ds}' (the files read are named "
+                f"{names}: by the TOML's [datasets] entry that lists the file, else by the file's stem); use "
+                "that name in the TOML, or leave data.path unset (data.path=null) to read the TOML's [datasets]"
+            )
         t = ct_index.get(ct, -1)
         out = [f * n_ct + t for f in files_of_ds.get(ds, []) if t >= 0 and f * n_ct + t in present]
         if not out:
