@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import tahoe_ft
+from conftest_train import TINY_MODEL
+from tahoe_ft.config import PredictConfig, compose
 from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.counts import (
@@ -103,3 +109,51 @@ def test_check_counts_refuses(values, needle):
     with pytest.raises(UserError, match=needle):
         check_counts(sp.csr_matrix(values), "x")
     check_counts(sp.csr_matrix(np.array([[MAX_COUNTS_PER_CELL - 1.0, 1.0]])), "x")  # exactly 1e6 passes
+
+
+# -- predict output=counts and export format=vcc2026, on a tiny Papalexi run ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def papalexi_run(tmp_path_factory) -> Path:
+    """Papalexi 0905, 4 steps on CPU, predicted with output=counts."""
+    root = tmp_path_factory.mktemp("counts")
+    runs = root / "runs"
+    args = [a for a in TINY_MODEL if not a.startswith("encoder.")] + [
+        "+experiment=0905", "data=papalexi", "init_from=null", f"runs_dir={runs}", f"paths.data_cache={root}",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+        "data.batch_size=4", "trainer.accelerator=cpu",
+    ]  # fmt: skip
+    run_dir = tahoe_ft.train(compose("train", args))
+    tahoe_ft.predict(PredictConfig(exp="0905", runs_dir=str(runs), output="counts", max_controls=300))
+    return run_dir
+
+
+def test_predict_output_counts_writes_the_count_twins(papalexi_run, papalexi):
+    raw, _, lib = papalexi
+    rec = json.loads((papalexi_run / "predict.json").read_text())
+    assert rec["output"] == "counts"
+    assert rec["counts"]["files"] == {
+        "real.h5ad": "real_counts.h5ad", "pred.h5ad": "pred_counts.h5ad", "pred_shuffled.h5ad": "pred_shuffled_counts.h5ad"
+    }  # fmt: skip
+    assert "raw counts of X" in rec["counts"]["real"] and rec["counts"]["target_sum"] == TARGET_SUM
+    real_log1p = ad.read_h5ad(papalexi_run / "real.h5ad")
+    real = ad.read_h5ad(papalexi_run / "real_counts.h5ad")
+    pred = ad.read_h5ad(papalexi_run / "pred_counts.h5ad")
+    for a in (real, pred):
+        assert sp.isspmatrix_csr(a.X) and a.X.dtype == np.float32
+        check_counts(a.X, "count file")
+        assert list(a.var_names) == list(real_log1p.var_names)
+        assert a.obs[["target_gene", "cell_type"]].equals(real_log1p.obs[["target_gene", "cell_type"]])
+    # the real side is the screen's own raw counts: re-normalised with its library sizes, real.h5ad exactly
+    again = renormalise(real.X, real.obs[LIBRARY_SIZE_COL].to_numpy(dtype=np.float64))
+    np.testing.assert_allclose(again, real_log1p.X, atol=2e-6)
+    assert set(np.unique(real.obs[LIBRARY_SIZE_COL])) <= set(lib.astype(np.float32).tolist())
+    # the control rows are the same real cells in both files
+    ctrl = (pred.obs["target_gene"] == PAPALEXI_CONTROL).to_numpy()
+    assert abs(pred.X[ctrl] - real.X[ctrl]).max() == 0
+    # predicted cells: within one count of expm1(pred.h5ad) scaled by their drawn library size
+    pl = ad.read_h5ad(papalexi_run / "pred.h5ad")
+    used = pred.obs[LIBRARY_SIZE_COL].to_numpy(dtype=np.float64)[~ctrl]
+    y = np.expm1(np.asarray(pl.X[~ctrl], dtype=np.float64)) * (used / TARGET_SUM)[:, None]
+    assert np.abs(pred.X[~ctrl].toarray() - y).max() < 1.0

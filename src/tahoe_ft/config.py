@@ -78,6 +78,11 @@ class Regime(StrEnum):
     unseen_combination = "unseen_combination"
 
 
+class PredictOutput(StrEnum):
+    log1p = "log1p"
+    counts = "counts"
+
+
 class Profile(StrEnum):
     vcc = "vcc"
     full = "full"
@@ -385,6 +390,10 @@ class PredictConfig:
     # deviation from the draws' mean: the predicted pseudobulk carries no basal sampling noise. false = the raw
     # draws (the study's). eval's baselines follow the prediction's choice
     recentre_basal: bool = True
+    # log1p: pred.h5ad / real.h5ad only. counts: also pred_counts.h5ad / real_counts.h5ad (/ pred_shuffled_counts)
+    # in integer counts for the VCC 2026 scorer: real and control cells the screen's raw counts (X for
+    # input_transform=counts, else layers['counts']), predicted cells through tahoe_ft.evaluation.counts
+    output: PredictOutput = PredictOutput.log1p
 
 
 @dataclass

@@ -134,6 +134,11 @@ class PredictRecord:
     shuffle: dict[str, str] = field(default_factory=dict)
     # basal draws re-centred on the cell type's control mean (records written before this option: False)
     recentre_basal: bool = False
+    # "log1p", or "counts": the count files too (records written before this option: log1p)
+    output: str = "log1p"
+    # with output=counts: the count files (log1p file -> its twin), where the real counts came from, the target
+    # sum and library sizes used (tahoe_ft.prediction.counts_out); {} otherwise
+    counts: dict = field(default_factory=dict)
 
     FILE: ClassVar[str] = "predict.json"
 

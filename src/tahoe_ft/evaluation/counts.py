@@ -234,3 +234,47 @@ def check_counts(x, where: str, *, max_per_cell: float = MAX_COUNTS_PER_CELL) ->
 def record(out: ad.AnnData) -> dict[str, Any]:
     """The generator's record of a file it wrote (`uns["counts"]`), {} when there is none."""
     return dict(out.uns.get("counts", {}))
+
+
+def emit_like(
+    adata: ad.AnnData,
+    reference: ad.AnnData,
+    *,
+    pert_col: str,
+    control_pert: str,
+    celltype_col: str | None,
+    seed: int,
+) -> ad.AnnData:
+    """Any log1p prediction (a baseline, the ceiling, a generator null, a scaled effect) in counts on the terms
+    of a run's `real_counts.h5ad` (`reference`): its control cells' library sizes (`obs["library_size"]`), its
+    input transform and target sum (`uns["counts"]`). The non-control rows of `adata` go through `to_counts`;
+    its control rows are replaced by the reference's control cells (real counts, as predict writes them), so
+    the result is `adata`'s perturbed cells, then the reference's controls."""
+    info = dict(reference.uns.get("counts", {}))
+    if "input_transform" not in info:
+        raise UserError(
+            "the reference holds no generator record (uns['counts']); give the real_counts.h5ad that "
+            "tahoe-ft predict output=counts wrote"
+        )
+    ref_ctrl = (reference.obs[pert_col].astype(str) == control_pert).to_numpy()
+    controls = reference[ref_ctrl].copy()
+    perturbed = adata[(adata.obs[pert_col].astype(str) != control_pert).to_numpy()].copy()
+    perturbed.obs = perturbed.obs.drop(columns=[LIBRARY_SIZE_COL], errors="ignore")
+    gen = to_counts(
+        perturbed,
+        input_transform=str(info["input_transform"]),
+        controls=controls,
+        celltype_col=celltype_col,
+        seed=seed,
+        target_sum=float(info["target_sum"]),
+    )
+    missing = [g for g in gen.var_names if g not in set(controls.var_names)]
+    if missing:
+        raise UserError(
+            f"{len(missing)} genes of the prediction are not in the reference (e.g. {missing[0]})"
+        )
+    controls = controls[:, gen.var_names].copy()
+    out = ad.concat([gen, controls], join="outer", merge="first")
+    out.X = sp.csr_matrix(out.X, dtype=np.float32)
+    out.uns["counts"] = gen.uns["counts"]
+    return out

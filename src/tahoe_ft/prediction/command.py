@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tahoe_ft.checkpoints.io import load_checkpoint
+from tahoe_ft.prediction.counts_out import count_source, retire_count_files, write_count_files
 from tahoe_ft.prediction.forward import prepare_model
 from tahoe_ft.prediction.plan import basal_shifts, build_plan, check_arguments
 from tahoe_ft.prediction.resolve import check_output_folder, resolve_checkpoint, retire_stale_outputs
@@ -43,6 +45,8 @@ def predict(config: PredictConfig) -> Path:
     # another run's folder, or another checkpoint's prediction, is not overwritten (before any draw or write)
     check_output_folder(ckpt, out_dir, loaded.checkpoint_path)
     plan = build_plan(loaded, ckpt, out_dir, config)
+    # output=counts on a screen with no raw counts nor library sizes: refused before anything is written
+    counts_from = count_source(plan) if str(config.output) == "counts" else None
     if plan.recentre_basal:
         plan.basal_shift = basal_shifts(plan)
     prepare_model(loaded.model, device, plan.precision, rows=plan.rows_per_pass)
@@ -57,7 +61,10 @@ def predict(config: PredictConfig) -> Path:
             "moved to" if path.exists() else "removed",
             path,
         )
-    plan.record(loaded).write(plan.out_dir)
+    counts = write_count_files(plan, counts_from) if counts_from is not None else {}
+    for path in retire_count_files(plan.out_dir, counts.get("files", {})):
+        log.warning("removed %s: it came from the prediction this one replaced", path)
+    dataclasses.replace(plan.record(loaded), output=str(config.output), counts=counts).write(plan.out_dir)
     log.info(
         "wrote %s and %s (%d groups, %d cells)",
         plan.out_dir / "pred.h5ad",
