@@ -213,6 +213,22 @@ CASES = [
          needle=("configs/sweep/broken.yaml, line 3: not valid YAML", "fix the file")),
     case("sweep-final-again-alone", "sweep", "+sweep=genespace", "pretrained=null", "final_again=true", *DATA,
          needle="final_again=true goes with final=true"),
+    # -- count space (issue #33) ---------------------------------------------------------------------------------
+    case("predict-counts-no-library-sizes", "predict", "exp=0905", "output=counts", "data_path=bad/log1p_only.h5ad",
+         needle=("predict output=counts: bad/log1p_only.h5ad holds log1p values with no raw counts",
+                 "or predict with output=log1p")),
+    case("export-vcc2026-fractional", "export", "format=vcc2026", f"pred={RUN}/pred.h5ad", "out=bad/up.h5ad",
+         needle=("fractional values", "predict output=counts")),
+    case("export-vcc2026-negative", "export", "format=vcc2026", "pred=bad/counts_negative.h5ad", "out=bad/up.h5ad",
+         needle="negative values"),
+    case("export-vcc2026-genes-outside", "export", "format=vcc2026", "pred=bad/counts_pred.h5ad",
+         "gene_list=bad/fewer_genes.csv", "out=bad/up.h5ad", needle=("5 genes outside the gene list", "gene_list=")),
+    case("export-vcc2026-too-few-cells", "export", "format=vcc2026", "pred=bad/counts_pred.h5ad", "min_cells=1000",
+         "out=bad/up.h5ad", needle=("predicted cells in pred", "fewer than min_cells=1000")),
+    case("export-vcc2026-not-predicted", "export", "format=vcc2026", "exp=0905",
+         needle="experiment '0905' with pred_counts.h5ad"),
+    case("export-vcc2026-out-exists", "export", "format=vcc2026", "pred=bad/counts_pred.h5ad", "out=bad/notes.txt",
+         needle="out=bad/notes.txt already exists"),
     # -- no such command --------------------------------------------------------------------------------------
     case("unknown-command", "frobnicate", needle="unknown command 'frobnicate'"),
 ]
@@ -266,12 +282,34 @@ def _write_bad_files(bad: Path, run: Path, screen: Path) -> None:
     counts.X = counts.layers["counts"].copy()  # raw counts where the checkpoint reads log1p
     counts.write_h5ad(bad / "counts.h5ad")
     _write_bad_split_tomls(bad, screen)
+    _write_bad_count_files(bad, run, cells)
     # a user's sweep space that is not YAML (an unclosed list), in the user-config folder of the fixture's root
     spaces = bad.parent / "configs" / "sweep"
     spaces.mkdir(parents=True)
     (spaces / "broken.yaml").write_text(
         'name: broken\nrounds: ["0905"\nparams:\n  optim:\n    lr: logfloat(1e-5, 1e-3)\n'
     )
+
+
+def _write_bad_count_files(bad: Path, run: Path, cells: ad.AnnData) -> None:
+    """Count space (issue #33): a log1p screen with no raw counts nor library sizes, a counts prediction (its
+    genes, all but five of them in a gene list), and one with a negative count."""
+    import scipy.sparse as sp
+
+    log1p_only = cells.copy()
+    del log1p_only.layers["counts"]
+    log1p_only.obs = log1p_only.obs.drop(columns=["n_counts"])
+    log1p_only.write_h5ad(bad / "log1p_only.h5ad")
+    pred = ad.read_h5ad(run / "pred.h5ad")
+    counts = pred.copy()
+    counts.X = sp.csr_matrix(np.round(np.expm1(np.asarray(pred.X)) * 3).astype(np.float32))
+    counts.write_h5ad(bad / "counts_pred.h5ad")
+    (bad / "fewer_genes.csv").write_text("".join(f"{g}\n" for g in pred.var_names[:-5]))
+    negative = counts.copy()
+    negative.X = negative.X.toarray()
+    negative.X[0, 0] = -1
+    negative.X = sp.csr_matrix(negative.X)
+    negative.write_h5ad(bad / "counts_negative.h5ad")
 
 
 def _write_bad_split_tomls(bad: Path, screen: Path) -> None:

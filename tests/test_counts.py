@@ -12,8 +12,9 @@ import pytest
 import scipy.sparse as sp
 
 import tahoe_ft
+import tahoe_ft.api
 from conftest_train import TINY_MODEL
-from tahoe_ft.config import PredictConfig, compose
+from tahoe_ft.config import ExportConfig, PredictConfig, compose
 from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.counts import (
@@ -25,6 +26,14 @@ from tahoe_ft.evaluation.counts import (
     renormalise,
     target_sum_of,
     to_counts,
+)
+from tahoe_ft.evaluation.upload import (
+    CELLS_PER_PERT,
+    CONTEXT_COL,
+    PERT_COL,
+    build_upload,
+    check_upload,
+    vcc_cli_check,
 )
 
 
@@ -157,3 +166,110 @@ def test_predict_output_counts_writes_the_count_twins(papalexi_run, papalexi):
     used = pred.obs[LIBRARY_SIZE_COL].to_numpy(dtype=np.float64)[~ctrl]
     y = np.expm1(np.asarray(pl.X[~ctrl], dtype=np.float64)) * (used / TARGET_SUM)[:, None]
     assert np.abs(pred.X[~ctrl].toarray() - y).max() < 1.0
+
+
+# -- the 2026 upload contract ------------------------------------------------------------------------------------
+
+
+def _valid_upload(n_genes: int = 6, cells: int = CELLS_PER_PERT) -> tuple[ad.AnnData, list[str]]:
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(n_genes)]
+    perts = [(c, p) for c in ("A", "B") for p in ("P1", "P2")]
+    obs = pd.DataFrame(
+        [{PERT_COL: p, CONTEXT_COL: c} for c, p in perts for _ in range(cells)],
+        index=[f"c{i}" for i in range(len(perts) * cells)],
+    )
+    x = sp.csr_matrix(rng.poisson(2.0, size=(len(obs), n_genes)).astype(np.float32))
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes)), genes
+
+
+def _broken(rule: str) -> tuple[ad.AnnData, list[str]]:
+    a, genes = _valid_upload()
+    if rule == "400 cells":
+        a = a[1:].copy()
+    elif rule == "no controls":
+        a.obs[PERT_COL] = a.obs[PERT_COL].astype(str)
+        a.obs.iloc[:CELLS_PER_PERT, 0] = "non-targeting"
+    elif rule == "gene order":
+        a = a[:, genes[::-1]].copy()
+    elif rule == "genes outside the list":
+        genes = genes[:-1]
+    elif rule == "integers":
+        a.X = a.X.copy()
+        a.X.data[0] = 0.5
+    elif rule == "sparse":
+        a.X = a.X.toarray()
+    elif rule == "<= 1e6":
+        x = a.X.toarray()
+        x[0, 0] = MAX_COUNTS_PER_CELL
+        a.X = sp.csr_matrix(x)
+    return a, genes
+
+
+RULES = {
+    "400 cells": "exactly 400 cells",
+    "no controls": "control rows",
+    "gene order": "not in the gene list's order",
+    "genes outside the list": "outside the gene list",
+    "integers": "fractional",
+    "sparse": "not a sparse CSR matrix",
+    "<= 1e6": "more than 1,000,000",
+}
+
+
+def test_a_valid_upload_passes():
+    a, genes = _valid_upload()
+    check_upload(a, genes)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_contract_rule_fails(rule):
+    a, genes = _broken(rule)
+    with pytest.raises(UserError, match=RULES[rule]):
+        check_upload(a, genes)
+
+
+@pytest.mark.parametrize("rule", ["400 cells", "no controls", "gene order", "integers", "<= 1e6"])
+def test_vcc_cli_refuses_what_check_upload_refuses(rule, tmp_path):
+    pytest.importorskip("vcc.prep")  # vcc-cli 0.3.0, the test extra
+    a, genes = _broken(rule)
+    a.write_h5ad(tmp_path / "up.h5ad")
+    (tmp_path / "genes.csv").write_text("".join(f"{g}\n" for g in genes))
+    ok, ok_genes = _valid_upload()
+    ok.write_h5ad(tmp_path / "ok.h5ad")
+    assert vcc_cli_check(tmp_path / "ok.h5ad", tmp_path / "genes.csv", ["A", "B"], cells_per_pert=400)[
+        "vcc_cli"
+    ]
+    if rule == "gene order":  # vcc-cli reorders genes itself; tahoe-ft writes them in order
+        return
+    with pytest.raises(UserError, match="vcc-cli 0.3.0 refuses"):
+        # the list of perturbations comes from the valid file: its 400-cells check is what fails on a short one
+        vcc_cli_check(tmp_path / "up.h5ad", tmp_path / "genes.csv", ["A", "B"], cells_per_pert=400)
+
+
+def test_build_upload_draw_rule():
+    a, genes = _valid_upload(cells=30)
+    a.obs[PERT_COL] = a.obs[PERT_COL].astype(str)
+    a.obs.iloc[:5, 0] = "non-targeting"  # controls are dropped
+    up = build_upload(a, genes[::-1], pert_col=PERT_COL, control_pert="non-targeting", context_col=CONTEXT_COL,
+                      where="x", cells_per_pert=40, min_cells=10)  # fmt: skip
+    check_upload(up, genes[::-1], cells_per_pert=40)
+    assert up.uns["tahoe_ft_upload"]["topped_up"] == {"A/P1": 25, "A/P2": 30, "B/P1": 30, "B/P2": 30}
+    with pytest.raises(UserError, match="has 25 predicted cells in x, fewer than min_cells=26"):
+        build_upload(a, genes, pert_col=PERT_COL, control_pert="non-targeting", context_col=CONTEXT_COL,
+                     where="x", cells_per_pert=40, min_cells=26)  # fmt: skip
+
+
+def test_export_vcc2026_of_a_predicted_run(papalexi_run, tmp_path):
+    out = tmp_path / "upload.h5ad"
+    got = tahoe_ft.api.export(ExportConfig(run_dir=str(papalexi_run), format="vcc2026", out=str(out)))
+    assert got == out
+    up = ad.read_h5ad(out)
+    pred = ad.read_h5ad(papalexi_run / "pred_counts.h5ad")
+    check_upload(up, list(pred.var_names))
+    assert up.n_obs == 6 * CELLS_PER_PERT and set(up.obs[CONTEXT_COL]) == {"THP-1"}
+    # every uploaded cell is one of the predicted cells
+    rows = {tuple(r) for r in pred.X.toarray().tolist()}
+    assert all(tuple(r) in rows for r in up.X[:50].toarray().tolist())
+    with pytest.raises(UserError, match="already exists"):
+        tahoe_ft.api.export(ExportConfig(run_dir=str(papalexi_run), format="vcc2026", out=str(out)))

@@ -218,17 +218,23 @@ def export(config: ExportConfig) -> Path:
 
     pred, run_dir, gene_list, out = config.pred, config.run_dir, config.gene_list, config.out
     exp, runs_dir = config.exp, config.runs_dir
+    v2026 = str(config.format) == "vcc2026"
+    # vcc2026: the counts twin predict output=counts writes
+    pred_name, default_out = (
+        ("pred_counts.h5ad", "submission.vcc2026.h5ad") if v2026 else ("pred.h5ad", "submission.prep.vcc")
+    )
     if pred:
         pred = Path(pred)
         run_dir = pred.parent
     else:
-        run_dir = Path(run_dir) if run_dir else _newest_training_run(runs_dir, exp, "pred.h5ad")
-        pred = run_dir / "pred.h5ad"
+        run_dir = Path(run_dir) if run_dir else _newest_training_run(runs_dir, exp, pred_name)
+        pred = run_dir / pred_name
     if not pred.is_file():
-        raise UserError(f"{pred} not found; run tahoe-ft predict first (or pass pred=)")
+        how = "tahoe-ft predict output=counts" if v2026 else "tahoe-ft predict"
+        raise UserError(f"{pred} not found; run {how} first (or pass pred=)")
     # out= names a new file: an existing one (or a folder) is never replaced; the default, the run's own
     # submission, is re-made by exporting the run again
-    target = Path(out) if out else Path(run_dir) / "submission.prep.vcc"
+    target = Path(out) if out else Path(run_dir) / default_out
     if out and target.is_dir():
         raise UserError(
             f"out={out} is a folder; pass out=<a new file>, e.g. out={target / 'submission.prep.vcc'}"
@@ -241,6 +247,21 @@ def export(config: ExportConfig) -> Path:
     record = PredictRecord.read(run_dir)
     pert_col = record.pert_col if record is not None else DEFAULT_PERT_COL
     control_pert = record.control_pert if record is not None else DEFAULT_CONTROL_PERT
+    if v2026:
+        from tahoe_ft.evaluation.upload import export_upload
+
+        export_upload(
+            pred,
+            target,
+            gene_list=gene_list,
+            pert_col=pert_col,
+            control_pert=control_pert,
+            context_col=record.cell_type_col if record is not None else None,
+            cells_per_pert=config.cells_per_pert,
+            min_cells=config.min_cells,
+            seed=config.seed,
+        )
+        return target
     if gene_list is not None:
         return prep_submission(pred, gene_list, target, pert_col=pert_col, control_pert=control_pert)
     # the evaluator's genes the model was trained on, in order: pred's var_names, in a temp file (nothing

@@ -83,6 +83,11 @@ class PredictOutput(StrEnum):
     counts = "counts"
 
 
+class ExportFormat(StrEnum):
+    vcc = "vcc"
+    vcc2026 = "vcc2026"
+
+
 class Profile(StrEnum):
     vcc = "vcc"
     full = "full"
@@ -576,8 +581,18 @@ class ExportConfig:
     runs_dir: str = "runs"
     # the evaluator's gene list (header-less CSV; 18,080 genes for VCC); default: pred.h5ad's var_names
     gene_list: str | None = None
-    # default: <run>/submission.prep.vcc
+    # default: <run>/submission.prep.vcc (vcc), <run>/submission.vcc2026.h5ad (vcc2026)
     out: str | None = None
+    # vcc: the 2025 submission (cell-eval prep of pred.h5ad, log1p). vcc2026: the 2026 upload file of
+    # pred_counts.h5ad (predict output=counts): one .h5ad, obs target_gene and context (the cell type), exactly
+    # cells_per_pert cells per perturbation, no controls, the gene list's genes in order, integer counts, CSR;
+    # checked by tahoe-ft and, when installed, by vcc-cli's own validation. `vcc prep` packs it for upload
+    format: ExportFormat = ExportFormat.vcc
+    cells_per_pert: int = 400
+    # a perturbation with fewer predicted cells than cells_per_pert: every cell once, the rest drawn with
+    # replacement; with fewer than min_cells it is refused
+    min_cells: int = 10
+    seed: int = 0
 
 
 @dataclass

@@ -102,10 +102,10 @@ def library_sizes(controls: ad.AnnData) -> tuple[np.ndarray, str]:
 def target_sum_of(input_transform: str, controls: ad.AnnData, target_sum: float | None = None) -> float:
     """The total the log1p values were normalised to (see the module docstring)."""
     if input_transform not in INPUT_TRANSFORMS:
-        raise UserError(f"input_transform={input_transform!r} is not valid; use log1p or counts")
+        raise UserError(f"input transform {input_transform!r} is not valid; use log1p or counts")
     if target_sum is not None:
         if not np.isfinite(target_sum) or target_sum <= 0:
-            raise UserError(f"target_sum={target_sum} must be a positive number")
+            raise UserError(f"a target sum of {target_sum} is not valid; give a positive number")
         return float(target_sum)
     if input_transform == "counts" or controls.n_obs == 0 or is_integral(controls.X):
         return TARGET_SUM
