@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 import tahoe_ft
 import tahoe_ft.api
-from conftest_train import TINY_MODEL
+from conftest_train import TINY_MODEL, train
 from tahoe_ft.config import ExportConfig, PredictConfig, compose
 from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 from tahoe_ft.errors import UserError
@@ -273,3 +273,28 @@ def test_export_vcc2026_of_a_predicted_run(papalexi_run, tmp_path):
     assert all(tuple(r) in rows for r in up.X[:50].toarray().tolist())
     with pytest.raises(UserError, match="already exists"):
         tahoe_ft.api.export(ExportConfig(run_dir=str(papalexi_run), format="vcc2026", out=str(out)))
+
+
+def test_predict_output_counts_on_a_log1p_screen_reads_layers_counts(tmp_path):
+    """The demo: X log1p (normalize_total 1e4 over all genes), raw counts in layers['counts']. The real side is
+    those counts; a later log1p prediction into the same run removes the count files it did not write."""
+    run_dir = train(tmp_path, "0905", "init_from=null", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    runs = str(tmp_path / "runs")
+    tahoe_ft.predict(PredictConfig(run_dir=str(run_dir), runs_dir=runs, output="counts", shuffle=False))
+    rec = json.loads((run_dir / "predict.json").read_text())
+    assert "raw counts of layers['counts']" in rec["counts"]["real"]
+    assert rec["counts"]["target_sum"] == pytest.approx(1e4, rel=1e-4)  # the controls' expm1 row sums
+    assert rec["counts"]["files"] == {"real.h5ad": "real_counts.h5ad", "pred.h5ad": "pred_counts.h5ad"}
+    real, real_log1p = ad.read_h5ad(run_dir / "real_counts.h5ad"), ad.read_h5ad(run_dir / "real.h5ad")
+    screen = ad.read_h5ad(next((tmp_path / "cache").glob("demo-*")) / "screen.h5ad")
+    counts = screen.layers["counts"]
+    # each real cell's counts are a screen cell's raw counts (the genes are the screen's, in its order)
+    assert list(real.var_names) == list(screen.var_names)
+    lib = real.obs[LIBRARY_SIZE_COL].to_numpy(dtype=np.float64)
+    np.testing.assert_allclose(renormalise(real.X, lib), real_log1p.X, atol=2e-6)
+    raw_rows = {tuple(r) for r in counts.toarray().tolist()}
+    assert all(tuple(r) in raw_rows for r in real.X.toarray().tolist())
+    check_counts(ad.read_h5ad(run_dir / "pred_counts.h5ad").X, "pred_counts.h5ad")
+    tahoe_ft.predict(PredictConfig(run_dir=str(run_dir), runs_dir=runs, shuffle=False))
+    assert not (run_dir / "pred_counts.h5ad").exists() and not (run_dir / "real_counts.h5ad").exists()
+    assert json.loads((run_dir / "predict.json").read_text())["output"] == "log1p"
