@@ -442,6 +442,13 @@ class EvalConfig:
     # the libraries' log records (cell-eval, pdex, ...) on the console too, not only in <run>/eval/eval.log
     # (the environment variable TAHOE_FT_VERBOSE=1 does the same)
     verbose: bool = False
+    # also score with the VCC 2026 scorer (cell-eval2's vcc2026 preset; the extra tahoe-ft[vcc2026]) in count
+    # space: the round, the panel and the generator null emitted as integer counts (evaluation.counts, seeded,
+    # library sizes from real's control cells; real's own counts: layers['counts'] or obs library sizes), the
+    # amplitude audit (the effect x0.5/x1/x2); files and evaluation_results.json under <run>/eval/vcc2026/
+    vcc2026: bool = False
+    # the replicate anchor's disjoint half-splits (the scale's 1 end; the competition uses 5)
+    vcc2026_splits: int = 5
 
 
 @dataclass

@@ -51,16 +51,19 @@ def _metric_names(score: Score) -> list[str]:
 def score_table(score: Score, score_json: str | Path | None = None, *, label: str = "round") -> str:
     """The table's text (no trailing newline); `score_json`: the path printed under it."""
     metrics = _metric_names(score)
+    v26 = score.vcc2026
     rows: list[list[str]] = [
         [label, _cell(score.avg_score), *(_cell(score.metrics.get(m)) for m in metrics), ""]
     ]
+    if v26 is not None:
+        rows[0].insert(2, _cell((v26.get("round") or {}).get("avg_score")))
     panel = dict(score.baselines or {})
     ceiling = panel.pop("ceiling", None)
     for name, entry in sorted(panel.items(), key=lambda kv: -_sort_key(kv[1])):
-        rows.append(_row(name, entry, metrics))
+        rows.append(_row(name, entry, metrics, v26 is not None))
     if ceiling is not None:
-        rows.append(_row("ceiling", ceiling, metrics))
-    header = ["", "avg_score", *metrics, "vs round"]
+        rows.append(_row("ceiling", ceiling, metrics, v26 is not None))
+    header = ["", "avg_score", *(["vcc2026"] if v26 is not None else []), *metrics, "vs round"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     if score.baselines is None:
@@ -68,6 +71,7 @@ def score_table(score: Score, score_json: str | Path | None = None, *, label: st
             "(no baseline panel: no training cells for this prediction (train=<h5ad>), or baselines=false)"
         )
     lines += design_lines(score)  # what the design can measure: shuffle, collapse, flags, absent baselines
+    lines += vcc2026_lines(score)
     if any((b or {}).get("verdict") for b in panel.values()):
         lines += VS_ROUND_NOTE
     if score_json is not None:
@@ -84,7 +88,37 @@ def _sort_key(entry: dict[str, Any]) -> float:
     return f if math.isfinite(f) else -math.inf
 
 
-def _row(name: str, entry: dict[str, Any], metrics: list[str]) -> list[str]:
+def _row(name: str, entry: dict[str, Any], metrics: list[str], v26: bool = False) -> list[str]:
     block = entry.get("metrics") or {}
     vs = short_text(entry.get("verdict"), flip=True) if entry.get("verdict") else "-"
-    return [name, _cell(entry.get("avg_score")), *(_cell(block.get(m)) for m in metrics), vs]
+    extra = [_cell((entry.get("vcc2026") or {}).get("avg_score"))] if v26 else []
+    return [name, _cell(entry.get("avg_score")), *extra, *(_cell(block.get(m)) for m in metrics), vs]
+
+
+def vcc2026_lines(score: Score) -> list[str]:
+    """Under the table: what the VCC 2026 scorer's column is, the generator null and the amplitude audit."""
+    v26 = score.vcc2026
+    if v26 is None:
+        return []
+    diag = score.diagnostics or {}
+    lines = [
+        f"vcc2026: cell-eval2 {v26.get('version')} preset vcc2026 on integer counts (0 = mean-response baseline, "
+        f"1 = replicate of the measurement); real counts: {v26.get('real_counts')}; files: eval/{v26.get('dir')}/"
+    ]
+    null = diag.get("vcc2026_null")
+    if null:
+        calls = (null.get("de_calls") or {}).get("pred") or {}
+        real = (null.get("de_calls") or {}).get("real") or {}
+        lines.append(
+            f"generator null (real controls emitted as every perturbation): vcc2026 {_cell(null.get('avg_score'))}, "
+            f"{_cell(calls.get('per_pert'))} DE calls per perturbation (real: {_cell(real.get('per_pert'))})"
+        )
+    audit = diag.get("amplitude_audit")
+    if audit:
+        scales = audit.get("scales") or {}
+        text = ", ".join(f"x{k} {_cell((v or {}).get('avg_score'))}" for k, v in scales.items())
+        lines.append(
+            f"amplitude audit (effect scaled, vcc2026): {text}"
+            + (" -- FLAG: doubling the effect raises the score" if audit.get("flag") else "")
+        )
+    return lines

@@ -170,6 +170,10 @@ def evaluate_run(config: EvalConfig) -> Score:
     side = training_side(config, record, prepared)  # the training cells: read, checked; nothing written
     if side.train is None:
         check_cached_baseline(config, files, prepared)
+    if config.vcc2026:
+        from tahoe_ft.evaluation.vcc2026 import require
+
+        require()  # the VCC 2026 scorer installed (one line if not), before eval/ is touched
     files.eval_dir.mkdir(parents=True, exist_ok=True)
     # the tables are made in a staging folder and moved into eval/ only when the whole evaluation is done:
     # a failure leaves the earlier evaluation's files as they were (and no half-written table)
@@ -729,7 +733,61 @@ def _evaluate(
     if partial:
         diag["partial_baselines"] = partial
     # the round against each baseline, group by group, with its bootstrap interval (writes per_group.csv)
-    return attach_verdicts(dataclasses.replace(score, diagnostics=diag), outdir, panel_dir)
+    score = attach_verdicts(dataclasses.replace(score, diagnostics=diag), outdir, panel_dir)
+    if config.vcc2026:
+        score = _vcc2026(config, files, record, prepared, side, score, outdir)
+    return score
+
+
+def _vcc2026(
+    config: EvalConfig,
+    files: RunFiles,
+    record: PredictRecord | None,
+    prepared: Prepared,
+    side: TrainingSide,
+    score: Score,
+    outdir: Path,
+) -> Score:
+    """The VCC 2026 scorer beside cell-eval (`evaluation.vcc2026.evaluate`): the round, the panel's baselines
+    (the files `score_panel` left under `outdir/baselines/`) and the ceiling in count space, into score.json's
+    `vcc2026` (each baseline's `vcc2026` too), the generator null and the amplitude audit into `diagnostics`."""
+    import anndata as ad
+
+    from tahoe_ft.evaluation import vcc2026
+
+    lab = prepared.labels
+    panel = {}
+    for name in score.baselines or {}:
+        path = outdir / "baselines" / f"{name}.h5ad"
+        if name != "ceiling" and path.is_file():
+            panel[name] = ad.read_h5ad(path)
+    counts_file = files.real.with_name("real_counts.h5ad")
+    pred_counts = files.pred.with_name("pred_counts.h5ad")
+    block = vcc2026.evaluate(
+        ad.read_h5ad(files.pred),
+        ad.read_h5ad(files.real),
+        outdir / "vcc2026",
+        panel=panel,
+        counts=ad.read_h5ad(counts_file) if counts_file.is_file() else None,
+        pred_counts=ad.read_h5ad(pred_counts) if counts_file.is_file() and pred_counts.is_file() else None,
+        pert_col=lab.pert_col,
+        control_pert=lab.control_pert,
+        celltype_col=prepared.celltype_col,
+        input_transform=str((side.manifest or {}).get("input_transform") or "log1p"),
+        seed=record.seed if record is not None else 0,
+        splits=config.vcc2026_splits,
+        num_threads=config.num_threads,
+    )
+    diag = dict(score.diagnostics or {})
+    diag["vcc2026_null"] = block.pop("null")
+    diag["amplitude_audit"] = block.pop("amplitude_audit")
+    baselines = score.baselines
+    if baselines is not None:
+        baselines = {
+            name: {**entry, "vcc2026": block["baselines"][name]} if name in block["baselines"] else entry
+            for name, entry in baselines.items()
+        }
+    return dataclasses.replace(score, vcc2026=block, diagnostics=diag, baselines=baselines)
 
 
 def _round_on_partial(

@@ -112,6 +112,9 @@ class Score:
     # does the score owe anything to the perturbation (the shuffle test), and has the model collapsed
     # (`evaluation.diagnostics`)
     diagnostics: dict[str, Any] | None = None
+    # the VCC 2026 scorer (cell-eval2's vcc2026 preset) in count space, beside cell-eval's score
+    # (`evaluation.vcc2026`): {avg_score, scores, metrics, de_calls, scorer, version, ...}; None: not run
+    vcc2026: dict[str, Any] | None = None
 
     @property
     def leaderboard_score(self) -> float:
@@ -156,6 +159,8 @@ class Score:
             out["baseline_notes"] = dict(self.baseline_notes or {})
         if self.diagnostics is not None:
             out["diagnostics"] = self.diagnostics
+        if self.vcc2026 is not None:
+            out["vcc2026"] = self.vcc2026
         return out
 
     def to_json(self) -> str:
@@ -186,6 +191,7 @@ class Score:
             baselines=d.get("baselines"),
             baseline_notes=d.get("baseline_notes"),
             diagnostics=d.get("diagnostics"),
+            vcc2026=d.get("vcc2026"),
         )
 
     @classmethod

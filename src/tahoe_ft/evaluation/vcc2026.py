@@ -111,24 +111,23 @@ def _context(a: ad.AnnData, ct: str | None, celltype_col: str | None, pert_col: 
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=sub.var_names.astype(str)))
 
 
-def _cli(args: list[str]) -> None:
-    """cell-eval2's CLI in-process; what it prints goes to the log, a refusal (SystemExit) to a UserError."""
+def _cli(args: list[str], what: str) -> None:
+    """cell-eval2's CLI in-process; what it prints goes to the log, a refusal of `what` to a one-line UserError."""
     from cell_eval2.cli import main
 
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
             main(args)
-    except (
-        ValueError
-    ) as exc:  # cell-eval2's refusals of its inputs (e.g. a reference with no measurable effect)
+    except ValueError as exc:  # cell-eval2 refuses its inputs (e.g. a reference with no measurable effect)
         raise UserError(
-            f"cell-eval2 {args[0]} refused the input: {' '.join(str(exc).split())[:400]}"
+            f"the VCC 2026 scorer (cell-eval2 {args[0]}) refused {what}: {' '.join(str(exc).split())[:400]}; "
+            "vcc2026=false scores with cell-eval only"
         ) from None
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise UserError(
-                f"cell-eval2 {args[0]} refused: {' '.join(str(exc.code).split())[:300]}"
+                f"the VCC 2026 scorer (cell-eval2 {args[0]}) refused {what}: {' '.join(str(exc.code).split())[:300]}"
             ) from None
     finally:
         for line in buf.getvalue().splitlines():
@@ -175,10 +174,14 @@ class Vcc2026:
             ref.mkdir(parents=True, exist_ok=True)
             sub.write_h5ad(ref / "real.h5ad")
             log.info("vcc2026: the baseline and the %d-split replicate anchor of context %s", self.splits, ct)
-            _cli(["baseline", "-ar", str(ref / "real.h5ad"), *self._flags(), "-o", str(ref / "baseline")])
+            what = "real" + (f" of cell type {ct!r}" if ct else "")
+            _cli(
+                ["baseline", "-ar", str(ref / "real.h5ad"), *self._flags(), "-o", str(ref / "baseline")], what
+            )
             _cli(
                 ["run", "-ar", str(ref / "real.h5ad"), "--anchor", "--anchor-splits", str(self.splits)]
-                + ["--anchor-base-seed", str(self.seed), *self._flags(), "-o", str(ref / "anchor")]
+                + ["--anchor-base-seed", str(self.seed), *self._flags(), "-o", str(ref / "anchor")],
+                what,
             )
 
     def _rel(self, path: Path) -> str:
@@ -213,18 +216,20 @@ class Vcc2026:
             real = self.real_cells[ct]
             if list(sub.var_names) != list(real.var_names):
                 raise UserError(f"the {name} prediction's genes are not real's genes in real's order")
-            parts[ct] = self._score_context(sub, ct, self.outdir / name / _fname(ct))
+            what = f"the {name} prediction" + (f" of cell type {ct!r}" if ct else "")
+            parts[ct] = self._score_context(sub, ct, self.outdir / name / _fname(ct), what)
         out = _mean_parts(parts)
         out["dir"] = self._rel(self.outdir / name)
         return out
 
-    def _score_context(self, pred: ad.AnnData, ct: str | None, out: Path) -> dict[str, Any]:
+    def _score_context(self, pred: ad.AnnData, ct: str | None, out: Path, what: str) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         ref = self._ref(ct)
         pred.write_h5ad(out / "pred_counts.h5ad")
         _cli(
             ["run", "-ap", str(out / "pred_counts.h5ad"), "-ar", str(ref / "real.h5ad"), *self._flags()]
-            + ["--write-degenes", "-o", str(out)]
+            + ["--write-degenes", "-o", str(out)],
+            what,
         )
         _cli(
             ["score", "--user-agg", str(out / "agg_results.csv"), "--baseline-agg"]
@@ -234,7 +239,8 @@ class Vcc2026:
                 str(ref / "anchor"),
                 "-o",
                 str(out / "score.csv"),
-            ]
+            ],
+            what,
         )
         res = _read_score(out)
         res["evaluation_results"] = self._rel(out / "evaluation_results.json")
@@ -399,6 +405,19 @@ def effects(
     return out
 
 
+def _shift_to_mean(x: np.ndarray, target: np.ndarray, iters: int = 60) -> np.ndarray:
+    """`max(x + s, 0)` with, per gene (column), the shift `s` whose mean is `target` (bisection: the mean of
+    `max(x + s, 0)` rises with `s`); a target below 0 is held at 0 (every cell at 0)."""
+    target = np.maximum(target, 0.0)
+    lo = -x.max(axis=0)  # every cell at 0: the mean is 0 <= target
+    hi = np.maximum(0.0, target - x.mean(axis=0))  # the mean is >= mean(x) + s >= target
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = np.maximum(x + mid, 0.0).mean(axis=0) < target
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.maximum(x + hi, 0.0)
+
+
 def scaled_prediction(
     pred: ad.AnnData,
     k: float,
@@ -409,7 +428,9 @@ def scaled_prediction(
     controls: ad.AnnData | None = None,
 ) -> ad.AnnData:
     """`pred` with each perturbation's effect (its mean minus the control mean, log1p) scaled by `k`: every
-    cell of (cell type, perturbation) moved by (k - 1) x that effect, clipped at 0; control cells unchanged."""
+    cell of (cell type, perturbation) shifted, gene by gene, so that the group's mean is the control mean plus
+    k x the effect (log1p's floor at 0 kept: cells at 0 stay there, the others move further; a mean below 0
+    is out of reach and held at 0, see `achieved`); control cells unchanged."""
     eff = effects(
         pred, pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col, controls=controls
     )
@@ -418,10 +439,18 @@ def scaled_prediction(
     cts = pred.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(pred.n_obs, "")
     for (ct, p), d in eff.items():
         rows = np.flatnonzero((cts == ct) & (perts == p))
-        x[rows] += (k - 1.0) * d
+        x[rows] = _shift_to_mean(x[rows], x[rows].mean(axis=0) + (k - 1.0) * d)
     out = pred.copy()
-    out.X = np.clip(x, 0.0, None).astype(np.float32)
+    out.X = x.astype(np.float32)
     return out
+
+
+def achieved(pred: ad.AnnData, scaled: ad.AnnData, **labels: Any) -> float:
+    """How far scaling went: the scaled prediction's summed |effect| over the prediction's (a lowered gene
+    cannot go below log1p's 0, so x2 can fall short of 2)."""
+    before, after = effects(pred, **labels), effects(scaled, **labels)
+    den = sum(float(np.abs(d).sum()) for d in before.values())
+    return float(sum(float(np.abs(after[k]).sum()) for k in before) / den) if den > 0 else float("nan")
 
 
 def audit_flag(scales: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -486,6 +515,7 @@ def evaluate(
     *,
     panel: dict[str, ad.AnnData],
     counts: ad.AnnData | None = None,
+    pred_counts: ad.AnnData | None = None,
     pert_col: str,
     control_pert: str,
     celltype_col: str | None,
@@ -498,8 +528,9 @@ def evaluate(
     and the generator null emitted by the count generator (`counts.to_counts`, seeded, library sizes drawn from
     real's control cells) and scored against real's counts; the ceiling (the replicate anchor); the amplitude
     audit (the round's effect x0.5, x1, x2). `counts`: real's integer counts (predict output=counts'
-    real_counts.h5ad), else `real_counts`. Files under `outdir` (``round/<context>/evaluation_results.json``)."""
-    from tahoe_ft.evaluation.counts import record, target_sum_of, to_counts
+    real_counts.h5ad, whose generator record every emission then follows: `counts.emit_like`), else
+    `real_counts`; `pred_counts`: the round's counts as predict wrote them (else `pred` is emitted). Files under `outdir` (``round/<context>/evaluation_results.json``)."""
+    from tahoe_ft.evaluation.counts import emit_like, record, target_sum_of, to_counts
 
     require()
     outdir = Path(outdir)
@@ -519,6 +550,10 @@ def evaluate(
 
     def emit(a: ad.AnnData) -> ad.AnnData:
         a = a[:, list(real.var_names)].copy() if list(a.var_names) != list(real.var_names) else a
+        if "input_transform" in counts.uns.get("counts", {}):  # predict's real_counts.h5ad: on its terms
+            out = emit_like(a, counts, seed=seed, **labels)
+            generator.update(record(out))
+            return out
         out = to_counts(
             a,
             input_transform=input_transform,
@@ -534,7 +569,12 @@ def evaluate(
         keep = ("avg_score", "scores", "metrics", "de_calls")
         return {k: entry[k] for k in keep if k in entry}
 
-    block: dict[str, Any] = {"round": scorer.score(emit(pred), "round")}
+    if pred_counts is not None:  # the counts predict wrote (what export submits)
+        block: dict[str, Any] = {"round": scorer.score(pred_counts, "round")}
+        round_source = "pred_counts.h5ad (predict output=counts)"
+    else:
+        block = {"round": scorer.score(emit(pred), "round")}
+        round_source = "pred.h5ad emitted by the count generator"
     block["baselines"] = {}
     for name, p in panel.items():
         log.info("vcc2026: the %s baseline", name)
@@ -547,18 +587,21 @@ def evaluate(
         "note": "real control cells emitted through the count generator as every perturbation's prediction: "
         "no effect at all; its DE calls and score are what the generator earns on its own",
     }
-    audit: dict[str, Any] = {"1": brief(block["round"])}
+    audit: dict[str, Any] = {"1": {**brief(block["round"]), "achieved": 1.0}}
     for k in AUDIT_SCALES:
         if k == 1.0:
             continue
         log.info("vcc2026: the amplitude audit, effect x%g", k)
         scaled = scaled_prediction(pred, k, controls=real[is_ctrl], **labels)
         audit[f"{k:g}"] = brief(scorer.score(emit(scaled), f"audit/x{k:g}"))
+        audit[f"{k:g}"]["achieved"] = achieved(pred, scaled, controls=real[is_ctrl], **labels)
     block["amplitude_audit"] = {
         "scales": {k: audit[k] for k in sorted(audit, key=float)},
         **audit_flag(audit),
         "how": "each perturbation's predicted effect (its mean minus the control mean, log1p) scaled by 0.5, 1 "
-        "and 2 (every cell shifted by (k - 1) x the effect, clipped at 0), emitted and scored",
+        "and 2 (each group's cells shifted gene by gene to the control mean plus k x the effect, log1p's floor at 0 "
+        "kept), emitted and scored; achieved: the summed |effect| reached over the prediction's (a gene lowered "
+        "below 0 stops there)",
     }
     block.update(
         scorer="cell-eval2",
@@ -567,6 +610,7 @@ def evaluate(
         de_backend=DE_BACKEND,
         anchor_splits=splits,
         real_counts=real_source,
+        round_counts=round_source,
         generator=generator,
         dir=outdir.name,
         replay=(
