@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -295,6 +296,16 @@ def test_predict_output_counts_on_a_log1p_screen_reads_layers_counts(tmp_path):
     raw_rows = {tuple(r) for r in counts.toarray().tolist()}
     assert all(tuple(r) in raw_rows for r in real.X.toarray().tolist())
     check_counts(ad.read_h5ad(run_dir / "pred_counts.h5ad").X, "pred_counts.h5ad")
+    # no layers['counts'], only obs n_counts: the real cells through the generator with their own library
+    # size give back the same raw counts
+    no_layer = screen.copy()
+    del no_layer.layers["counts"]
+    no_layer.write_h5ad(tmp_path / "no_layer.h5ad")
+    cfg = PredictConfig(run_dir=str(run_dir), runs_dir=runs, output="counts", shuffle=False)
+    tahoe_ft.predict(dataclasses.replace(cfg, data_path=str(tmp_path / "no_layer.h5ad")))
+    rec = json.loads((run_dir / "predict.json").read_text())
+    assert "own library size (obs['n_counts'])" in rec["counts"]["real"]
+    assert abs(ad.read_h5ad(run_dir / "real_counts.h5ad").X - real.X).max() == 0
     tahoe_ft.predict(PredictConfig(run_dir=str(run_dir), runs_dir=runs, shuffle=False))
     assert not (run_dir / "pred_counts.h5ad").exists() and not (run_dir / "real_counts.h5ad").exists()
     assert json.loads((run_dir / "predict.json").read_text())["output"] == "log1p"

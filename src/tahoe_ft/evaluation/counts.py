@@ -144,10 +144,17 @@ def to_counts(
     celltype_col: str | None,
     seed: int,
     target_sum: float | None = None,
+    x: Any = None,
 ) -> ad.AnnData:
     """`adata`'s log1p expression as integer counts (CSR float32, integral values): the inverse of
     `input_transform`, each cell scaled by a library size drawn from its context's control cells, rounded
-    stochastically (seeded). See the module docstring for every choice."""
+    stochastically (seeded). See the module docstring for every choice.
+
+    `x`: the log1p rows to read instead of `adata.X` (anything sliced by rows, e.g. the h5py dataset of a dense
+    .h5ad, read `ROW_BLOCK` rows at a time: memory does not grow with the cells); `adata` then gives obs/var."""
+    x_in = adata.X if x is None else x
+    if x_in is None or x_in.shape != (adata.n_obs, adata.n_vars):
+        raise UserError(f"no log1p values of shape {adata.shape} to turn into counts")
     T = target_sum_of(input_transform, controls, target_sum)
     lib, lib_source = library_sizes(controls)
     if not np.all(np.isfinite(lib)) or np.any(lib < 0):
@@ -172,12 +179,12 @@ def to_counts(
         cell_lib[rows] = rng.choice(pool, size=rows.size, replace=True)
     blocks, n_scaled = [], 0
     for a in range(0, adata.n_obs, ROW_BLOCK):
-        x = _rows(adata.X, a, a + ROW_BLOCK)
-        if not np.all(np.isfinite(x)) or (x.size and x.min() < 0):
+        block = _rows(x_in, a, a + ROW_BLOCK)
+        if not np.all(np.isfinite(block)) or (block.size and block.min() < 0):
             raise UserError(
                 "log1p values to turn into counts hold NaN, Inf or negative values; fix the prediction"
             )
-        y = np.expm1(x) * (cell_lib[a : a + ROW_BLOCK] / T)[:, None]
+        y = np.expm1(block) * (cell_lib[a : a + ROW_BLOCK] / T)[:, None]
         total = y.sum(axis=1)
         over = total > MAX_COUNTS_PER_CELL - y.shape[1]  # room for rounding up every gene
         if over.any():

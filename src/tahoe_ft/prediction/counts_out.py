@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import h5py
 import numpy as np
 import scipy.sparse as sp
 
@@ -174,7 +175,6 @@ def write_count_files(plan, source: CountSource) -> dict[str, Any]:
     has_raw = [k in ("X", "layers/counts") for k in source.kinds]
     obs = plan.obs.copy()
     # real and control rows: raw counts where the screen holds them, else generated with their own library size
-    real_log1p = ad.read_h5ad(out_dir / "real.h5ad", backed="r")
     all_rows = np.concatenate([plan.real_rows, ctrl])
     lib_all = np.concatenate([_library_sizes(plan, source, plan.real_rows), ctrl_lib])
     obs[LIBRARY_SIZE_COL] = lib_all.astype(np.float32)
@@ -182,21 +182,22 @@ def write_count_files(plan, source: CountSource) -> dict[str, Any]:
         real_x = _raw_rows(plan, source, all_rows)
         real_how = source.describe(plan.catalog.data_paths)
     else:  # some file without raw counts: every real cell through the generator with its own library size
-        own = ad.AnnData(X=real_log1p.X[:], obs=obs.copy(), var=plan.var.copy())
-        real_x = to_counts(
-            own,
-            input_transform=m.input_transform,
-            controls=own[n_pred:],
-            celltype_col=None,
-            seed=plan.seed,
-            target_sum=T,
-        ).X
+        own = ad.AnnData(obs=obs.copy(), var=plan.var.copy())
+        with h5py.File(out_dir / "real.h5ad", "r") as f:
+            real_x = to_counts(
+                own,
+                input_transform=m.input_transform,
+                controls=own[n_pred:],
+                celltype_col=None,
+                seed=plan.seed,
+                target_sum=T,
+                x=_Head(f["X"], len(obs)),
+            ).X
         real_how = (
             "generator with each cell's own library size (a file holds no raw counts: "
             + source.describe(plan.catalog.data_paths)
             + ")"
         )
-    real_log1p.file.close()
     uns_counts = {
         "input_transform": m.input_transform,
         "target_sum": T,
@@ -226,19 +227,17 @@ def write_count_files(plan, source: CountSource) -> dict[str, Any]:
     for name in ("pred.h5ad", "pred_shuffled.h5ad"):
         if not (out_dir / name).is_file() or (name == "pred_shuffled.h5ad" and not plan.shuffle):
             continue
-        pred = ad.read_h5ad(out_dir / name, backed="r")
-        head = ad.AnnData(
-            X=pred.X[:n_pred], obs=obs.iloc[:n_pred].drop(columns=[LIBRARY_SIZE_COL]), var=plan.var
-        )
-        pred.file.close()
-        gen = to_counts(
-            head,
-            input_transform=m.input_transform,
-            controls=controls,
-            celltype_col=m.cell_type_col,
-            seed=plan.seed,
-            target_sum=T,
-        )
+        head = ad.AnnData(obs=obs.iloc[:n_pred].drop(columns=[LIBRARY_SIZE_COL]), var=plan.var.copy())
+        with h5py.File(out_dir / name, "r") as f:  # the dense X predict wrote, read in blocks
+            gen = to_counts(
+                head,
+                input_transform=m.input_transform,
+                controls=controls,
+                celltype_col=m.cell_type_col,
+                seed=plan.seed,
+                target_sum=T,
+                x=_Head(f["X"], n_pred),
+            )
         pobs = obs.copy()
         pobs.iloc[:n_pred, pobs.columns.get_loc(LIBRARY_SIZE_COL)] = gen.obs[LIBRARY_SIZE_COL].to_numpy()
         x = sp.vstack([gen.X, real_x[n_pred:]], format="csr")
@@ -257,6 +256,17 @@ def write_count_files(plan, source: CountSource) -> dict[str, Any]:
         record["files"][name] = COUNT_FILES[name]
     log.info("wrote the count files %s", ", ".join(record["files"].values()))
     return record
+
+
+class _Head:
+    """The first `n` rows of a 2-D h5py dataset, sliced by rows (what `to_counts` reads in blocks)."""
+
+    def __init__(self, ds, n: int) -> None:
+        self.ds, self.shape = ds, (n, ds.shape[1])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.shape[0])
+        return self.ds[a:b]
 
 
 def retire_count_files(out_dir: str | Path, written: dict[str, str]) -> list[Path]:
