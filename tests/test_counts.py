@@ -23,6 +23,7 @@ from tahoe_ft.evaluation.counts import (
     MAX_COUNTS_PER_CELL,
     TARGET_SUM,
     check_counts,
+    emit_like,
     library_sizes,
     renormalise,
     target_sum_of,
@@ -309,3 +310,22 @@ def test_predict_output_counts_on_a_log1p_screen_reads_layers_counts(tmp_path):
     tahoe_ft.predict(PredictConfig(run_dir=str(run_dir), runs_dir=runs, shuffle=False))
     assert not (run_dir / "pred_counts.h5ad").exists() and not (run_dir / "real_counts.h5ad").exists()
     assert json.loads((run_dir / "predict.json").read_text())["output"] == "log1p"
+
+
+def test_emit_like_puts_any_log1p_prediction_on_the_run_terms(papalexi_run):
+    """A baseline or the ceiling (here: pred.h5ad itself) emitted like the run's prediction: its perturbed cells
+    through the generator with the run's target sum, then real_counts.h5ad's control cells."""
+    ref = ad.read_h5ad(papalexi_run / "real_counts.h5ad")
+    pl = ad.read_h5ad(papalexi_run / "pred.h5ad")
+    kw = {"pert_col": "target_gene", "control_pert": PAPALEXI_CONTROL, "celltype_col": "cell_type", "seed": 0}
+    out = emit_like(pl, ref, **kw)
+    check_counts(out.X, "emitted")
+    ctrl = (out.obs["target_gene"] == PAPALEXI_CONTROL).to_numpy()
+    ref_ctrl = (ref.obs["target_gene"] == PAPALEXI_CONTROL).to_numpy()
+    assert abs(out.X[ctrl] - ref.X[ref_ctrl]).max() == 0 and ctrl.sum() == ref_ctrl.sum()
+    assert out.uns["counts"]["target_sum"] == ref.uns["counts"]["target_sum"] == TARGET_SUM
+    # the same seed as predict's: the same counts as pred_counts.h5ad
+    pred = ad.read_h5ad(papalexi_run / "pred_counts.h5ad")
+    assert abs(out.X[~ctrl] - pred.X[~ctrl]).max() == 0
+    with pytest.raises(UserError, match="no generator record"):
+        emit_like(pl, pl, **kw)

@@ -203,6 +203,9 @@ def evaluate(config: EvalConfig) -> Score:
 
 def export(config: ExportConfig) -> Path:
     """Pack a prediction as a VCC submission with `cell-eval prep` (needs zstd and tar); returns its path.
+    `format=vcc2026`: the 2026 upload file of the run's `pred_counts.h5ad` instead
+    (`tahoe_ft.evaluation.upload.export_upload`: 400 cells per perturbation, no controls, the gene list's genes
+    in order, integer counts, CSR; checked, and by vcc-cli's own validation when it is installed).
 
     `out` must name a new file (an existing file or a folder is refused); default: the run's own
     `<run>/submission.prep.vcc`, which exporting the run again replaces. Nothing else is written.

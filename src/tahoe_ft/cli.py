@@ -32,6 +32,7 @@ USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,sweep,export,ex
   reproduce  the whole case study:       tahoe-ft reproduce
   sweep      recipe search (Optuna):     tahoe-ft sweep +sweep=genespace n_trials=20 folds=4
   export     a VCC submission (.vcc):    tahoe-ft export exp=0908
+             the 2026 upload file:       tahoe-ft export exp=0908 format=vcc2026  (after predict output=counts)
   export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
   check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
   demo-check oracles on the demo data:   tahoe-ft demo-check seeds=[0,1,2]

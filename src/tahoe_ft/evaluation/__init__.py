@@ -22,6 +22,9 @@ Modules, one job each:
 - `logs`: the libraries' logs, warnings and progress bars into `<run>/eval/eval.log`; `report`: the short
   table `tahoe-ft eval` prints (the round beside its panel and the ceiling).
 - `submission`: the Virtual Cell Challenge submission file (cell-eval's `prep`).
+- `counts`: count space (issue #33): the count generator (`to_counts`, `emit_like`: log1p predictions as integer
+  counts, by the inverse of the input transform and library sizes of the context's real control cells) and the
+  checks counts must pass (`check_counts`); `upload`: the VCC 2026 upload file (`export format=vcc2026`).
 """
 
 from __future__ import annotations
