@@ -220,8 +220,8 @@ def export_upload(
         genes = pd.read_csv(gl, header=None).iloc[:, 0].astype(str).tolist()
     else:
         genes = list(map(str, pred.var_names))
-    if context_col is not None and context_col not in pred.obs:
-        context_col = None
+    if context_col is None or context_col not in pred.obs:  # a file from elsewhere: a context column it has
+        context_col = next((c for c in (CONTEXT_COL, "cell_type", "celltype") if c in pred.obs), None)
     up = build_upload(
         pred,
         genes,
