@@ -116,7 +116,15 @@ def vcc2026_lines(score: Score) -> list[str]:
     audit = diag.get("amplitude_audit")
     if audit:
         scales = audit.get("scales") or {}
-        text = ", ".join(f"x{k} {_cell((v or {}).get('avg_score'))}" for k, v in scales.items())
+        text = ", ".join(
+            f"x{k} {_cell((v or {}).get('avg_score'))}"
+            + (
+                f" (reached x{float(v['achieved']):.2f})"
+                if k != "1" and (v or {}).get("achieved") is not None
+                else ""
+            )
+            for k, v in scales.items()
+        )
         lines.append(
             f"amplitude audit (effect scaled, vcc2026): {text}"
             + (" -- FLAG: doubling the effect raises the score" if audit.get("flag") else "")
