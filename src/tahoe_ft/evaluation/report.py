@@ -18,6 +18,7 @@ score.json.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tahoe_ft.evaluation.score import Score
 from tahoe_ft.evaluation.verdict import MIN_GROUPS, short_text
 
 MAX_METRICS = 3
+WIDTH = 100  # the notes under the table
 #: what the `vs round` column says (score.json: each baseline's `verdict`, from the round's side)
 VS_ROUND_NOTE = [
     "vs round: the row's avg_score minus the round's, held-out group by group, 95% bootstrap interval:",
@@ -70,8 +72,10 @@ def score_table(score: Score, score_json: str | Path | None = None, *, label: st
         lines.append(
             "(no baseline panel: no training cells for this prediction (train=<h5ad>), or baselines=false)"
         )
-    lines += design_lines(score)  # what the design can measure: shuffle, collapse, flags, absent baselines
-    lines += vcc2026_lines(score)
+    # what the design can measure (shuffle, collapse, flags, absent baselines) and the vcc2026 notes, wrapped to
+    # WIDTH columns (the table itself is as wide as its columns)
+    for note in [*design_lines(score), *vcc2026_lines(score)]:
+        lines += textwrap.wrap(note, WIDTH, subsequent_indent="  ", break_on_hyphens=False) or [""]
     if any((b or {}).get("verdict") for b in panel.values()):
         lines += VS_ROUND_NOTE
     if score_json is not None:
