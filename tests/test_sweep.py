@@ -27,9 +27,9 @@ from conftest_train import TINY_DEMO, TINY_MODEL
 from tahoe_ft import api, cli
 from tahoe_ft.config import SweepSpace, compose, config_dir
 from tahoe_ft.errors import UserError
+from tahoe_ft.search import trial as sweep_trial
+from tahoe_ft.search.space import flatten, parse_param, value_text
 from tahoe_ft.study.folds import make_folds
-from tahoe_ft.sweep import trial as sweep_trial
-from tahoe_ft.sweep.space import flatten, parse_param, value_text
 
 REPO = Path(__file__).resolve().parents[1]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -213,8 +213,8 @@ def test_untrained_models_of_set_sizes_16_and_64_get_the_same_objective(tmp_path
     model of 64-cell sets far above one of 16-cell sets; the unbiased energy distance it now reads does not.
     Four seeds, paired (same seed: same weights and draws); the bound is 3 standard errors of the paired
     differences (3.18 is the t-distribution's two-sided 5 % point with 3 degrees of freedom)."""
-    from tahoe_ft.sweep.plan import make_plan
-    from tahoe_ft.sweep.trial import Objective
+    from tahoe_ft.search.plan import make_plan
+    from tahoe_ft.search.trial import Objective
 
     big = ["data.demo.cells_per_pert=80", "data.demo.n_ctrl=200"]  # a set of 64 cells needs groups of >= 64
     cfg = _cfg(tmp_path / "runs", cache, "fair", {"model.cell_set_len": "choice(16, 64)"}, "folds=0", *big,
@@ -584,7 +584,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     ("name", "data"), [("genespace", "demo"), ("se600m", "demo"), ("defaults", "papalexi")]
 )
 def test_the_shipped_spaces_compose_with_every_range_end_and_choice(name, data, tmp_path):
-    from tahoe_ft.sweep.plan import make_plan, spaces
+    from tahoe_ft.search.plan import make_plan, spaces
 
     assert name in spaces()
     cfg = compose(

@@ -110,14 +110,14 @@ def reproduce(config: ReproduceConfig | None = None) -> dict[str, Any]:
 
 
 def sweep(config: SweepConfig) -> dict[str, Any]:
-    """A recipe search on validation folds (`tahoe-ft sweep`; package `tahoe_ft.sweep`): trials of the space
+    """A recipe search on validation folds (`tahoe-ft sweep`; package `tahoe_ft.search`): trials of the space
     `config.sweep` (rounds, fixed overrides, parameter ranges) trained on the folds of `reproduce folds=K`,
     scored on their validation perturbations, pruned from their validation losses, in a resumable Optuna study;
     writes trials.csv, best.yaml and plots into `runs_dir/sweeps/<name>/` and returns a summary (the best
     trial, the counts, the files; with `final`, the best recipe's reproduce on the folds' test perturbations).
     """
     config = checked(config)
-    from tahoe_ft.sweep import run_sweep
+    from tahoe_ft.search import run_sweep
 
     return run_sweep(config)
 

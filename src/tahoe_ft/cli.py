@@ -106,7 +106,7 @@ def _sweep(cfg, args: list[str]) -> None:
         chosen = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("sweep=")]
         if chosen:
             cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(space, name=chosen[-1]))
-    from tahoe_ft.sweep.outputs import console_report
+    from tahoe_ft.search.outputs import console_report
 
     print(console_report(api.sweep(cfg)))  # a short table; the whole summary is in sweep.json
 

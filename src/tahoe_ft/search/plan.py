@@ -1,7 +1,7 @@
 """A sweep checked before anything is written: the space's rounds, overrides and parameters (every round
 composed with both ends of every range and every choice, as `config.compose_round` composes what a trial
 trains), each round's parent, the storage URL and the study's settings. `make_plan` raises `UserError` for any
-bad input; only then does `tahoe_ft.sweep.study` create the sweep folder and the study.
+bad input; only then does `tahoe_ft.search.study` create the sweep folder and the study.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from tahoe_ft.config import SweepConfig, SweepObjective, TrainConfig, compose_round, experiments
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import RUN_REF, resolve_ref
+from tahoe_ft.search.space import Param, flatten, override, parse_param
 from tahoe_ft.study.reproduce import BASE, check_regime, experiment_name
-from tahoe_ft.sweep.space import Param, flatten, override, parse_param
 
 # keys a trial's round gets from the sweep itself; neither a parameter nor a fixed override may set them
 RESERVED = {"experiment", "runs_dir", "run_dir", "seed", "step_scale", "resume", "init_from", "pretrained"}
@@ -151,7 +151,7 @@ def make_plan(cfg: SweepConfig) -> SweepPlan:
     sweep_dir = Path(cfg.runs_dir) / "sweeps" / name
     plan = SweepPlan(cfg, name, where, rounds, params, overrides, sweep_dir=sweep_dir)
     _check_rounds(plan)
-    from tahoe_ft.sweep.storage import check_storage, default_url
+    from tahoe_ft.search.storage import check_storage, default_url
 
     plan.default_storage = cfg.storage is None
     plan.storage_url = cfg.storage or default_url(sweep_dir)

@@ -1,7 +1,7 @@
 """A search space's parameters: `float(lo, hi)`, `logfloat(lo, hi)`, `int(lo, hi[, step])`, `choice(a, b, ...)`
 parsed into `Param`s (Optuna distributions), and any value written back as a Hydra override (`key=value`).
 
-Nothing here composes or trains: `tahoe_ft.sweep.plan` checks each key against the rounds' configs.
+Nothing here composes or trains: `tahoe_ft.search.plan` checks each key against the rounds' configs.
 """
 
 from __future__ import annotations

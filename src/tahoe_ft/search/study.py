@@ -17,12 +17,12 @@ from typing import Any
 from tahoe_ft.config import PrunerName, ReproduceConfig, SweepConfig, checked
 from tahoe_ft.errors import UserError
 from tahoe_ft.runs import write_json_atomic
-from tahoe_ft.sweep.outputs import train_command, write_outputs
-from tahoe_ft.sweep.pins import base_change, base_pin, data_change, data_pin
-from tahoe_ft.sweep.plan import SweepPlan, make_plan
-from tahoe_ft.sweep.space import override
-from tahoe_ft.sweep.storage import fail_dead_trials, open_storage
-from tahoe_ft.sweep.trial import Objective, SweepStopped
+from tahoe_ft.search.outputs import train_command, write_outputs
+from tahoe_ft.search.pins import base_change, base_pin, data_change, data_pin
+from tahoe_ft.search.plan import SweepPlan, make_plan
+from tahoe_ft.search.space import override
+from tahoe_ft.search.storage import fail_dead_trials, open_storage
+from tahoe_ft.search.trial import Objective, SweepStopped
 
 log = logging.getLogger(__name__)
 

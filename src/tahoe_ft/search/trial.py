@@ -24,9 +24,9 @@ import torch
 
 from tahoe_ft.config import DataConfig, EvalConfig, PredictConfig, Split, SweepObjective, compose_round
 from tahoe_ft.runs import read_run_info, update_run_info
+from tahoe_ft.search.plan import SweepPlan
+from tahoe_ft.search.storage import mark_process
 from tahoe_ft.study.reproduce import fold_data as _split_by_toml
-from tahoe_ft.sweep.plan import SweepPlan
-from tahoe_ft.sweep.storage import mark_process
 from tahoe_ft.training.callbacks import checked_val_loss
 
 log = logging.getLogger(__name__)

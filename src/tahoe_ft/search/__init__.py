@@ -1,5 +1,6 @@
 """`tahoe-ft sweep`: a recipe search on validation folds with Optuna, pruned from the validation losses a
-trial logs, in a resumable study (`run_sweep`: what `tahoe_ft.api.sweep(SweepConfig)` and the CLI call).
+trial logs, in a resumable study (`run_sweep`: what `tahoe_ft.sweep(SweepConfig)` and the CLI call). The
+package is `tahoe_ft.search` so that `tahoe_ft.sweep` is the API function, as every command's is.
 
     tahoe-ft sweep +sweep=genespace n_trials=20 folds=4 [storage=URL objective=val_loss|val_score final=true
                    pruner=median|halving|none runs_dir=... data=... seed=... "train_overrides=['logger=csv']"]
@@ -39,7 +40,7 @@ again continues it: `n_trials` is the total of finished (complete + pruned) tria
 killed process of this host is marked FAIL (and not counted), one of another host once its heartbeat stops.
 Several processes, on one machine or many, with the same `storage=` URL share the study (Optuna's distributed
 mode; a worker may finish one trial past `n_trials`). At the end the folder has `trials.csv`, `best.yaml` (an
-experiment file: `tahoe_ft.sweep.outputs`), `history.png`, `importances.png`, `slice.png` and `sweep.json`.
+experiment file: `tahoe_ft.search.outputs`), `history.png`, `importances.png`, `slice.png` and `sweep.json`.
 
 Modules: `space` (the grammar), `plan` (every check before a write), `storage` (the database, dead trials),
 `trial` (one trial; the pruning callback), `outputs` (trials.csv, best.yaml, plots), `study` (`run_sweep`).
@@ -50,7 +51,7 @@ from __future__ import annotations
 __all__ = ["run_sweep"]
 
 
-def run_sweep(cfg):  # noqa: ANN001, ANN201 - re-exported lazily: `import tahoe_ft.sweep` stays light
-    from tahoe_ft.sweep.study import run_sweep as _run
+def run_sweep(cfg):  # noqa: ANN001, ANN201 - re-exported lazily: `import tahoe_ft.search` stays light
+    from tahoe_ft.search.study import run_sweep as _run
 
     return _run(cfg)

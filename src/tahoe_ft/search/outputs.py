@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from tahoe_ft.config import DataConfig, config_dir
 from tahoe_ft.fileio import atomic_path, atomic_write_text
-from tahoe_ft.sweep.plan import SweepPlan
-from tahoe_ft.sweep.space import override
+from tahoe_ft.search.plan import SweepPlan
+from tahoe_ft.search.space import override
 
 log = logging.getLogger(__name__)
 
