@@ -107,9 +107,10 @@ def test_outside_files_get_the_panel_and_the_ceiling_through_the_cli(files, scor
 
 def test_split_toml_route_gives_the_panel_of_the_filtered_train_file(files, scored):
     """train=<whole screen> split_toml=<its TOML>: the same training cells, so the same panel."""
-    from tahoe_ft.evaluation.run import Labels, read_training_cells
+    from tahoe_ft.data.labels import ScreenLabels
+    from tahoe_ft.evaluation.run import read_training_cells
 
-    labels = Labels(PC, CTRL, CT)
+    labels = ScreenLabels(PC, CTRL, CT)
     genes = list(ad.read_h5ad(files["real"], backed="r").var_names)
     held = {(ct, p) for ct in ("CT0", "CT1") for p in files["test"]}
     common = dict(labels=labels, celltype_col=CT, genes=genes, held_out=held, max_per_group=15)

@@ -197,10 +197,9 @@ def test_the_prior_is_fitted_group_by_group_to_the_same_bits_as_the_panels_fit(t
     densifying every training cell (2.9 GB in float64 at 20,000 x 18,080)."""
     from conftest_train import TINY_DEMO
     from tahoe_ft.config import EvalConfig, compose
-    from tahoe_ft.data import CellCatalog
+    from tahoe_ft.data import CellCatalog, ScreenLabels
     from tahoe_ft.datasets import ensure_files
     from tahoe_ft.evaluation.baselines import (
-        _Labels,
         _Training,
         fit_feature_ridge_on_cells,
         fit_feature_ridge_on_means,
@@ -212,7 +211,7 @@ def test_the_prior_is_fitted_group_by_group_to_the_same_bits_as_the_panels_fit(t
     n = 5  # fewer than most groups have: the draw matters
     cells = cat.training_cells(n, seed=3)
     means = cat.training_group_means(n, seed=3)
-    tr = _Training(cells, _Labels(cat.pert_col, cat.control_pert, cat.cell_type_col), cat.gene_names)
+    tr = _Training(cells, ScreenLabels(cat.pert_col, cat.control_pert, cat.cell_type_col), cat.gene_names)
     assert sorted(means) == sorted(tr.mean) and len(means) > len(cat.cell_types)
     for key, m in means.items():
         assert m.dtype == np.float64 and np.array_equal(m, tr.mean[key]), key

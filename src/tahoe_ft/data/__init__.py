@@ -2,6 +2,7 @@
 
 | module | what it is |
 |---|---|
+| `labels` | `ScreenLabels`: the label columns (perturbation, control, cell type, batch) and their defaults |
 | `h5screen` | `H5Screen`: one `.h5ad` read with h5py in row blocks (CSR or dense `X`, `obsm`) |
 | `checks` | value checks on open (NaN/Inf, negatives, counts vs log1p, embeddings) |
 | `inputs` | side inputs: gene list, perturbation features (-> the pert matrix), split TOML |
@@ -16,19 +17,52 @@ Predict, eval and `tahoe-ft check` read cells through `CellCatalog`; only traini
 Row ids that leave this package are *global*: the files in `data_paths` order, concatenated.
 """
 
-from tahoe_ft.data.catalog import CellCatalog, GroupKey
-from tahoe_ft.data.dataset import Batch, SetDataset, identity_collate
-from tahoe_ft.data.h5screen import H5Screen
-from tahoe_ft.data.inputs import (
-    SplitToml,
-    build_pert_matrix,
-    load_pert_features,
-    parse_split_toml,
-    read_gene_list,
-)
-from tahoe_ft.data.manifest import Manifest
-from tahoe_ft.data.sampler import Groups, Pools, SetDescriptor, SetPlan
-from tahoe_ft.data.splits import SPLIT_BITS, TEST, TRAIN, VAL
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tahoe_ft.data.catalog import CellCatalog, GroupKey
+    from tahoe_ft.data.datamodule import PerturbationDataModule
+    from tahoe_ft.data.dataset import Batch, SetDataset, identity_collate
+    from tahoe_ft.data.h5screen import H5Screen
+    from tahoe_ft.data.inputs import (
+        SplitToml,
+        build_pert_matrix,
+        load_pert_features,
+        parse_split_toml,
+        read_gene_list,
+    )
+    from tahoe_ft.data.labels import ScreenLabels
+    from tahoe_ft.data.manifest import Manifest
+    from tahoe_ft.data.sampler import Groups, Pools, SetDescriptor, SetPlan
+    from tahoe_ft.data.splits import SPLIT_BITS, TEST, TRAIN, VAL
+
+# each name from its module on first use: `tahoe_ft.data.labels` (what config.py reads) and the light modules
+# load without torch; the data module imports Lightning (~10 s on a loaded box), which predict, eval and
+# check never need
+_HOME = {
+    "CellCatalog": "catalog",
+    "GroupKey": "catalog",
+    "PerturbationDataModule": "datamodule",
+    "Batch": "dataset",
+    "SetDataset": "dataset",
+    "identity_collate": "dataset",
+    "H5Screen": "h5screen",
+    "SplitToml": "inputs",
+    "build_pert_matrix": "inputs",
+    "load_pert_features": "inputs",
+    "parse_split_toml": "inputs",
+    "read_gene_list": "inputs",
+    "ScreenLabels": "labels",
+    "Manifest": "manifest",
+    "Groups": "sampler",
+    "Pools": "sampler",
+    "SetDescriptor": "sampler",
+    "SetPlan": "sampler",
+    "SPLIT_BITS": "splits",
+    "TEST": "splits",
+    "TRAIN": "splits",
+    "VAL": "splits",
+}
 
 __all__ = [
     "SPLIT_BITS",
@@ -46,6 +80,7 @@ __all__ = [
     "SetDataset",
     "SetDescriptor",
     "SetPlan",
+    "ScreenLabels",
     "SplitToml",
     "build_pert_matrix",
     "identity_collate",
@@ -56,9 +91,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # the data module imports Lightning (~10 s on a loaded box); predict, eval and check never need it
-    if name == "PerturbationDataModule":
-        from tahoe_ft.data.datamodule import PerturbationDataModule
+    if name in _HOME:
+        import importlib
 
-        return PerturbationDataModule
+        return getattr(importlib.import_module(f"tahoe_ft.data.{_HOME[name]}"), name)
     raise AttributeError(f"module 'tahoe_ft.data' has no attribute {name!r}")

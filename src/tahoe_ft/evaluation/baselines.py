@@ -50,6 +50,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.feature_ridge import FeatureRidge, fit_on_groups
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,6 @@ class Panel:
     partial: dict[str, tuple[ad.AnnData, list[tuple[str, str]]]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Labels:
-    pert_col: str
-    control_pert: str
-    celltype_col: str | None
-
-
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
 
@@ -99,12 +93,12 @@ def _dense(x) -> np.ndarray:
 class _Training:
     """Group means of the training cells: `mean[(ct, pert)]` (log1p), `ctrl[ct]`, linear-scale control means."""
 
-    def __init__(self, train: ad.AnnData, lab: _Labels, genes: list[str]):
+    def __init__(self, train: ad.AnnData, lab: ScreenLabels, genes: list[str]):
         x = train.X  # float64 group by group, never the whole matrix at once (2.9 GB at 20,000 x 18,080)
         perts = train.obs[lab.pert_col].astype(str).to_numpy()
         cts = (
-            train.obs[lab.celltype_col].astype(str).to_numpy()
-            if lab.celltype_col
+            train.obs[lab.cell_type_col].astype(str).to_numpy()
+            if lab.cell_type_col
             else np.full(len(perts), "")
         )
         self.mean: dict[tuple[str, str], np.ndarray] = {}
@@ -146,7 +140,7 @@ def build_panel(
     """The panel's prediction files for the held-out groups of `real` (only its obs and controls are read);
     `features`: the round's perturbation features by name (for `feature_ridge`; None leaves it out)."""
     settings = settings or PanelSettings()
-    lab = _Labels(pert_col, control_pert, celltype_col)
+    lab = ScreenLabels(pert_col, control_pert, celltype_col)
     genes = [str(g) for g in real.var_names]
     tr = _Training(train, lab, genes)
     obs = real.obs.copy()
@@ -285,7 +279,7 @@ def fit_feature_ridge_on_cells(
     """The panel's `feature_ridge` fitted on training cells `train` (what `CellCatalog.training_cells` gives):
     the same fit as the panel's on the same cells, so a model's feature prior starts where the baseline is."""
     genes = [str(g) for g in train.var_names]
-    return _fit_ridge(_Training(train, _Labels(pert_col, control_pert, celltype_col), genes), features)
+    return _fit_ridge(_Training(train, ScreenLabels(pert_col, control_pert, celltype_col), genes), features)
 
 
 def _cell_mean(tr: _Training, groups: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:

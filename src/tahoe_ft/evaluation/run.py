@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL, ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.inputs import preview
 from tahoe_ft.evaluation.logs import capture, verbose
@@ -50,9 +51,6 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "eval.log"  # in <run>/eval/
 STAGE_PREFIX = ".staging-"  # in <run>/eval/: an evaluation's tables until it is done
-# labels of files that no predict.json describes (cell-eval's and the VCC's defaults)
-DEFAULT_PERT_COL = "target_gene"
-DEFAULT_CONTROL_PERT = "non-targeting"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,15 +64,6 @@ class RunFiles:
     @property
     def eval_dir(self) -> Path:
         return self.run_dir / "eval"
-
-
-@dataclasses.dataclass(frozen=True)
-class Labels:
-    """The obs columns and control label of pred, real and train (`cell_type_col` None: no such column)."""
-
-    pert_col: str
-    control_pert: str
-    cell_type_col: str | None
 
 
 def resolve_files(config: EvalConfig) -> RunFiles:
@@ -101,7 +90,7 @@ def resolve_files(config: EvalConfig) -> RunFiles:
     return RunFiles(Path(run_dir), pred, real)
 
 
-def resolve_labels(config: EvalConfig, record: PredictRecord | None) -> Labels:
+def resolve_labels(config: EvalConfig, record: PredictRecord | None) -> ScreenLabels:
     """Each label: the config's key if set (it wins over predict.json), else predict.json's, else the
     default (`target_gene`, `non-targeting`, no cell-type column)."""
     out = {}
@@ -115,7 +104,7 @@ def resolve_labels(config: EvalConfig, record: PredictRecord | None) -> Labels:
         if given is not None and recorded is not None and given != recorded:
             log.info("%s=%s given; predict.json says %r (the given value is used)", key, given, recorded)
         out[key] = given if given is not None else recorded if recorded is not None else default
-    return Labels(**out)
+    return ScreenLabels(**out)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -312,7 +301,7 @@ class Prepared:
     """The checked inputs of one evaluation besides the two files: labels, the cell-type column it scores
     by, and the training cells and features given by key (None: the checkpoint's, if any)."""
 
-    labels: Labels
+    labels: ScreenLabels
     celltype_col: str | None
     train: ad.AnnData | None
     features: dict[str, np.ndarray] | None
@@ -362,7 +351,7 @@ def prepare(config: EvalConfig, files: RunFiles, record: PredictRecord | None) -
     return Prepared(labels, celltype_col, train, features, note)
 
 
-def _obs_file(path: Path, name: str, labels: Labels, celltype_col: str | None) -> H5Screen:
+def _obs_file(path: Path, name: str, labels: ScreenLabels, celltype_col: str | None) -> H5Screen:
     """`path` opened for its obs and var, its label columns and X's values checked (in blocks, as the data
     checks do: all of X when small, else an even sample of rows; `score_predictions` checks every value)."""
     from tahoe_ft.data.checks import FULL_CHECK_ELEMENTS, VALIDATE_ROWS
@@ -409,7 +398,7 @@ def _obs_file(path: Path, name: str, labels: Labels, celltype_col: str | None) -
     return screen
 
 
-def _check_pair(pred: H5Screen, real: H5Screen, labels: Labels) -> None:
+def _check_pair(pred: H5Screen, real: H5Screen, labels: ScreenLabels) -> None:
     """cell-eval's contract on pred and real (genes in order, the same perturbations, the control in both),
     checked on their obs and var only (`evaluation.inputs.check_pair`'s messages)."""
     import anndata as ad
@@ -445,7 +434,7 @@ def _labels_of(screen: H5Screen, name: str, key: str, col: str) -> np.ndarray:
 
 
 def _real_groups(
-    real: H5Screen, labels: Labels, celltype_col: str | None, pred: H5Screen | None = None
+    real: H5Screen, labels: ScreenLabels, celltype_col: str | None, pred: H5Screen | None = None
 ) -> set[tuple[str, str]]:
     """The held-out (cell type, perturbation) groups of real (cell type "" without `celltype_col`); its
     control label checked (against `pred`'s, to tell a wrong label from control cells that real lacks)."""
@@ -477,7 +466,7 @@ def _real_groups(
 def read_training_cells(
     path: str | Path,
     *,
-    labels: Labels,
+    labels: ScreenLabels,
     celltype_col: str | None,
     genes: list[str],
     held_out: set[tuple[str, str]],
@@ -808,7 +797,7 @@ def _round_on_partial(
     return out
 
 
-def _relabelled(train: ad.AnnData, cat: Any, labels: Labels) -> ad.AnnData:
+def _relabelled(train: ad.AnnData, cat: Any, labels: ScreenLabels) -> ad.AnnData:
     """The checkpoint's training cells (`cat`: its `CellCatalog`) under the labels given by key, where they
     differ from its data's (pred and real carry those)."""
     pc = cat.pert_col

@@ -29,6 +29,7 @@ import anndata as ad
 import numpy as np
 import polars as pl
 
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.de_cache import DECache, content_sha256, link_or_copy
 from tahoe_ft.evaluation.inputs import EvalInput, celltype_parts, check_pair, one_line, read_inputs, sanitize
@@ -428,8 +429,8 @@ def score_predictions(
     train: ad.AnnData | str | os.PathLike | None,
     outdir: str | os.PathLike,
     *,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str = DEFAULT_PERT_COL,
+    control_pert: str = DEFAULT_CONTROL_PERT,
     profile: str = "vcc",
     num_threads: int = 2,
     celltype_col: str | None = None,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.inputs import one_line, read_input
 from tahoe_ft.fileio import atomic_path
@@ -22,8 +23,8 @@ def prep_submission(
     gene_list_csv: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str = DEFAULT_PERT_COL,
+    control_pert: str = DEFAULT_CONTROL_PERT,
     celltype_col: str | None = None,
 ) -> Path:
     """Pack predictions for the Virtual Cell Challenge with cell-eval's `prep` (a tar of pred.h5ad.zst).

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.counts import check_counts
 
@@ -34,9 +35,9 @@ log = logging.getLogger(__name__)
 
 CELLS_PER_PERT = 400  # vcc-cli 0.3.0's EXPECTED_CELLS_PER_PERT
 MIN_CELLS = 10  # fewer predicted cells than this: refused rather than copied up to 400
-PERT_COL = "target_gene"  # the column names vcc-cli reads
+PERT_COL = DEFAULT_PERT_COL  # the column names vcc-cli reads (the VCC's labels)
 CONTEXT_COL = "context"
-CONTROL = "non-targeting"
+CONTROL = DEFAULT_CONTROL_PERT
 
 
 def check_genes(var_names, genes: list[str], where: str) -> None:
