@@ -1,11 +1,14 @@
 """tahoe-ft: fine-tune the State Transition model (ST-Tahoe) on a perturbation screen and score it with cell-eval.
 
-Python API (what the CLI calls; typed arguments, see `tahoe_ft.api` and `tahoe_ft.config`):
+Python API (what the CLI calls): every command `tahoe-ft NAME` is the function `tahoe_ft.NAME` (`export-state`:
+`tahoe_ft.export_state`; `eval`: `tahoe_ft.evaluate`, also `tahoe_ft.eval`), taking the command's config dataclass
+from `tahoe_ft.config` (`tahoe_ft.commands` is the table; `tahoe_ft.api` the functions):
 
     import tahoe_ft
+    from tahoe_ft.config import EvalConfig, PredictConfig
     run_dir = tahoe_ft.train(tahoe_ft.compose("train", ["+experiment=0906"]))
-    tahoe_ft.predict(tahoe_ft.compose("predict", [f"run_dir={run_dir}"]))   # or a config.PredictConfig
-    score = tahoe_ft.evaluate(run_dir)
+    tahoe_ft.predict(PredictConfig(run_dir=str(run_dir)))   # or tahoe_ft.compose("predict", [f"run_dir={run_dir}"])
+    score = tahoe_ft.evaluate(EvalConfig(run_dir=str(run_dir)))   # a tahoe_ft.evaluation.Score
     ckpt = tahoe_ft.load_checkpoint(run_dir / "checkpoints" / "best-val.pt")   # a LoadedCheckpoint
     out = ckpt.model(batch, padded=True)   # eval mode; batch: upstream keys pert_emb, ctrl_cell_emb (, batch)
     ckpt.manifest, ckpt.step, ckpt.val_loss   # what the file records beside the weights
@@ -24,29 +27,18 @@ from typing import Any
 # minor page faults without it and 0.30 M with it (BENCHMARKS.md). A value the user set is kept.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from tahoe_ft.commands import ALIASES, API
 from tahoe_ft.errors import UserError
 
 __version__ = "0.1.0"
 
-_API = (
-    "train",
-    "predict",
-    "evaluate",
-    "compare",
-    "reproduce",
-    "export",
-    "check",
-    "load_checkpoint",
-    "compose",
-    "export_state",
-)
-
-__all__ = ["UserError", "__version__", *_API]
+__all__ = ["UserError", "__version__", *API]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _API:
+    # a command's function (`tahoe_ft.train`), also under the command's own name (`tahoe_ft.eval`), from api.py
+    if name in API or name in ALIASES:
         from tahoe_ft import api
 
-        return getattr(api, name)
+        return getattr(api, ALIASES.get(name, name))
     raise AttributeError(f"module 'tahoe_ft' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 functions and prints what they return; `reproduce` and the tests call them too.
 
     import tahoe_ft
-    from tahoe_ft.config import DataConfig, EvalConfig, PredictConfig, TrainConfig
+    from tahoe_ft.config import CompareConfig, DataConfig, EvalConfig, PredictConfig, TrainConfig
     cfg = tahoe_ft.compose("train", ["+experiment=0906"])      # a round's experiment file, as the CLI does
     cfg = TrainConfig(data=DataConfig(path="screen.h5ad", test_perts=["STAT1"]), init_from=None)  # or by hand
     run_dir = tahoe_ft.train(cfg)
@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tahoe_ft.commands import API
 from tahoe_ft.config import (
     CheckConfig,
     CompareConfig,
@@ -34,7 +35,7 @@ from tahoe_ft.config import (
     SweepConfig,
     TrainConfig,
     checked,
-    compose,
+    compose,  # noqa: F401 - an API function (commands.API_EXTRAS), re-exported
 )
 from tahoe_ft.errors import UserError
 
@@ -44,20 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "check",
-    "compare",
-    "compose",
-    "demo_check",
-    "evaluate",
-    "export",
-    "export_state",
-    "load_checkpoint",
-    "predict",
-    "reproduce",
-    "sweep",
-    "train",
-]
+# every command's function and the two that are no command (`load_checkpoint`, `compose`): the command table
+__all__ = list(API)
 
 
 def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:

@@ -1,5 +1,6 @@
 """`tahoe-ft SUBCOMMAND [overrides]`: compose `configs/<subcommand>.yaml` (Hydra), map the typed config onto the
-Python API (`tahoe_ft.api`), print the result. Nothing else happens here.
+Python API (`tahoe_ft.api`), print the result (each command's printer: the command table, `tahoe_ft.commands`).
+Nothing else happens here.
 
     tahoe-ft train +experiment=0906 trainer.max_steps=200
     tahoe-ft train -m +experiment=0905 optim.lr=1e-4,3e-4     (a Hydra sweep)
@@ -13,141 +14,25 @@ HYDRA_FULL_ERROR=1) for the traceback.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from tahoe_ft import commands
 from tahoe_ft.errors import UserError
 
-USAGE = """usage: tahoe-ft {train,predict,eval,compare,reproduce,sweep,export,export-state,check,demo-check} [key=value ...]
-
-  train      train one round:            tahoe-ft train +experiment=0906
-  predict    predict held-out perts:     tahoe-ft predict ckpt=best-val.pt
-  eval       score with cell-eval:       tahoe-ft eval
-  compare    all evaluated runs:         tahoe-ft compare
-  reproduce  the whole case study:       tahoe-ft reproduce
-  sweep      recipe search (Optuna):     tahoe-ft sweep +sweep=genespace n_trials=20 folds=4
-  export     a VCC submission (.vcc):    tahoe-ft export exp=0908
-             the 2026 upload file:       tahoe-ft export exp=0908 format=vcc2026  (after predict output=counts)
-  export-state  an upstream run folder:  tahoe-ft export-state exp=0908 out=st_0908
-  check      validate a data set:        tahoe-ft check data=custom data.path=screen.h5ad
-  demo-check oracles on the demo data:   tahoe-ft demo-check seeds=[0,1,2]
-
-Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908; defaults-best (the Papalexi sweep's 0905).
+USAGE = commands.usage(
+    """Rounds (configs/experiment/): pretrain 0826 0901 0905 0906 0907 0907aux 0908; defaults-best (the Papalexi sweep's 0905).
 Any config value can be overridden (key=value, +key=value); -m runs a sweep; --cfg job prints the config."""
+)
 
 HYDRA_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--info", "--help", "-h", "--resolve", "--package", "-p"}
 
 
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, default=str))
-
-
-def _train(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-    from tahoe_ft.runs import read_run_info
-
-    run_dir = api.train(cfg)
-    info = read_run_info(run_dir)
-    _print(
-        {
-            "run_dir": str(run_dir),
-            "best_val_loss": info.get("best_val_loss"),
-            "best_step": info.get("best_step"),
-        }
-    )
-
-
-def _predict(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    _print({"run_dir": str(api.predict(cfg))})
-
-
-def _eval(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-    from tahoe_ft.evaluation.logs import quiet_console
-    from tahoe_ft.evaluation.report import score_table
-    from tahoe_ft.evaluation.run import resolve_files
-    from tahoe_ft.runs import PredictRecord
-
-    files = resolve_files(cfg)  # the run, once: the table names its score.json
-    with quiet_console(cfg.verbose):  # the libraries' logs go to <run>/eval/eval.log (verbose=true: here too)
-        score = api.evaluate(dataclasses.replace(cfg, run_dir=str(files.run_dir)))
-    eval_dir = files.eval_dir
-    # a run's prediction is named by its round; files from elsewhere by the prediction's file name
-    ours = PredictRecord.read(files.run_dir) is not None
-    label = f"round ({files.run_dir.parent.name})" if ours else files.pred.name
-    print(score_table(score, eval_dir / "score.json", label=label))
-    print(f"log: {eval_dir / 'eval.log'}")
-
-
-def _compare(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    api.compare(cfg)
-
-
-def _reproduce(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    _print(api.reproduce(cfg))  # every round trains on cfg.data (data=..., data.*, paths.*)
-
-
-def _sweep(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    space = cfg.sweep
-    if space is not None and not space.name:  # the study is named after its space file (+sweep=NAME)
-        chosen = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("sweep=")]
-        if chosen:
-            cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(space, name=chosen[-1]))
-    from tahoe_ft.search.outputs import console_report
-
-    print(console_report(api.sweep(cfg)))  # a short table; the whole summary is in sweep.json
-
-
-def _export(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    _print({"submission": str(api.export(cfg))})
-
-
-def _export_state(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    _print({"run_folder": str(api.export_state(cfg))})
-
-
-def _check(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-
-    print(json.dumps(api.check(cfg), indent=2))
-
-
-def _demo_check(cfg, args: list[str]) -> None:
-    from tahoe_ft import api
-    from tahoe_ft.datasets.demo_check import report
-
-    print(report(api.demo_check(cfg)))
-
-
-COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {
-    "train": _train,
-    "predict": _predict,
-    "eval": _eval,
-    "compare": _compare,
-    "reproduce": _reproduce,
-    "sweep": _sweep,
-    "export": _export,
-    "export-state": _export_state,
-    "check": _check,
-    "demo-check": _demo_check,
-}
+# `tahoe-ft NAME` -> its printer (which calls the API function): the command table, `tahoe_ft.commands`
+COMMANDS: dict[str, Callable[[Any, list[str]], None]] = {c.name: c.printer for c in commands.COMMANDS}
 
 
 def _debug() -> bool:

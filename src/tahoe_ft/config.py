@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tahoe_ft.commands import schemas
 from tahoe_ft.config_schema import (
     BackboneConfig,
     BasalMapping,
@@ -129,18 +130,7 @@ __all__ = [
     "validate",
 ]
 
-SCHEMAS: dict[str, type] = {
-    "train": TrainConfig,
-    "predict": PredictConfig,
-    "eval": EvalConfig,
-    "compare": CompareConfig,
-    "reproduce": ReproduceConfig,
-    "export": ExportConfig,
-    "export-state": ExportStateConfig,
-    "check": CheckConfig,
-    "demo-check": DemoCheckConfig,
-    "sweep": SweepConfig,
-}
+SCHEMAS: dict[str, type] = schemas(globals())  # each command's config dataclass, by name: tahoe_ft.commands
 
 
 def config_dir() -> Path:
