@@ -4,8 +4,10 @@ YAML file restates a default; and the checks of values against it.
 The dataclasses below are the typed arguments of the Python API (`tahoe_ft.train(TrainConfig(...))`); a key with
 a fixed set of values is a StrEnum. `validate` merges a composed config into its schema: unknown keys (a typo in
 an experiment file or on the command line) and values of the wrong type raise `UserError` with the key's full
-path; `checked` does the same for a dataclass built in Python. Composing a command's config from `configs/` with
-Hydra is `tahoe_ft.config`'s job, and `tahoe_ft.config` re-exports every name here: it is the public import path.
+path; `checked` does the same for a dataclass built in Python. The `model.*` section (`ModelConfig`,
+`BackboneConfig`) is declared beside the model's hparams, in `tahoe_ft.model.hparams`, each option once.
+Composing a command's config from `configs/` with Hydra is `tahoe_ft.config`'s job, and `tahoe_ft.config`
+re-exports every name here: it is the public import path.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tahoe_ft.datasets.spec import DemoSpec
 from tahoe_ft.errors import UserError
+from tahoe_ft.model.hparams import BackboneConfig as BackboneConfig  # model.backbone (re-exported)
+from tahoe_ft.model.hparams import ModelConfig
 
 T = TypeVar("T")
 
@@ -168,47 +172,6 @@ class EncoderConfig:
     embed_key: str | None = None
     output_space: str = "all"
     decoder: DecoderConfig | None = None
-
-
-@dataclass
-class BackboneConfig:
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    head_dim: int = 16
-    intermediate_size: int = 192
-    rms_norm_eps: float = 1e-6
-    attention_dropout: float = 0.0
-
-
-@dataclass
-class ModelConfig:
-    hidden_dim: int = 64
-    cell_set_len: int = 32
-    n_encoder_layers: int = 4
-    n_decoder_layers: int = 4
-    dropout: float = 0.1
-    activation: str = "gelu"
-    predict_residual: bool = True
-    use_basal_projection: bool = True
-    # a skip path around final_down_then_up, so a freshly initialised head starts at "no change" (its prediction
-    # is the basal cells at step 0). tahoe-ft only: upstream's head has no skip (false = upstream's function,
-    # needed to export a model to upstream state); a head loaded from a parent keeps the parent's choice
-    head_skip: bool = True
-    # a learned knock-down of each perturbation's target gene (genetic screens whose perturbations are named
-    # after measured genes): out[target] = log1p(r * expm1(out[target])), r starting at the training cells'
-    # median knock-down. Gene-space rounds only (an embedding round has no target-gene output: ignored there);
-    # tahoe-ft only (export-state refuses it)
-    target_knockdown: bool = False
-    # a fixed linear prior in gene space: the baseline panel's feature ridge (perturbation features + cell type
-    # -> pseudobulk effect, fitted on the training groups) is added to the head's output, whose last layers
-    # start at zero, so the model predicts the ridge at step 0 and fine-tunes its residual. Fitted by the first
-    # gene-space round of a chain, kept by the rounds after it; gene-space rounds with the head skip path only;
-    # tahoe-ft only (export-state refuses it). Chosen on the demo's validation perturbations (docs/results.md
-    # "Fine-tuning against a ridge on its own inputs"); false = the study's head
-    feature_prior: bool = True
-    batch_encoder: bool = False
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The State Transition (ST) perturbation model, reimplemented without `transformers` or Lightning.
 
-One file on purpose (~600 lines): like nanoGPT's model.py it reads top to bottom, from RMSNorm to the gene
-decoder, with upstream's parameter names at every layer; splitting it would scatter the one function the
-parity tests pin against upstream.
+One file on purpose (~520 lines): like nanoGPT's model.py it reads top to bottom, from RMSNorm through the
+backbone, the MLPs and the gene decoder to the model, with upstream's parameter names at every layer; splitting
+it would scatter the one function the parity tests pin against upstream. What it is built from (the hparams
+dict: every model option, its default and its checks) is `model/hparams.py`.
 
 Computes the same function as upstream `state.tx.models.state_transition.StateTransitionPerturbationModel`
 with the Llama backbone in bidirectional mode (0.9.x on transformers <= 4.52, or 0.11.x with
@@ -29,17 +30,21 @@ checkpoint importer drops it.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tahoe_ft.errors import UserError
+from tahoe_ft.model.hparams import (
+    ACTIVATIONS,
+    HparamsError,
+    LlamaConfig,
+    MissingHparamError,
+    resolve_hparams,
+)
 
 # Top-level parameter groups, in upstream state_dict order.
 MODULE_GROUPS = (
@@ -64,316 +69,7 @@ def module_of(param_name: str) -> str:
 
 
 # -----------------------------------------------------------------------------------------------------
-# hparams
-
-
-class HparamsError(UserError, ValueError):
-    """The model hparams dict is invalid (bad value or type)."""
-
-
-class MissingHparamError(HparamsError, KeyError):
-    """A required model hparam is missing (a `KeyError` and a `ValueError`)."""
-
-    __str__ = Exception.__str__  # KeyError would quote the message
-
-
-# Keys that must be present: they change the architecture or the function computed.
-REQUIRED_HPARAMS = (
-    "input_dim",
-    "output_dim",
-    "pert_dim",
-    "hidden_dim",
-    "n_encoder_layers",
-    "n_decoder_layers",
-    "predict_residual",
-    "output_space",
-    "embed_key",
-    "cell_set_len",
-    "transformer_backbone_key",
-    "transformer_backbone_kwargs",
-)
-
-# Required keys that are sizes: positive ints.
-POSITIVE_INT_HPARAMS = (
-    "input_dim",
-    "output_dim",
-    "pert_dim",
-    "hidden_dim",
-    "n_encoder_layers",
-    "n_decoder_layers",
-    "cell_set_len",
-)
-
-# Keys with upstream's defaults (filled in, so the stored hparams are always complete).
-OPTIONAL_HPARAMS: dict[str, Any] = {
-    "dropout": 0.1,  # upstream PerturbationModel default
-    "activation": "gelu",
-    "use_basal_projection": True,  # upstream default when the key is absent
-    "decoder_cfg": None,
-    "batch_encoder": False,
-    "batch_dim": None,
-    "gene_dim": None,  # informational (decoder width); the decoder itself is built from decoder_cfg
-    # tahoe-ft only (upstream has no such path; False = upstream's function): a skip path around
-    # final_down_then_up, whose last layer and project_out's start at zero, so a fresh gene-space head
-    # predicts the basal cells unchanged at step 0 instead of squeezing them through a D/8 bottleneck
-    "head_skip": False,
-    # tahoe-ft only: width of an auxiliary head that predicts each cell's embedding (e.g. SE600M X_state)
-    # from the backbone's hidden state, for the auxiliary loss (loss.aux_key); None = no such head. Training
-    # only: predictions never use it, and export-state drops it.
-    "aux_dim": None,
-    # tahoe-ft only: the initial knock-down ratio of a path that scales each cell's target-gene expression
-    # (linear scale) by a learned ratio, for genetic screens whose targets are measured genes
-    # (model.target_knockdown; the baseline panel's target_knockdown, learned); None = no such path
-    "target_knockdown": None,
-    # tahoe-ft only: the number of cell types of a fixed linear prior in gene space (`FeaturePrior`: the
-    # feature ridge of the baseline panel, fitted on the training groups) that the head's output is added to,
-    # so the model fine-tunes the residual of the ridge; None = no prior
-    "feature_prior": None,
-}
-
-OUTPUT_SPACES = ("all", "gene", "embedding")
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-}
-
-
-def _to_plain(value: Any, where: str) -> Any:
-    """Deep-copy `value` into plain python types (dict, list, str, int, float, bool, None)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, Sequence):
-        return [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
-        return value.item()
-    raise HparamsError(f"model hparam {where} has unsupported type {type(value).__name__}; use plain values")
-
-
-def resolve_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate `hparams` and return a complete plain-python copy with upstream defaults filled in."""
-    hp = _to_plain(hparams, "hparams")
-    if not isinstance(hp, dict):
-        raise HparamsError("model hparams must be a mapping")
-    for key in REQUIRED_HPARAMS:
-        if key not in hp:
-            raise MissingHparamError(f"model hparams are missing required key {key!r}")
-    unknown = sorted(set(hp) - set(REQUIRED_HPARAMS) - set(OPTIONAL_HPARAMS))
-    if unknown:
-        raise HparamsError(
-            f"unknown model hparams {unknown}; allowed: {sorted(REQUIRED_HPARAMS + tuple(OPTIONAL_HPARAMS))}"
-        )
-    for key, default in OPTIONAL_HPARAMS.items():
-        hp.setdefault(key, copy.deepcopy(default))
-
-    for key in POSITIVE_INT_HPARAMS:
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
-            raise HparamsError(f"model hparam {key!r} must be a positive int, got {hp[key]!r}")
-    if hp["output_space"] not in OUTPUT_SPACES:
-        raise HparamsError(
-            f"model hparam 'output_space' must be one of {OUTPUT_SPACES}, got {hp['output_space']!r}"
-        )
-    if str(hp["activation"]).lower() not in ACTIVATIONS:
-        raise HparamsError(
-            f"model hparam 'activation' must be one of {sorted(ACTIVATIONS)}, got {hp['activation']!r}"
-        )
-    if str(hp["transformer_backbone_key"]).lower() != "llama":
-        raise HparamsError(
-            f"transformer_backbone_key={hp['transformer_backbone_key']!r} is not supported; only 'llama' "
-            "(bidirectional, no positional encoding) is implemented"
-        )
-    if hp["predict_residual"] and hp["output_space"] == "all" and hp["input_dim"] != hp["output_dim"]:
-        raise HparamsError(
-            f"output_space='all' with predict_residual adds the basal input to the output, so input_dim "
-            f"({hp['input_dim']}) must equal output_dim ({hp['output_dim']})"
-        )
-    batch_dim = hp["batch_dim"]
-    if batch_dim is not None and (
-        not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 1
-    ):
-        raise HparamsError(
-            f"model hparam 'batch_dim' must be a positive int or None, got {hp['batch_dim']!r}"
-        )
-    LlamaConfig.from_kwargs(hp["transformer_backbone_kwargs"], hidden_dim=hp["hidden_dim"])  # validates
-    if hp["decoder_cfg"] is not None:
-        hp["decoder_cfg"] = _resolve_decoder_cfg(hp["decoder_cfg"])
-    return hp
-
-
-def _resolve_decoder_cfg(cfg: Any) -> dict[str, Any]:
-    """Validate a `decoder_cfg` (the kwargs of `LatentToGeneDecoder`) and fill upstream's defaults."""
-    if not isinstance(cfg, dict):
-        raise HparamsError(f"model hparam 'decoder_cfg' must be a mapping or None, got {cfg!r}")
-    for key in ("latent_dim", "gene_dim", "hidden_dims"):
-        if key not in cfg:
-            raise MissingHparamError(f"model hparam 'decoder_cfg' is missing required key {key!r}")
-    allowed = {"latent_dim", "gene_dim", "hidden_dims", "dropout", "residual_decoder"}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise HparamsError(
-            f"unknown keys {unknown} in model hparam 'decoder_cfg'; allowed: {sorted(allowed)}"
-        )
-    cfg = {"dropout": 0.1, "residual_decoder": False, **cfg}  # upstream LatentToGeneDecoder defaults
-    dims = cfg["hidden_dims"]
-    if cfg["residual_decoder"]:
-        for i in range(1, len(dims), 2):
-            if dims[i] != dims[i - 1]:
-                raise HparamsError(
-                    f"decoder_cfg.residual_decoder adds block {i - 1}'s output to block {i}'s, so "
-                    f"hidden_dims[{i - 1}] ({dims[i - 1]}) must equal hidden_dims[{i}] ({dims[i]})"
-                )
-    return cfg
-
-
-# -----------------------------------------------------------------------------------------------------
-# small building blocks
-
-
-def build_mlp(
-    in_dim: int,
-    out_dim: int,
-    hidden_dim: int,
-    n_layers: int,
-    dropout: float = 0.1,
-    activation: type[nn.Module] = nn.GELU,
-) -> nn.Sequential:
-    """Upstream's MLP: Linear layers at indices 0, 3, 6, ... separated by (activation, dropout).
-
-    n_layers == 1: `Sequential(Linear(in, out))`; otherwise
-    `[Linear(in,h), Act, Dropout] + (n-2) * [Linear(h,h), Act, Dropout] + [Linear(h,out)]`.
-    """
-    if n_layers == 1:
-        return nn.Sequential(nn.Linear(in_dim, out_dim))
-    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), activation(), nn.Dropout(dropout)]
-    for _ in range(n_layers - 2):
-        layers += [nn.Linear(hidden_dim, hidden_dim), activation(), nn.Dropout(dropout)]
-    layers.append(nn.Linear(hidden_dim, out_dim))
-    return nn.Sequential(*layers)
-
-
-class LatentToGeneDecoder(nn.Module):
-    """Maps latent cells [..., latent_dim] to non-negative gene expression [..., gene_dim] (upstream layout).
-
-    Non-residual: `decoder = Sequential(Linear, LayerNorm, GELU, Dropout, ..., Linear(->gene_dim), ReLU)`.
-    Residual: `blocks[i] = Sequential(Linear, LayerNorm, GELU, Dropout)`, `final_layer = Sequential(Linear, ReLU)`;
-    every odd block i adds the output of block i-1 (which is also its input) to its own output.
-    """
-
-    def __init__(
-        self,
-        latent_dim: int,
-        gene_dim: int,
-        hidden_dims: Sequence[int] = (512, 1024),
-        dropout: float = 0.1,
-        residual_decoder: bool = False,
-    ):
-        super().__init__()
-        self.residual_decoder = bool(residual_decoder)
-        if self.residual_decoder:
-            self.blocks = nn.ModuleList()
-            d = latent_dim
-            for h in hidden_dims:
-                self.blocks.append(
-                    nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout))
-                )
-                d = h
-            self.final_layer = nn.Sequential(nn.Linear(d, gene_dim), nn.ReLU())
-        else:
-            layers: list[nn.Module] = []
-            d = latent_dim
-            for h in hidden_dims:
-                layers += [nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)]
-                d = h
-            layers += [nn.Linear(d, gene_dim), nn.ReLU()]
-            self.decoder = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., latent_dim] -> [..., gene_dim]."""
-        if not self.residual_decoder:
-            return self.decoder(x)
-        outputs: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            y = block(x)
-            if i % 2 == 1:  # blocks 1, 3, 5, ... get a residual from blocks 0, 2, 4, ...
-                y = y + outputs[i - 1]
-            outputs.append(y)
-            x = y
-        return self.final_layer(x)
-
-
-# -----------------------------------------------------------------------------------------------------
-# bidirectional Llama backbone (HF Llama naming, no RoPE, no embeddings, no mask)
-
-# LlamaConfig fields we implement, and the values of other LlamaConfig fields we can honour.
-_LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-
-
-@dataclass
-class LlamaConfig:
-    """The Llama fields that matter for a bidirectional, position-free backbone."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float = 1e-6
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-
-    @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any], hidden_dim: int | None = None) -> LlamaConfig:
-        """Build from upstream's `transformer_backbone_kwargs`; keys that are not Llama fields are ignored.
-
-        Raises `HparamsError` for missing sizes, `bidirectional_attention: false` (we only implement the
-        bidirectional semantics), Llama options we do not implement, or hidden_size != hidden_dim.
-        """
-        if not isinstance(kwargs, Mapping):
-            raise HparamsError(
-                f"model hparam 'transformer_backbone_kwargs' must be a mapping, got {kwargs!r}"
-            )
-        where = "transformer_backbone_kwargs"
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if key not in kwargs:
-                raise MissingHparamError(f"model hparam {where} is missing required key {key!r}")
-        if "bidirectional_attention" in kwargs and not kwargs["bidirectional_attention"]:
-            raise HparamsError(
-                f"{where}.bidirectional_attention is false: upstream then runs a causal Llama with RoPE, "
-                "which tahoe-ft does not implement; set bidirectional_attention: true"
-            )
-        for key, ok in _LLAMA_FIXED.items():
-            if key in kwargs and kwargs[key] != ok:
-                raise HparamsError(f"{where}.{key}={kwargs[key]!r} is not supported (only {ok!r})")
-        heads = int(kwargs["num_attention_heads"])
-        hidden = int(kwargs["hidden_size"])
-        head_dim = kwargs.get("head_dim")
-        kv_heads = kwargs.get("num_key_value_heads")
-        cfg = cls(
-            hidden_size=hidden,
-            num_hidden_layers=int(kwargs["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=heads if kv_heads is None else int(kv_heads),
-            head_dim=hidden // heads if head_dim is None else int(head_dim),
-            intermediate_size=int(kwargs["intermediate_size"]),
-            rms_norm_eps=float(kwargs.get("rms_norm_eps", 1e-6)),
-            attention_dropout=float(kwargs.get("attention_dropout", 0.0)),
-            initializer_range=float(kwargs.get("initializer_range", 0.02)),
-        )
-        if cfg.num_attention_heads % cfg.num_key_value_heads != 0:
-            raise HparamsError(
-                f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-                f"({cfg.num_key_value_heads})"
-            )
-        if hidden_dim is not None and hidden != hidden_dim:
-            raise HparamsError(f"{where}.hidden_size ({hidden}) must equal hidden_dim ({hidden_dim})")
-        return cfg
+# bidirectional Llama backbone (HF Llama naming, no RoPE, no embeddings, no mask; sizes: `LlamaConfig`)
 
 
 class RMSNorm(nn.Module):
@@ -480,6 +176,82 @@ class LlamaBidirectional(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------
+# the encoders' and heads' MLP, and the gene decoder
+
+
+def build_mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden_dim: int,
+    n_layers: int,
+    dropout: float = 0.1,
+    activation: type[nn.Module] = nn.GELU,
+) -> nn.Sequential:
+    """Upstream's MLP: Linear layers at indices 0, 3, 6, ... separated by (activation, dropout).
+
+    n_layers == 1: `Sequential(Linear(in, out))`; otherwise
+    `[Linear(in,h), Act, Dropout] + (n-2) * [Linear(h,h), Act, Dropout] + [Linear(h,out)]`.
+    """
+    if n_layers == 1:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), activation(), nn.Dropout(dropout)]
+    for _ in range(n_layers - 2):
+        layers += [nn.Linear(hidden_dim, hidden_dim), activation(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class LatentToGeneDecoder(nn.Module):
+    """Maps latent cells [..., latent_dim] to non-negative gene expression [..., gene_dim] (upstream layout).
+
+    Non-residual: `decoder = Sequential(Linear, LayerNorm, GELU, Dropout, ..., Linear(->gene_dim), ReLU)`.
+    Residual: `blocks[i] = Sequential(Linear, LayerNorm, GELU, Dropout)`, `final_layer = Sequential(Linear, ReLU)`;
+    every odd block i adds the output of block i-1 (which is also its input) to its own output.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        gene_dim: int,
+        hidden_dims: Sequence[int] = (512, 1024),
+        dropout: float = 0.1,
+        residual_decoder: bool = False,
+    ):
+        super().__init__()
+        self.residual_decoder = bool(residual_decoder)
+        if self.residual_decoder:
+            self.blocks = nn.ModuleList()
+            d = latent_dim
+            for h in hidden_dims:
+                self.blocks.append(
+                    nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout))
+                )
+                d = h
+            self.final_layer = nn.Sequential(nn.Linear(d, gene_dim), nn.ReLU())
+        else:
+            layers: list[nn.Module] = []
+            d = latent_dim
+            for h in hidden_dims:
+                layers += [nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Dropout(dropout)]
+                d = h
+            layers += [nn.Linear(d, gene_dim), nn.ReLU()]
+            self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., latent_dim] -> [..., gene_dim]."""
+        if not self.residual_decoder:
+            return self.decoder(x)
+        outputs: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            y = block(x)
+            if i % 2 == 1:  # blocks 1, 3, 5, ... get a residual from blocks 0, 2, 4, ...
+                y = y + outputs[i - 1]
+            outputs.append(y)
+            x = y
+        return self.final_layer(x)
+
+
+# -----------------------------------------------------------------------------------------------------
 # the model
 
 
@@ -542,7 +314,7 @@ class StateTransitionModel(nn.Module):
     """Upstream's ST model (Llama, bidirectional) with upstream parameter names; see the module docstring."""
 
     def __init__(self, hparams: Mapping[str, Any]):
-        """Build from a plain hparams dict (see docs/design.md "Model hparams"); raises `HparamsError`."""
+        """Build from a plain hparams dict (`model/hparams.py`); raises `HparamsError`."""
         super().__init__()
         hp = resolve_hparams(hparams)
         self.hparams = hp
@@ -553,7 +325,7 @@ class StateTransitionModel(nn.Module):
         self.cell_set_len: int = hp["cell_set_len"]
         self.output_space: str = hp["output_space"]
         self.predict_residual = bool(hp["predict_residual"])
-        act = ACTIVATIONS[str(hp["activation"]).lower()]
+        act = getattr(nn, ACTIVATIONS[str(hp["activation"]).lower()])
         H, dropout = self.hidden_dim, float(hp["dropout"])
 
         # registered first: upstream builds it in the base class, so it leads the state_dict

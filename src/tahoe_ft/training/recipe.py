@@ -31,6 +31,7 @@ from tahoe_ft.lineage import (
     split_id,
     trained_groups,
 )
+from tahoe_ft.model.hparams import ARCH_HPARAMS, model_hparams
 from tahoe_ft.runs import RUN_REF, list_runs, newest_run, read_run_info, resolve_ref
 from tahoe_ft.training.callbacks import (
     CheckpointPolicy,
@@ -50,19 +51,6 @@ log = logging.getLogger(__name__)
 # never leaves its LR warmup and never validates again. The study's longest round is 50,000 steps.
 MAX_STEPS = 10_000_000
 MAX_STEP_SCALE = 1000.0
-
-# Architecture keys taken from the parent checkpoint (a backbone only transfers to the same architecture).
-ARCH_KEYS = (
-    "hidden_dim",
-    "n_encoder_layers",
-    "n_decoder_layers",
-    "activation",
-    "predict_residual",
-    "use_basal_projection",
-    "transformer_backbone_key",
-    "transformer_backbone_kwargs",
-    "head_skip",
-)
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> Path:
@@ -326,29 +314,15 @@ def _run_folder_of(checkpoint: Path) -> Path:
 def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
     """Model hparams: data-dependent widths from the data, architecture from the parent (or cfg.model)."""
     m = cfg.model
-    hp: dict[str, Any] = {
-        "hidden_dim": m.hidden_dim,
-        "n_encoder_layers": m.n_encoder_layers,
-        "n_decoder_layers": m.n_decoder_layers,
-        "activation": m.activation,
-        "predict_residual": m.predict_residual,
-        "use_basal_projection": m.use_basal_projection,
-        "head_skip": m.head_skip,
-        "transformer_backbone_key": "llama",
-        "transformer_backbone_kwargs": {
-            "hidden_size": m.hidden_dim,
-            **dataclasses.asdict(m.backbone),
-            "bidirectional_attention": True,
-        },
-    }
+    hp = model_hparams(m)  # the options copied as they are, and the backbone's (model/hparams.py)
     if parent is not None:
-        differs = [k for k in ARCH_KEYS if k in parent and parent[k] != hp[k]]
+        differs = [k for k in ARCH_HPARAMS if k in parent and parent[k] != hp[k]]
         if differs:
             log.info(
                 "architecture from the parent checkpoint, not configs/model (differs in: %s)",
                 ", ".join(differs),
             )
-        hp.update({k: parent[k] for k in ARCH_KEYS if k in parent})
+        hp.update({k: parent[k] for k in ARCH_HPARAMS if k in parent})
         hp["head_skip"] = _head_skip(m.head_skip, parent, dims)
     enc = cfg.encoder
     decoder_cfg = None
@@ -375,8 +349,6 @@ def build_hparams(cfg: TrainConfig, dims: dict[str, Any], parent: dict[str, Any]
         embed_key=enc.embed_key,
         output_space=enc.output_space,
         decoder_cfg=decoder_cfg,
-        dropout=m.dropout,
-        cell_set_len=m.cell_set_len,
     )
     return hp
 
