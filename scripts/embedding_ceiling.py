@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tahoe_ft.checkpoints.io import load_checkpoint
-from tahoe_ft.data import CellCatalog
+from tahoe_ft.data import CellCatalog, ScreenLabels
 from tahoe_ft.evaluation import score_predictions
 from tahoe_ft.prediction import PRED_MAX
 
@@ -63,9 +63,7 @@ def main() -> None:
         real,
         train,
         out,
-        pert_col=pert_col,
-        control_pert=manifest["control_pert"],
-        celltype_col=ct_col,
+        labels=ScreenLabels(pert_col, manifest["control_pert"], ct_col),
         de_cache_dir=run_dir.parent.parent / ".de_cache",
     )
     model_score = (

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from energy_floor import held_out  # scripts/energy_floor.py
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.baselines import PRED_MAX, recentre
 from tahoe_ft.evaluation.feature_ridge import fit_feature_ridge, fit_on_groups
 from tahoe_ft.evaluation.score import score_predictions
@@ -228,7 +229,7 @@ def main() -> None:
             real,
             train,
             out / slug,
-            celltype_col=CT,
+            labels=ScreenLabels(PERT, CONTROL, CT),
             num_threads=args.num_threads,
             de_cache_dir=out / ".de",
         )

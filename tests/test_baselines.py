@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
 
 CTRL = "non-targeting"
@@ -45,7 +46,7 @@ def split(a: ad.AnnData, held_out: set[tuple[str, str]]):
 
 
 def _panel(train, real, **kw):
-    return build_panel(train, real, pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type", **kw)
+    return build_panel(train, real, labels=ScreenLabels("target_gene", CTRL, "cell_type"), **kw)
 
 
 def _group_mean(a: ad.AnnData, ct: str, p: str) -> np.ndarray:
@@ -240,7 +241,7 @@ def scored_panel(tmp_path_factory):
     train, real = split(a, {("A", f"G{i}") for i in range(6)})
     real = real[(real.obs["cell_type"] == "A").to_numpy()].copy()
     panel = score_panel(
-        train, real, root / "eval", pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type",
+        train, real, root / "eval", labels=ScreenLabels("target_gene", CTRL, "cell_type"),
         de_cache_dir=root / ".de_cache",
     )  # fmt: skip
     return panel["baselines"]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
 from tahoe_ft.evaluation.diagnostics import design, design_lines
 from tahoe_ft.evaluation.report import score_table
@@ -15,7 +16,7 @@ from tahoe_ft.evaluation.score import Score
 
 CTRL = "control"
 N_GENES = 30
-LABELS = dict(pert_col="condition", control_pert=CTRL, celltype_col="cell_type")
+LABELS = ScreenLabels("condition", CTRL, "cell_type")
 
 
 def screen(groups: dict[tuple[str, str], float], *, n=20, n_ctrl=40, seed=0) -> ad.AnnData:
@@ -50,7 +51,7 @@ def mean(a: ad.AnnData, ct: str, p: str) -> np.ndarray:
 
 
 def panel(train, real):
-    return build_panel(train, real, **LABELS, settings=PanelSettings(seed=0))
+    return build_panel(train, real, labels=LABELS, settings=PanelSettings(seed=0))
 
 
 def test_context_transfer_is_the_mean_of_the_other_cell_types_deltas_on_the_target_controls():
@@ -167,7 +168,7 @@ def test_a_baseline_for_some_groups_is_scored_on_them_beside_the_round_on_the_sa
     )
     train, real = split(a, {("A", "KD1"), ("A", "KD4"), ("A", "KD5")})
     real = real[(real.obs["cell_type"] == "A").to_numpy()].copy()
-    common = dict(**LABELS, de_cache_dir=tmp_path / ".de_cache")
+    common = dict(labels=LABELS, de_cache_dir=tmp_path / ".de_cache")
     panel = score_panel(train, real, tmp_path / "eval", **common)
     assert "pert_mean" not in panel["baselines"] and "ceiling" in panel["baselines"]
     part = panel["partial"]["pert_mean"]
@@ -189,7 +190,7 @@ def test_a_real_score_with_one_held_out_perturbation_per_cell_type_is_flagged_de
 
     a = screen({(ct, p): 0.5 for ct in ("A", "B") for p in ("KD1", "KD2", "KD3")})
     train, real = split(a, {("A", "KD1"), ("B", "KD2")})
-    score = score_predictions(real, real, train, tmp_path, **LABELS, de_cache_dir=tmp_path / ".de_cache")
+    score = score_predictions(real, real, train, tmp_path, labels=LABELS, de_cache_dir=tmp_path / ".de_cache")
     assert score.metrics["discrimination_score_l1"] == 1.0
     d = design(score)["discrimination"]
     assert d["flag"] == "degenerate" and d["n_per_cell_type"] == {"A": 1, "B": 1}

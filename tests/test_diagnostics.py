@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.diagnostics import collapse, derangement
 
 CTRL = "non-targeting"
@@ -58,9 +59,7 @@ def test_shuffle_test_drops_for_a_predictor_that_uses_the_perturbation(tmp_path)
     for p, q in d.items():
         src = np.asarray(real.X[perts == q])
         shuffled.X[perts == p] = src[np.arange((perts == p).sum()) % len(src)]
-    kw = dict(
-        pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type", de_cache_dir=tmp_path / "c"
-    )
+    kw = dict(labels=ScreenLabels("target_gene", CTRL, "cell_type"), de_cache_dir=tmp_path / "c")
     s_uses = score_predictions(uses, real, train, tmp_path / "uses", **kw)
     s_shuf = score_predictions(shuffled, real, train, tmp_path / "shuf", **kw)
     assert s_uses.avg_score - s_shuf.avg_score > 0.2

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation import Score, prep_submission, score_predictions
 
@@ -279,7 +280,9 @@ def test_celltype_col_scores_each_cell_type(tmp_path, screen, first):
         return ad.concat(parts)
 
     real, pred, train = (two(screen[k]) for k in ("real", "pred", "train"))
-    score = score_predictions(pred, real, train, tmp_path / "eval", celltype_col="cell_type")
+    score = score_predictions(
+        pred, real, train, tmp_path / "eval", labels=ScreenLabels(cell_type_col="cell_type")
+    )
     assert set(score.per_celltype) == {"A", "B"}
     assert score.avg_score == pytest.approx(np.mean([v.avg_score for v in score.per_celltype.values()]))
     assert (tmp_path / "eval" / "A_agg_results.csv").is_file()
@@ -370,7 +373,7 @@ def test_missing_file_and_bad_profile(tmp_path, screen):
         screen["pred"],
         screen["real"],
         match="column 'perturbation' not found",
-        pert_col="perturbation",
+        labels=ScreenLabels(pert_col="perturbation"),
     )
 
 

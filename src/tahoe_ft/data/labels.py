@@ -26,3 +26,7 @@ class ScreenLabels:
     control_pert: str = DEFAULT_CONTROL_PERT
     cell_type_col: str | None = None
     batch_col: str | None = None
+
+
+# the labels of files that nothing else describes (cell-eval's and the VCC's): no cell-type column
+VCC_LABELS = ScreenLabels()

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.datasets.demo import CELL_TYPE_COL, CONTROL_PERT, PERT_COL, DemoSpec, load_state_map
 from tahoe_ft.errors import UserError
 
@@ -244,12 +245,11 @@ def check_seed(
     scr = _load_screen(files)
     genes = {g: i for i, g in enumerate(scr.real.var_names)}
     celltype_col = CELL_TYPE_COL if per_cell_type else None
+    labels = ScreenLabels(PERT_COL, CONTROL_PERT, celltype_col)
     common = dict(
-        pert_col=PERT_COL,
-        control_pert=CONTROL_PERT,
+        labels=labels,
         profile="vcc",
         num_threads=num_threads,
-        celltype_col=celltype_col,
         de_cache_dir=work.parent / ".de_cache",
     )
 
@@ -263,9 +263,7 @@ def check_seed(
     decoded = {k: intercept + scr.state_real[rows] @ coef for k, rows in groups.items()}
     out: dict[str, Any] = {"decode_true_state": score(_prediction(scr.real, decoded), "decode_true_state")}
     tables = normaliser_tables(work / "decode_true_state", out["decode_true_state"]["_score"])
-    ceil = score_ceiling(
-        scr.real, tables, work / "ceiling", PERT_COL, CONTROL_PERT, celltype_col, num_threads
-    )
+    ceil = score_ceiling(scr.real, tables, work / "ceiling", labels, num_threads)
     out["ceiling"] = {"avg_score": ceil["avg_score"], "metrics": ceil["metrics"]}
 
     # (b) ridges from the perturbation features, gene space vs X_state decoded

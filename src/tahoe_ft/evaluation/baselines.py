@@ -131,18 +131,17 @@ def build_panel(
     train: ad.AnnData,
     real: ad.AnnData,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     settings: PanelSettings | None = None,
     features: Mapping[str, np.ndarray] | None = None,
 ) -> Panel:
     """The panel's prediction files for the held-out groups of `real` (only its obs and controls are read);
+    `labels`: the obs columns and control label of train and real (`cell_type_col` None: one cell type);
     `features`: the round's perturbation features by name (for `feature_ridge`; None leaves it out)."""
     settings = settings or PanelSettings()
-    lab = ScreenLabels(pert_col, control_pert, celltype_col)
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     genes = [str(g) for g in real.var_names]
-    tr = _Training(train, lab, genes)
+    tr = _Training(train, labels, genes)
     obs = real.obs.copy()
     cts = obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(real.n_obs, "")
     perts = obs[pert_col].astype(str).to_numpy()

@@ -26,6 +26,7 @@ import anndata as ad
 import numpy as np
 import polars as pl
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.evaluation.baselines import PanelSettings, build_panel
 from tahoe_ft.evaluation.ceiling import CEILING_PROFILE, ceiling_agg
 from tahoe_ft.evaluation.de_cache import cache_key, content_sha256, link_or_copy
@@ -47,9 +48,7 @@ def score_panel(
     real: ad.AnnData,
     outdir: str | Path,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     profile: str = "vcc",
     num_threads: int = 2,
     de_cache_dir: str | Path,
@@ -58,11 +57,12 @@ def score_panel(
 ) -> dict[str, Any]:
     """`{"baselines": {name: {avg_score, leaderboard_score, metrics, normalized}}, "notes": {...}, "partial":
     {name: {groups, n_groups, of, avg_score, ...}}}`, with the ceiling as the baseline named "ceiling"; the
-    panel's files under `outdir/baselines/`. `features`: the round's perturbation features by name (the feature
+    panel's files under `outdir/baselines/`. `labels`: the obs columns and control label of train and real
+    (`cell_type_col`: each cell type scored on its own; None: all cells as one). `features`: the round's perturbation features by name (the feature
     ridge's inputs; part of the cache key)."""
     outdir = Path(outdir)
     settings = settings or PanelSettings()
-    cols = [pert_col] + ([celltype_col] if celltype_col else [])
+    cols = [labels.pert_col] + ([labels.cell_type_col] if labels.cell_type_col else [])
     key = cache_key(
         format=_PANEL_FORMAT,
         real=content_sha256(real, cols),
@@ -79,14 +79,12 @@ def score_panel(
             train,
             real,
             cache,
-            pert_col,
-            control_pert,
-            celltype_col,
-            profile,
-            num_threads,
-            de_cache_dir,
-            settings,
-            features,
+            labels=labels,
+            profile=profile,
+            num_threads=num_threads,
+            de_cache_dir=de_cache_dir,
+            settings=settings,
+            features=features,
         )
     else:
         log.info("reusing the cached baseline panel %s", cache)
@@ -106,9 +104,8 @@ def _compute(
     train: ad.AnnData,
     real: ad.AnnData,
     cache: Path,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    *,
+    labels: ScreenLabels,
     profile: str,
     num_threads: int,
     de_cache_dir: str | Path,
@@ -118,21 +115,12 @@ def _compute(
     panel = build_panel(
         train,
         real,
-        pert_col=pert_col,
-        control_pert=control_pert,
-        celltype_col=celltype_col,
+        labels=labels,
         settings=settings,
         features=features,
     )
     entries: dict[str, Any] = {}
-    common = dict(
-        pert_col=pert_col,
-        control_pert=control_pert,
-        profile=profile,
-        num_threads=num_threads,
-        celltype_col=celltype_col,
-        de_cache_dir=de_cache_dir,
-    )
+    common = dict(labels=labels, profile=profile, num_threads=num_threads, de_cache_dir=de_cache_dir)
     tables: dict[str | None, pl.DataFrame] = {}
     for name, pred in panel.predictions.items():
         log.info("scoring the %s baseline", name)
@@ -147,10 +135,8 @@ def _compute(
         with atomic_path(cache / f"{name}.h5ad", suffix=".h5ad") as tmp:
             pred.write_h5ad(tmp)
         score = score_on_groups(pred, real, train, groups, cache / name, **common)
-        partial[name] = {**group_block(groups, real, pert_col, control_pert, celltype_col), **_entry(score)}
-    entries["ceiling"] = score_ceiling(
-        real, tables, cache / "ceiling", pert_col, control_pert, celltype_col, num_threads
-    )
+        partial[name] = {**group_block(groups, real, labels), **_entry(score)}
+    entries["ceiling"] = score_ceiling(real, tables, cache / "ceiling", labels, num_threads)
     notes = dict(panel.notes)
     notes["ceiling"] = (
         "cell-eval's compute_ceiling (disjoint halves, Spearman-Brown) for PDS and DES; MAE: half-split MAE / 2"
@@ -162,26 +148,21 @@ def _compute(
 
 
 def _held_out_groups(
-    real: ad.AnnData, pert_col: str, control_pert: str, celltype_col: str | None
+    real: ad.AnnData, labels: ScreenLabels
 ) -> tuple[np.ndarray, np.ndarray, set[tuple[str, str]]]:
-    cts = real.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(real.n_obs, "")
-    perts = real.obs[pert_col].astype(str).to_numpy()
-    return cts, perts, {(c, p) for c, p in zip(cts, perts, strict=True) if p != control_pert}
+    ct_col = labels.cell_type_col
+    cts = real.obs[ct_col].astype(str).to_numpy() if ct_col else np.full(real.n_obs, "")
+    perts = real.obs[labels.pert_col].astype(str).to_numpy()
+    return cts, perts, {(c, p) for c, p in zip(cts, perts, strict=True) if p != labels.control_pert}
 
 
-def group_block(
-    groups: list[tuple[str, str]],
-    real: ad.AnnData,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
-) -> dict[str, Any]:
+def group_block(groups: list[tuple[str, str]], real: ad.AnnData, labels: ScreenLabels) -> dict[str, Any]:
     """`{"groups": [[cell type, perturbation], ...], "n_groups", "of"}`: which held-out groups a partial score
     covers, out of how many."""
     return {
         "groups": [list(g) for g in sorted(groups)],
         "n_groups": len(groups),
-        "of": len(_held_out_groups(real, pert_col, control_pert, celltype_col)[2]),
+        "of": len(_held_out_groups(real, labels)[2]),
     }
 
 
@@ -192,9 +173,7 @@ def score_on_groups(
     groups: list[tuple[str, str]] | list[list[str]],
     outdir: str | Path,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     **common: Any,
 ) -> Score:
     """`pred` scored against `real` on the held-out `groups` only ((cell type, perturbation); with their cell
@@ -204,11 +183,11 @@ def score_on_groups(
     want = {(str(c), str(p)) for c, p in groups}
 
     def subset(a: ad.AnnData) -> ad.AnnData:
-        cts, perts, _ = _held_out_groups(a, pert_col, control_pert, celltype_col)
-        keep = np.isin(cts, sorted({c for c, _ in want})) & (perts == control_pert)
+        cts, perts, _ = _held_out_groups(a, labels)
+        keep = np.isin(cts, sorted({c for c, _ in want})) & (perts == labels.control_pert)
         keep |= np.array([(c, p) in want for c, p in zip(cts, perts, strict=True)], dtype=bool)
         out = a[keep].copy()
-        for col in {pert_col, celltype_col} - {None}:
+        for col in {labels.pert_col, labels.cell_type_col} - {None}:
             out.obs[col] = out.obs[col].astype(str).astype("category")
         return out
 
@@ -217,9 +196,7 @@ def score_on_groups(
         subset(real),
         train,
         outdir,
-        pert_col=pert_col,
-        control_pert=control_pert,
-        celltype_col=celltype_col,
+        labels=labels,
         write_score=False,
         **common,
     )
@@ -250,13 +227,12 @@ def score_ceiling(
     real: ad.AnnData,
     tables: dict[str | None, pl.DataFrame],
     outdir: Path,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     num_threads: int,
 ) -> dict[str, Any]:
     from cell_eval import score_agg_metrics
 
+    pert_col, celltype_col = labels.pert_col, labels.cell_type_col
     parts = []
     for ct, base in tables.items():
         sub = real if ct is None else real[(real.obs[celltype_col].astype(str) == ct).to_numpy()].copy()
@@ -264,7 +240,7 @@ def score_ceiling(
         ceil = ceiling_agg(
             sub,
             pert_col=pert_col,
-            control_pert=control_pert,
+            control_pert=labels.control_pert,
             num_threads=num_threads,
             outdir=str(outdir),
             prefix=ct,

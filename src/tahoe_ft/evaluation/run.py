@@ -686,14 +686,15 @@ def _evaluate(
     from tahoe_ft.evaluation.verdict import attach_verdicts
 
     train, note, features = side.train, side.note, side.features
-    labels = {"pert_col": prepared.labels.pert_col, "control_pert": prepared.labels.control_pert}
+    # the labels scored by: the cell-type column only when each cell type is scored on its own
+    labels = dataclasses.replace(prepared.labels, cell_type_col=prepared.celltype_col)
     common = dict(
+        labels=labels,
         profile=config.profile,
         num_threads=config.num_threads,
-        celltype_col=prepared.celltype_col,
         de_cache_dir=Path(config.runs_dir) / ".de_cache",
     )
-    score = score_predictions(files.pred, files.real, train, outdir, **labels, **common, write_score=False)
+    score = score_predictions(files.pred, files.real, train, outdir, **common, write_score=False)
     partial: dict[str, Any] = {}
     panel_dir = None
     if config.baselines and train is not None:
@@ -703,7 +704,6 @@ def _evaluate(
             train,
             ad.read_h5ad(files.real),
             outdir,
-            **labels,
             **common,
             settings=PanelSettings(
                 linear_k=config.linear_k,
@@ -717,8 +717,8 @@ def _evaluate(
         notes = {**panel["notes"], "training_cells": note}
         score = dataclasses.replace(score, baselines=panel["baselines"], baseline_notes=notes)
         panel_dir = panel.get("dir")
-        partial = _round_on_partial(panel.get("partial") or {}, files, train, labels, common, outdir)
-    diag = diagnostics(score, files, train, labels, common, outdir)
+        partial = _round_on_partial(panel.get("partial") or {}, files, train, common, outdir)
+    diag = diagnostics(score, files, train, common, outdir)
     if partial:
         diag["partial_baselines"] = partial
     # the round against each baseline, group by group, with its bootstrap interval (writes per_group.csv)
@@ -780,7 +780,7 @@ def _vcc2026(
 
 
 def _round_on_partial(
-    partial: dict[str, Any], files: RunFiles, train, labels: dict, common: dict, outdir: Path
+    partial: dict[str, Any], files: RunFiles, train, common: dict, outdir: Path
 ) -> dict[str, Any]:
     """Each baseline the panel has for some held-out groups only, beside the round scored on the same groups
     (tables under `outdir/partial/<name>`): `{name: {groups, n_groups, of, avg_score, metrics, ..., "round":
@@ -790,7 +790,7 @@ def _round_on_partial(
     out = {}
     for name, entry in partial.items():
         s = score_on_groups(
-            files.pred, files.real, train, entry["groups"], outdir / "partial" / name, **labels, **common
+            files.pred, files.real, train, entry["groups"], outdir / "partial" / name, **common
         )
         d = s.to_dict()
         out[name] = {**entry, "round": {k: d[k] for k in ("avg_score", "metrics", "normalized")}}
@@ -819,17 +819,23 @@ def pert_features(manifest: dict[str, Any] | None) -> dict[str, np.ndarray] | No
 
 
 def diagnostics(
-    score: Score, files: RunFiles, train, labels: dict, common: dict, outdir: Path | None = None
+    score: Score, files: RunFiles, train, common: dict, outdir: Path | None = None
 ) -> dict[str, Any]:
     """Collapse of the predicted effects, and the shuffle test when predict wrote pred_shuffled.h5ad (its
-    tables under `outdir/shuffled`, default `<run>/eval/shuffled`)."""
+    tables under `outdir/shuffled`, default `<run>/eval/shuffled`); `common`: `score_predictions`' keywords
+    (`labels`, the scoring settings)."""
     import anndata as ad
 
     from tahoe_ft.evaluation.diagnostics import collapse, design
 
+    lab: ScreenLabels = common["labels"]
     out: dict[str, Any] = {
         "collapse": collapse(
-            ad.read_h5ad(files.pred), ad.read_h5ad(files.real), celltype_col=common["celltype_col"], **labels
+            ad.read_h5ad(files.pred),
+            ad.read_h5ad(files.real),
+            pert_col=lab.pert_col,
+            control_pert=lab.control_pert,
+            celltype_col=lab.cell_type_col,
         ),
         # what the design can measure: the discrimination flag (degenerate, coarse) and the absent baselines
         "design": design(score),
@@ -837,7 +843,7 @@ def diagnostics(
     shuffled = files.pred.with_name("pred_shuffled.h5ad")
     if shuffled.is_file():
         outdir = files.eval_dir if outdir is None else outdir
-        s = score_predictions(shuffled, files.real, train, outdir / "shuffled", **labels, **common)
+        s = score_predictions(shuffled, files.real, train, outdir / "shuffled", **common)
         out["shuffle"] = {
             "avg_score": s.avg_score,
             "metrics": s.to_dict()["metrics"],

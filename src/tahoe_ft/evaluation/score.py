@@ -29,7 +29,7 @@ import anndata as ad
 import numpy as np
 import polars as pl
 
-from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
+from tahoe_ft.data.labels import VCC_LABELS, ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.de_cache import DECache, content_sha256, link_or_copy
 from tahoe_ft.evaluation.inputs import EvalInput, celltype_parts, check_pair, one_line, read_inputs, sanitize
@@ -429,11 +429,9 @@ def score_predictions(
     train: ad.AnnData | str | os.PathLike | None,
     outdir: str | os.PathLike,
     *,
-    pert_col: str = DEFAULT_PERT_COL,
-    control_pert: str = DEFAULT_CONTROL_PERT,
+    labels: ScreenLabels = VCC_LABELS,
     profile: str = "vcc",
     num_threads: int = 2,
-    celltype_col: str | None = None,
     de_cache_dir: str | os.PathLike | None = None,
     write_score: bool = True,
 ) -> Score:
@@ -442,8 +440,9 @@ def score_predictions(
 
     pred: predicted cells (log1p, the real control cells copied in); real: observed cells (log1p);
     train: training cells incl. controls (log1p, same genes) for the cell-mean baseline, or None to use
-    the baseline cached for this real file. Inputs are never modified. `celltype_col`: score each cell type
-    on its own (every file then carries cell-eval's ``<celltype>_`` prefix). `de_cache_dir`: the cache of
+    the baseline cached for this real file. Inputs are never modified. `labels`: the obs columns and the
+    control label (default target_gene / non-targeting); its `cell_type_col`: score each cell type on its own
+    (every file then carries cell-eval's ``<celltype>_`` prefix; None: all cells as one). `de_cache_dir`: the cache of
     the real DE and the baselines (default ``outdir/../.de_cache``).
     """
     from cell_eval import KNOWN_PROFILES
@@ -452,6 +451,7 @@ def score_predictions(
         raise UserError(
             f"unknown cell-eval profile {profile!r}; use one of {KNOWN_PROFILES} (vcc gives the score)"
         )
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     outdir = Path(outdir)
     cache = DECache(Path(de_cache_dir) if de_cache_dir is not None else outdir.parent / ".de_cache")
     s = _Settings(outdir, cache, pert_col, control_pert, profile, num_threads, versions())
