@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tahoe_ft.data.labels import DEFAULT_CELL_TYPE_COL, DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
 from tahoe_ft.datasets.spec import DemoSpec
 from tahoe_ft.errors import UserError
 from tahoe_ft.model.hparams import BackboneConfig as BackboneConfig  # model.backbone (re-exported)
@@ -116,9 +117,9 @@ class DataConfig:
     name: str = "custom"
     # one .h5ad path or a list of them
     path: Any = None
-    pert_col: str = "target_gene"
-    control_pert: str = "non-targeting"
-    cell_type_col: str = "cell_type"
+    pert_col: str = DEFAULT_PERT_COL
+    control_pert: str = DEFAULT_CONTROL_PERT
+    cell_type_col: str = DEFAULT_CELL_TYPE_COL
     batch_col: str | None = None
     # what X holds: "log1p" (normalised, log1p) or "counts" (raw integers; normalised + log1p on read)
     input_transform: InputTransform = InputTransform.log1p
