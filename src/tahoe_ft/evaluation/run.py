@@ -540,7 +540,7 @@ def read_training_cells(
         log.info("train: real's %d genes taken by name from the file's %d", len(genes), len(file_genes))
     keep = np.ones(len(perts), dtype=bool)
     if split_toml:
-        keep = ~_toml_held_out(split_toml, path, perts, cts, is_ctrl)
+        keep = ~_toml_held_out(split_toml, path, labels, ct_col, file_genes)
     ct_scored = cts if celltype_col else np.full(len(perts), "", dtype=object)
     candidates = np.flatnonzero(keep & ~is_ctrl)
     leak = candidates[
@@ -598,12 +598,15 @@ def read_training_cells(
 
 
 def _toml_held_out(
-    toml_path: str, train_path: Path, perts: np.ndarray, cts: np.ndarray, is_ctrl: np.ndarray
+    toml_path: str, train_path: Path, labels: ScreenLabels, ct_col: str, genes: list[str]
 ) -> np.ndarray:
     """Per cell of the screen: held out by the split TOML (its `[fewshot]` val/test perturbations of a cell
-    type, or every perturbed cell of a `[zeroshot]` cell type); controls never are. The TOML's datasets that
-    list `train_path` apply (or its only dataset), as `data.splits.toml_split_bits` reads them."""
-    from tahoe_ft.data.inputs import parse_split_toml
+    type, or every perturbed cell of a `[zeroshot]` cell type); controls never are. Read as training reads it:
+    the screen opened as a `CellCatalog` and split by `data.splits.toml_split_bits`, under the name of the
+    TOML's dataset that lists `train_path` (or its only dataset); the other datasets' entries do not apply."""
+    from tahoe_ft.data.catalog import CellCatalog
+    from tahoe_ft.data.split_file import parse_split_toml
+    from tahoe_ft.data.splits import TEST, VAL, toml_split_bits
 
     if not Path(toml_path).is_file():
         raise UserError(f"split_toml={toml_path} not found; pass the cell-load split TOML of the screen")
@@ -620,34 +623,36 @@ def _toml_held_out(
             f"split_toml={toml_path} lists datasets {preview(toml.datasets)}, none of them train={train_path}; "
             "pass train= the screen file that its [datasets] names"
         )
-    present_cts = set(cts.tolist())
-    held = np.zeros(len(perts), dtype=bool)
+    # the entries of every dataset that names the file, under one name (the file is one dataset here)
+    name = names[0]
+    fewshot: dict[tuple[str, str], dict[str, list[str]]] = {}
     for (ds, ct), table in toml.fewshot.items():
-        if ds not in names:
-            continue
-        if ct not in present_cts:
-            raise UserError(
-                f'split_toml={toml_path} [fewshot."{ds}.{ct}"]: train={train_path} has no cells of cell type '
-                f"{ct!r}; pass train= the screen of the TOML (or cell_type_col= the column of its cell types)"
-            )
-        listed = set(table["val"]) | set(table["test"])
-        in_ct = cts == ct
-        unknown = sorted(listed - set(perts[in_ct].tolist()))
-        if unknown:
-            raise UserError(
-                f'split_toml={toml_path} [fewshot."{ds}.{ct}"] lists {preview(unknown)}, which have no cells of '
-                f"{ct!r} in train={train_path}; pass train= the screen of the TOML"
-            )
-        held |= in_ct & np.isin(perts, list(listed))
-    for ds, ct in toml.zeroshot:
         if ds in names:
-            if ct not in present_cts:
-                raise UserError(
-                    f'split_toml={toml_path} [zeroshot] "{ds}.{ct}": train={train_path} has no cells of cell '
-                    f"type {ct!r}; pass train= the screen of the TOML"
-                )
-            held |= cts == ct
-    return held & ~is_ctrl
+            into = fewshot.setdefault((name, ct), {"val": [], "test": []})
+            for split in ("val", "test"):
+                into[split] += [p for p in table[split] if p not in into[split]]
+    zeroshot = {(name, ct): split for (ds, ct), split in toml.zeroshot.items() if ds in names}
+    mine = dataclasses.replace(toml, datasets={name: [train_path]}, fewshot=fewshot, zeroshot=zeroshot)
+    try:
+        cat = CellCatalog(
+            [train_path],
+            [name],
+            pert_col=labels.pert_col,
+            control_pert=labels.control_pert,
+            cell_type_col=ct_col,
+            batch_col=None,
+            input_transform="log1p",
+            embed_key=None,
+            genes=genes,  # the file's own: no gene list applies here
+        )
+        try:
+            bits = toml_split_bits(cat, mine)
+        finally:
+            for screen in cat.screens:
+                screen.close()
+    except UserError as exc:
+        raise UserError(f"split_toml={toml_path} on train={train_path}: {exc}") from None
+    return ((bits & (VAL | TEST)) > 0) & (cat.pert_of != cat.control_idx)
 
 
 def read_features(path: str, need: set[str]) -> dict[str, np.ndarray]:
