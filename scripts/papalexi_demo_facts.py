@@ -15,7 +15,7 @@ Measured on the packaged Papalexi et al. 2021 THP-1 CRISPR-KO screen (16,192 cel
 
     PYTHONPATH=src .venv/bin/python scripts/papalexi_demo_facts.py
 
-The constants `PAPALEXI_*` in `src/tahoe_ft/demo.py` are this script's output (seed 0, 20 splits).
+The constants `PAPALEXI_*` in `src/tahoe_ft/datasets/demo.py` are this script's output (seed 0, 20 splits).
 """
 
 from __future__ import annotations

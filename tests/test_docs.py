@@ -227,3 +227,60 @@ def test_a_quoted_section_that_is_no_heading_is_reported(tmp_path):
     problems = dangling_section_refs(src, text, root=tmp_path)
     assert len(problems) == 3, problems
     assert '"Gone section"' in problems[0] and '"Nothing"' in problems[1] and "no file" in problems[2]
+
+
+# -- module paths named anywhere (issue #34): configs, code (docstrings and comments), scripts, Markdown --------
+
+_SRC_PATH = re.compile(r"(?<![\w/])src/tahoe_ft/[\w/]+\.py\b")
+_DOTTED_MODULE = re.compile(r"(?<![\w./])tahoe_ft(?:\.[a-z_][a-z0-9_]*)+")
+
+
+def module_problems(text: str, where: str, api: set[str], package: Path = PACKAGE) -> list[str]:
+    """`src/tahoe_ft/...py` paths and `tahoe_ft.a.b` references in `text` that name no module (a dotted name
+    may end in attributes of the module it reaches, or be an API name of the package)."""
+    problems = []
+    for p in _SRC_PATH.findall(text):
+        if not (package.parent.parent / p).exists():
+            problems.append(f"{where}: {p} does not exist")
+    for ref in _DOTTED_MODULE.findall(text):
+        parts = ref.split(".")[1:]
+        here = package
+        if parts[0] in api or parts[0].startswith("__"):  # an API function, or tahoe_ft.__file__
+            continue
+        for i, part in enumerate(parts):
+            if (here / part).is_dir():
+                here = here / part
+                continue
+            if (
+                (here / f"{part}.py").is_file()
+                or i > 0
+                and here != package
+                and (here / "__init__.py").is_file()
+            ):
+                break  # a module (or a name in a package's __init__); the rest are its attributes
+            problems.append(f"{where}: {ref} names no module ({'.'.join(['tahoe_ft', *parts[: i + 1]])})")
+            break
+    return problems
+
+
+def _texts_naming_modules() -> list[tuple[str, str]]:
+    files = [*sorted((ROOT / "configs").rglob("*.yaml")), *sorted(PACKAGE.rglob("*.py")),
+             *sorted((ROOT / "scripts").glob("*")), *DOCS]  # fmt: skip
+    return [(str(f.relative_to(ROOT)), f.read_text()) for f in files if f.is_file() and f.suffix != ".xz"]
+
+
+def test_module_paths_in_configs_code_scripts_and_docs_exist():
+    import tahoe_ft
+
+    api = set(tahoe_ft.__all__) | {"__version__", "eval"}
+    problems = [p for where, text in _texts_naming_modules() for p in module_problems(text, where, api)]
+    assert problems == []
+
+
+def test_a_stale_module_path_is_reported():
+    text = "see src/tahoe_ft/nowhere.py and tahoe_ft.sweep.study.run_sweep; tahoe_ft.search.study is fine"
+    problems = module_problems(text, "x.yaml", {"train"})
+    assert problems == [
+        "x.yaml: src/tahoe_ft/nowhere.py does not exist",
+        "x.yaml: tahoe_ft.sweep.study.run_sweep names no module (tahoe_ft.sweep)",
+    ]
