@@ -28,6 +28,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import sha256_file
 
@@ -288,15 +289,17 @@ def celltype_parts(
     real: EvalInput,
     train: EvalInput | None,
     *,
-    celltype_col: str,
-    pert_col: str,
-    control_pert: str,
+    labels: ScreenLabels,
 ) -> Iterator[tuple[str, ad.AnnData, ad.AnnData, ad.AnnData | None]]:
-    """Yield (cell type, pred, real, train) for each cell type of real, in sorted order, each pair checked.
+    """Yield (cell type, pred, real, train) for each cell type of real (`labels.cell_type_col`, which must be
+    set), in sorted order, each pair checked.
 
     Lazily: a cell type's slices are made (and checked) only when the one before has been scored. Train
-    without a `celltype_col` column gives all its cells to every cell type (logged).
+    without the cell-type column gives all its cells to every cell type (logged).
     """
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
+    if celltype_col is None:
+        raise ValueError("celltype_parts needs labels.cell_type_col")
     cts_r = set(real.adata.obs[celltype_col])
     cts_p = set(pred.adata.obs[celltype_col])
     if cts_r != cts_p:
@@ -348,15 +351,14 @@ def read_inputs(
     real: ad.AnnData | str | os.PathLike,
     train: ad.AnnData | str | os.PathLike | None,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
 ) -> tuple[EvalInput, EvalInput, EvalInput | None]:
-    """Read, sanitise and check the scorer's three inputs: (pred, real, train or None).
+    """Read, sanitise and check the scorer's three inputs: (pred, real, train or None), under `labels`.
 
     Negative predictions are clipped; negative real or training values are an error. Train may lack the
     cell-type column (its cells then serve every cell type's baseline).
     """
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     real_in = read_input(real, "real", pert_col=pert_col, celltype_col=celltype_col, clip_negative=False)
     pred_in = read_input(pred, "pred", pert_col=pert_col, celltype_col=celltype_col, clip_negative=True)
     check_pair(

@@ -455,9 +455,7 @@ def score_predictions(
     outdir = Path(outdir)
     cache = DECache(Path(de_cache_dir) if de_cache_dir is not None else outdir.parent / ".de_cache")
     s = _Settings(outdir, cache, pert_col, control_pert, profile, num_threads, versions())
-    pred_in, real_in, train_in = read_inputs(
-        pred, real, train, pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col
-    )
+    pred_in, real_in, train_in = read_inputs(pred, real, train, labels=labels)
     real_sha = _sha(real_in, [pert_col] + ([celltype_col] if celltype_col else []))
     train_sha = None if train_in is None else _sha(train_in, [pert_col])
     if celltype_col is None:
@@ -470,9 +468,7 @@ def score_predictions(
             pred_in,
             real_in,
             train_in,
-            celltype_col=celltype_col,
-            pert_col=pert_col,
-            control_pert=control_pert,
+            labels=labels,
         ):
             per_ct[ct] = _score_part(_part(s, r_ct, real_sha, ct), p_ct, t_ct, train_sha)
             del p_ct, r_ct, t_ct
