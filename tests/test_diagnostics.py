@@ -30,7 +30,7 @@ def test_collapse_tells_one_effect_for_all_from_distinct_effects():
     real = _adata({f"P{i}": rng.normal(0, 0.5, 50) for i in range(5)})
     shared = rng.normal(0, 0.5, 50)
     collapsed = _adata({f"P{i}": shared for i in range(5)}, seed=2)
-    got = collapse(collapsed, real, pert_col="target_gene", control_pert=CTRL, celltype_col="cell_type")
+    got = collapse(collapsed, real, labels=ScreenLabels("target_gene", CTRL, "cell_type"))
     assert got["pred_effect_corr"] > 0.95
     assert abs(got["real_effect_corr"]) < 0.3
 

@@ -18,13 +18,16 @@ import anndata as ad
 import numpy as np
 import polars as pl
 
+from tahoe_ft.data.labels import ScreenLabels
+
 log = logging.getLogger(__name__)
 
 CEILING_PROFILE = "vcc"
 
 
-def half_split_mae(real: ad.AnnData, *, pert_col: str, control_pert: str, seed: int = 0) -> float:
+def half_split_mae(real: ad.AnnData, *, labels: ScreenLabels, seed: int = 0) -> float:
     """Mean over perturbations of MAE(mean of half A, mean of half B) / 2 (disjoint random halves)."""
+    pert_col, control_pert = labels.pert_col, labels.control_pert
     rng = np.random.default_rng(seed)
     x = real.X
     out = []
@@ -40,16 +43,17 @@ def half_split_mae(real: ad.AnnData, *, pert_col: str, control_pert: str, seed: 
 
 
 def ceiling_agg(
-    real: ad.AnnData, *, pert_col: str, control_pert: str, num_threads: int, outdir: str, prefix: str | None
+    real: ad.AnnData, *, labels: ScreenLabels, num_threads: int, outdir: str, prefix: str | None
 ) -> pl.DataFrame:
-    """The ceiling as a one-row aggregate table in cell-eval's describe format (`statistic` = "mean")."""
+    """The ceiling as a one-row aggregate table in cell-eval's describe format (`statistic` = "mean"), of
+    `real`'s cells of one cell type (`labels.cell_type_col` is not read; `prefix`: the cell type's)."""
     from cell_eval import MetricsEvaluator
 
     ev = MetricsEvaluator(
         None,
         real,
-        control_pert=control_pert,
-        pert_col=pert_col,
+        control_pert=labels.control_pert,
+        pert_col=labels.pert_col,
         num_threads=num_threads,
         outdir=outdir,
         allow_discrete=False,
@@ -58,7 +62,7 @@ def ceiling_agg(
     _, agg = ev.compute_ceiling(profile=CEILING_PROFILE, seed=0, write_csv=True)
     row = {c: agg[c][0] for c in agg.columns if c != "statistic"}
     if "mae" in row:
-        row["mae"] = half_split_mae(real, pert_col=pert_col, control_pert=control_pert)
+        row["mae"] = half_split_mae(real, labels=labels)
     return pl.DataFrame(
         {"statistic": ["mean"], **{k: [None if v is None else float(v)] for k, v in row.items()}}
     )

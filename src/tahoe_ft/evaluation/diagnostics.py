@@ -23,6 +23,8 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
+from tahoe_ft.data.labels import ScreenLabels
+
 # discrimination over fewer held-out perturbations per cell type than this is flagged coarse
 COARSE_N = 10
 # the collapse diagnostic fires when the predicted effects correlate at least this much, and by at least
@@ -32,7 +34,8 @@ COLLAPSE_GAP = 0.3
 DISCRIMINATION = "discrimination_score_l1"
 
 
-def _pseudobulks(a: ad.AnnData, pert_col: str, control_pert: str, celltype_col: str | None):
+def _pseudobulks(a: ad.AnnData, labels: ScreenLabels):
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     cts = a.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(a.n_obs, "")
     perts = a.obs[pert_col].astype(str).to_numpy()
     x = a.X
@@ -56,17 +59,12 @@ def mean_pairwise_correlation(deltas: dict[str, np.ndarray]) -> float | None:
     return float(np.nanmean(m[iu]))
 
 
-def collapse(
-    pred: ad.AnnData, real: ad.AnnData, *, pert_col: str, control_pert: str, celltype_col: str | None
-) -> dict[str, float | None]:
-    """`{"pred_effect_corr", "real_effect_corr", "fires"}`: mean over cell types of the mean pairwise
-    correlation; `fires` (`collapse_fires`)."""
+def collapse(pred: ad.AnnData, real: ad.AnnData, *, labels: ScreenLabels) -> dict[str, float | None]:
+    """`{"pred_effect_corr", "real_effect_corr", "fires"}`: mean over cell types (`labels.cell_type_col`; None:
+    all cells as one) of the mean pairwise correlation; `fires` (`collapse_fires`)."""
     out: dict[str, Any] = {}
     for name, a in (("pred_effect_corr", pred), ("real_effect_corr", real)):
-        per_ct = [
-            mean_pairwise_correlation(d)
-            for d in _pseudobulks(a, pert_col, control_pert, celltype_col).values()
-        ]
+        per_ct = [mean_pairwise_correlation(d) for d in _pseudobulks(a, labels).values()]
         vals = [v for v in per_ct if v is not None]
         out[name] = float(np.mean(vals)) if vals else None
     out["fires"] = collapse_fires(out)

@@ -239,8 +239,7 @@ def score_ceiling(
         sub.obs[pert_col] = sub.obs[pert_col].astype(str).astype("category")
         ceil = ceiling_agg(
             sub,
-            pert_col=pert_col,
-            control_pert=labels.control_pert,
+            labels=labels,
             num_threads=num_threads,
             outdir=str(outdir),
             prefix=ct,

@@ -833,15 +833,8 @@ def diagnostics(
 
     from tahoe_ft.evaluation.diagnostics import collapse, design
 
-    lab: ScreenLabels = common["labels"]
     out: dict[str, Any] = {
-        "collapse": collapse(
-            ad.read_h5ad(files.pred),
-            ad.read_h5ad(files.real),
-            pert_col=lab.pert_col,
-            control_pert=lab.control_pert,
-            celltype_col=lab.cell_type_col,
-        ),
+        "collapse": collapse(ad.read_h5ad(files.pred), ad.read_h5ad(files.real), labels=common["labels"]),
         # what the design can measure: the discrimination flag (degenerate, coarse) and the absent baselines
         "design": design(score),
     }
