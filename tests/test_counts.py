@@ -16,6 +16,7 @@ import tahoe_ft
 import tahoe_ft.api
 from conftest_train import TINY_MODEL, train
 from tahoe_ft.config import ExportConfig, PredictConfig, compose
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.counts import (
@@ -317,7 +318,7 @@ def test_emit_like_puts_any_log1p_prediction_on_the_run_terms(papalexi_run):
     through the generator with the run's target sum, then real_counts.h5ad's control cells."""
     ref = ad.read_h5ad(papalexi_run / "real_counts.h5ad")
     pl = ad.read_h5ad(papalexi_run / "pred.h5ad")
-    kw = {"pert_col": "target_gene", "control_pert": PAPALEXI_CONTROL, "celltype_col": "cell_type", "seed": 0}
+    kw = {"labels": ScreenLabels("target_gene", PAPALEXI_CONTROL, "cell_type"), "seed": 0}
     out = emit_like(pl, ref, **kw)
     check_counts(out.X, "emitted")
     ctrl = (out.obs["target_gene"] == PAPALEXI_CONTROL).to_numpy()

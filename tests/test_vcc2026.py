@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.datasets.embedded import PAPALEXI_CONTROL, papalexi_path
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation import vcc2026 as v26
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 PC = "target_gene"
 PERTS = ["IFNGR1", "IFNGR2", "IRF1", "JAK2", "STAT1", "CD86"]
-LABELS = {"pert_col": PC, "control_pert": PAPALEXI_CONTROL, "celltype_col": None}
+LABELS = {"labels": ScreenLabels(PC, PAPALEXI_CONTROL, None)}
 
 
 def _log1p(raw: ad.AnnData, rows: np.ndarray) -> ad.AnnData:

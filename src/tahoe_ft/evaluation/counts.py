@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 
 TARGET_SUM = 1e4  # as data.h5screen.TARGET_SUM: what tahoe-ft normalises counts input to
@@ -247,9 +248,7 @@ def emit_like(
     adata: ad.AnnData,
     reference: ad.AnnData,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     seed: int,
 ) -> ad.AnnData:
     """Any log1p prediction (a baseline, the ceiling, a generator null, a scaled effect) in counts on the terms
@@ -263,6 +262,7 @@ def emit_like(
             "the reference holds no generator record (uns['counts']); give the real_counts.h5ad that "
             "tahoe-ft predict output=counts wrote"
         )
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     ref_ctrl = (reference.obs[pert_col].astype(str) == control_pert).to_numpy()
     controls = reference[ref_ctrl].copy()
     perturbed = adata[(adata.obs[pert_col].astype(str) != control_pert).to_numpy()].copy()

@@ -749,7 +749,6 @@ def _vcc2026(
 
     from tahoe_ft.evaluation import vcc2026
 
-    lab = prepared.labels
     panel = {}
     for name in score.baselines or {}:
         path = outdir / "baselines" / f"{name}.h5ad"
@@ -764,9 +763,7 @@ def _vcc2026(
         panel=panel,
         counts=ad.read_h5ad(counts_file) if counts_file.is_file() else None,
         pred_counts=ad.read_h5ad(pred_counts) if counts_file.is_file() and pred_counts.is_file() else None,
-        pert_col=lab.pert_col,
-        control_pert=lab.control_pert,
-        celltype_col=prepared.celltype_col,
+        labels=dataclasses.replace(prepared.labels, cell_type_col=prepared.celltype_col),
         input_transform=str((side.manifest or {}).get("input_transform") or "log1p"),
         seed=record.seed if record is not None else 0,
         splits=config.vcc2026_splits,

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def _cli(args: list[str], what: str) -> None:
 class Vcc2026:
     """The vcc2026 preset against one real side (integer counts), context by context.
 
-    `real`: counts AnnData with `pert_col` (and `celltype_col`); its baseline and replicate anchor are computed
+    `real`: counts AnnData with `labels.pert_col` (and `labels.cell_type_col`, the context); its baseline and replicate anchor are computed
     here, once, under `outdir/reference/<context>/`.
     """
 
@@ -146,13 +147,12 @@ class Vcc2026:
         real: ad.AnnData,
         outdir: str | Path,
         *,
-        pert_col: str,
-        control_pert: str,
-        celltype_col: str | None = None,
+        labels: ScreenLabels,
         splits: int = 5,
         seed: int = 0,
         num_threads: int = 1,
     ):
+        pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
         self.version = require()
         check_counts(real, "real (counts)")
         self.outdir = Path(outdir)
@@ -341,29 +341,28 @@ def _mean_parts(parts: dict[str | None, dict[str, Any]]) -> dict[str, Any]:
 # what the generator and the amplitude earn (inputs in log1p space, emitted through the count generator)
 
 
-def null_prediction(
-    real: ad.AnnData, *, pert_col: str, control_pert: str, celltype_col: str | None, seed: int = 0
-) -> ad.AnnData:
+def null_prediction(real: ad.AnnData, *, labels: ScreenLabels, seed: int = 0) -> ad.AnnData:
     """The generator null: every perturbation of `real` "predicted" as its context's real control cells (as
     many cells as real has, drawn with replacement, seeded), with the controls themselves; no effect at all. Same space as `real` (log1p for the generator)."""
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     rng = np.random.default_rng(seed)
     perts = real.obs[pert_col].astype(str).to_numpy()
     cts = real.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(real.n_obs, "")
-    rows, labels, ctl = [], [], []
+    rows, names, ctl = [], [], []
     for ct in sorted(set(cts)):
         ctrl = np.flatnonzero((cts == ct) & (perts == control_pert))
         for p in sorted(set(perts[cts == ct]) - {control_pert}):
             n = int(((cts == ct) & (perts == p)).sum())
             rows.append(rng.choice(ctrl, size=n, replace=True))
-            labels += [p] * n
+            names += [p] * n
             ctl += [ct] * n
         rows.append(ctrl)
-        labels += [control_pert] * ctrl.size
+        names += [control_pert] * ctrl.size
         ctl += [ct] * ctrl.size
     idx = np.concatenate(rows)
     out = ad.AnnData(X=real.X[idx].copy(), var=real.var.copy())
     out.obs_names = [f"null{i}" for i in range(idx.size)]
-    out.obs[pert_col] = pd.Categorical(labels)
+    out.obs[pert_col] = pd.Categorical(names)
     if celltype_col:
         out.obs[celltype_col] = pd.Categorical(ctl)
     return out
@@ -372,13 +371,12 @@ def null_prediction(
 def effects(
     pred: ad.AnnData,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     controls: ad.AnnData | None = None,
 ) -> dict[tuple[str, str], np.ndarray]:
     """The prediction's effect per (cell type, perturbation) in log1p space: its cells' mean minus the
     control mean (pred's own control cells; `controls` where pred has none)."""
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     perts = pred.obs[pert_col].astype(str).to_numpy()
     cts = pred.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(pred.n_obs, "")
 
@@ -422,18 +420,15 @@ def scaled_prediction(
     pred: ad.AnnData,
     k: float,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     controls: ad.AnnData | None = None,
 ) -> ad.AnnData:
     """`pred` with each perturbation's effect (its mean minus the control mean, log1p) scaled by `k`: every
     cell of (cell type, perturbation) shifted, gene by gene, so that the group's mean is the control mean plus
     k x the effect (log1p's floor at 0 kept: cells at 0 stay there, the others move further; a mean below 0
     is out of reach and held at 0, see `achieved`); control cells unchanged."""
-    eff = effects(
-        pred, pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col, controls=controls
-    )
+    eff = effects(pred, labels=labels, controls=controls)
+    pert_col, celltype_col = labels.pert_col, labels.cell_type_col
     x = np.asarray(pred.X.toarray() if sp.issparse(pred.X) else pred.X, dtype=np.float64).copy()
     perts = pred.obs[pert_col].astype(str).to_numpy()
     cts = pred.obs[celltype_col].astype(str).to_numpy() if celltype_col else np.full(pred.n_obs, "")
@@ -445,10 +440,13 @@ def scaled_prediction(
     return out
 
 
-def achieved(pred: ad.AnnData, scaled: ad.AnnData, **labels: Any) -> float:
+def achieved(
+    pred: ad.AnnData, scaled: ad.AnnData, *, labels: ScreenLabels, controls: ad.AnnData | None = None
+) -> float:
     """How far scaling went: the scaled prediction's summed |effect| over the prediction's (a lowered gene
     cannot go below log1p's 0, so x2 can fall short of 2)."""
-    before, after = effects(pred, **labels), effects(scaled, **labels)
+    before = effects(pred, labels=labels, controls=controls)
+    after = effects(scaled, labels=labels, controls=controls)
     den = sum(float(np.abs(d).sum()) for d in before.values())
     return float(sum(float(np.abs(after[k]).sum()) for k in before) / den) if den > 0 else float("nan")
 
@@ -483,13 +481,13 @@ def write_json(path: Path, obj: Any) -> None:
 # `tahoe-ft eval vcc2026=true`: the round, its panel, the ceiling, the generator null and the amplitude audit
 
 
-def real_counts(
-    real: ad.AnnData, *, input_transform: str, pert_col: str, control_pert: str, celltype_col, seed
-):
+def real_counts(real: ad.AnnData, *, input_transform: str, labels: ScreenLabels, seed: int):
     """real's integer counts and where they came from: its `layers["counts"]`, else its log1p cells turned back
     with each cell's own library size (obs `library_size` / `n_counts` / `total_counts` / `nCount_RNA`: the
     count generator then gives back the cell's counts within rounding); neither: one line."""
     from tahoe_ft.evaluation.counts import LIBRARY_OBS_COLS, LIBRARY_SIZE_COL, is_integral, to_counts
+
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
 
     if "counts" in real.layers and is_integral(real.layers["counts"]):
         x = sp.csr_matrix(real.layers["counts"], dtype=np.float32)
@@ -516,9 +514,7 @@ def evaluate(
     panel: dict[str, ad.AnnData],
     counts: ad.AnnData | None = None,
     pred_counts: ad.AnnData | None = None,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     input_transform: str = "log1p",
     seed: int = 0,
     splits: int = 5,
@@ -534,14 +530,14 @@ def evaluate(
 
     require()
     outdir = Path(outdir)
-    labels = dict(pert_col=pert_col, control_pert=control_pert, celltype_col=celltype_col)
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     if counts is None:
-        counts, real_source = real_counts(real, input_transform=input_transform, seed=seed, **labels)
+        counts, real_source = real_counts(real, input_transform=input_transform, seed=seed, labels=labels)
     else:
         real_source = "real_counts.h5ad (predict output=counts)"
         if list(counts.var_names) != list(real.var_names):
             raise UserError("real_counts.h5ad's genes are not real.h5ad's genes in its order; predict again")
-    scorer = Vcc2026(counts, outdir, splits=splits, seed=seed, num_threads=num_threads, **labels)
+    scorer = Vcc2026(counts, outdir, splits=splits, seed=seed, num_threads=num_threads, labels=labels)
     is_ctrl = (real.obs[pert_col].astype(str) == control_pert).to_numpy()
     # the library sizes are real's control cells' counts; the target sum the one real's log1p values were made with
     controls = counts[(counts.obs[pert_col].astype(str) == control_pert).to_numpy()].copy()
@@ -551,7 +547,7 @@ def evaluate(
     def emit(a: ad.AnnData) -> ad.AnnData:
         a = a[:, list(real.var_names)].copy() if list(a.var_names) != list(real.var_names) else a
         if "input_transform" in counts.uns.get("counts", {}):  # predict's real_counts.h5ad: on its terms
-            out = emit_like(a, counts, seed=seed, **labels)
+            out = emit_like(a, counts, seed=seed, labels=labels)
             generator.update(record(out))
             return out
         out = to_counts(
@@ -581,7 +577,7 @@ def evaluate(
         block["baselines"][name] = brief(scorer.score(emit(p), f"baselines/{name}"))
     block["baselines"]["ceiling"] = scorer.ceiling()
     log.info("vcc2026: the generator null")
-    null = scorer.score(emit(null_prediction(real, seed=seed, **labels)), "null")
+    null = scorer.score(emit(null_prediction(real, seed=seed, labels=labels)), "null")
     block["null"] = {
         **brief(null),
         "note": "real control cells emitted through the count generator as every perturbation's prediction: "
@@ -592,9 +588,9 @@ def evaluate(
         if k == 1.0:
             continue
         log.info("vcc2026: the amplitude audit, effect x%g", k)
-        scaled = scaled_prediction(pred, k, controls=real[is_ctrl], **labels)
+        scaled = scaled_prediction(pred, k, controls=real[is_ctrl], labels=labels)
         audit[f"{k:g}"] = brief(scorer.score(emit(scaled), f"audit/x{k:g}"))
-        audit[f"{k:g}"]["achieved"] = achieved(pred, scaled, controls=real[is_ctrl], **labels)
+        audit[f"{k:g}"]["achieved"] = achieved(pred, scaled, controls=real[is_ctrl], labels=labels)
     block["amplitude_audit"] = {
         "scales": {k: audit[k] for k in sorted(audit, key=float)},
         **audit_flag(audit),
