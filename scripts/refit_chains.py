@@ -1,6 +1,6 @@
 """Refit the chains a finished `tahoe-ft reproduce folds=K` left, without training them again.
 
-`tahoe-ft reproduce refit=true` trains each split's chain, then refits it (`tahoe_ft.study.reproduce._refit_chain`:
+`tahoe-ft reproduce refit=true` trains each split's chain, then refits it (`tahoe_ft.study.reproduce.refit_chain`:
 every round again on the training + validation perturbations, for the step count its validation chose, predicted
 from final.pt and scored beside a panel of the same training perturbations). This script runs only the second
 part on chains already trained, with the same overrides as the command that trained them, and compares the refits
@@ -23,16 +23,16 @@ from rich.console import Console
 from tahoe_ft.config import compose
 from tahoe_ft.errors import UserError
 from tahoe_ft.study.comparison import compare_splits
-from tahoe_ft.study.reproduce import BASE, _Clock, _refit_chain, experiment_name, fold_data, with_demo_seed
+from tahoe_ft.study.reproduce import BASE, StageClock, experiment_name, fold_data, refit_chain, with_demo_seed
 
 
 def main(argv: list[str]) -> None:
     cfg = compose("reproduce", argv)
-    clock = _Clock(Console(stderr=True))
+    clock = StageClock(Console(stderr=True))
     runs = Path(cfg.runs_dir)
     if cfg.folds == 0 and len(cfg.seeds) <= 1 and not cfg.data_seeds:  # one chain on the data set's own split
         seed = int(cfg.seeds[0]) if cfg.seeds else 0
-        _refit_chain(cfg, clock, runs, cfg.data, seed=seed, skip=[BASE])
+        refit_chain(cfg, clock, runs, cfg.data, seed=seed, skip=[BASE])
         return
     if cfg.folds < 2:
         raise UserError("give the folds=K (>= 2) of the reproduce command that trained the chains")
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
                         f"no fold {k} at {toml} / {chain}: give the runs_dir, folds and seeds it ran with"
                     )
                 label = f"{'' if d is None else f'data {d} '}seed {seed} fold-{k}: "
-                out = _refit_chain(cfg, clock, chain, fold_data(data, str(toml)), shared, seed=seed, prefix=label,
+                out = refit_chain(cfg, clock, chain, fold_data(data, str(toml)), shared, seed=seed, prefix=label,
                                    skip=[BASE])  # fmt: skip
                 labels = {"seed": seed, "fold": k} if d is None else {"data_seed": d, "seed": seed, "fold": k}
                 splits.append((labels, out))

@@ -54,12 +54,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst` atomically."""
     with atomic_path(dst) as tmp:

@@ -33,7 +33,7 @@ BLOCK_CELLS = 512
 SPLITS = ("test", "val")
 
 
-class _Set(NamedTuple):
+class PlannedSet(NamedTuple):
     """One predicted set: its first row in pred.h5ad, its basal rows, its perturbation (and the shuffle's),
     and its group (an index into `PredictionPlan.groups`)."""
 
@@ -67,7 +67,7 @@ class PredictionPlan:
     sets_per_pass: int
     precision: str
     block_cells: int
-    batches: list[list[_Set]]  # blocks of sets of one length, in prediction order
+    batches: list[list[PlannedSet]]  # blocks of sets of one length, in prediction order
     pert_matrix: torch.Tensor  # [n_perts, P]
     pert_target: torch.Tensor | None  # per perturbation its target-gene column (knock-down models)
     batch_of: np.ndarray | None  # per cell its training batch index (models with a batch encoder)
@@ -207,20 +207,20 @@ def _frames(m: Manifest, labels: list[tuple[str, str]]) -> tuple[pd.DataFrame, p
     return obs, var
 
 
-def _sets(basal_rows: list[np.ndarray], perts: list[int], shuffled: list[int], s: int) -> list[_Set]:
+def _sets(basal_rows: list[np.ndarray], perts: list[int], shuffled: list[int], s: int) -> list[PlannedSet]:
     """Each group's basal draws cut into sets of <= s cells in draw order, at their rows of the output."""
     out, row = [], 0
     for g, (rows, p, q) in enumerate(zip(basal_rows, perts, shuffled, strict=True)):
         for a in range(0, rows.size, s):
-            out.append(_Set(row + a, rows[a : a + s], p, q, g))
+            out.append(PlannedSet(row + a, rows[a : a + s], p, q, g))
         row += rows.size
     return out
 
 
-def _batches(sets: list[_Set], max_sets: int) -> Iterator[list[_Set]]:
+def _batches(sets: list[PlannedSet], max_sets: int) -> Iterator[list[PlannedSet]]:
     """Blocks of at most `max_sets` sets of equal length: the full-length sets of every group together, then
     each shorter length (group tails) together."""
-    by_len: dict[int, list[_Set]] = {}
+    by_len: dict[int, list[PlannedSet]] = {}
     for st in sets:
         by_len.setdefault(st.basal.size, []).append(st)
     for n in sorted(by_len, reverse=True):

@@ -26,7 +26,7 @@ from rich.progress import Progress
 
 from tahoe_ft.fileio import atomic_path
 from tahoe_ft.prediction.forward import predict_batch
-from tahoe_ft.prediction.plan import PredictionPlan, _Set
+from tahoe_ft.prediction.plan import PlannedSet, PredictionPlan
 
 # cell-eval refuses values >= 15 as "not log1p"; upstream (0.11.1) clips predictions to [0, 14] as well
 PRED_MAX = 14.0
@@ -165,7 +165,7 @@ def _predict_block(
     device: torch.device,
     bg: _Background,
     outs: list[tuple[h5py.Dataset, str]],
-    batch: list[_Set],
+    batch: list[PlannedSet],
     basal: np.ndarray,
 ) -> list[Future]:
     """One block's forward passes (`sets_per_pass` sets each), every output file's prediction of them handed
@@ -224,7 +224,7 @@ def write_predictions(plan: PredictionPlan, model, device: torch.device) -> int:
         bg.real(_write_rows, [real_x], n_pred, catalog.read_expression, ctrl, block)
         bg.real(_sync, real_x)
 
-        def read_basal(batch: list[_Set]) -> np.ndarray:
+        def read_basal(batch: list[PlannedSet]) -> np.ndarray:
             rows = np.concatenate([st.basal for st in batch])
             x = catalog.read_input(rows).reshape(len(batch), batch[0].basal.size, -1)
             if plan.basal_shift is not None:  # each set's group re-centred on its control mean

@@ -16,7 +16,7 @@ does not see the screen) is trained once per seed and shared by that seed's fold
 all of it on demo data sets made with other generator seeds (`runs_dir/data-D/`). `compare.csv` then holds
 every round and every baseline as mean ± sd over the splits (`compare_splits.csv`: each split's rows).
 
-`refit=true` (`_refit_chain`): once a chain is trained and scored, its rounds are trained again into
+`refit=true` (`refit_chain`): once a chain is trained and scored, its rounds are trained again into
 `<chain>/refit/` on the training and validation perturbations together (the validation perturbations move into
 training; the test ones stay out), each for the step count its validation chose (`best_step`, 0 included: then
 the refit round is its starting weights) and from its parent's refit (`final.pt`); the first gene-space round
@@ -72,7 +72,7 @@ def stages(cfg: ReproduceConfig) -> list[tuple[str, str]]:
     return plan
 
 
-class _Clock:
+class StageClock:
     def __init__(self, console: Console):
         self.console, self.t0, self.timings = console, time.perf_counter(), []
 
@@ -116,7 +116,7 @@ def _compare(runs_dir: Path):
 
 def _chain(
     cfg: ReproduceConfig,
-    clock: _Clock,
+    clock: StageClock,
     runs_dir: Path,
     data: DataConfig,
     overrides: Sequence[str] = (),
@@ -171,9 +171,9 @@ def _without_val(path: Path) -> str:
     )
 
 
-def _refit_chain(
+def refit_chain(
     cfg: ReproduceConfig,
-    clock: _Clock,
+    clock: StageClock,
     runs_dir: Path,
     data: DataConfig,
     overrides: Sequence[str] = (),
@@ -275,7 +275,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """
     check_plan(cfg)
     console = Console(stderr=True)
-    clock = _Clock(console)
+    clock = StageClock(console)
     runs = Path(cfg.runs_dir)
     seeds = [int(s) for s in cfg.seeds] or [0]
     data_seeds = [int(s) for s in cfg.data_seeds]
@@ -287,7 +287,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     if cfg.folds == 0 and len(seeds) == 1 and not data_seeds:
         _chain(cfg, clock, runs, cfg.data, seed=seeds[0])
         if cfg.refit:
-            _refit_chain(cfg, clock, runs, cfg.data, seed=seeds[0], skip=[BASE])
+            refit_chain(cfg, clock, runs, cfg.data, seed=seeds[0], skip=[BASE])
     else:
         from tahoe_ft.study.comparison import compare_splits
 
@@ -335,7 +335,7 @@ def with_demo_seed(data: DataConfig, paths: PathsConfig, seed: int) -> DataConfi
 
 
 def _cross_validate(
-    cfg: ReproduceConfig, clock: _Clock, runs: Path, data: DataConfig, seeds: list[int], prefix: str = ""
+    cfg: ReproduceConfig, clock: StageClock, runs: Path, data: DataConfig, seeds: list[int], prefix: str = ""
 ) -> list[tuple[dict[str, Any], Path]]:
     """Every (seed, fold) chain on one data set under `runs`; each split's labels and runs dir."""
     from tahoe_ft.study.folds import make_folds
@@ -371,7 +371,7 @@ def _cross_validate(
             label = f"{prefix}seed {seed} {name}: "
             _chain(*split, seed=seed, prefix=label, skip=[BASE])
             if cfg.refit:
-                _refit_chain(*split, seed=seed, prefix=label, skip=[BASE])
+                refit_chain(*split, seed=seed, prefix=label, skip=[BASE])
             splits.append(({"seed": seed, "fold": "own" if fold is None else fold.index}, base_runs / name))
     return splits
 
