@@ -16,6 +16,7 @@ kinds of bad input, so every input is turned into an `EvalInput` first:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -70,27 +71,18 @@ def read_input(
     obj: ad.AnnData | str | os.PathLike,
     name: str,
     *,
-    pert_col: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     clip_negative: bool,
     celltype_optional: bool = False,
 ) -> EvalInput:
     """Load `obj` (an AnnData or a path to an .h5ad file) and sanitise a copy of it (see `sanitize`).
 
-    `celltype_optional`: a missing `celltype_col` is not an error (the column is then left alone).
+    `celltype_optional`: a missing `labels.cell_type_col` is not an error (the column is then left alone).
     """
     a, where, sha, owned = _load(obj, name)
-    if celltype_optional and celltype_col not in a.obs:
-        celltype_col = None
-    a = sanitize(
-        a,
-        name,
-        where,
-        owned=owned,
-        pert_col=pert_col,
-        celltype_col=celltype_col,
-        clip_negative=clip_negative,
-    )
+    if celltype_optional and labels.cell_type_col not in a.obs:
+        labels = dataclasses.replace(labels, cell_type_col=None)
+    a = sanitize(a, name, where, owned=owned, labels=labels, clip_negative=clip_negative)
     return EvalInput(a, where, sha)
 
 
@@ -159,11 +151,12 @@ def sanitize(
     where: str,
     *,
     owned: bool,
-    pert_col: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     clip_negative: bool,
 ) -> ad.AnnData:
-    """A float32, checked, log1p copy of `a` with clean categorical labels (never modifies a non-owned `a`)."""
+    """A float32, checked, log1p copy of `a` with clean categorical labels (`labels.pert_col`, and
+    `labels.cell_type_col` unless None; never modifies a non-owned `a`)."""
+    pert_col, celltype_col = labels.pert_col, labels.cell_type_col
     for key, col in [("pert_col", pert_col)] + ([("cell_type_col", celltype_col)] if celltype_col else []):
         if col not in a.obs.columns:
             raise UserError(
@@ -227,11 +220,12 @@ def check_pair(
     pred_where: str,
     real_where: str,
     *,
-    pert_col: str,
-    control_pert: str,
+    labels: ScreenLabels,
     what: str = "",
 ) -> None:
-    """cell-eval's input contract, checked with errors that say what differs and how to fix it."""
+    """cell-eval's input contract, checked with errors that say what differs and how to fix it
+    (`labels.cell_type_col` is not read)."""
+    pert_col, control_pert = labels.pert_col, labels.control_pert
     if not np.array_equal(pred.var_names.to_numpy(), real.var_names.to_numpy()):
         p, r = list(pred.var_names), list(real.var_names)
         missing, extra = set(r) - set(p), set(p) - set(r)
@@ -270,8 +264,9 @@ def check_pair(
         )
 
 
-def _check_train(train: EvalInput, real: EvalInput, *, pert_col: str, control_pert: str) -> None:
+def _check_train(train: EvalInput, real: EvalInput, *, labels: ScreenLabels) -> None:
     """What the cell-mean baseline needs of the training cells: the real file's genes, and control cells."""
+    pert_col, control_pert = labels.pert_col, labels.control_pert
     if not np.array_equal(train.adata.var_names.to_numpy(), real.adata.var_names.to_numpy()):
         raise UserError(
             f"gene names of train ({train.where}) do not match real ({real.where}); "
@@ -315,8 +310,7 @@ def celltype_parts(
             r_ct,
             pred.where,
             real.where,
-            pert_col=pert_col,
-            control_pert=control_pert,
+            labels=labels,
             what=f" for cell type {ct!r}",
         )
         t_ct = None
@@ -358,26 +352,11 @@ def read_inputs(
     Negative predictions are clipped; negative real or training values are an error. Train may lack the
     cell-type column (its cells then serve every cell type's baseline).
     """
-    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
-    real_in = read_input(real, "real", pert_col=pert_col, celltype_col=celltype_col, clip_negative=False)
-    pred_in = read_input(pred, "pred", pert_col=pert_col, celltype_col=celltype_col, clip_negative=True)
-    check_pair(
-        pred_in.adata,
-        real_in.adata,
-        pred_in.where,
-        real_in.where,
-        pert_col=pert_col,
-        control_pert=control_pert,
-    )
+    real_in = read_input(real, "real", labels=labels, clip_negative=False)
+    pred_in = read_input(pred, "pred", labels=labels, clip_negative=True)
+    check_pair(pred_in.adata, real_in.adata, pred_in.where, real_in.where, labels=labels)
     if train is None:
         return pred_in, real_in, None
-    train_in = read_input(
-        train,
-        "train",
-        pert_col=pert_col,
-        celltype_col=celltype_col,
-        clip_negative=False,
-        celltype_optional=True,
-    )
-    _check_train(train_in, real_in, pert_col=pert_col, control_pert=control_pert)
+    train_in = read_input(train, "train", labels=labels, clip_negative=False, celltype_optional=True)
+    _check_train(train_in, real_in, labels=labels)
     return pred_in, real_in, train_in

@@ -416,8 +416,7 @@ def _check_pair(pred: H5Screen, real: H5Screen, labels: ScreenLabels) -> None:
         light(real, "real"),
         str(pred.path),
         str(real.path),
-        pert_col=labels.pert_col,
-        control_pert=labels.control_pert,
+        labels=labels,
     )
 
 
@@ -584,8 +583,7 @@ def read_training_cells(
         "train",
         str(path),
         owned=True,
-        pert_col=labels.pert_col,
-        celltype_col=ct_col,
+        labels=dataclasses.replace(labels, cell_type_col=ct_col),
         clip_negative=False,
     )
     n_groups = len({k for k in zip(cts[keep & ~is_ctrl], perts[keep & ~is_ctrl], strict=True)})

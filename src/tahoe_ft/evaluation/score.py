@@ -364,11 +364,10 @@ def _build_baseline(part: _Part, train: ad.AnnData) -> pl.DataFrame:
         "baseline",
         "built from train",
         owned=True,
-        pert_col=s.pert_col,
-        celltype_col=None,
+        labels=ScreenLabels(s.pert_col, s.control_pert),
         clip_negative=False,
     )
-    check_pair(base, part.real, "baseline", "real", pert_col=s.pert_col, control_pert=s.control_pert)
+    check_pair(base, part.real, "baseline", "real", labels=ScreenLabels(s.pert_col, s.control_pert))
     de_real = None if s.skip_de else str(s.cache.real_de(part.real_key))
     return part.cell_eval(base, s.outdir / "baseline", de_real, "baseline")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL, ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.inputs import one_line, read_input
 from tahoe_ft.fileio import atomic_path
@@ -46,7 +46,8 @@ def prep_submission(
             f"gene list not found: {gene_list_csv}; pass a CSV with one gene name per line, no header"
         )
     genes = pl.read_csv(gene_list_csv, has_header=False).to_series(0).cast(str).to_list()
-    pred = read_input(pred_path, "pred", pert_col=pert_col, celltype_col=celltype_col, clip_negative=True)
+    labels = ScreenLabels(pert_col, control_pert, celltype_col)
+    pred = read_input(pred_path, "pred", labels=labels, clip_negative=True)
     if control_pert not in set(pred.adata.obs[pert_col]):
         raise UserError(
             f"control {control_pert!r} not found in {pert_col!r} of pred ({pred.where}); "
