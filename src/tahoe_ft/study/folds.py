@@ -234,14 +234,7 @@ def _regime_folds(
         spare = 0 if len(names) < len(by_ct[context]) else 1
         final, n_val, deal = _deal(names, k, n_val, n_test, rng, what, spare)
         for test, val in deal:
-            fewshot = {
-                key: {
-                    "val": [p for p in val if p in present[key]],
-                    "test": [p for p in test if p in present[key]],
-                }
-                for key in sections
-                if key[1] == context
-            }
+            fewshot = _tables(test, val, [key for key in sections if key[1] == context], present)
             splits.append((test, val, {}, fewshot, {}))
     elif regime == "zero_shot_context":
         if n_val is not None:
@@ -305,14 +298,7 @@ def _regime_folds(
             )
         final, n_val, deal = _deal(names, k, n_val, n_test, rng, "combinations whose singles are measured", 0)
         for test, val in deal:
-            fewshot = {
-                key: {
-                    "val": [p for p in val if p in present[key]],
-                    "test": [p for p in test if p in present[key]],
-                }
-                for key in sections
-            }
-            splits.append((test, val, {}, fewshot, {}))
+            splits.append((test, val, {}, _tables(test, val, sections, present), {}))
     files: dict[str, list[str]] = {}
     for path, ds in zip(catalog.data_paths, catalog.datasets, strict=True):
         files.setdefault(ds, []).append(str(Path(path).resolve()))
@@ -403,3 +389,12 @@ def _nested(
             "or a smaller n_test"
         )
     return final, [(list(final), part) for part in _parts(rest, k, rng)]
+
+
+def _tables(test: list[str], val: list[str], sections, present) -> dict:
+    """The [fewshot] tables of `sections` ((dataset, cell type) keys): each lists the held-out perturbations its
+    dataset's cell type has (`present[key]`)."""
+    return {
+        key: {"val": [p for p in val if p in present[key]], "test": [p for p in test if p in present[key]]}
+        for key in sections
+    }
