@@ -254,3 +254,22 @@ def test_real_without_control_cells_is_told_so(files, capsys, tmp_path):
     err = _refused(files, capsys, f"pred={files['pred']}", f"real={tmp_path / 'no_controls.h5ad'}", *ARGS)
     assert "no_controls.h5ad) has no control cells: pred has" in err and "add them to real" in err
     assert "pass control_pert" not in err  # the label is right: real lacks the cells
+
+
+def test_a_re_evaluation_removes_only_what_an_evaluation_wrote(files, tmp_path):
+    """eval/ beside a `pred=` from elsewhere may hold the user's own files: a re-evaluation replaces and removes
+    only the files the previous evaluation listed as written (its stale tables), never another file."""
+    import tahoe_ft.evaluation.run as run_mod
+
+    run_dir = tmp_path / "run"
+    evaluate(files, run_dir, baselines="false")
+    eval_dir = run_dir / "eval"
+    listed = json.loads((eval_dir / run_mod.WRITTEN).read_text())
+    assert "score.json" in listed and "CT0_results.csv" in listed
+    (eval_dir / "stale_table.csv").write_text("from an earlier evaluation\n")
+    (eval_dir / run_mod.WRITTEN).write_text(json.dumps([*listed, "stale_table.csv"]))
+    (eval_dir / "my_notes.txt").write_text("the user's own\n")
+    evaluate(files, run_dir, baselines="false")
+    assert not (eval_dir / "stale_table.csv").exists()
+    assert (eval_dir / "my_notes.txt").read_text() == "the user's own\n"
+    assert sorted(json.loads((eval_dir / run_mod.WRITTEN).read_text())) == sorted(listed)

@@ -23,6 +23,7 @@ writes nothing. While it runs, the libraries' logs, warnings and progress bars g
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "eval.log"  # in <run>/eval/
 STAGE_PREFIX = ".staging-"  # in <run>/eval/: an evaluation's tables until it is done
+WRITTEN = ".written.json"  # in <run>/eval/: the files the last evaluation wrote (what the next may replace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,22 +192,28 @@ def evaluate_run(config: EvalConfig) -> Score:
 
 def _commit(stage: Path, eval_dir: Path) -> None:
     """Move the finished evaluation's files from `stage` into `eval_dir`, each renamed into place whole,
-    score.json last; then remove what an earlier evaluation left there that this one did not write (its log
-    excepted), so every table in eval/ belongs to its score.json."""
+    score.json last; then remove the files the previous evaluation wrote (its list, `WRITTEN`) that this one
+    did not write again, so every table in eval/ belongs to its score.json. A file eval/ holds that no
+    evaluation wrote (the user's own, beside a `pred=` from elsewhere) is never touched."""
     new = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file() or p.is_symlink())
     for rel in sorted(new, key=lambda r: r.as_posix() == "score.json"):
         (eval_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / rel, eval_dir / rel)
-    keep = {r.as_posix() for r in new} | {LOG_FILE}
-    for p in sorted(eval_dir.rglob("*"), reverse=True):  # files before their folders
-        rel = p.relative_to(eval_dir)
-        if rel.parts[0].startswith(STAGE_PREFIX) or rel.as_posix() in keep:
+    written = {r.as_posix() for r in new}
+    try:
+        before = set(json.loads((eval_dir / WRITTEN).read_text()))
+    except (OSError, ValueError, TypeError):
+        before = set()
+    for rel in sorted(before - written, reverse=True):
+        path = eval_dir / rel
+        if ".." in Path(rel).parts or not path.is_file():
             continue
-        if p.is_dir() and not p.is_symlink():
-            if not any(p.iterdir()):
-                p.rmdir()
-        else:
-            p.unlink()
+        path.unlink()
+        for folder in path.relative_to(eval_dir).parents:  # the folders it leaves empty
+            d = eval_dir / folder
+            if d != eval_dir and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    atomic_write_text(eval_dir / WRITTEN, json.dumps(sorted(written)))
 
 
 @dataclasses.dataclass
