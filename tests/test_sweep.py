@@ -311,13 +311,13 @@ def test_best_yaml_is_an_experiment_file_that_tahoe_ft_train_trains(swept, tmp_p
 # -- a real `tahoe-ft sweep` SIGKILLed mid-trial, then run again --------------------------------------------
 
 
-def _sweep_cmd(root: Path, cache: Path, n_trials: int) -> list[str]:
+def _sweep_cmd(root: Path, cache: Path, n_trials: int, steps: str = "int(9, 15, 3)") -> list[str]:
     train = "[" + ",".join(f"'{a}'" for a in TRAIN) + "]"
     return [
         sys.executable, "-m", "tahoe_ft.cli", "sweep", "+sweep=genespace", "sweep.name=killed",
         f"n_trials={n_trials}", "folds=2", "pretrained=null", f"runs_dir={root}", f"paths.data_cache={cache}",
         *TINY_DEMO, "~sweep.params.model", "~sweep.params.freeze", "~sweep.params.sched",
-        "sweep.params.trainer.max_steps='int(9, 15, 3)'", f"train_overrides={train}",
+        f"sweep.params.trainer.max_steps='{steps}'", f"train_overrides={train}",
     ]  # fmt: skip
 
 
@@ -392,10 +392,11 @@ def _stop_in_trial(cmd: list[str], sweep_dir: Path, trial: int, sig: int, log_pa
 @pytest.mark.timeout(900)
 def test_ctrl_c_and_sigterm_fail_the_trial_and_say_in_one_line_how_to_continue(tmp_path, cache):
     """Ctrl-C used to exit 1 in silence (Lightning's sys.exit) with the trial left RUNNING; SIGTERM's line
-    advised resume=true, which sweep does not take."""
+    advised resume=true, which sweep does not take. The trials are long (thousands of steps) so that the
+    signal always lands in training: with 9-15 steps a trial could end between two polls."""
     root = tmp_path / "runs"
     sweep_dir = root / "sweeps" / "killed"
-    cmd = _sweep_cmd(root, cache, n_trials=3)
+    cmd = _sweep_cmd(root, cache, n_trials=3, steps="int(4000, 6000, 1000)")
     storage = f"sqlite:///{sweep_dir / 'study.db'}"
     for trial, sig, how in (
         (0, signal.SIGINT, "interrupted (Ctrl-C)"),
