@@ -254,12 +254,12 @@ def test_build_upload_draw_rule():
     a, genes = _valid_upload(cells=30)
     a.obs[PERT_COL] = a.obs[PERT_COL].astype(str)
     a.obs.iloc[:5, 0] = "non-targeting"  # controls are dropped
-    up = build_upload(a, genes[::-1], pert_col=PERT_COL, control_pert="non-targeting", context_col=CONTEXT_COL,
+    up = build_upload(a, genes[::-1], labels=ScreenLabels(PERT_COL, "non-targeting", CONTEXT_COL),
                       where="x", cells_per_pert=40, min_cells=10)  # fmt: skip
     check_upload(up, genes[::-1], cells_per_pert=40)
     assert up.uns["tahoe_ft_upload"]["topped_up"] == {"A/P1": 25, "A/P2": 30, "B/P1": 30, "B/P2": 30}
     with pytest.raises(UserError, match="has 25 predicted cells in x, fewer than min_cells=26"):
-        build_upload(a, genes, pert_col=PERT_COL, control_pert="non-targeting", context_col=CONTEXT_COL,
+        build_upload(a, genes, labels=ScreenLabels(PERT_COL, "non-targeting", CONTEXT_COL),
                      where="x", cells_per_pert=40, min_cells=26)  # fmt: skip
 
 

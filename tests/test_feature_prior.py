@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.feature_ridge import fit_feature_ridge
 from tahoe_ft.model.st import HparamsError, StateTransitionModel
@@ -86,9 +87,7 @@ def test_a_round_with_the_prior_starts_at_the_panels_feature_ridge_and_keeps_it_
     feats = pert_features(manifest)
     ridge = fit_feature_ridge_on_cells(
         train_cells,
-        pert_col=m.pert_col,
-        control_pert=m.control_pert,
-        celltype_col=m.cell_type_col,
+        labels=ScreenLabels.of(m),
         features=feats,
     )
     model = loaded.model
@@ -218,8 +217,7 @@ def test_the_prior_is_fitted_group_by_group_to_the_same_bits_as_the_panels_fit(t
     rng = np.random.default_rng(0)
     feats = {p: rng.normal(size=6) for p in cat.pert_names}
     want = fit_feature_ridge_on_cells(
-        cells, pert_col=cat.pert_col, control_pert=cat.control_pert, celltype_col=cat.cell_type_col,
-        features=feats,
+        cells, labels=cat.labels, features=feats,
     )  # fmt: skip
     got = fit_feature_ridge_on_means(means, cat.control_pert, feats)
     assert np.array_equal(got.coef, want.coef) and np.array_equal(got.intercept, want.intercept)

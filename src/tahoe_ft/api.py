@@ -204,8 +204,8 @@ def export(config: ExportConfig) -> Path:
 
     import anndata as ad
 
+    from tahoe_ft.data.labels import VCC_LABELS, ScreenLabels
     from tahoe_ft.evaluation import prep_submission
-    from tahoe_ft.evaluation.run import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
     from tahoe_ft.runs import PredictRecord
 
     pred, run_dir, gene_list, out = config.pred, config.run_dir, config.gene_list, config.out
@@ -237,8 +237,8 @@ def export(config: ExportConfig) -> Path:
     if parent is not None and not parent.is_dir():
         raise UserError(f"out={target}: {parent} is not a folder; pass out=<a file in a folder>")
     record = PredictRecord.read(run_dir)
-    pert_col = record.pert_col if record is not None else DEFAULT_PERT_COL
-    control_pert = record.control_pert if record is not None else DEFAULT_CONTROL_PERT
+    # the run's labels (VCC's without a predict record); the submission has no cell-type column
+    labels = ScreenLabels(record.pert_col, record.control_pert) if record is not None else VCC_LABELS
     if v2026:
         from tahoe_ft.evaluation.upload import export_upload
 
@@ -246,16 +246,14 @@ def export(config: ExportConfig) -> Path:
             pred,
             target,
             gene_list=gene_list,
-            pert_col=pert_col,
-            control_pert=control_pert,
-            context_col=record.cell_type_col if record is not None else None,
+            labels=ScreenLabels.of(record) if record is not None else VCC_LABELS,
             cells_per_pert=config.cells_per_pert,
             min_cells=config.min_cells,
             seed=config.seed,
         )
         return target
     if gene_list is not None:
-        return prep_submission(pred, gene_list, target, pert_col=pert_col, control_pert=control_pert)
+        return prep_submission(pred, gene_list, target, labels=labels)
     # the evaluator's genes the model was trained on, in order: pred's var_names, in a temp file (nothing
     # is written beside pred but the submission)
     with tempfile.TemporaryDirectory(prefix="tahoe-ft-export-") as tmp:
@@ -268,7 +266,7 @@ def export(config: ExportConfig) -> Path:
                 "(tahoe-ft predict) or pass pred=<an .h5ad file>"
             ) from None
         genes.write_text("".join(f"{g}\n" for g in names))
-        return prep_submission(pred, genes, target, pert_col=pert_col, control_pert=control_pert)
+        return prep_submission(pred, genes, target, labels=labels)
 
 
 def export_state(config: ExportStateConfig) -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tahoe_ft.checkpoints.safe_pickle import read_pickle, read_torch_data
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class RunFolder:
             input_transform="log1p",  # upstream reads X as stored
             embed_key=hparams.get("embed_key"),
             genes=genes,
-            **cols,
+            labels=ScreenLabels(**cols),
         )
         cat._set_split_bits(toml_split_bits(cat, toml), yield_controls=True)
         splits = cat.splits

@@ -29,6 +29,7 @@ from tahoe_ft.data.checks import (
 )
 from tahoe_ft.data.h5screen import H5Screen, ScreenSet
 from tahoe_ft.data.inputs import SplitToml, parse_split_toml, read_gene_list
+from tahoe_ft.data.labels import ScreenLabels
 from tahoe_ft.data.manifest import Manifest
 from tahoe_ft.data.splits import (
     SPLIT_BITS,
@@ -73,9 +74,8 @@ def as_data_config(cfg: DataConfig | DictConfig | Mapping) -> DataConfig:
 
 
 def _columns(source: DataConfig | Manifest) -> dict[str, Any]:
-    """The obs columns, control label and transform, named alike in a data config and a manifest."""
-    keys = ("pert_col", "control_pert", "cell_type_col", "batch_col", "input_transform")
-    return {k: getattr(source, k) for k in keys}
+    """The labels and the transform, named alike in a data config and a manifest."""
+    return {"labels": ScreenLabels.of(source), "input_transform": source.input_transform}
 
 
 def _check_options(c: DataConfig) -> None:
@@ -166,10 +166,7 @@ class CellCatalog:
         paths: Sequence[str | os.PathLike],
         datasets: Sequence[str],
         *,
-        pert_col: str,
-        control_pert: str,
-        cell_type_col: str,
-        batch_col: str | None,
+        labels: ScreenLabels,
         input_transform: str,
         embed_key: str | None,
         gene_list: str | os.PathLike | None = None,
@@ -177,11 +174,16 @@ class CellCatalog:
     ) -> None:
         """Open and validate the screens and label their cells; `open`/`from_manifest` then set the splits.
 
-        Genes: `genes` (a list), else the gene list file `gene_list`, else the files' var_names.
+        Genes: `genes` (a list), else the gene list file `gene_list`, else the files' var_names. `labels`
+        must name a cell-type column (a catalog's cells always have one).
         """
+        if labels.cell_type_col is None:
+            raise ValueError("CellCatalog needs labels.cell_type_col")
         self.data_paths = [str(p) for p in paths]
         self.datasets = list(datasets)
-        self.pert_col, self.control_pert = pert_col, control_pert
+        self.labels = labels
+        pert_col, cell_type_col, batch_col = labels.pert_col, labels.cell_type_col, labels.batch_col
+        self.pert_col, self.control_pert = pert_col, labels.control_pert
         self.cell_type_col, self.batch_col = cell_type_col, batch_col
         self.input_transform, self.embed_key = input_transform, embed_key
         self.screens = [H5Screen(p) for p in paths]

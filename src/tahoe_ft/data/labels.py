@@ -27,6 +27,17 @@ class ScreenLabels:
     cell_type_col: str | None = None
     batch_col: str | None = None
 
+    @classmethod
+    def of(cls, source: object) -> ScreenLabels:
+        """The labels of anything that names them alike: a data config (`config.DataConfig`), a checkpoint's
+        `Manifest`, or an object with the four attributes."""
+        return cls(
+            pert_col=source.pert_col,  # type: ignore[attr-defined]
+            control_pert=source.control_pert,  # type: ignore[attr-defined]
+            cell_type_col=getattr(source, "cell_type_col", None),
+            batch_col=getattr(source, "batch_col", None),
+        )
+
 
 # the labels of files that nothing else describes (cell-eval's and the VCC's): no cell-type column
 VCC_LABELS = ScreenLabels()

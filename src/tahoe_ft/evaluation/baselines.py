@@ -270,15 +270,14 @@ def fit_feature_ridge_on_means(
 def fit_feature_ridge_on_cells(
     train: ad.AnnData,
     *,
-    pert_col: str,
-    control_pert: str,
-    celltype_col: str | None,
+    labels: ScreenLabels,
     features: Mapping[str, np.ndarray],
 ) -> FeatureRidge:
-    """The panel's `feature_ridge` fitted on training cells `train` (what `CellCatalog.training_cells` gives):
-    the same fit as the panel's on the same cells, so a model's feature prior starts where the baseline is."""
+    """The panel's `feature_ridge` fitted on training cells `train` (what `CellCatalog.training_cells` gives;
+    `labels` their columns): the same fit as the panel's on the same cells, so a model's feature prior starts
+    where the baseline is."""
     genes = [str(g) for g in train.var_names]
-    return _fit_ridge(_Training(train, ScreenLabels(pert_col, control_pert, celltype_col), genes), features)
+    return _fit_ridge(_Training(train, labels, genes), features)
 
 
 def _cell_mean(tr: _Training, groups: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:

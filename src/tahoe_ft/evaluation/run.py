@@ -643,10 +643,7 @@ def _toml_held_out(
         cat = CellCatalog(
             [train_path],
             [name],
-            pert_col=labels.pert_col,
-            control_pert=labels.control_pert,
-            cell_type_col=ct_col,
-            batch_col=None,
+            labels=dataclasses.replace(labels, cell_type_col=ct_col, batch_col=None),
             input_transform="log1p",
             embed_key=None,
             genes=genes,  # the file's own: no gene list applies here

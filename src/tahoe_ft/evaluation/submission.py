@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL, ScreenLabels
+from tahoe_ft.data.labels import VCC_LABELS, ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.inputs import one_line, read_input
 from tahoe_ft.fileio import atomic_path
@@ -23,9 +23,7 @@ def prep_submission(
     gene_list_csv: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
-    pert_col: str = DEFAULT_PERT_COL,
-    control_pert: str = DEFAULT_CONTROL_PERT,
-    celltype_col: str | None = None,
+    labels: ScreenLabels = VCC_LABELS,
 ) -> Path:
     """Pack predictions for the Virtual Cell Challenge with cell-eval's `prep` (a tar of pred.h5ad.zst).
 
@@ -46,7 +44,7 @@ def prep_submission(
             f"gene list not found: {gene_list_csv}; pass a CSV with one gene name per line, no header"
         )
     genes = pl.read_csv(gene_list_csv, has_header=False).to_series(0).cast(str).to_list()
-    labels = ScreenLabels(pert_col, control_pert, celltype_col)
+    pert_col, control_pert, celltype_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     pred = read_input(pred_path, "pred", labels=labels, clip_negative=True)
     if control_pert not in set(pred.adata.obs[pert_col]):
         raise UserError(

@@ -17,6 +17,7 @@ time), with a perturbation list written from the file itself, so its per-perturb
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL
+from tahoe_ft.data.labels import DEFAULT_CONTROL_PERT, DEFAULT_PERT_COL, ScreenLabels
 from tahoe_ft.errors import UserError
 from tahoe_ft.evaluation.counts import check_counts
 
@@ -61,15 +62,15 @@ def build_upload(
     pred: ad.AnnData,
     genes: list[str],
     *,
-    pert_col: str,
-    control_pert: str,
-    context_col: str | None,
+    labels: ScreenLabels,
     where: str,
     cells_per_pert: int = CELLS_PER_PERT,
     min_cells: int = MIN_CELLS,
     seed: int = 0,
 ) -> ad.AnnData:
-    """The upload file of a counts prediction `pred` (see the module docstring for the draw)."""
+    """The upload file of a counts prediction `pred` (see the module docstring for the draw); the context of a
+    cell is `labels.cell_type_col` (None: one context)."""
+    pert_col, control_pert, context_col = labels.pert_col, labels.control_pert, labels.cell_type_col
     if cells_per_pert < 1 or min_cells < 1:
         raise UserError(f"cells_per_pert={cells_per_pert} and min_cells={min_cells} must be >= 1")
     if pert_col not in pred.obs:
@@ -199,9 +200,7 @@ def export_upload(
     target: Path,
     *,
     gene_list: str | None,
-    pert_col: str,
-    control_pert: str,
-    context_col: str | None,
+    labels: ScreenLabels,
     cells_per_pert: int = CELLS_PER_PERT,
     min_cells: int = MIN_CELLS,
     seed: int = 0,
@@ -221,14 +220,13 @@ def export_upload(
         genes = pd.read_csv(gl, header=None).iloc[:, 0].astype(str).tolist()
     else:
         genes = list(map(str, pred.var_names))
+    context_col = labels.cell_type_col
     if context_col is None or context_col not in pred.obs:  # a file from elsewhere: a context column it has
         context_col = next((c for c in (CONTEXT_COL, "cell_type", "celltype") if c in pred.obs), None)
     up = build_upload(
         pred,
         genes,
-        pert_col=pert_col,
-        control_pert=control_pert,
-        context_col=context_col,
+        labels=dataclasses.replace(labels, cell_type_col=context_col),
         where=f"pred ({pred_path})",
         cells_per_pert=cells_per_pert,
         min_cells=min_cells,
