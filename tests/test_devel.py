@@ -43,3 +43,45 @@ def test_check_reads_the_devel_screen(tmp_path):
     # 33 perturbations besides the control (18 K562 singles, 15 doubles; the 9 kinase genes in every line)
     assert len(summary["splits"]["train"]["perturbations"]) == 33
     assert summary["splits"]["train"]["cells"] + 400 == 5961  # every perturbed cell trains; 400 controls
+
+
+def test_reproduce_over_folds_of_the_devel_screen_runs_to_the_end(tmp_path):
+    """Issue #31: cross-validation on a screen whose cell lines have different perturbations (K562's 33 against
+    the glioblastoma lines' 9) used to fail. `reproduce folds=2 data=devel` runs train, predict, eval and compare
+    on both folds, and each fold's `[fewshot]` table lists only perturbations measured in its cell type."""
+    import pandas as pd
+
+    from tahoe_ft.data.split_file import parse_split_toml
+
+    out = cli(
+        "reproduce", "data=devel", "folds=2", "num_threads=1", "step_scale=0.01", "experiments=[0905]",
+        "evaluate=[0905]", "train_overrides=['pretrained=null','logger=csv']",
+        f"paths.data_cache={tmp_path / 'cache'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    screen = ad.read_h5ad(embedded.devel_path(tmp_path / "cache"))
+    measured = {
+        ct: set(g["condition"]) - {"control"} for ct, g in screen.obs.astype(str).groupby("cell_type")
+    }
+    tested: dict[str, list[str]] = {ct: [] for ct in measured}
+    for fold in range(2):
+        split = parse_split_toml(tmp_path / "runs" / "folds" / f"fold-{fold}.toml")
+        assert {ct for _, ct in split.fewshot} == set(measured)
+        assert any(table["val"] for table in split.fewshot.values()), fold
+        for (_, ct), table in split.fewshot.items():
+            val, test = set(table["val"]), set(table["test"])
+            assert test and not val & test, (fold, ct)  # a line may have no validation perturbation
+            assert val | test <= measured[ct], (fold, ct, sorted((val | test) - measured[ct]))
+            tested[ct] += table["test"]
+    for ct, perts in tested.items():  # every measured perturbation of a line is tested once over the folds
+        assert sorted(perts) == sorted(measured[ct]), ct
+    per_split = pd.read_csv(tmp_path / "runs" / "compare_splits.csv")
+    rounds = per_split[per_split["experiment"] == "0905"]
+    assert sorted(rounds["fold"]) == [0, 1] and rounds["avg_score"].notna().all()
+    assert {"cell_mean", "ceiling", "feature_ridge"} <= set(per_split["experiment"])
+    summary = pd.read_csv(tmp_path / "runs" / "compare.csv").set_index("experiment")
+    assert summary.loc["0905", "n"] == 2 and summary.loc["0905", "vs_cell_mean"] in (
+        "better",
+        "indistinguishable",
+        "worse",
+    )
