@@ -339,3 +339,38 @@ def test_eval_verdicts_reads_cell_evals_tables_and_pairs_a_partial_baseline_on_i
         and len(groups["partial"]) == 8
         and "NA" in set(groups["round"]["perturbation"])
     )
+
+
+def test_each_sides_unclipped_mean_is_reported_where_clipping_ranks_the_other_way():
+    """avg_score clips each cell type's normalised score at 0; the verdict does not. Planted: in CT0 both sides
+    are below the cell mean (round -0.5, baseline -1.0 per group), in CT1 both above (round +0.1, baseline
+    +0.2). Clipped per cell type the baseline leads (0.1 against 0.05); per group the round is ahead by
+    +0.2 on average. The verdict carries each side's unclipped mean, so the two readings can be reconciled."""
+
+    def table(ct0: float, ct1: float) -> pd.DataFrame:
+        rows = [("CT0", f"G{i}", ct0) for i in range(8)] + [("CT1", f"H{i}", ct1) for i in range(8)]
+        return pd.DataFrame(
+            {
+                "celltype": [r[0] for r in rows],
+                "perturbation": [r[1] for r in rows],
+                "avg_score": [r[2] for r in rows],
+                "norm_mae": [r[2] for r in rows],
+                "mae": [0.1] * len(rows),
+            }
+        )
+
+    rnd, base = table(-0.5, 0.1), table(-1.0, 0.2)
+    clipped = {
+        name: np.mean([max(g["avg_score"].mean(), 0.0) for _, g in t.groupby("celltype")])
+        for name, t in (("round", rnd), ("base", base))
+    }
+    assert clipped["base"] > clipped["round"]  # the planted disagreement
+    v = paired_verdict(rnd, base)
+    assert v.verdict == BETTER and v.diff == pytest.approx(0.2)
+    assert v.round_mean == pytest.approx(-0.2) and v.base_mean == pytest.approx(-0.4)
+    assert v.round_mean - v.base_mean == pytest.approx(v.diff)
+    assert v.to_dict()["round_mean"] == pytest.approx(-0.2)
+    over = split_verdict([(rnd, base), (table(-0.3, 0.1), table(-0.3, 0.1))])
+    assert over.round_mean == pytest.approx((-0.2 + -0.1) / 2) and over.base_mean == pytest.approx(
+        (-0.4 - 0.1) / 2
+    )

@@ -131,6 +131,11 @@ class Verdict:
     mae_verdict: str
     n_splits: int = 1
     note: str | None = None
+    # each side's own mean per-group avg_score on the same groups (mean over splits of the split means), so
+    # diff = round_mean - base_mean. Unclipped, unlike cell-eval's avg_score, which clips each cell type's
+    # normalised score at 0: a round can be "better" while its clipped avg_score is the lower one.
+    round_mean: float = math.nan
+    base_mean: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """The `verdict` block of score.json (NaN as None)."""
@@ -167,8 +172,18 @@ def short_text(block: Mapping[str, Any] | None, *, flip: bool = False) -> str:
     return f"{word} [{lo + 0.0:+.3f},{hi + 0.0:+.3f}]"  # + 0.0: no "-0.000"
 
 
-def _verdict(avg: Sequence[np.ndarray], mae: Sequence[np.ndarray], n_distinct: int, seed: int) -> Verdict:
-    """The verdict of per-split arrays of paired differences (one array per split)."""
+def _verdict(
+    avg: Sequence[np.ndarray],
+    mae: Sequence[np.ndarray],
+    n_distinct: int,
+    seed: int,
+    sides: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+) -> Verdict:
+    """The verdict of per-split arrays of paired differences (one array per split); `sides`: per split, the
+    round's and the baseline's own per-group avg_score on those groups (for `round_mean`/`base_mean`)."""
+    sides = [s for s in sides if len(s[0])]
+    round_mean = float(np.mean([r.mean() for r, _ in sides])) if sides else math.nan
+    base_mean = float(np.mean([b.mean() for _, b in sides])) if sides else math.nan
     avg = [a for a in avg if len(a)]
     mae = [m for m in mae if len(m)]
     lo, hi = hierarchical_ci(avg, seed=seed)
@@ -193,6 +208,8 @@ def _verdict(avg: Sequence[np.ndarray], mae: Sequence[np.ndarray], n_distinct: i
         mae_verdict=verdict_of(mlo, mhi, n_distinct, lower_is_better=True),
         n_splits=len(avg),
         note=note,
+        round_mean=round_mean,
+        base_mean=base_mean,
     )
 
 
@@ -206,7 +223,8 @@ def _norm_cols(df: pd.DataFrame) -> list[str]:
 
 def paired_differences(round_groups: pd.DataFrame, base_groups: pd.DataFrame) -> pd.DataFrame:
     """Per group that both sides have (joined on celltype and perturbation): `avg_score` (round - baseline,
-    the mean over the normalised metrics both sides have) and `mae` (round - baseline, raw). Groups without
+    the mean over the normalised metrics both sides have), `round_avg` and `base_avg` (each side's own mean
+    over those metrics; their difference is `avg_score`) and `mae` (round - baseline, raw). Groups without
     a finite avg_score difference are dropped."""
     a = round_groups.set_index(KEYS)
     b = base_groups.set_index(KEYS)
@@ -216,9 +234,14 @@ def paired_differences(round_groups: pd.DataFrame, base_groups: pd.DataFrame) ->
     d = (a[norms] - b[norms]).to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(d)
-        avg = np.where(finite.any(axis=1), np.nansum(d, axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+        count = np.maximum(finite.sum(axis=1), 1)
+        avg = np.where(finite.any(axis=1), np.nansum(d, axis=1) / count, np.nan)
+        own = {
+            side: np.where(finite, x[norms].to_numpy(dtype=np.float64), 0.0).sum(axis=1) / count
+            for side, x in (("round_avg", a), ("base_avg", b))
+        }
     mae = (a[MAE] - b[MAE]).to_numpy(dtype=np.float64) if MAE in a and MAE in b else np.full(len(a), np.nan)
-    out = pd.DataFrame({"avg_score": avg, "mae": mae}, index=common).reset_index()
+    out = pd.DataFrame({"avg_score": avg, **own, "mae": mae}, index=common).reset_index()
     return out[np.isfinite(out["avg_score"])].reset_index(drop=True)
 
 
@@ -234,7 +257,8 @@ def split_verdict(pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], *, seed: i
     diffs = [d for d in diffs if len(d)]
     distinct = {tuple(k) for d in diffs for k in d[KEYS].itertuples(index=False)}
     mae = [d["mae"].to_numpy()[np.isfinite(d["mae"].to_numpy())] for d in diffs]
-    return _verdict([d["avg_score"].to_numpy() for d in diffs], mae, len(distinct), seed)
+    sides = [(d["round_avg"].to_numpy(), d["base_avg"].to_numpy()) for d in diffs]
+    return _verdict([d["avg_score"].to_numpy() for d in diffs], mae, len(distinct), seed, sides)
 
 
 def per_group_table(

@@ -361,6 +361,8 @@ VERDICT_FIELDS = [
     "mae_ci_high",
     "mae_verdict",
     "n_groups",
+    "round_mean",
+    "base_mean",
 ]
 
 
@@ -694,7 +696,9 @@ def _print_verdicts(verdicts: dict[tuple[str, str], Verdict]) -> None:
     console.print(table)
     console.print(
         "per held-out group, splits resampled and then groups within each (hierarchical bootstrap); better/"
-        f"worse: the interval excludes 0; indist.: it includes 0, or < {MIN_GROUPS} distinct groups",
+        f"worse: the interval excludes 0; indist.: it includes 0, or < {MIN_GROUPS} distinct groups. Δ is of "
+        "the per-group avg_score, unclipped; the avg above clips each cell type's at 0, so the two can rank "
+        "differently (each side's unclipped mean: vs_<baseline>_round_mean / _base_mean in compare.csv)",
         highlight=False,
     )
 
