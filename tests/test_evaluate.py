@@ -458,6 +458,10 @@ def test_cli_eval_prints_a_short_table_and_logs_to_a_file(tmp_path, capsys, monk
     assert log_file.is_file()
     text = log_file.read_text()
     assert "cell_eval" in text and "Writing aggregate metrics" in text
+    # the records name eval/, where the tables end up, never the staging folder they were written in (a path
+    # that is gone), and cell-eval's "already exists, potential overwrite" about that fresh folder is dropped
+    assert f"Writing aggregate metrics to {run_dir / 'eval'}/" in text, text[-3000:]
+    assert ".staging-" not in text and "potential overwrite" not in text, text[-3000:]
 
     # verbose=true: the libraries' records reach the console too (and still the log file)
     cli.main(["eval", f"runs_dir={runs}", "exp=0905", "num_threads=1", "verbose=true"])

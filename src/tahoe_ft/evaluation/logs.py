@@ -51,6 +51,30 @@ class _OwnMessages(logging.Filter):
         return record.levelno >= logging.WARNING or not record.name.startswith("tahoe_ft.evaluation")
 
 
+class _Renamed(logging.Filter):
+    """Records that name the staging folder `old` name `new` instead (where the files end up). cell-eval's
+    warning that an output folder "already exists, potential overwrite occurring" is dropped: every folder
+    evaluation gives cell-eval is one tahoe-ft made for it (the staging folder, the panel's cache folders),
+    and nothing of the user's is in them (kept with `keep_all`: verbose, the libraries' records as they are)."""
+
+    def __init__(self, old: Path, new: Path, *, keep_all: bool = False) -> None:
+        super().__init__()
+        self.old, self.new, self.keep_all = str(old), str(new), keep_all
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a record whose arguments do not fit its format: as it is
+            return True
+        overwrite = record.name.startswith("cell_eval") and "potential overwrite occurring" in message
+        if overwrite and not self.keep_all:
+            return False
+        if self.old not in message:
+            return True
+        record.msg, record.args = message.replace(self.old, self.new), None
+        return True
+
+
 @contextlib.contextmanager
 def _filtered(handlers: list[logging.Handler], flt: logging.Filter) -> Iterator[None]:
     for h in handlers:
@@ -63,9 +87,12 @@ def _filtered(handlers: list[logging.Handler], flt: logging.Filter) -> Iterator[
 
 
 @contextlib.contextmanager
-def capture(log_file: str | os.PathLike, *, console: bool = False) -> Iterator[Path]:
+def capture(
+    log_file: str | os.PathLike, *, console: bool = False, staged: tuple[Path, Path] | None = None
+) -> Iterator[Path]:
     """Log records (INFO and up), warnings, prints and progress bars of the block go into `log_file`
-    (appended to); with `console`, prints and progress bars stay on stdout / stderr instead."""
+    (appended to); with `console`, prints and progress bars stay on stdout / stderr instead. `staged`: (the
+    staging folder, the folder its files are moved to): the records name the latter (`_Renamed`)."""
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -80,6 +107,8 @@ def capture(log_file: str | os.PathLike, *, console: bool = False) -> Iterator[P
                 stack.enter_context(_filtered(before, _AtLeast(old_level)))
                 root.setLevel(logging.INFO)
             root.addHandler(handler)
+            if staged is not None:
+                stack.enter_context(_filtered([*before, handler], _Renamed(*staged, keep_all=console)))
             already = getattr(logging, "_warnings_showwarning", None) is not None
             logging.captureWarnings(True)
             try:

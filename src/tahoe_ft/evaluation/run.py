@@ -172,7 +172,9 @@ def evaluate_run(config: EvalConfig) -> Score:
     try:
         # the log is appended to (an earlier evaluation's log stays); verbose: prints and progress bars stay on
         # the console (the records reach the log file either way)
-        with capture(files.eval_dir / LOG_FILE, console=verbose(config.verbose)):
+        with capture(
+            files.eval_dir / LOG_FILE, console=verbose(config.verbose), staged=(stage, files.eval_dir)
+        ):
             log.info("evaluating %s against %s", files.pred, files.real)
             score = _evaluate(config, files, record, prepared, side, stage)
         atomic_write_text(stage / "score.json", score.to_json())
