@@ -377,7 +377,15 @@ def _stop_in_trial(cmd: list[str], sweep_dir: Path, trial: int, sig: int, log_pa
     """Run the sweep command; send `sig` once trial `trial` trains a fold; return the finished process and its
     stderr."""
     with open(log_path, "w") as err:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        # SIGINT at its default disposition in the child: a shell's background job (`cmd &`, nohup) runs
+        # with SIGINT ignored, which the child would inherit, and Python then never raises KeyboardInterrupt
+        proc = subprocess.Popen(
+            cmd,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             if list((sweep_dir / f"trial-{trial:04d}").glob("fold-*/0905/2*")):
