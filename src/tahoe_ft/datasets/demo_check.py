@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +66,11 @@ class _Screen:
 
 
 def _split_lists(split_toml: Path) -> tuple[list[str], list[str]]:
-    fewshot = tomllib.loads(split_toml.read_text())["fewshot"]
-    first = next(iter(fewshot.values()))
-    return list(first.get("val", [])), list(first["test"])
+    """(val, test) of the demo's split TOML, read by the one split reader (`data.split_file`)."""
+    from tahoe_ft.data.split_file import parse_split_toml
+
+    first = next(iter(parse_split_toml(split_toml).fewshot.values()))
+    return list(first["val"]), list(first["test"])
 
 
 def _load_screen(files: dict[str, Path]) -> _Screen:
