@@ -22,6 +22,7 @@ from tahoe_ft.data.split_file import (
     format_split_toml,
     parse_split_toml,
     split_key,
+    split_toml_datasets,
     write_split_toml,
 )
 from tahoe_ft.errors import UserError
@@ -89,6 +90,7 @@ def test_keys_are_read_against_the_longest_dataset_name(tmp_path):
     )
     parsed = parse_split_toml(toml)
     assert parsed.datasets == {"k562.v2": [f]}
+    assert split_toml_datasets(toml) == ["k562.v2"]  # how `upstream_folder` counts them, without the files
     assert parsed.zeroshot == {("k562.v2", "HepG2"): "val"}
     assert parsed.fewshot == {("k562.v2", "K562"): {"val": [], "test": ["A"]}}
 

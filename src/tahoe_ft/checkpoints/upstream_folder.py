@@ -200,9 +200,7 @@ class RunFolder:
 
     def _split_toml(self, split_toml: str | os.PathLike | None, data_paths: Any):
         """The parsed split TOML; with `data_paths`, those files replace the TOML's [datasets] entries."""
-        import tomllib
-
-        from tahoe_ft.data.inputs import parse_split_toml
+        from tahoe_ft.data.split_file import parse_split_toml, split_toml_datasets
 
         src = split_toml or self.data_kwargs.get("toml_config_path")
         if not src or not Path(src).is_file():
@@ -217,11 +215,7 @@ class RunFolder:
         if data_paths is None:
             return parse_split_toml(src)
         files = [Path(p) for p in ([data_paths] if isinstance(data_paths, str | os.PathLike) else data_paths)]
-        try:
-            doc = tomllib.loads(Path(src).read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"cannot parse split TOML {src} ({exc}); fix its syntax") from None
-        datasets = list((doc.get("datasets") or {}).keys())
+        datasets = split_toml_datasets(src)
         if len(datasets) != 1:
             try:
                 return parse_split_toml(src)  # several datasets: their own files

@@ -213,6 +213,22 @@ def _is_fewshot_table(v: Any) -> bool:
     return isinstance(v, dict) and not any(isinstance(x, dict) for x in v.values())
 
 
+def _read_toml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise UserError(f"split TOML not found: {p}; check data.split_toml")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot parse split TOML {p} ({exc}); fix its syntax") from None
+
+
+def split_toml_datasets(path: str | os.PathLike) -> list[str]:
+    """The dataset names of a split TOML's `[datasets]` table, without resolving their files."""
+    raw = _read_toml(Path(path)).get("datasets", {})
+    return list(_flatten(raw, _never)) if isinstance(raw, dict) else []
+
+
 def parse_split_toml(
     path: str | os.PathLike, *, files: Mapping[str, Sequence[str | os.PathLike]] | None = None
 ) -> SplitToml:
@@ -222,13 +238,7 @@ def parse_split_toml(
     each must exist. The `"<dataset>.<cell type>"` keys are read as the module docstring says.
     """
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"split TOML not found: {p}; check data.split_toml")
-    try:
-        with p.open("rb") as fh:
-            doc = tomllib.load(fh)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot parse split TOML {p} ({exc}); fix its syntax") from None
+    doc = _read_toml(p)
     unknown = set(doc) - set(SECTIONS)
     if unknown:
         raise UserError(
