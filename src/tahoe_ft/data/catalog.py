@@ -183,8 +183,6 @@ class CellCatalog:
         self.datasets = list(datasets)
         self.labels = labels
         pert_col, cell_type_col, batch_col = labels.pert_col, labels.cell_type_col, labels.batch_col
-        self.pert_col, self.control_pert = pert_col, labels.control_pert
-        self.cell_type_col, self.batch_col = cell_type_col, batch_col
         self.input_transform, self.embed_key = input_transform, embed_key
         self.screens = [H5Screen(p) for p in paths]
         screens = self.screens
@@ -225,6 +223,22 @@ class CellCatalog:
         self._file_dataset = np.array([ds_index[d] for d in self.datasets], dtype=np.int32)
         self._control_rows = np.flatnonzero(self.pert_of == self.control_idx).astype(np.int64)
         self.split_bits = np.zeros(self.n_cells, dtype=np.int8)
+
+    @property
+    def pert_col(self) -> str:
+        return self.labels.pert_col
+
+    @property
+    def control_pert(self) -> str:
+        return self.labels.control_pert
+
+    @property
+    def cell_type_col(self) -> str:
+        return self.labels.cell_type_col
+
+    @property
+    def batch_col(self) -> str | None:
+        return self.labels.batch_col
 
     def _label_cells(self, cols: list[str]) -> None:
         """obs labels of every file -> sorted names and global codes per row."""
