@@ -7,6 +7,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pytest
 
 from conftest_train import cli
 from tahoe_ft.datasets import embedded
@@ -79,9 +80,19 @@ def test_reproduce_over_folds_of_the_devel_screen_runs_to_the_end(tmp_path):
     rounds = per_split[per_split["experiment"] == "0905"]
     assert sorted(rounds["fold"]) == [0, 1] and rounds["avg_score"].notna().all()
     assert {"cell_mean", "ceiling", "feature_ridge"} <= set(per_split["experiment"])
-    summary = pd.read_csv(tmp_path / "runs" / "compare.csv").set_index("experiment")
-    assert summary.loc["0905", "n"] == 2 and summary.loc["0905", "vs_cell_mean"] in (
-        "better",
-        "indistinguishable",
-        "worse",
+    row = pd.read_csv(tmp_path / "runs" / "compare.csv").set_index("experiment").loc["0905"]
+    assert row["n"] == 2 and row["vs_cell_mean_n_splits"] == 2
+    # the pooled verdict is over every tested group of both folds, and its figures agree with each other
+    assert row["vs_cell_mean_n_groups"] == sum(len(p) for p in tested.values())
+    assert row["vs_cell_mean_diff"] == pytest.approx(
+        row["vs_cell_mean_round_mean"] - row["vs_cell_mean_base_mean"]
     )
+    assert row["vs_cell_mean_ci_low"] <= row["vs_cell_mean_diff"] <= row["vs_cell_mean_ci_high"]
+    expected = (
+        "better"
+        if row["vs_cell_mean_ci_low"] > 0
+        else "worse"
+        if row["vs_cell_mean_ci_high"] < 0
+        else "indistinguishable"
+    )
+    assert row["vs_cell_mean"] == expected
