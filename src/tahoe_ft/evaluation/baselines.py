@@ -15,7 +15,7 @@ cell-eval call and normalisation as the rounds:
 - `additive`: for a double perturbation "A+B" (`COMBO_SEP`), the sum of its singles' measured effects in the
   same cell type (each single's training group mean minus the cell type's control mean), added to the controls;
   absent, with its reason, for a group that is no combination or whose singles do not all train there;
-- `target_knockdown`: `cell_mean` with the target gene's expression at the knock-down ratio of the training
+- `target_knockdown`: `cell_mean` with the target gene's expression at the target-to-control ratio of the training
   perturbations whose targets are measured genes (absent when no target is measured, e.g. a drug screen);
 - `linear`: PCA + ridge of Ahlmann-Eltze et al.: gene embedding G = the top-K principal components (gene
   loadings) of the training pseudobulk deltas, a perturbation's embedding = its target gene's row of G (the
@@ -377,7 +377,10 @@ def _target_knockdown(
     if ratio is None:
         notes["target_knockdown"] = "absent: no training perturbation targets a measured gene"
         return None
-    notes["target_knockdown"] = f"knock-down ratio {ratio:.3f} (median over {n} training groups)"
+    way = "knocked down" if ratio < 1 else "raised, as under CRISPRa" if ratio > 1 else "unchanged"
+    notes["target_knockdown"] = (
+        f"target at {ratio:.3f} x its control level ({way}; median over {n} training groups)"
+    )
     out = {}
     for c, p in groups:
         level = cell_mean[(c, p)].copy()
