@@ -217,7 +217,13 @@ def test_resume_is_explicit_and_continues(chain):
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
 
-    # resume=true: same run dir, from step 3, with the saved Adam state
+    # run.json records what the numbers depend on beyond config and seed: code, torch and its thread count
+    env = json.loads((run_dir / "run.json").read_text())["environment"]
+    threads = torch.get_num_threads()
+    assert env["torch_threads"] == threads and env["torch"] == torch.__version__ and "commit" in env
+
+    # resume=true: same run dir, from step 3, with the saved Adam state; here with another thread count, which
+    # run.json keeps beside the first
     probe, resumed = _Probe(), _Fingerprints()
     cfg = compose(
         "train",
@@ -225,7 +231,15 @@ def test_resume_is_explicit_and_continues(chain):
             crash_root, "0905", f"init_from={chain[1]['pretrain']}/checkpoints/best-val.pt", "resume=true"
         ),
     )
-    out = tahoe_ft.train(cfg, callbacks=[probe, resumed])
+    torch.set_num_threads(1 if threads != 1 else 2)
+    try:
+        out = tahoe_ft.train(cfg, callbacks=[probe, resumed])
+    finally:
+        torch.set_num_threads(threads)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["environment"] == env and info["resumed_environment"]["torch_threads"] == (
+        1 if threads != 1 else 2
+    )
     # mid-epoch resume is exact: steps 3..5 train on the batches the uninterrupted run trained on
     assert sorted(resumed.seen) == [3, 4, 5]
     assert {s: whole.seen[s] for s in resumed.seen} == resumed.seen

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -160,3 +161,43 @@ class PredictRecord:
             raise UserError(
                 f"{path} is not a prediction record ({exc}); run tahoe-ft predict again for this run"
             ) from None
+
+
+def git_commit() -> str | None:
+    """The commit of tahoe-ft's own repository (with `-dirty` when it has changes), or None when the package
+    is not a checkout (installed from a wheel) or git is missing."""
+    import tahoe_ft
+
+    here = Path(tahoe_ft.__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=20)
+
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None  # not tracked here: an installed copy inside some other repository
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config and seed: the code (tahoe-ft's version and commit),
+    torch's version, its CPU thread count (intra-op reductions sum in another order with another count, so a
+    run repeats to the digit only at the same count) and the GPU, if any."""
+    import torch
+
+    import tahoe_ft
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "tahoe_ft": str(getattr(tahoe_ft, "__version__", "unknown")),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+    }

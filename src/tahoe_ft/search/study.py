@@ -16,7 +16,7 @@ from typing import Any
 
 from tahoe_ft.config import PrunerName, ReproduceConfig, SweepConfig, checked
 from tahoe_ft.errors import UserError
-from tahoe_ft.runs import write_json_atomic
+from tahoe_ft.runs import git_commit, write_json_atomic
 from tahoe_ft.search.outputs import train_command, write_outputs
 from tahoe_ft.search.pins import base_change, base_pin, data_change, data_pin
 from tahoe_ft.search.plan import SweepPlan, make_plan
@@ -395,30 +395,6 @@ def _check_final_once(study: Any | None, plan: SweepPlan) -> None:
             f"{last.get('when')}: trial {last.get('trial')}, {last.get('dir')}); another look at the test set "
             "needs final_again=true, which the study records"
         )
-
-
-def git_commit() -> str | None:
-    """The commit of tahoe-ft's own repository (with `-dirty` when it has changes), or None when the package
-    is not a checkout (installed from a wheel) or git is missing."""
-    import subprocess
-
-    import tahoe_ft
-
-    here = Path(tahoe_ft.__file__).resolve().parent
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=20)
-
-    try:
-        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
-            return None  # not tracked here: an installed copy inside some other repository
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0 or not head.stdout.strip():
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _final(plan: SweepPlan, study: Any, folds: list[Any]) -> dict[str, Any]:

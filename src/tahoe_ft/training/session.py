@@ -27,6 +27,7 @@ from tahoe_ft.config import TrainConfig
 from tahoe_ft.errors import UserError
 from tahoe_ft.fileio import atomic_write_text
 from tahoe_ft.runs import (
+    environment,
     new_run_dir,
     newest_run,
     now_iso,
@@ -165,6 +166,7 @@ class RunSession:
                 steps=0,
                 best_val_loss=None,
                 best_step=None,
+                environment=environment(),
             )
             set_latest(self.run_dir)
             if parent is None:
@@ -174,6 +176,15 @@ class RunSession:
         elif self.writes:  # resumed: temp files of writes a kill interrupted are never under a final name
             for stale in (self.run_dir / "checkpoints").glob(".*"):
                 stale.unlink(missing_ok=True)
+            env, before = environment(), read_run_info(self.run_dir).get("environment")
+            if before and env != before:  # kept: the run's later steps ran here
+                changed = sorted(k for k in env if env[k] != before.get(k))
+                log.warning(
+                    "resuming %s in another environment (%s); run.json keeps both",
+                    self.run_dir,
+                    ", ".join(f"{k} {before.get(k)} -> {env[k]}" for k in changed),
+                )
+                update_run_info(self.run_dir, resumed_environment=env)
         self.prior = read_run_info(self.run_dir)
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # inherited by DDP worker processes
         return self.run_dir
