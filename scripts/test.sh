@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: install, lint, then pytest (CPU only; about 5 minutes on 2 cores).
+# The test suite: install, lint, then pytest (CPU only; about 10 minutes on 2 idle cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
