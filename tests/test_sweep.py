@@ -190,7 +190,9 @@ def test_a_study_refuses_to_continue_on_other_data_or_another_base_model(swept, 
     assert (sweep_dir / "study.db").read_bytes() == db
 
 
-def test_a_sweep_that_fails_before_its_first_trial_leaves_nothing_that_refuses_the_retry(tmp_path, cache):
+def test_a_sweep_that_fails_before_its_first_trial_leaves_nothing_that_refuses_the_retry(
+    tmp_path, cache, caplog
+):
     root = tmp_path / "runs"
     space = {"optim.lr": "logfloat(1e-4, 1e-2)"}
     missing = compose(
@@ -203,8 +205,20 @@ def test_a_sweep_that_fails_before_its_first_trial_leaves_nothing_that_refuses_t
     with pytest.raises(UserError, match="folds=100"):
         api.sweep(_cfg(root, cache, "retry", space, "folds=100"))
     assert not (root / "sweeps" / "retry").exists()  # no empty study.db pinned to folds=100
-    summary = api.sweep(_cfg(root, cache, "retry", space, "n_trials=1", "pruner=none", steps=3))
+    with caplog.at_level("WARNING", logger="tahoe_ft.search.study"):
+        summary = api.sweep(_cfg(root, cache, "retry", space, "n_trials=1", "pruner=none", steps=3))
     assert summary["trials"]["complete"] == 1
+    # the final test set (one fold's share, 2 of 8 perturbations, in 2 cell types) is too small for a verdict,
+    # and the sweep says so before searching; with n_test=4 (8 groups) it does not
+    final = json.loads((root / "sweeps" / "retry" / "folds" / "folds.json").read_text())["final_test"]
+    (warning,) = [r.getMessage() for r in caplog.records if "final test set is" in r.getMessage()]
+    assert (
+        f"the final test set is 4 group(s) ({', '.join(sorted(final))})" in warning and "n_test=" in warning
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tahoe_ft.search.study"):
+        api.sweep(_cfg(root, cache, "retry4", space, "n_trials=1", "pruner=none", "n_test=4", steps=3))
+    assert not [r for r in caplog.records if "final test set is" in r.getMessage()]
 
 
 def test_untrained_models_of_set_sizes_16_and_64_get_the_same_objective(tmp_path, cache):

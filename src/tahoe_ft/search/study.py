@@ -12,7 +12,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tahoe_ft.config import PrunerName, ReproduceConfig, SweepConfig, checked
 from tahoe_ft.errors import UserError
@@ -23,6 +23,9 @@ from tahoe_ft.search.plan import SweepPlan, make_plan
 from tahoe_ft.search.space import override
 from tahoe_ft.search.storage import fail_dead_trials, open_storage
 from tahoe_ft.search.trial import Objective, SweepStopped
+
+if TYPE_CHECKING:
+    from tahoe_ft.data import GroupKey
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             "or data.val_perts=[...]"
         )
     # the data (a bad path is refused here, before the study exists) and what the study is pinned to
-    paths, perts = _screen(cfg)
+    paths, groups = _screen(cfg)
     pins = {PIN_DATA: data_pin(cfg.data, paths), PIN_BASE: base_pin(plan.bases)}
-    n_test = _n_test(cfg, len(perts))
+    n_test = _n_test(cfg, len({g.pert for g in groups}))
     existing = _existing_study(plan)
     if existing is not None:  # continued: refused, with nothing written, when anything it depends on changed
         _check_study(existing, plan, pins)
@@ -56,6 +59,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     study = None
     try:
         folds = _folds(plan, n_test)  # <sweep>/folds/ (the data sets are made where they are opened)
+        _warn_small_final(plan, folds, groups)
         storage = open_storage(plan.storage_url, cfg.heartbeat_s)
         study = _create_study(plan, storage, cfg)
         if RECIPE_ATTR not in study.user_attrs:  # created now: pin it
@@ -102,16 +106,38 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _screen(cfg: SweepConfig) -> tuple[list[str], list[str]]:
-    """The data's files and perturbations (the embedded data sets are made where missing); a bad data path
-    or column is one line here, before the study exists."""
+def _screen(cfg: SweepConfig) -> tuple[list[str], list[GroupKey]]:
+    """The data's files and perturbed groups (the embedded data sets are made where missing); a bad data
+    path or column is one line here, before the study exists."""
     from tahoe_ft.data import CellCatalog
     from tahoe_ft.datasets import ensure_files
 
     ensure_files(cfg.data)
     catalog = CellCatalog.open(cfg.data, embed_key=None)
-    perts = sorted({key.pert for split in ("train", "val", "test") for key in catalog.groups(split)})
-    return list(catalog.data_paths), perts
+    groups = sorted({key for split in ("train", "val", "test") for key in catalog.groups(split)})
+    return list(catalog.data_paths), groups
+
+
+def _warn_small_final(plan: SweepPlan, folds: list[Any], groups: list[GroupKey]) -> None:
+    """Say before the search when the nested final test set holds too few groups for `final=true` to reach
+    a verdict (`evaluation.verdict.MIN_GROUPS`): its look could then only say "indistinguishable"."""
+    from tahoe_ft.evaluation.verdict import MIN_GROUPS
+
+    cfg = plan.cfg
+    if cfg.folds == 0 or str(cfg.regime) != "unseen_perturbation" or not folds:
+        return
+    final = set(folds[0].test)
+    n = sum(1 for g in groups if g.pert in final)
+    if n < MIN_GROUPS:
+        log.warning(
+            "sweep %s: the final test set is %d group(s) (%s); with fewer than %d, final=true can only say "
+            "'indistinguishable' against every baseline. A larger n_test= gives it more (the search keeps the "
+            "rest)",
+            plan.name,
+            n,
+            ", ".join(sorted(final)),
+            MIN_GROUPS,
+        )
 
 
 def _n_test(cfg: SweepConfig, n_perts: int) -> int:
