@@ -176,7 +176,9 @@ class RunSession:
         elif self.writes:  # resumed: temp files of writes a kill interrupted are never under a final name
             for stale in (self.run_dir / "checkpoints").glob(".*"):
                 stale.unlink(missing_ok=True)
-            env, before = environment(), read_run_info(self.run_dir).get("environment")
+        self.prior = read_run_info(self.run_dir)
+        if self.writes and self.cfg.resume:
+            env, before = environment(), self.prior.get("environment")
             if before and env != before:  # kept: the run's later steps ran here
                 changed = sorted(k for k in env if env[k] != before.get(k))
                 log.warning(
@@ -185,7 +187,6 @@ class RunSession:
                     ", ".join(f"{k} {before.get(k)} -> {env[k]}" for k in changed),
                 )
                 update_run_info(self.run_dir, resumed_environment=env)
-        self.prior = read_run_info(self.run_dir)
         os.environ[RUN_DIR_ENV] = str(self.run_dir)  # inherited by DDP worker processes
         return self.run_dir
 
