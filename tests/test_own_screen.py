@@ -85,7 +85,8 @@ def test_readme_own_screen_commands_give_a_scored_run_beside_the_panel(own_scree
     for name in ("checkpoints/best-val.pt", "pred.h5ad", "real.h5ad", "predict.json", "init_report.json"):
         assert (run / name).is_file(), name
     score = json.loads((run / "eval" / "score.json").read_text())
-    assert math.isfinite(score["avg_score"])
+    assert math.isfinite(score["avg_score"]) and 0.0 <= score["avg_score"] <= 1.0
+    assert set(score["metrics"]) == {"mae", "discrimination_score_l1", "overlap_at_N"}  # the vcc profile
     panel = score["baselines"]
     assert panel and "ceiling" in panel and "cell_mean" in panel
     assert all(math.isfinite(b["avg_score"]) for b in panel.values())
